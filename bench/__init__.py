@@ -1,0 +1,1 @@
+"""instaflow_edge.bench: latency and parity benchmarks and reports."""

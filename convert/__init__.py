@@ -1,0 +1,1 @@
+"""instaflow_edge.convert: component specs, pruning, ONNX and Core ML export."""

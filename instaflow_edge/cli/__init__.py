@@ -1,0 +1,99 @@
+"""The ``instaflow-edge`` command line: one thin command per verb (STYLE.md: accelerate's CLI).
+
+Each command turns options into a config and calls the library verb. Errors a user can cause print
+as one line and exit non-zero (``--debug`` shows the traceback). This package is imported by
+``--help``: it must stay free of heavy imports (torch, diffusers, onnxruntime, coremltools…).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from ..errors import InstaflowError
+
+
+class _OneLineErrors(TyperGroup):
+    """Runs click in non-standalone mode and turns every error into a single ``error:`` line."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv or bool(os.environ.get("INSTAFLOW_EDGE_DEBUG"))
+        code = 0
+        try:
+            rv = super().main(args=argv, prog_name=prog_name or "instaflow-edge", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except InstaflowError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            code = e.exit_code
+        except click.UsageError as e:
+            if debug:
+                raise
+            cmd = e.ctx.command_path if e.ctx else "instaflow-edge"
+            click.echo(f"error: {e.format_message()} — see `{cmd} --help`", err=True)
+            code = 2
+        except click.ClickException as e:
+            if debug:
+                raise
+            click.echo(f"error: {e.format_message()}", err=True)
+            code = e.exit_code
+        except (KeyboardInterrupt, click.Abort):
+            click.echo("interrupted: nothing was written", err=True)
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+app = typer.Typer(
+    name="instaflow-edge",
+    cls=_OneLineErrors,
+    help="One-step text-to-image generation (InstaFlow) from training to phones and laptops.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        typer.echo(f"instaflow-edge {metadata.version('instaflow-edge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """One-step text-to-image generation (InstaFlow): train, convert, quantize, benchmark."""
+
+
+def _register() -> None:
+    from . import env as env_cmd
+    from . import generate as generate_cmd
+    from . import init as init_cmd
+
+    app.command("init")(init_cmd.init_command)
+    app.command("generate")(generate_cmd.generate_command)
+    app.command("env")(env_cmd.env_command)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,65 @@
+"""The error hierarchy.
+
+Every error a user can cause is an :class:`InstaflowError`: the CLI prints it as one line
+(``error: <what> — <fix>``) and exits non-zero; ``--debug`` shows the traceback instead.
+Subclasses let a caller decide what is fatal (a parity miss may be tolerable, a bad path is not).
+"""
+
+from __future__ import annotations
+
+
+class InstaflowError(Exception):
+    """A problem the user can fix. ``fix`` says how."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return f"{self.message} — {self.fix}" if self.fix else self.message
+
+
+class InputError(InstaflowError):
+    """A bad option, argument or input file."""
+
+
+class ModelError(InstaflowError):
+    """A model folder or hub id that cannot be loaded."""
+
+
+class OutputExistsError(InstaflowError):
+    """The output path exists and ``--force`` was not given."""
+
+
+class DeviceError(InstaflowError):
+    """The requested device or dtype is not available here."""
+
+
+class NumericsError(InstaflowError):
+    """NaN/Inf in an output (fp16 overflow in the VAE is the classic)."""
+
+
+class ParityError(InstaflowError):
+    """An export missed its parity gate."""
+
+    exit_code = 3
+
+
+class MissingDependencyError(InstaflowError):
+    """An optional dependency (an extra) is not installed."""
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or raise a one-line error naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - exercised where the extra is absent
+        raise MissingDependencyError(
+            f"{module} is not installed ({e})",
+            f"pip install 'instaflow-edge[{extra}]'",
+        ) from e

@@ -1,0 +1,166 @@
+"""``generate``: prompts → PNGs + a manifest listing every image with its prompt and seed."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import InputError, NumericsError
+from .options import Backend, Device, DType
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """Options of ``instaflow-edge generate``; ``steps=None`` means the model's default (1 for one-step)."""
+
+    model: str
+    prompts: list[str]
+    output: str
+    seed: int = 0
+    num_images: int = 1
+    steps: int | None = None
+    guidance: float = 1.0
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    device: Device = Device.auto
+    dtype: DType = DType.auto
+    backend: Backend = Backend.torch
+    allow_pickle: bool = False
+    force: bool = False
+
+    def validate(self) -> None:
+        if not self.prompts:
+            raise InputError("no prompt given", 'pass at least one prompt, e.g. "a red fox in snow"')
+        for p in self.prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise InputError("empty prompt", "every prompt needs some text")
+        _nonneg_int("seed", self.seed)
+        _pos_int("num_images", self.num_images)
+        if self.steps is not None:
+            _pos_int("steps", self.steps)
+        if not (self.guidance >= 0.0):  # also rejects NaN
+            raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None:
+                _pos_int(name, v)
+        self.device, self.dtype, self.backend = Device(self.device), DType(self.dtype), Backend(self.backend)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _nonneg_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise InputError(f"{name} must be a non-negative integer, got {v!r}", f"pass {_flag(name)} 0 or larger")
+
+
+def _pos_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise InputError(f"{name} must be a positive integer, got {v!r}", f"pass {_flag(name)} 1 or larger")
+
+
+@dataclasses.dataclass
+class Job:
+    index: int
+    prompt: str
+    seed: int
+
+    @property
+    def filename(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:40] or "image"
+        return f"{self.index:04d}-{slug}-seed{self.seed}.png"
+
+
+def plan(config: GenerateConfig) -> list[Job]:
+    """Image k of every prompt uses seed ``seed + k``: the same seed shows each prompt from the same noise."""
+    jobs = []
+    for p in config.prompts:
+        for k in range(config.num_images):
+            jobs.append(Job(len(jobs), p, config.seed + k))
+    return jobs
+
+
+# A backend is ``load(config, info) -> render(job) -> HxWx3 uint8 array``: loading happens once, before
+# the clock starts; ``info`` receives the sampling settings for the manifest. Registered by name.
+BACKENDS: dict[str, Callable] = {}
+
+
+def backend(name: str):
+    def deco(fn):
+        BACKENDS[name] = fn
+        return fn
+
+    return deco
+
+
+@backend("torch")
+def _torch_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
+    import torch
+
+    from .generator import decode_latents, generate_latents, make_noise
+    from .pipeline import load_pipeline, resolve_device
+
+    resolve_device(config.device.value)  # a missing GPU fails before the model loads
+    pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
+    steps = config.steps or pipe.info.default_steps
+    h, w = config.height or pipe.default_size, config.width or pipe.default_size
+    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    for name, v in (("height", h), ("width", w)):
+        if v % mult:
+            raise InputError(f"{name} {v} is not a multiple of {mult}", f"pass {_flag(name)} {max(mult, v // mult * mult)}")
+    shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+    info.update(steps=steps, height=h, width=w, flow=pipe.info.flow, device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."))
+
+    def render(job: Job):
+        noise = make_noise([job.seed], shape)
+        latents = generate_latents(pipe, [job.prompt], noise, steps, config.guidance, config.negative_prompt)
+        image = decode_latents(pipe, latents)
+        if not torch.isfinite(image).all() or not torch.isfinite(latents).all():
+            raise NumericsError(
+                f"NaN/Inf in the image for prompt {job.prompt!r} seed {job.seed} ({info['dtype']} on {info['device']})",
+                "fp16 overflow is the usual cause: retry with --dtype float32",
+            )
+        return (image[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+
+    return render
+
+
+def generate(config: GenerateConfig, progress: bool = True) -> dict:
+    """Generate every (prompt, seed) of ``config`` into ``config.output``; returns the manifest."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .artifacts import atomic_dir, check_output, make_manifest, read_manifest, write_manifest
+
+    config.validate()
+    check_output(config.output, config.force)
+    jobs = plan(config)
+    info: dict = {}
+    records, seconds = [], []
+    with atomic_dir(config.output, config.force) as tmp:
+        render = BACKENDS[config.backend.value](config, info)
+        bar = tqdm(jobs, desc="generating", unit="img", disable=not progress or len(jobs) < 2)
+        for job in bar:
+            t0 = time.perf_counter()
+            arr = render(job)
+            seconds.append(time.perf_counter() - t0)
+            Image.fromarray(arr).save(tmp / job.filename)
+            records.append({"file": job.filename, "prompt": job.prompt, "seed": job.seed, "seconds": round(seconds[-1], 4)})
+        source_manifest = read_manifest(config.model) if Path(config.model).is_dir() else None
+        manifest = make_manifest(
+            "images",
+            config,
+            model={"source": config.model, "content_sha256": (source_manifest or {}).get("content_sha256")},
+            sampling=info,
+            images=records,
+            # model loading is outside these figures; the first image also pays one-time warm-up
+            seconds_per_image=round(sum(seconds) / len(seconds), 4),
+        )
+        write_manifest(tmp, manifest)
+    return manifest

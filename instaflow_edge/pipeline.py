@@ -1,0 +1,306 @@
+"""Loading and saving pipelines: the diffusers ``save_pretrained`` layout, from a folder or a hub id.
+
+A :class:`Pipeline` holds the four SD components plus what kind of model it is (``ModelInfo``): a
+rectified flow (InstaFlow, 2-RF, our presets; sampled with the Euler rule of ``flow.py``) or a
+diffusion model (epsilon/v-prediction SD; sampled with its own diffusers scheduler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from .artifacts import read_manifest
+from .errors import DeviceError, InputError, ModelError
+
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+_WEIGHTS = ("unet", "text_encoder", "vae")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What kind of generator a pipeline is, and how to sample it by default."""
+
+    flow: str = "rectified_flow"  # or "diffusion"
+    default_steps: int = 1
+    source: str = ""
+
+    @property
+    def one_step(self) -> bool:
+        return self.flow == "rectified_flow" and self.default_steps == 1
+
+
+@dataclasses.dataclass
+class Pipeline:
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler: Any
+    info: ModelInfo = dataclasses.field(default_factory=ModelInfo)
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def default_size(self) -> int:
+        """Image side the UNet was built for (sample_size × VAE factor)."""
+        size = self.unet.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * self.vae_scale_factor
+
+    def tokenize(self, prompts: list[str]):
+        """Token ids (B, 77), padded and truncated as SD does."""
+        return self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        for m in (self.text_encoder, self.unet, self.vae):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> "Pipeline":
+        for m in (self.text_encoder, self.unet, self.vae):
+            m.eval().requires_grad_(False)
+        return self
+
+    def save(self, folder: str | os.PathLike, info: ModelInfo | None = None) -> None:
+        """Write the diffusers layout (safetensors) into ``folder`` (which the caller made atomic)."""
+        from diffusers import StableDiffusionPipeline
+
+        sd = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        sd.save_pretrained(folder, safe_serialization=True)
+        _write_slow_tokenizer_files(self.tokenizer, Path(folder) / "tokenizer")
+
+
+def _write_slow_tokenizer_files(tokenizer, folder: Path) -> None:
+    """Also keep ``vocab.json``/``merges.txt`` (transformers 5 saves only tokenizer.json): older
+    transformers, optimum and Apple's Swift pipeline read these."""
+    if (folder / "vocab.json").exists():
+        return
+    backend = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else None
+    if not backend or backend.get("model", {}).get("type") != "BPE":
+        return
+    model = backend["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# devices and dtypes
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto"):
+    import torch
+
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise InputError(f"unknown device {name!r}", f"use one of {', '.join(DEVICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu (or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError("--device mps was asked for but MPS is not available", "use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device) -> "Any":
+    import torch
+
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}", f"use one of {', '.join(DTYPES)}")
+    if name == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation of a local folder, before diffusers sees it
+
+
+def check_safetensors(path: Path) -> None:
+    """Cheap integrity check: the header parses and the file is as long as the header says."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError("header length exceeds the file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"file has {size} bytes, header says {8 + n + end}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is truncated or corrupt ({e})", "re-download or re-create this model") from e
+
+
+def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
+    """Validate a local diffusers pipeline folder; return its ``model_index.json``."""
+    if not folder.is_dir():
+        raise ModelError(f"model path {folder} is not a folder", "pass a diffusers pipeline folder or a hub id")
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelError(
+            f"{folder} has no model_index.json, so it is not a diffusers pipeline folder",
+            "pass the folder that holds model_index.json (e.g. one made by `instaflow-edge init`)",
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{index_path} is not valid JSON ({e})", "restore the file") from e
+    for comp in COMPONENTS:
+        if comp not in index:
+            raise ModelError(f"{index_path} lists no {comp!r} component", "this is not a Stable Diffusion-style pipeline")
+        if not (folder / comp).is_dir():
+            raise ModelError(f"component folder {folder / comp} is missing", "restore it or re-create the pipeline")
+    for comp in _WEIGHTS:
+        sub = folder / comp
+        safes = sorted(sub.glob("*.safetensors"))
+        pickles = sorted(p for p in sub.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if not safes and not pickles:
+            raise ModelError(f"{sub} holds no weights (*.safetensors)", "restore the weights or re-create the pipeline")
+        if not safes and not allow_pickle:
+            raise ModelError(
+                f"{sub} has only pickle weights ({pickles[0].name}); pickle can run arbitrary code",
+                "convert them to safetensors, or pass --allow-pickle if you trust the source",
+            )
+        for p in safes:
+            check_safetensors(p)
+    return index
+
+
+def detect_info(source: str, folder: Path | None, index: dict | None) -> ModelInfo:
+    """Rectified flow or diffusion, and default steps: our manifest first, then the pipeline's own hints."""
+    manifest = read_manifest(folder) if folder is not None else None
+    if manifest and isinstance(manifest.get("model"), dict):
+        m = manifest["model"]
+        return ModelInfo(flow=m.get("flow", "rectified_flow"), default_steps=int(m.get("default_steps", 1)), source=source)
+    cls = (index or {}).get("_class_name", "")
+    name = source.lower()
+    if "rectifiedflow" in cls.lower() or "instaflow" in name or "rectified_flow" in name:
+        # InstaFlow-0.9B is one step; the 2-RF is sampled with a few Euler steps
+        return ModelInfo(flow="rectified_flow", default_steps=1 if "instaflow" in name else 4, source=source)
+    return ModelInfo(flow="diffusion", default_steps=25, source=source)
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    device: str = "cpu",
+    dtype: str = "float32",
+    allow_pickle: bool = False,
+    local_files_only: bool = False,
+) -> Pipeline:
+    """Load a pipeline from a diffusers folder or a hub id, validated first, in eval mode."""
+    quiet_libraries()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    source = str(model)
+    path = Path(model)
+    folder: Path | None = None
+    index: dict | None = None
+    if path.exists():
+        folder = path
+        index = check_pipeline_folder(path, allow_pickle)
+    elif not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise ModelError(f"model path {source} does not exist", "check the path, or pass a hub id like org/name")
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            index = DiffusionPipeline.load_config(source, local_files_only=local_files_only)
+        except (OSError, ValueError) as e:
+            raise ModelError(
+                f"could not fetch {source}/model_index.json ({type(e).__name__})",
+                "check the hub id and your network, or pass a local pipeline folder",
+            ) from e
+    common = dict(use_safetensors=None if allow_pickle else True, local_files_only=local_files_only, torch_dtype=dt)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_files_only)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **common)
+        scheduler = _load_scheduler(source, index, local_files_only)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = (
+            "check the hub id and your network (weights cannot be downloaded on offline machines)"
+            if folder is None
+            else "the folder looks incomplete or corrupt; re-create it"
+        )
+        raise ModelError(f"could not load {source}: {first}", hint) from e
+    pipe = Pipeline(tokenizer, text_encoder, unet, vae, scheduler, detect_info(source, folder, index))
+    return pipe.to(dev).eval()
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers chatter (per-shard progress bars, cast advice, torchao's optional kernels
+    failing to load on CPU) is noise in our CLI. Call before importing diffusers."""
+    import logging
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_scheduler(source: str, index: dict | None, local_files_only: bool):
+    import diffusers
+
+    name = (index or {}).get("scheduler", [None, "PNDMScheduler"])[1]
+    cls = getattr(diffusers, name, None) or diffusers.DDIMScheduler
+    return cls.from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only)
