@@ -11,9 +11,13 @@ import os
 import sys
 from typing import Any, Sequence
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer ≥ 0.20 vendors click as typer._click; older typer uses click itself
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx
 
 from ..errors import InstaflowError
 
@@ -33,21 +37,21 @@ class _OneLineErrors(TyperGroup):
         except InstaflowError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {e}", err=True)
             code = e.exit_code
-        except click.UsageError as e:
+        except _cx.UsageError as e:
             if debug:
                 raise
             cmd = e.ctx.command_path if e.ctx else "instaflow-edge"
-            click.echo(f"error: {e.format_message()} — see `{cmd} --help`", err=True)
+            typer.echo(f"error: {e.format_message()} — see `{cmd} --help`", err=True)
             code = 2
-        except click.ClickException as e:
+        except _cx.ClickException as e:
             if debug:
                 raise
-            click.echo(f"error: {e.format_message()}", err=True)
+            typer.echo(f"error: {e.format_message()}", err=True)
             code = e.exit_code
-        except (KeyboardInterrupt, click.Abort):
-            click.echo("interrupted: nothing was written", err=True)
+        except (KeyboardInterrupt, _cx.Abort):
+            typer.echo("interrupted: nothing was written", err=True)
             code = 130
         if not standalone_mode:
             return code

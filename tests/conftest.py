@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny seeded pipeline folder, built once per session (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from instaflow_edge.presets import InitConfig, init
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    init(InitConfig(preset="tiny", output=str(out), seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_dir):
+    from instaflow_edge.pipeline import load_pipeline
+
+    return load_pipeline(tiny_dir, device="cpu", dtype="float32")
