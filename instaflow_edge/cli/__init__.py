@@ -86,12 +86,14 @@ def _root(
 
 
 def _register() -> None:
+    from . import convert as convert_cmd
     from . import env as env_cmd
     from . import generate as generate_cmd
     from . import init as init_cmd
 
     app.command("init")(init_cmd.init_command)
     app.command("generate")(generate_cmd.generate_command)
+    app.command("convert")(convert_cmd.convert_command)
     app.command("env")(env_cmd.env_command)
 
 

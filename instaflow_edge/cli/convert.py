@@ -1,0 +1,43 @@
+"""``instaflow-edge convert MODEL --target onnx|coreml -o OUT``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..convert.config import Attention, Optimize, Precision, Target
+
+
+def convert_command(
+    model: str = typer.Argument(..., help="Pipeline folder (diffusers layout) or hub id."),
+    target: Target = typer.Option(Target.onnx, "--target", "-t", help="Export format."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    fused: bool = typer.Option(False, "--fused", help="Also export the whole one-step generator (token ids + noise → image) as one model."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
+    min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="Parity gate in dB vs the PyTorch fp32 reference (default: the scheme's, see the manifest)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
+    opset: int = typer.Option(18, "--opset", help="ONNX: opset version."),
+    optimize: Optimize = typer.Option(Optimize.cpu, "--optimize", help="ONNX: ONNX Runtime graph optimization for this provider."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="ONNX: fp16 | int8-dynamic | int8-static."),
+    engine: str = typer.Option("ort", "--engine", help="ONNX: quantization engine, ort (onnxruntime) or inc (Intel Neural Compressor)."),
+    calibration_prompts: Optional[Path] = typer.Option(None, "--calibration-prompts", help="ONNX int8-static: a text file, one prompt per line (default: the model's prompt set)."),
+    min_target: str = typer.Option("iOS17", "--min-target", help="Core ML: minimum deployment target (iOS16/17/18, macOS13/14/15)."),
+    precision: Precision = typer.Option(Precision.fp16, "--precision", help="Core ML: compute precision."),
+    attention: Attention = typer.Option(Attention.original, "--attention", help="Core ML: original (GPU) or split-einsum (Neural Engine)."),
+    compress: Optional[str] = typer.Option(None, "--compress", help="Core ML: palettize-4|palettize-6|palettize-8|int8|prune-50|prune-2:4|mixed-bit."),
+    target_bits: Optional[float] = typer.Option(None, "--target-bits", help="Core ML mixed-bit: average bits per weight to reach."),
+) -> None:
+    """Export the one-step generator (text encoder, UNet+Euler step, VAE decoder) with parity gates."""
+    from ..convert import ConvertConfig, export
+
+    cfg = ConvertConfig(
+        model=model, output=str(output), target=target, force=force, fused=fused, height=height, width=width,
+        min_psnr=min_psnr, allow_pickle=allow_pickle, opset=opset, optimize=optimize, quantize=quantize,
+        engine=engine, calibration_prompts=str(calibration_prompts) if calibration_prompts else None,
+        min_target=min_target, precision=precision, attention=attention, compress=compress, target_bits=target_bits,
+    )
+    export(cfg)
