@@ -50,7 +50,7 @@ class _OneLineErrors(TyperGroup):
                 raise
             typer.echo(f"error: {e.format_message()}", err=True)
             code = e.exit_code
-        except (KeyboardInterrupt, _cx.Abort):
+        except (KeyboardInterrupt, typer.Abort):
             typer.echo("interrupted: nothing was written", err=True)
             code = 130
         if not standalone_mode:
