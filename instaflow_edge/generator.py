@@ -44,15 +44,18 @@ class OneStepDenoiser(nn.Module):
 
 
 class VaeDecoderComponent(nn.Module):
-    """Latents (unscaled, as the UNet sees them) → decoded image in the VAE's range [-1, 1]."""
+    """``latent_sample`` (the UNet's latents already divided by ``scaling_factor``) → image in [-1, 1].
 
-    def __init__(self, vae: nn.Module, scaling_factor: float):
+    The division stays outside, as optimum's ORT pipelines and Apple's Swift pipeline expect of a
+    ``vae_decoder`` model.
+    """
+
+    def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
-        self.scaling_factor = float(scaling_factor)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
 def to_unit_range(image: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,8 @@ class OneStepGenerator(nn.Module):
         super().__init__()
         self.encode = TextEncoderComponent(text_encoder)
         self.denoise = OneStepDenoiser(unet)
-        self.decode = VaeDecoderComponent(vae, scaling_factor)
+        self.decode = VaeDecoderComponent(vae)
+        self.scaling_factor = float(scaling_factor)
 
     @classmethod
     def from_pipeline(cls, pipe) -> "OneStepGenerator":
@@ -75,7 +79,7 @@ class OneStepGenerator(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         latents = self.denoise(noise, self.encode(input_ids))
-        return to_unit_range(self.decode(latents))
+        return to_unit_range(self.decode(latents / self.scaling_factor))
 
 
 # ---------------------------------------------------------------------------------------------------
