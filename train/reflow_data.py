@@ -1,0 +1,245 @@
+"""Reflow data: (noise z, teacher latent x1) pairs from the teacher's own ODE, in verified shards.
+
+For pair ``i`` the seed is derived from ``(seed, i)`` (numpy ``SeedSequence``), the noise ``z`` is N(0, 1)
+in latent space, and ``x1`` is where the teacher's sampler takes ``z``: the Euler rule of ``flow.py``
+for a rectified-flow teacher, the model's diffusers scheduler (DPM-Solver, Euler, …) for an
+epsilon/v-prediction teacher — both with classifier-free guidance. This is InstaFlow's reflow data
+(the 2-RF is trained on these fixed couplings, which straightens the flow).
+
+On disk, ``DIR/shard-00000.safetensors`` (``noise``, ``latents``, ``seeds``, ``input_ids``) + a JSON
+sidecar (count, indices, seeds, prompts, sha256, teacher hash, sampler settings). A shard is written to
+a temp name and renamed, its sidecar last: a crash never leaves half a shard, a rerun skips the shards
+whose sidecar verifies and regenerates corrupt ones. Under ``accelerate launch``, process r makes the
+shards k with k % world_size == r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import atomic_write_text, make_manifest, read_manifest, sha256_file, write_manifest
+from ..errors import InputError, NumericsError, OutputExistsError
+from ..options import Device, DType
+
+FORMAT = "instaflow-edge/reflow-data/1"
+SCHEDULERS = ("model", "dpm-solver", "euler", "ddim")
+
+
+@dataclasses.dataclass
+class ReflowDataConfig:
+    """Options of ``instaflow-edge train reflow-data``. Give ``prompts`` (a text file, one per line) or
+    ``data`` ("digits" or a folder with captions) as the prompt source."""
+
+    teacher: str
+    output: str
+    prompts: str | None = None
+    data: str | None = None
+    captions: str | None = None
+    num_pairs: int = 4000
+    shard_size: int = 500
+    steps: int = 32
+    guidance: float = 1.0
+    negative_prompt: str = ""
+    scheduler: str = "model"  # diffusion teachers only: the sampler that integrates their ODE
+    seed: int = 0
+    batch_size: int = 64
+    height: int | None = None
+    width: int | None = None
+    device: Device = Device.auto
+    dtype: DType = DType.float32
+    allow_pickle: bool = False
+    force: bool = False
+
+    def validate(self) -> None:
+        if (self.prompts is None) == (self.data is None):
+            raise InputError("give exactly one prompt source", "pass --prompts FILE or --data digits|FOLDER")
+        for name in ("num_pairs", "shard_size", "steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} must be a positive integer, got {v!r}", f"pass --{name.replace('_', '-')} 1 or more")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}", "pass --seed 0 or larger")
+        if not self.guidance >= 0:
+            raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {self.scheduler!r}", f"choose one of: {', '.join(SCHEDULERS)}")
+        self.device, self.dtype = Device(self.device), DType(self.dtype)
+
+
+def pair_seed(seed: int, index: int) -> int:
+    """The noise seed of pair ``index``: a well-mixed function of (global seed, index)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def load_prompts(config: ReflowDataConfig) -> list[str]:
+    """The prompt source as a list; pair i uses prompt i mod len."""
+    if config.prompts is not None:
+        path = Path(config.prompts)
+        if not path.is_file():
+            raise InputError(f"prompt file {path} does not exist", "pass a text file with one prompt per line")
+        prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not prompts:
+            raise InputError(f"prompt file {path} has no prompts", "write one prompt per line")
+        return prompts
+    from ..data import digits_dataset, folder_dataset
+
+    ds = digits_dataset("train", seed=0) if config.data == "digits" else folder_dataset(config.data, config.captions)
+    return list(ds.prompts)
+
+
+def sampler_settings(config: ReflowDataConfig, pipe) -> dict:
+    s = {"flow": pipe.info.flow, "steps": config.steps, "guidance": config.guidance,
+         "negative_prompt": config.negative_prompt, "dtype": config.dtype.value}
+    if pipe.info.flow != "rectified_flow":
+        s["scheduler"] = config.scheduler if config.scheduler != "model" else type(pipe.scheduler).__name__
+    return s
+
+
+def _use_scheduler(pipe, name: str) -> None:
+    import diffusers
+
+    cls = {"dpm-solver": diffusers.DPMSolverMultistepScheduler, "euler": diffusers.EulerDiscreteScheduler,
+           "ddim": diffusers.DDIMScheduler}.get(name)
+    if cls is not None:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def shard_paths(folder: Path, k: int) -> tuple[Path, Path]:
+    return folder / f"shard-{k:05d}.safetensors", folder / f"shard-{k:05d}.json"
+
+
+def verify_shard(folder: Path, k: int, expect: dict | None = None) -> dict | None:
+    """The shard's sidecar if the shard exists, hashes right and (given ``expect``) was made with the same
+    settings; else None (it must be made again)."""
+    data, side = shard_paths(folder, k)
+    if not (data.is_file() and side.is_file()):
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except json.JSONDecodeError:
+        return None
+    if meta.get("sha256") != sha256_file(data):
+        return None
+    if expect is not None and any(meta.get(key) != value for key, value in expect.items()):
+        return None
+    return meta
+
+
+def _write_shard(folder: Path, k: int, tensors: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    data, side = shard_paths(folder, k)
+    fd, tmp = tempfile.mkstemp(prefix=f".{data.name}.", dir=folder)
+    os.close(fd)
+    try:
+        save_file({n: t.contiguous() for n, t in tensors.items()}, tmp)
+        meta = {**meta, "sha256": sha256_file(tmp)}
+        os.replace(tmp, data)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(side, json.dumps(meta, indent=1) + "\n")  # the sidecar commits the shard
+
+
+def _prepare_output(config: ReflowDataConfig, identity: dict) -> Path:
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} is a file", "choose a folder")
+    if out.exists() and config.force:
+        shutil.rmtree(out)
+    if out.exists():
+        m = read_manifest(out)
+        known = (m or {}).get("identity")
+        if any(out.iterdir()) and known is None and not any(out.glob("shard-*.json")):
+            raise OutputExistsError(f"output {out} exists and is not reflow data", "choose another folder or pass --force")
+        if known is not None and known != identity:
+            diff = sorted(k for k in identity if known.get(k) != identity[k])
+            raise OutputExistsError(f"{out} holds reflow data made with other settings ({', '.join(diff)})",
+                                    "pass --force to regenerate it, or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_reflow_data(config: ReflowDataConfig, progress: bool = True) -> dict:
+    """Generate (or finish) the reflow data of ``config``; returns the dataset manifest."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..generator import generate_latents, make_noise
+    from ..pipeline import load_pipeline, resolve_device
+
+    config.validate()
+    prompts = load_prompts(config)
+    state = _dist_state()
+    device = state["device"] if state["world"] > 1 else resolve_device(config.device.value)
+    pipe = load_pipeline(config.teacher, str(device), config.dtype.value, config.allow_pickle)
+    if pipe.info.flow != "rectified_flow":
+        _use_scheduler(pipe, config.scheduler)
+    h, w = config.height or pipe.default_size, config.width or pipe.default_size
+    shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+    teacher_manifest = read_manifest(config.teacher) if Path(config.teacher).is_dir() else None
+    teacher = {"source": config.teacher, "content_sha256": (teacher_manifest or {}).get("content_sha256")}
+    sampler = sampler_settings(config, pipe)
+    identity = {"teacher": teacher, "sampler": sampler, "seed": config.seed, "shard_size": config.shard_size,
+                "latent_shape": list(shape), "format": FORMAT}
+    out = _prepare_output(config, identity) if state["rank"] == 0 else Path(config.output)
+    state["barrier"]()
+
+    n_shards = -(-config.num_pairs // config.shard_size)
+    mine = [k for k in range(n_shards) if k % state["world"] == state["rank"]]
+    todo = []
+    for k in mine:
+        start, end = k * config.shard_size, min((k + 1) * config.shard_size, config.num_pairs)
+        if verify_shard(out, k, {"identity": identity, "indices": [start, end]}) is None:
+            todo.append((k, start, end))
+    total = sum(e - s for _, s, e in todo)
+    bar = tqdm(total=total, desc=f"reflow pairs (rank {state['rank']})" if state["world"] > 1 else "reflow pairs",
+               unit="pair", disable=not progress or total == 0)
+    t0 = time.perf_counter()
+    for k, start, end in todo:
+        idx = list(range(start, end))
+        seeds = [pair_seed(config.seed, i) for i in idx]
+        texts = [prompts[i % len(prompts)] for i in idx]
+        z_all, x_all = [], []
+        for b in range(0, len(idx), config.batch_size):
+            z = make_noise(seeds[b:b + config.batch_size], shape)
+            x1 = generate_latents(pipe, texts[b:b + config.batch_size], z, config.steps, config.guidance,
+                                  config.negative_prompt).float().cpu()
+            if not torch.isfinite(x1).all():
+                raise NumericsError(f"teacher produced NaN/Inf latents in shard {k}", "use --dtype float32")
+            z_all.append(z)
+            x_all.append(x1)
+            bar.update(len(z))
+        tensors = {"noise": torch.cat(z_all), "latents": torch.cat(x_all),
+                   "seeds": torch.tensor(seeds, dtype=torch.int64), "input_ids": pipe.tokenize(texts)}
+        meta = {"format": FORMAT, "count": len(idx), "indices": [start, end], "seeds": seeds, "prompts": texts,
+                "identity": identity}
+        _write_shard(out, k, tensors, meta)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    state["barrier"]()
+    manifest = make_manifest("reflow-data", config, identity=identity, num_pairs=config.num_pairs,
+                             shards=[shard_paths(out, k)[0].name for k in range(n_shards)],
+                             generated_pairs=total, seconds=round(elapsed, 2),
+                             pairs_per_second=round(total / elapsed, 2) if total and elapsed > 0 else None)
+    if state["rank"] == 0:
+        write_manifest(out, manifest)
+    return manifest
+
+
+def _dist_state() -> dict:
+    """Rank, world size, device and a barrier under ``accelerate launch``; a single process otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        s = PartialState()
+        return {"rank": s.process_index, "world": s.num_processes, "device": s.device, "barrier": s.wait_for_everyone}
+    return {"rank": 0, "world": 1, "device": None, "barrier": lambda: None}
