@@ -38,7 +38,7 @@ class Attention(str, enum.Enum):
 @dataclasses.dataclass
 class ConvertConfig:
     """Options of ``instaflow-edge convert``. ONNX-only: opset, optimize, quantize, engine,
-    calibration_prompts. Core ML-only: min_target, precision, attention, compress, target_bits."""
+    calibration_prompts. Core ML-only: min_target, precision, attention, compress, target_bits, sizes."""
 
     model: str
     output: str
@@ -61,10 +61,11 @@ class ConvertConfig:
     attention: Attention = Attention.original
     compress: str | None = None
     target_bits: float | None = None
+    sizes: str | None = None  # Core ML: extra enumerated image sizes, "HxW,HxW"
 
     _ONNX_ONLY = {"opset": 18, "optimize": Optimize.cpu, "quantize": None, "engine": "ort", "calibration_prompts": None}
     _COREML_ONLY = {"min_target": "iOS17", "precision": Precision.fp16, "attention": Attention.original,
-                    "compress": None, "target_bits": None}
+                    "compress": None, "target_bits": None, "sizes": None}
 
     def validate(self) -> None:
         try:

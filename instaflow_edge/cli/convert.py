@@ -30,6 +30,7 @@ def convert_command(
     attention: Attention = typer.Option(Attention.original, "--attention", help="Core ML: original (GPU) or split-einsum (Neural Engine)."),
     compress: Optional[str] = typer.Option(None, "--compress", help="Core ML: palettize-4|palettize-6|palettize-8|int8|prune-50|prune-2:4|mixed-bit."),
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="Core ML mixed-bit: average bits per weight to reach."),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="Core ML: more image sizes the models accept (enumerated shapes), e.g. 512x512,768x512."),
 ) -> None:
     """Export the one-step generator (text encoder, UNet+Euler step, VAE decoder) with parity gates."""
     from ..convert import ConvertConfig, export
@@ -38,6 +39,6 @@ def convert_command(
         model=model, output=str(output), target=target, force=force, fused=fused, height=height, width=width,
         min_psnr=min_psnr, allow_pickle=allow_pickle, opset=opset, optimize=optimize, quantize=quantize,
         engine=engine, calibration_prompts=str(calibration_prompts) if calibration_prompts else None,
-        min_target=min_target, precision=precision, attention=attention, compress=compress, target_bits=target_bits,
+        min_target=min_target, precision=precision, attention=attention, compress=compress, target_bits=target_bits, sizes=sizes,
     )
     export(cfg)
