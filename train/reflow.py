@@ -1,0 +1,175 @@
+"""``train reflow`` and ``train distill``: InstaFlow's two stages on the training engine.
+
+* reflow — a 2-rectified flow: the RF loss at ``s ~ U(0, 1)`` on the FIXED (z, x1) pairs of a
+  reflow-data folder (the teacher's own couplings), initialised from the teacher. Training on these
+  couplings straightens the flow, so few Euler steps (even one) go far.
+* distill — the one-step student: ``s = 0``, a distance between ``z + v(z, τ=1000)`` and the
+  teacher's ``x1`` (``l2``, ``pseudo-huber`` or ``lpips`` through the VAE decoder), initialised from
+  MODEL (InstaFlow distils the 2-RF). Its manifest marks it one-step: `generate`/`eval` use 1 step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ..errors import InputError
+from .config import TrainConfig, _float, _int
+
+
+@dataclasses.dataclass(kw_only=True)
+class ReflowConfig(TrainConfig):
+    """Options of ``instaflow-edge train reflow``: the engine's plus the model and the pairs."""
+
+    model: str
+    pairs: str
+    cfg_dropout: float = 0.0  # pairs made with guidance g encode the guided flow: no dropout by default
+    default_steps: int = 4  # the 2-RF is usable at 2–8 steps
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        _check_model_and_pairs(self)
+        _float("cfg_dropout", self.cfg_dropout, 0.0, 1.0, open_high=True)
+        _int("default_steps", self.default_steps, 1)
+
+
+LOSSES = ("l2", "pseudo-huber", "lpips")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DistillConfig(TrainConfig):
+    """Options of ``instaflow-edge train distill``: the engine's plus the loss."""
+
+    model: str
+    pairs: str
+    loss: str = "l2"
+    lpips_weights: str | None = None
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        _check_model_and_pairs(self)
+        if self.loss not in LOSSES:
+            raise InputError(f"unknown distill loss {self.loss!r}", f"choose one of: {', '.join(LOSSES)}")
+        if self.loss == "lpips" and not self.lpips_weights:
+            raise InputError("--loss lpips needs LPIPS weights, which cannot be downloaded here",
+                             "pass --lpips-weights FILE (lpips.LPIPS(net='vgg').state_dict()), or use --loss l2")
+
+
+def _check_model_and_pairs(cfg) -> None:
+    if not isinstance(cfg.model, str) or not cfg.model:
+        raise InputError("no model given", "pass a pipeline folder or hub id as MODEL")
+    if not isinstance(cfg.pairs, str) or not Path(cfg.pairs).is_dir():
+        raise InputError(f"pairs folder {cfg.pairs} does not exist", "make it with `instaflow-edge train reflow-data`")
+
+
+class PairsSource:
+    """Fixed (z, x1) pairs and their prompt conditioning (frozen text encoder, one embedding per unique
+    prompt); ``cfg_dropout`` replaces prompts by "" as for the teacher."""
+
+    def __init__(self, pairs, pipe, cfg_dropout: float = 0.0):
+        import torch
+
+        from ..generator import encode_prompts
+
+        self.z, self.x1 = pairs.noise, pairs.latents
+        uniq, self.prompt_index = torch.unique(pairs.input_ids, dim=0, return_inverse=True)
+        with torch.no_grad():
+            self.embeddings = torch.cat([pipe.text_encoder(uniq[i:i + 256].to(pipe.device), return_dict=False)[0]
+                                         .float().cpu() for i in range(0, len(uniq), 256)])
+        self.empty = encode_prompts(pipe, [""])[0].float().cpu()
+        self.cfg_dropout = cfg_dropout
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def get(self, indices, rnd, device) -> dict:
+        import torch
+
+        drop = rnd.uniform() < self.cfg_dropout  # drawn even at 0 so the random stream never shifts
+        cond = torch.where(drop[:, None, None], self.empty, self.embeddings[self.prompt_index[indices]])
+        return {"z": self.z[indices].to(device), "x1": self.x1[indices].to(device), "cond": cond.to(device)}
+
+
+def _load(cfg, accelerator):
+    from ..pipeline import load_pipeline
+    from .pairs import PairsDataset
+
+    dev = accelerator.device
+    pipe = load_pipeline(cfg.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
+                         allow_pickle=cfg.allow_pickle)
+    pairs = PairsDataset(cfg.pairs)
+    shape = tuple(pairs.noise.shape[1:])
+    want = (pipe.unet.config.in_channels, pipe.default_size // pipe.vae_scale_factor,
+            pipe.default_size // pipe.vae_scale_factor)
+    if shape[0] != want[0]:
+        raise InputError(f"pairs in {cfg.pairs} have {shape[0]} latent channels, {cfg.model}'s UNet takes {want[0]}",
+                         "make the pairs with a teacher of the same architecture")
+    return pipe, pairs
+
+
+def _save(cfg, accelerator, pipe, unet, result, info, stage: str, pairs, extra: dict) -> None:
+    from ..artifacts import atomic_dir, make_manifest, sha256_tree, write_manifest
+    from ..presets import count_params
+    from .engine import training_summary
+
+    if accelerator.is_main_process:
+        pipe.unet = unet.eval().requires_grad_(False)
+        with atomic_dir(cfg.output, cfg.force) as tmp:
+            pipe.save(tmp, info)
+            write_manifest(tmp, make_manifest(
+                "pipeline", cfg, model=dataclasses.asdict(info), stage=stage, base_model=cfg.model,
+                data={"pairs": cfg.pairs, "num_pairs": len(pairs), "pairs_identity": pairs.manifest.get("identity")},
+                training=training_summary(cfg, result, accelerator),
+                params={k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")},
+                content_sha256=sha256_tree(tmp), **extra,
+            ))
+    accelerator.wait_for_everyone()
+    _end_distributed()
+
+
+def train_reflow(config: ReflowConfig) -> str:
+    """Train a 2-rectified flow on fixed teacher pairs; returns the output folder."""
+    from ..artifacts import check_output
+    from ..pipeline import ModelInfo
+    from .engine import fit, make_accelerator
+    from .objectives import RectifiedFlowObjective
+
+    config.validate()
+    check_output(config.output, config.force)
+    accelerator = make_accelerator(config)
+    pipe, pairs = _load(config, accelerator)
+    source = PairsSource(pairs, pipe, config.cfg_dropout)
+    unet, result = fit(config, accelerator, pipe.unet, source, RectifiedFlowObjective(), describe="train reflow")
+    info = ModelInfo(flow="rectified_flow", default_steps=config.default_steps, source=config.model)
+    _save(config, accelerator, pipe, unet, result, info, "reflow", pairs, {})
+    return os.fspath(config.output)
+
+
+def train_distill(config: DistillConfig) -> str:
+    """Distil MODEL into a one-step generator on fixed teacher pairs; returns the output folder."""
+    from ..artifacts import check_output
+    from ..pipeline import ModelInfo
+    from .engine import fit, make_accelerator
+    from .losses import make_distance
+    from .objectives import OneStepObjective
+
+    config.validate()
+    check_output(config.output, config.force)
+    accelerator = make_accelerator(config)
+    pipe, pairs = _load(config, accelerator)
+    distance = make_distance(config.loss, pipe, config.lpips_weights, config.allow_pickle)
+    source = PairsSource(pairs, pipe)
+    unet, result = fit(config, accelerator, pipe.unet, source, OneStepObjective(distance), describe="train distill")
+    info = ModelInfo(flow="rectified_flow", default_steps=1, source=config.model)
+    _save(config, accelerator, pipe, unet, result, info, "distill", pairs, {"one_step": True, "loss": config.loss})
+    return os.fspath(config.output)
+
+
+def _end_distributed() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
