@@ -97,3 +97,27 @@ def test_bad_inputs(tmp_path, tiny_dir, pairs_dir):
         train_reflow(ReflowConfig(model=str(tiny_dir), pairs=str(tmp_path / "notpairs"), output=str(tmp_path / "o"),
                                   progress=False, cpu=True))
     assert not (tmp_path / "o").exists()
+
+
+def test_recipe_cli(tmp_path, tiny_dir):
+    from typer.testing import CliRunner
+
+    from instaflow_edge.cli import app
+
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    (tmp_path / "p.txt").write_text("a red fox\n")
+    r = run("train", "reflow-data", tiny_dir, "--prompts", tmp_path / "p.txt", "-o", tmp_path / "pairs",
+            "--num-pairs", 4, "--shard-size", 2, "--steps", 2, "--device", "cpu", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "4 pairs in 2 shards" in r.output
+    engine = ["--max-steps", 2, "--batch-size", 2, "--checkpoint-every", 0, "--cpu", "--no-progress"]
+    r = run("train", "reflow", tiny_dir, "--pairs", tmp_path / "pairs", "-o", tmp_path / "rf", *engine)
+    assert r.exit_code == 0, r.output
+    (tmp_path / "d.toml").write_text('loss = "pseudo-huber"\nmax-steps = 2\n')
+    r = run("train", "distill", tmp_path / "rf", "--pairs", tmp_path / "pairs", "-o", tmp_path / "st",
+            "--config", tmp_path / "d.toml", "--batch-size", 2, "--checkpoint-every", 0, "--cpu", "--no-progress")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "st" / "manifest.json").read_text())
+    assert m["loss"] == "pseudo-huber" and m["training"]["steps"] == 2
+    r = run("train", "distill", tmp_path / "rf", "--pairs", tmp_path / "nope", "-o", tmp_path / "x", "--cpu")
+    assert r.exit_code != 0 and r.output.strip().startswith("error:") and "pairs folder" in r.output

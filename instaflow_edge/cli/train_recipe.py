@@ -1,0 +1,131 @@
+"""``instaflow-edge train reflow-data | reflow | distill``: InstaFlow's recipe after the teacher.
+
+The engine's options (``--max-steps``, ``--batch-size``, ``--resume``, …) are the same for every
+training command; :func:`engine_command` appends them to a command's signature so they are declared
+once (in cli/train.py's ``EngineOptions``) and reach the stage config through ``resolve_config``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..options import Device, DType
+from ..train.config import Attention, LRSchedule, MixedPrecision
+from ..train.reflow import DistillConfig, ReflowConfig
+from .train import EngineOptions, _is_main, resolve_config
+
+_ENGINE_PARAMS = [
+    ("config", Optional[Path]), ("work_dir", Optional[Path]), ("max_steps", int), ("batch_size", int),
+    ("gradient_accumulation_steps", int), ("learning_rate", float), ("lr_schedule", LRSchedule),
+    ("warmup_steps", int), ("weight_decay", float), ("max_grad_norm", float), ("ema_decay", float),
+    ("mixed_precision", MixedPrecision), ("gradient_checkpointing", bool), ("attention", Attention),
+    ("checkpoint_every", int), ("keep_checkpoints", int), ("resume", Optional[str]), ("seed", int),
+    ("log_every", int), ("cpu", bool), ("force", bool), ("progress", bool),
+]
+
+
+def engine_command(fn):
+    """Give ``fn`` (which takes ``ctx`` first) every engine option, without listing them again."""
+    sig = inspect.signature(fn, eval_str=True)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(EngineOptions, name), annotation=ann)
+             for name, ann in _ENGINE_PARAMS]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    return wrapper
+
+
+def reflow_data_command(
+    teacher: str = typer.Argument(..., help="Teacher pipeline: a rectified flow (Euler) or an epsilon/v-prediction SD model (its scheduler)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder of shards (re-running it resumes)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line."),
+    data: Optional[str] = typer.Option(None, "--data", help="Prompts of a dataset: 'digits' or an image folder with captions."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Captions file of a data folder."),
+    num_pairs: int = typer.Option(4000, "--num-pairs", help="Number of (noise, latent) pairs."),
+    shard_size: int = typer.Option(500, "--shard-size", help="Pairs per shard."),
+    steps: int = typer.Option(32, "--steps", help="Teacher sampler steps."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Teacher classifier-free guidance (≤ 1: none)."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Unconditional prompt for guidance."),
+    scheduler: str = typer.Option("model", "--scheduler", help="Diffusion teachers: model | dpm-solver | euler | ddim."),
+    seed: int = typer.Option(0, "--seed", help="Global seed; pair i's noise seed derives from (seed, i)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Teacher batch size."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
+    device: Device = typer.Option(Device.auto, "--device", help="Device (under accelerate launch: each process's own)."),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="Teacher precision."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
+    force: bool = typer.Option(False, "--force", help="Delete OUTPUT's shards and start over."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Make reflow pairs: noise z → the teacher's ODE → latent x1, in verified, resumable shards."""
+    from ..train.reflow_data import ReflowDataConfig, make_reflow_data
+
+    cfg = ReflowDataConfig(
+        teacher=teacher, output=str(output), prompts=str(prompts) if prompts else None, data=data,
+        captions=str(captions) if captions else None, num_pairs=num_pairs, shard_size=shard_size, steps=steps,
+        guidance=guidance, negative_prompt=negative_prompt, scheduler=scheduler, seed=seed, batch_size=batch_size,
+        height=height, width=width, device=device, dtype=dtype, allow_pickle=allow_pickle, force=force,
+    )
+    m = make_reflow_data(cfg, progress=progress)
+    if _is_main():
+        rate = f", {m['pairs_per_second']} pairs/s" if m["pairs_per_second"] else ""
+        typer.echo(f"{output}: {m['num_pairs']} pairs in {len(m['shards'])} shards "
+                   f"({m['generated_pairs']} made now{rate})")
+
+
+@engine_command
+def reflow_command(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="The teacher (rectified flow) whose pairs these are; the 2-RF starts from it."),
+    pairs: Path = typer.Option(..., "--pairs", help="Reflow-data folder from `train reflow-data`."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output pipeline folder."),
+    cfg_dropout: float = typer.Option(0.0, "--cfg-dropout", help="Share of prompts replaced by '' (for guidance with the 2-RF)."),
+    default_steps: int = typer.Option(4, "--default-steps", help="Euler steps that generate/eval use by default for the 2-RF."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights in MODEL."),
+) -> None:
+    """Train a 2-rectified flow on fixed teacher pairs (straightens the flow)."""
+    import time
+
+    from ..train.reflow import train_reflow
+
+    cfg = resolve_config(ctx, ReflowConfig, ctx.params.get("config"))
+    t0 = time.perf_counter()
+    out = train_reflow(cfg)
+    if _is_main():
+        typer.echo(f"wrote {out} ({cfg.max_steps} steps) in {time.perf_counter() - t0:.1f} s")
+
+
+@engine_command
+def distill_command(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Model to distil and start from (InstaFlow: the 2-RF)."),
+    pairs: Path = typer.Option(..., "--pairs", help="Reflow-data folder from `train reflow-data`."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output one-step pipeline folder."),
+    loss: str = typer.Option("l2", "--loss", help="l2 | pseudo-huber | lpips (image space, needs --lpips-weights)."),
+    lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="File with lpips.LPIPS(net='vgg').state_dict() (safetensors)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (MODEL, LPIPS)."),
+) -> None:
+    """Distil a one-step generator: loss between z + v(z, τ=1000) and the teacher's x1."""
+    import time
+
+    from ..train.reflow import train_distill
+
+    cfg = resolve_config(ctx, DistillConfig, ctx.params.get("config"))
+    t0 = time.perf_counter()
+    out = train_distill(cfg)
+    if _is_main():
+        typer.echo(f"wrote one-step {out} ({cfg.max_steps} steps) in {time.perf_counter() - t0:.1f} s")
+
+
+def register(train_app: typer.Typer) -> None:
+    train_app.command("reflow-data")(reflow_data_command)
+    train_app.command("reflow")(reflow_command)
+    train_app.command("distill")(distill_command)
