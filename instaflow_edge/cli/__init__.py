@@ -90,11 +90,13 @@ def _register() -> None:
     from . import env as env_cmd
     from . import generate as generate_cmd
     from . import init as init_cmd
+    from . import quantize as quantize_cmd
 
     app.command("init")(init_cmd.init_command)
     app.command("generate")(generate_cmd.generate_command)
     app.command("convert")(convert_cmd.convert_command)
     app.command("env")(env_cmd.env_command)
+    app.command("quantize")(quantize_cmd.quantize_command)
 
 
 _register()
