@@ -91,12 +91,17 @@ def _register() -> None:
     from . import generate as generate_cmd
     from . import init as init_cmd
     from . import quantize as quantize_cmd
+    from . import train as train_cmd
 
     app.command("init")(init_cmd.init_command)
     app.command("generate")(generate_cmd.generate_command)
     app.command("convert")(convert_cmd.convert_command)
     app.command("env")(env_cmd.env_command)
     app.command("quantize")(quantize_cmd.quantize_command)
+    from . import train_recipe
+
+    train_recipe.register(train_cmd.train_app)
+    app.add_typer(train_cmd.train_app, name="train")
 
 
 _register()

@@ -1,0 +1,157 @@
+"""Training checkpoints: written atomically, read back exactly.
+
+A checkpoint is a folder ``WORK/checkpoint-0000500`` holding
+
+* ``model.safetensors`` — the weights being trained (fp32 master weights),
+* ``ema.safetensors`` — the EMA weights (when EMA is on),
+* ``optimizer.pt`` — the optimizer state (tensors and numbers only; read back with ``weights_only=True``),
+* ``rng_state.json`` — python/numpy/torch(/cuda) RNG states of EVERY process, gathered to the main one,
+* ``trainer_state.json`` — step, LR-scheduler state, data-order state, EMA update count, process count.
+
+It is built in a hidden temporary sibling and renamed into place (``artifacts.atomic_dir``), so a crash
+mid-write leaves the previous checkpoint as the latest one; ``latest`` ignores hidden folders and
+folders without ``trainer_state.json``. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+PREFIX = "checkpoint-"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE = "trainer_state.json"
+FILES = ("model.safetensors", "optimizer.pt", "rng_state.json", STATE)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
+def list_checkpoints(work: Path) -> list[Path]:
+    """Complete checkpoints in ``work``, oldest first."""
+    if not work.is_dir():
+        return []
+    found = []
+    for p in work.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str | None, work: Path) -> Path | None:
+    """``None`` → no resume; ``latest`` → the newest complete checkpoint in ``work`` (None if there is
+    none yet); a path → that checkpoint, checked."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(work)
+        return found[-1] if found else None
+    path = Path(resume)
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if not path.is_dir() or missing:
+        raise InputError(f"{path} is not a complete checkpoint (missing {', '.join(missing) or 'the folder'})",
+                         f"pass --resume latest, or a {PREFIX}N folder from the work dir")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG states as JSON (no pickle)
+
+
+def capture_rng() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    state = {
+        "python": _listify(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(_tuplify(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in state["cuda"]])
+
+
+def _bytes_tensor(b64: str):
+    import torch
+
+    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8).clone()
+
+
+def _listify(x):
+    return [_listify(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+# ---------------------------------------------------------------------------------------------------
+# save / load
+
+
+def save_checkpoint(work: Path, step: int, model_state: dict, ema_state: dict | None, optimizer_state: dict,
+                    rng_states: list[dict], trainer_state: dict, keep: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically (main process only), then drop all but the newest ``keep``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..artifacts import atomic_dir, atomic_write_text
+
+    target = work / checkpoint_name(step)
+    work.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(target, force=True) as tmp:
+        save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
+        if ema_state is not None:
+            save_file(_contiguous(ema_state), str(tmp / "ema.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        atomic_write_text(tmp / "rng_state.json", json.dumps(rng_states))
+        atomic_write_text(tmp / STATE, json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
+    for old in list_checkpoints(work)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Everything a checkpoint holds, as CPU tensors and plain values."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        out = {
+            "model": load_file(str(path / "model.safetensors")),
+            "ema": load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None,
+            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+            "rng": json.loads((path / "rng_state.json").read_text()),
+            "trainer": json.loads((path / STATE).read_text()),
+        }
+    except Exception as e:  # truncated safetensors, bad JSON, a pickle that is not plain state
+        raise InputError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]})",
+                         "resume from an earlier checkpoint (pass its folder to --resume)") from e
+    return out

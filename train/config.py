@@ -1,0 +1,188 @@
+"""The training engine's options, shared by every training stage (teacher, reflow, distill).
+
+A stage's config is a keyword-only dataclass that extends :class:`TrainConfig` with its own fields;
+its field names are the CLI option names (``max_steps`` ↔ ``--max-steps``) and the keys of a
+``--config`` file (TOML or YAML; ``max-steps`` and ``max_steps`` both accepted). This module is imported
+by ``--help``: keep it free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+
+class MixedPrecision(str, enum.Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class LRSchedule(str, enum.Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class Attention(str, enum.Enum):
+    """UNet attention kernel: PyTorch's scaled_dot_product_attention (flash/memory-efficient where the
+    device has them) or diffusers' plain matmul-softmax-matmul."""
+
+    sdpa = "sdpa"
+    eager = "eager"
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    """The engine's options. ``batch_size`` is the GLOBAL batch of one optimizer step: summed over
+    processes and gradient-accumulation micro-steps (so a 1-process and an 8-process run with the same
+    ``batch_size`` see the same samples per step); each process runs micro-batches of
+    ``batch_size / (num_processes × gradient_accumulation_steps)``, which must divide evenly."""
+
+    output: str
+    work_dir: str | None = None  # checkpoints + logs; default: OUTPUT.train beside the output
+    max_steps: int = 1500
+    batch_size: int = 128
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    lr_schedule: LRSchedule = LRSchedule.cosine
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    ema_decay: float = 0.999  # 0 turns EMA off (then the raw weights are saved)
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    gradient_checkpointing: bool = False
+    attention: Attention = Attention.sdpa
+    checkpoint_every: int = 500  # 0: no checkpoints
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    seed: int = 0
+    log_every: int = 10
+    cpu: bool = False
+    force: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Check types and ranges; coerce enum strings (from a config file) to enums."""
+        if not isinstance(self.output, str) or not self.output:
+            raise InputError("no output folder given", "pass -o OUT (or set output in the config file)")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every"):
+            _int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
+            _int(name, getattr(self, name), 0)
+        _float("learning_rate", self.learning_rate, 0.0, None, open_low=True)
+        _float("weight_decay", self.weight_decay, 0.0, None)
+        _float("max_grad_norm", self.max_grad_norm, 0.0, None)
+        _float("ema_decay", self.ema_decay, 0.0, 1.0, open_high=True)
+        for name in ("gradient_checkpointing", "cpu", "force", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}", f"fix {_key(name)}")
+        for name, cls in (("mixed_precision", MixedPrecision), ("lr_schedule", LRSchedule), ("attention", Attention)):
+            setattr(self, name, _enum(name, getattr(self, name), cls))
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise InputError(
+                f"batch_size {self.batch_size} is not a multiple of gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps}", "batch_size is the global batch: make it divisible")
+        if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
+            raise InputError(f"resume must be 'latest' or a checkpoint folder, got {self.resume!r}", "pass --resume latest")
+        if self.work_dir is not None and not isinstance(self.work_dir, str):
+            raise InputError(f"work_dir must be a path, got {self.work_dir!r}", "pass --work-dir DIR")
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.output + ".train")
+
+
+def _key(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _int(name: str, v: Any, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise InputError(f"{name} must be an integer ≥ {low}, got {v!r}", f"fix {_key(name)}")
+
+
+def _float(name: str, v: Any, low: float, high: float | None, open_low=False, open_high=False) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > low if open_low else v >= low) and (high is None or (v < high if open_high else v <= high))
+    if not ok:
+        lo = f"{'>' if open_low else '≥'} {low}"
+        hi = "" if high is None else f" and {'<' if open_high else '≤'} {high}"
+        raise InputError(f"{name} must be a number {lo}{hi}, got {v!r}", f"fix {_key(name)}")
+
+
+def _enum(name: str, v: Any, cls: type[enum.Enum]) -> enum.Enum:
+    try:
+        return cls(v.value if isinstance(v, enum.Enum) else v)
+    except ValueError:
+        raise InputError(f"{name} {v!r} is not one of {', '.join(m.value for m in cls)}", f"fix {_key(name)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# config files
+
+
+def config_keys(cls: type) -> list[str]:
+    """Keys a config file may set for ``cls``: every field except those only the CLI sets."""
+    return [f.name for f in dataclasses.fields(cls) if f.name not in ("progress",)]
+
+
+def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
+    """A TOML (tomllib) or YAML file of ``{option: value}``; keys are option names (``max-steps`` or
+    ``max_steps``). An unknown key is a one-line error that lists the valid ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist", "pass a TOML or YAML file")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise InputError(f"config file {path} is neither .toml nor .yaml", "use a .toml or .yaml file")
+    except InputError:
+        raise
+    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot parse config file {path}: {first}", "fix its syntax") from e
+    if not isinstance(data, dict):
+        raise InputError(f"config file {path} is not a table of option = value", "write one option per line")
+    valid = config_keys(cls)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in valid:
+            raise InputError(f"unknown key {key!r} in {path}",
+                             "valid keys: " + ", ".join(k.replace("_", "-") for k in valid))
+        out[name] = value
+    return out
+
+
+def merge_config(cls: type, defaults: dict[str, Any], file_values: dict[str, Any], explicit: dict[str, Any]):
+    """``cls(**defaults ← file ← explicit)``: command-line flags override the file, the file the defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in {**defaults, **file_values, **explicit}.items() if k in names}
+    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+    return cls(**values)
+
+
+def field_default(cls: type, name: str) -> Any:
+    """A dataclass field's default (the CLI shows the library's defaults, one source of truth)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+    raise KeyError(f"{cls.__name__} has no field {name}")

@@ -1,0 +1,370 @@
+"""The training engine: one loop on ``accelerate`` for every stage (teacher, reflow, distill).
+
+A stage supplies a model (a diffusers UNet), a :class:`BatchSource` (dataset → local batch of tensors)
+and an objective (``objective(model, batch, rnd) -> loss``, see objectives.py) and calls
+:func:`fit`. The engine owns everything else: AdamW, LR warmup + constant/cosine, gradient
+accumulation, clipping, mixed precision, EMA, NaN/Inf stop, progress, scalar logs, atomic checkpoints
+and exact resume.
+
+Determinism across process counts: every step draws the indices of its GLOBAL batch from one
+epoch-permutation stream, and every random tensor of a micro-batch (noise, times, prompt dropout) is
+drawn for the whole global batch from a generator seeded by (seed, step); each micro-step of each
+process then takes its slice. So 1 process and N processes (or N accumulation micro-steps) see identical
+samples with identical noise, and their averaged gradients agree to float rounding. Resume is exact for the same reason: nothing
+random depends on state that a checkpoint does not hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import InputError, NumericsError
+from .config import Attention, TrainConfig
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence: well mixed, stable across versions)."""
+    import numpy as np
+
+    a, b = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).tolist()
+    return ((a << 32) | b) & ((1 << 63) - 1)
+
+
+class StepRandom:
+    """Random draws of one optimizer step, generated for its whole global batch and sliced to the
+    ``local`` samples at ``offset`` (this process's part of this micro-step): so the samples get the
+    same noise whatever the split into processes and accumulation micro-steps."""
+
+    def __init__(self, seed: int, step: int, offset: int, local: int, global_size: int):
+        self.generator = torch.Generator("cpu").manual_seed(derive_seed(seed, step, 0x5EED))
+        self.offset, self.local, self.global_size = offset, local, global_size
+
+    def _slice(self, full: torch.Tensor, device, dtype) -> torch.Tensor:
+        return full[self.offset:self.offset + self.local].to(device=device, dtype=dtype)
+
+    def normal(self, tail: tuple | torch.Size, device=None, dtype=torch.float32) -> torch.Tensor:
+        """N(0, 1) of shape (local, *tail)."""
+        return self._slice(torch.randn((self.global_size, *tail), generator=self.generator), device, dtype)
+
+    def uniform(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """U[0, 1) of shape (local,)."""
+        return self._slice(torch.rand(self.global_size, generator=self.generator), device, dtype)
+
+
+class EpochSampler:
+    """Dataset indices in a fresh seeded permutation per epoch; a batch may straddle two epochs.
+    Its state (epoch, cursor) is the data-order state a checkpoint keeps."""
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise InputError("the training data is empty", "check the dataset or the captions file")
+        self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator("cpu").manual_seed(derive_seed(self.seed, epoch, 0xDA7A)))
+
+    def take(self, k: int) -> torch.Tensor:
+        out = []
+        while k > 0:
+            perm = self._perm(self.epoch)
+            chunk = perm[self.cursor:self.cursor + k]
+            out.append(chunk)
+            k -= len(chunk)
+            self.cursor += len(chunk)
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise InputError(f"the checkpoint was trained on {state['n']} samples, this data has {self.n}",
+                             "resume with the same data, or start over with --force")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+class BatchSource(Protocol):
+    """The data side of a stage: ``len`` samples; ``get`` builds the local batch for some indices."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: torch.Tensor, rnd: StepRandom, device) -> dict[str, torch.Tensor]: ...
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, with the usual warm-up
+    ``decay_n = min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                p.copy_(self.shadow[k].to(p.dtype))
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based): linear warm-up to 1 over ``warmup_steps``
+    (step 0 already trains), then constant or a cosine to 0 at ``max_steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule.value == "constant":
+        return 1.0
+    span = max(1, config.max_steps - config.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
+
+
+def configure_unet(unet, config: TrainConfig) -> None:
+    """Memory/speed options for big UNets: attention kernel and gradient checkpointing."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if hasattr(unet, "set_attn_processor"):
+        unet.set_attn_processor(AttnProcessor2_0() if config.attention is Attention.sdpa else AttnProcessor())
+    if config.gradient_checkpointing:
+        if not getattr(unet, "_supports_gradient_checkpointing", False):
+            raise InputError(f"{type(unet).__name__} does not support gradient checkpointing",
+                             "drop --gradient-checkpointing")
+        unet.enable_gradient_checkpointing()
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def make_accelerator(config: TrainConfig):
+    """An ``Accelerator`` for ``config``: CPU (gloo under ``accelerate launch``) where no GPU is visible
+    or ``--cpu`` is given; accelerate's tensorboard tracker when tensorboard is installed."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from ..errors import DeviceError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # a fresh state per run in one process (tests, notebooks): accelerate's state is a singleton
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    gpu = torch.cuda.is_available() or (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    try:
+        return Accelerator(
+            cpu=config.cpu or not gpu,
+            mixed_precision=config.mixed_precision.value,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with="tensorboard" if tensorboard_available() else None,
+            project_dir=str(config.work_path),
+        )
+    except ValueError as e:
+        raise DeviceError(f"--mixed-precision {config.mixed_precision.value} is not available here ({e})",
+                          "use --mixed-precision no (or bf16 on CPUs that support it)") from e
+
+
+@dataclasses.dataclass
+class FitResult:
+    step: int  # optimizer steps done in total (resumed ones included)
+    final_loss: float | None  # mean loss of the last (up to) 50 steps of this run
+    seconds: float
+    resumed_from: str | None
+    ema: bool  # the returned model holds the EMA weights
+
+
+def fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: BatchSource, objective,
+        describe: str = "training") -> tuple[torch.nn.Module, FitResult]:
+    """Train ``model`` on ``source`` with ``objective`` for ``config.max_steps`` optimizer steps.
+
+    Returns the unwrapped model holding the weights to save (EMA when on) and a summary. Checkpoints and
+    the metrics log go to ``config.work_path`` (main process only).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+    from tqdm.auto import tqdm
+
+    from . import checkpoint as ckpt
+    from .tracking import MetricsLog
+
+    config.validate()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    k = config.gradient_accumulation_steps
+    micro_global = config.batch_size // k
+    if micro_global % world:
+        raise InputError(f"batch_size {config.batch_size} does not split over {world} processes × {k} accumulation steps",
+                         f"make --batch-size a multiple of {world * k}")
+    local = micro_global // world
+    offset = rank * local
+    work = config.work_path
+    resume_path = _prepare_work_dir(config, accelerator, work)
+
+    configure_unet(model, config)
+    model.train().requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    scheduler = LambdaLR(optimizer.optimizer, lambda s: lr_factor(s, config))
+    ema = EMA(raw, config.ema_decay) if config.ema_decay > 0 else None
+    sampler = EpochSampler(len(source), config.seed)
+
+    step = 0
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path)
+        try:
+            raw.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise InputError(f"checkpoint {resume_path} does not fit this model ({str(e).splitlines()[0][:120]})",
+                             "resume with the same model and options, or start over with --force") from e
+        tr = state["trainer"]
+        scheduler.load_state_dict(tr["scheduler"])
+        sampler.load_state_dict(tr["data"])
+        if ema is not None and state["ema"] is not None:
+            ema.shadow = {kk: v.float() for kk, v in state["ema"].items()}
+            ema.updates = int(tr.get("ema_updates", 0))
+        if len(state["rng"]) == world:
+            ckpt.restore_rng(state["rng"][rank])
+        step = int(tr["step"])
+
+    log = MetricsLog(work, accelerator, resume_step=step)
+    bar = tqdm(total=config.max_steps, initial=step, desc=describe, unit="step", dynamic_ncols=True,
+               disable=not (config.progress and accelerator.is_main_process))
+    losses: list[float] = []
+    window: list[float] = []
+    t_start = t_log = time.perf_counter()
+    steps_since_log = 0
+    grad_norm = None
+    while step < config.max_steps:
+        indices = sampler.take(config.batch_size)  # every process draws the same global batch
+        step_loss = 0.0
+        for j in range(k):
+            start = j * micro_global + offset  # this micro-batch's place in the global batch
+            mine = indices[start:start + local]
+            rnd = StepRandom(config.seed, step, start, local, config.batch_size)
+            batch = source.get(mine, rnd, accelerator.device)
+            with accelerator.accumulate(model):
+                loss = objective(model, batch, rnd)
+                global_loss = accelerator.reduce(loss.detach().float().reshape(1), "mean")
+                if not torch.isfinite(global_loss).all():
+                    raise NumericsError(
+                        f"training loss is {global_loss.item()} at step {step + 1}",
+                        "lower --learning-rate or --max-grad-norm, or use --mixed-precision no/bf16; "
+                        "--resume latest restarts from the last checkpoint")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += global_loss.item() / k
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+            if ema is not None:
+                ema.update(raw)
+        step += 1
+        losses.append(step_loss)
+        window.append(step_loss)
+        steps_since_log += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        if step % config.log_every == 0 or step == config.max_steps:
+            now = time.perf_counter()
+            log.write(step, {
+                "loss": sum(window) / len(window),
+                "lr": scheduler.get_last_lr()[0],
+                **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                "samples_per_s": steps_since_log * config.batch_size / max(now - t_log, 1e-9),
+            })
+            window, steps_since_log, t_log = [], 0, now
+        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.max_steps):
+            _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step, work)
+    bar.close()
+    log.close()
+    if ema is not None:
+        ema.copy_to(raw)
+    tail = losses[-50:]
+    result = FitResult(step=step, final_loss=sum(tail) / len(tail) if tail else None,
+                       seconds=time.perf_counter() - t_start,
+                       resumed_from=str(resume_path) if resume_path else None, ema=ema is not None)
+    return raw, result
+
+
+def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | None:
+    """Resolve ``--resume``; refuse to silently overwrite an earlier run's checkpoints."""
+    import shutil
+
+    from . import checkpoint as ckpt
+    from ..errors import OutputExistsError
+
+    resume_path = ckpt.resolve_resume(config.resume, work)
+    existing = ckpt.list_checkpoints(work)
+    if config.resume is None and existing and not config.force:
+        raise OutputExistsError(f"work dir {work} holds checkpoints of an earlier run",
+                                "pass --resume latest to continue it, or --force to start over")
+    if config.resume == "latest" and resume_path is None and accelerator.is_main_process:
+        print(f"no checkpoint in {work} yet: starting from step 0")
+    accelerator.wait_for_everyone()  # every process has read the folder before the main one edits it
+    if accelerator.is_main_process:
+        if config.resume is None and config.force:
+            for old in existing:
+                shutil.rmtree(old, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return resume_path
+
+
+def _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step: int, work: Path) -> None:
+    from accelerate.utils import gather_object
+
+    from . import checkpoint as ckpt
+
+    model_state = accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
+    rng_states = gather_object([ckpt.capture_rng()])  # every process's RNG, in rank order
+    if accelerator.is_main_process:
+        trainer_state = {
+            "scheduler": scheduler.state_dict(),
+            "data": sampler.state_dict(),
+            "ema_updates": ema.updates if ema is not None else 0,
+            "num_processes": accelerator.num_processes,
+            "batch_size": config.batch_size,
+            "max_steps": config.max_steps,
+            "seed": config.seed,
+        }
+        ckpt.save_checkpoint(work, step, model_state, ema.shadow if ema is not None else None,
+                             optimizer.state_dict(), rng_states, json.loads(json.dumps(trainer_state)),
+                             config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def training_summary(config: TrainConfig, result: FitResult, accelerator) -> dict[str, Any]:
+    """What a trained artifact's manifest records about its training."""
+    return {
+        "steps": result.step,
+        "final_loss": result.final_loss,
+        "seconds": round(result.seconds, 2),
+        "resumed_from": result.resumed_from,
+        "weights": "ema" if result.ema else "raw",
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "device": str(accelerator.device),
+        "global_batch_size": config.batch_size,
+        "metrics_log": str(Path(config.work_path) / "metrics.jsonl"),
+    }

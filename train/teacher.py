@@ -1,0 +1,165 @@
+"""``train teacher``: a 1-rectified flow from any SD-like diffusers pipeline.
+
+The VAE and text encoder stay frozen; the UNet (initialised from MODEL's) learns the velocity of
+independent (noise, data) pairs with the RF loss at ``s ~ U(0, 1)``. Latents (VAE posterior mean ×
+scaling_factor) and prompt embeddings are computed once before training; 10% of prompts (by default)
+are replaced with the empty prompt so classifier-free guidance works. The output is a diffusers
+pipeline folder whose manifest says ``model.flow = "rectified_flow"`` (sampled with the Euler rule of
+flow.py, ``default_steps`` steps), loadable by ``generate`` and ``eval``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ..errors import InputError
+from .config import TrainConfig, _float, _int
+
+DIGITS = "digits"
+
+
+@dataclasses.dataclass(kw_only=True)
+class TeacherConfig(TrainConfig):
+    """Options of ``instaflow-edge train teacher``: the engine's plus the data and the output model."""
+
+    model: str
+    data: str = DIGITS  # "digits" or a folder of images with a captions file
+    captions: str | None = None  # default: captions.jsonl / captions.csv inside the folder
+    cfg_dropout: float = 0.1  # share of prompts replaced by "" (classifier-free guidance)
+    default_steps: int = 32  # Euler steps `generate`/`eval` use for the trained model
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.model, str) or not self.model:
+            raise InputError("no model given", "pass a pipeline folder or hub id as MODEL")
+        if not isinstance(self.data, str) or not self.data:
+            raise InputError("no training data given", "pass --data digits or --data FOLDER")
+        if self.data != DIGITS and not Path(self.data).is_dir():
+            raise InputError(f"data folder {self.data} does not exist or is not a folder",
+                             "pass --data digits, or a folder of images with captions.jsonl/captions.csv")
+        if self.captions is not None and self.data == DIGITS:
+            raise InputError("--captions applies to a data folder, not to --data digits", "drop --captions")
+        _float("cfg_dropout", self.cfg_dropout, 0.0, 1.0, open_high=True)
+        _int("default_steps", self.default_steps, 1)
+
+
+class TeacherSource:
+    """Cached latents ``x1`` and prompt conditioning; ``get`` applies the prompt dropout.
+
+    Prompt embeddings are kept per unique prompt (a digits-sized prompt set costs almost nothing); when
+    a dataset has more than ``max_cached_prompts`` unique prompts, token ids are kept and the frozen
+    text encoder runs per batch instead.
+    """
+
+    def __init__(self, latents, prompt_index, prompts: list[str], pipe, cfg_dropout: float,
+                 max_cached_prompts: int = 4096):
+        import torch
+
+        from ..generator import encode_prompts
+
+        self.latents = latents
+        self.prompt_index = prompt_index
+        self.cfg_dropout = cfg_dropout
+        self.text_encoder = None
+        self.empty = encode_prompts(pipe, [""])[0].float().cpu()
+        if len(prompts) <= max_cached_prompts:
+            self.embeddings = torch.cat([encode_prompts(pipe, prompts[i:i + 256]).float().cpu()
+                                         for i in range(0, len(prompts), 256)])
+        else:
+            self.embeddings = None
+            self.token_ids = pipe.tokenize(prompts)
+            self.text_encoder = pipe.text_encoder
+            self.empty_ids = pipe.tokenize([""])[0]
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def get(self, indices, rnd, device) -> dict:
+        import torch
+
+        drop = rnd.uniform() < self.cfg_dropout  # drawn even at 0 so the random stream never shifts
+        pidx = self.prompt_index[indices]
+        if self.embeddings is not None:
+            cond = torch.where(drop[:, None, None], self.empty, self.embeddings[pidx])
+        else:
+            ids = torch.where(drop[:, None], self.empty_ids, self.token_ids[pidx])
+            with torch.no_grad():
+                cond = self.text_encoder(ids.to(self.text_encoder.device), return_dict=False)[0].float()
+        return {"x1": self.latents[indices].to(device), "cond": cond.to(device)}
+
+
+def load_dataset(config: TeacherConfig, size: int):
+    """The training images at the pipeline's resolution."""
+    from ..data import digits_dataset, folder_dataset
+
+    if config.data == DIGITS:
+        return digits_dataset("train", size=size)
+    return folder_dataset(config.data, config.captions, size=size)
+
+
+def cache_latents(pipe, dataset, batch_size: int = 64, progress: bool = True):
+    """(latents (N, C, h, w) = VAE posterior mean × scaling_factor, prompt index (N,), unique prompts)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    prompts: dict[str, int] = {}
+    index, chunks = [], []
+    n = len(dataset)
+    for start in tqdm(range(0, n, batch_size), desc="caching latents", unit="batch", disable=not progress):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        images = torch.stack([it["image"] for it in items]).to(pipe.device, pipe.vae.dtype)
+        with torch.no_grad():
+            chunks.append(pipe.vae.encode(images).latent_dist.mean.float().cpu() * pipe.scaling_factor)
+        index += [prompts.setdefault(it["prompt"], len(prompts)) for it in items]
+    return torch.cat(chunks), torch.tensor(index, dtype=torch.long), list(prompts)
+
+
+def train_teacher(config: TeacherConfig) -> str:
+    """Train a 1-rectified flow on ``config.data`` from ``config.model``; returns the output folder."""
+    from ..artifacts import atomic_dir, check_output, make_manifest, sha256_tree, write_manifest
+    from ..pipeline import ModelInfo, load_pipeline
+    from ..presets import count_params
+    from .engine import fit, make_accelerator, training_summary
+    from .objectives import RectifiedFlowObjective
+
+    config.validate()
+    check_output(config.output, config.force)  # before minutes of training
+    accelerator = make_accelerator(config)
+    main = accelerator.is_main_process
+    dev = accelerator.device
+    pipe = load_pipeline(config.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
+                         allow_pickle=config.allow_pickle)
+    dataset = load_dataset(config, pipe.default_size)
+    latents, prompt_index, prompts = cache_latents(pipe, dataset, progress=config.progress and main)
+    source = TeacherSource(latents, prompt_index, prompts, pipe, config.cfg_dropout)
+    unet, result = fit(config, accelerator, pipe.unet, source, RectifiedFlowObjective(), describe="train teacher")
+
+    if main:
+        pipe.unet = unet.eval().requires_grad_(False)
+        info = ModelInfo(flow="rectified_flow", default_steps=config.default_steps, source=config.model)
+        with atomic_dir(config.output, config.force) as tmp:
+            pipe.save(tmp, info)
+            write_manifest(tmp, make_manifest(
+                "pipeline", config,
+                model=dataclasses.asdict(info),
+                stage="teacher",
+                base_model=config.model,
+                data={"source": config.data, "samples": len(dataset), "unique_prompts": len(prompts),
+                      "latent_shape": list(latents.shape[1:])},
+                training=training_summary(config, result, accelerator),
+                params={k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")},
+                content_sha256=sha256_tree(tmp),
+            ))
+    accelerator.wait_for_everyone()
+    _end_distributed()
+    return os.fspath(config.output)
+
+
+def _end_distributed() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
