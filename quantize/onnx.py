@@ -1,0 +1,224 @@
+"""ONNX quantization schemes (onnxruntime's quantizer), one registry for ``convert --quantize`` and
+``instaflow-edge quantize``.
+
+Schemes (``SCHEMES``, filled by ``@scheme``):
+
+- ``fp16``: onnxruntime's float16 converter, fp32 inputs/outputs (``keep_io_types``) and a block list of
+  overflow-prone ops kept fp32 (normalizations, their Pow/ReduceMean/Sqrt pieces, Exp/Softmax). NaN/Inf
+  is caught by the parity check. (onnxconverter-common's converter breaks the TorchScript export's
+  time-projection cast: STACK.md.)
+- ``int8-dynamic``: weight-only-at-rest int8 for MatMul/Gemm, activations quantized at run time.
+  Convolutions are left fp32: dynamic Conv becomes ConvInteger, which has no fast CPU kernel.
+- ``int8-static``: QDQ, per-channel symmetric int8 weights, uint8 activations (the CPU/VNNI pairing
+  onnxruntime recommends) for Conv/MatMul/Gemm, ranges from MinMax calibration on real prompts run
+  through the pipeline. Activation×activation MatMuls (attention scores and their product with V) stay
+  fp32: they are not calibrated, which is what keeps calibration at SD1.5 scale under ~12 GiB (each
+  score tensor is 512 MB there), and attention is where int8 hurts quality most. Calibration runs in
+  its own process (``quantize.onnx_calibrate``) and hands its ranges over in a cache file, so the
+  quantizer never holds the calibration session's memory.
+
+Engines: ``ort`` (the above). ``inc`` (Intel Neural Compressor) has no ONNX path in INC 3.x; see
+``convert/onnx.py`` for what ``--engine inc`` does and does not do.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError, ModelError
+
+# components a scheme applies to unless told otherwise: the VAE decoder stays fp32 (fp16 overflows
+# there; int8 costs its image quality most), the fused generator stays fp32 (it contains the decoder)
+DEFAULT_COMPONENTS = ("text_encoder", "unet", "unet_velocity")
+
+FP16_OP_BLOCK = ["LayerNormalization", "SkipLayerNormalization", "InstanceNormalization", "GroupNorm",
+                 "Pow", "ReduceMean", "Sqrt", "Exp", "Softmax", "RandomNormalLike"]
+STATIC_OP_TYPES = ["Conv", "MatMul", "Gemm"]
+DYNAMIC_OP_TYPES = ["MatMul", "Gemm"]
+
+CALIBRATION_PROMPTS = [
+    "a red fox in snow", "a lighthouse at night", "a cat wearing a hat", "a castle on a mountain",
+    "a bowl of fruit on a table", "a city street in the rain", "a portrait of an old man", "a sailing boat at sunset",
+]
+
+SchemeFn = Callable[..., None]
+SCHEMES: dict[str, SchemeFn] = {}
+
+
+def scheme(name: str):
+    def deco(fn: SchemeFn) -> SchemeFn:
+        SCHEMES[name] = fn
+        return fn
+
+    return deco
+
+
+def check_scheme(name: str | None) -> str | None:
+    if name is not None and name not in SCHEMES:
+        raise InputError(f"unknown quantization scheme {name!r}", f"choose one of: {', '.join(SCHEMES)}")
+    return name
+
+
+def _big(path: Path) -> bool:
+    from ..convert.onnx_io import EXTERNAL_DATA
+
+    return (path.parent / EXTERNAL_DATA).exists()
+
+
+@scheme("fp16")
+def _fp16(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]) -> None:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from ..convert import onnx_io
+
+    model = onnx_io.load(src)
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                     op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_OP_BLOCK)
+    onnx_io.save(model, dst)
+
+
+@scheme("int8-dynamic")
+def _int8_dynamic(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from ..convert import onnx_io
+
+    onnx_io.check_model_file(src)
+    with onnx_io.scratch_cwd():
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=DYNAMIC_OP_TYPES, use_external_data_format=_big(src),
+                         extra_options={"MatMulConstBOnly": True})
+    _tidy_external(dst)
+
+
+@scheme("int8-static")
+def _int8_static(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from ..convert import onnx_io
+
+    onnx_io.check_model_file(src)
+    with onnx_io.scratch_cwd() as tmp:
+        cache = tmp / "ranges.json"
+        calibrate_in_subprocess(folder, component, src, cache, prompts)
+        quantize_static(
+            str(src), str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=STATIC_OP_TYPES, per_channel=True, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=activation_matmuls(src),
+            use_external_data_format=_big(src), calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            calibration_cache_path=str(cache),
+        )
+    _tidy_external(dst)
+
+
+def _tidy_external(dst: Path) -> None:
+    """onnxruntime's quantizers name external data ``<model>.data``; re-save through onnx_io so a big
+    result uses our one ``model.onnx_data`` and a small one is a single file."""
+    from ..convert import onnx_io
+
+    stray = [p for p in dst.parent.iterdir() if p.name != dst.name and p.name.startswith(dst.name)]
+    if not stray:
+        return
+    model = onnx_io.load(dst)
+    for p in stray:
+        p.unlink()
+    onnx_io.save(model, dst)
+
+
+def activation_matmuls(path: Path) -> list[str]:
+    """Names of MatMul nodes whose two inputs are both activations (attention: Q·Kᵀ and P·V)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    # weights may reach a MatMul through a Transpose/Cast of a constant
+    for n in model.graph.node:
+        if n.op_type in ("Transpose", "Cast", "Reshape", "DequantizeLinear") and n.input and n.input[0] in consts:
+            consts |= set(n.output)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not (set(n.input) & consts)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibration: real prompts through the (fp32) pipeline, upstream components give the inputs
+
+
+def calibrate_in_subprocess(folder: Path, component: str, model: Path, cache: Path, prompts: list[str]) -> None:
+    """Run calibration of ``model`` in a fresh Python process; ranges land in ``cache`` (JSON)."""
+    prompts_file = cache.with_suffix(".prompts.json")
+    prompts_file.write_text(json.dumps(prompts))
+    cmd = [sys.executable, "-m", "instaflow_edge.quantize.onnx_calibrate", str(folder), component, str(model),
+           str(cache), str(prompts_file)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not cache.is_file():
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ModelError(f"int8-static calibration of {component} failed: {tail[0][:300]}",
+                         "rerun with --debug; a smaller --calibration-prompts file needs less memory")
+
+
+def calibration_feeds(folder: Path, component: str, prompts: list[str], seed: int = 0) -> list[dict]:
+    """One input dict per prompt for ``component``, made by running the fp32 export in ``folder``."""
+    import numpy as np
+
+    from ..convert import onnx_io
+    from ..generator import make_noise
+
+    meta = export_meta(folder)
+    ids = tokenize(folder, prompts)
+    shape = tuple(meta["latent_shape"])
+    noise = [make_noise([seed + i], shape).numpy() for i in range(len(prompts))]
+    if component in ("text_encoder", "generator"):
+        return [{"input_ids": ids[i : i + 1]} if component == "text_encoder"
+                else {"input_ids": ids[i : i + 1], "noise": noise[i]} for i in range(len(prompts))]
+    te = onnx_io.session(folder / "text_encoder" / onnx_io.MODEL_FILE)
+    ehs = [te.run(None, {"input_ids": ids[i : i + 1]})[0] for i in range(len(prompts))]
+    del te
+    if component == "unet":
+        return [{"sample": noise[i], "encoder_hidden_states": ehs[i]} for i in range(len(prompts))]
+    if component == "unet_velocity":
+        # the taus the N-step sampler visits
+        taus = [1000.0 * (1 - k / max(1, meta["default_steps"])) for k in range(max(1, meta["default_steps"]))]
+        return [{"sample": noise[i], "timestep": np.full((1,), taus[i % len(taus)], np.float32),
+                 "encoder_hidden_states": ehs[i]} for i in range(len(prompts))]
+    if component == "vae_decoder":
+        un = onnx_io.session(folder / "unet" / onnx_io.MODEL_FILE)
+        lat = [un.run(None, {"sample": noise[i], "encoder_hidden_states": ehs[i]})[0] / meta["scaling_factor"]
+               for i in range(len(prompts))]
+        return [{"latent_sample": x} for x in lat]
+    raise InputError(f"no calibration inputs for component {component!r}", "quantize another component")
+
+
+def export_meta(folder: Path) -> dict:
+    """Facts about an ONNX export folder that the runtime needs (written by convert into the manifest)."""
+    from ..artifacts import read_manifest
+
+    m = read_manifest(folder) or {}
+    meta = m.get("onnx")
+    if not isinstance(meta, dict) or "latent_shape" not in meta:
+        raise ModelError(f"{folder} has no ONNX export manifest", "pass a folder written by `instaflow-edge convert --target onnx`")
+    return meta
+
+
+def tokenize(folder: Path, prompts: list[str]):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="np").input_ids.astype("int64")
+
+
+def read_prompts(path: str | None, default: list[str]) -> list[str]:
+    if path is None:
+        return list(default)
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"calibration prompts file {p} does not exist", "pass a text file with one prompt per line")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"calibration prompts file {p} has no prompts", "put one prompt per line")
+    return prompts

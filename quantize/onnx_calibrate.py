@@ -1,0 +1,69 @@
+"""int8-static calibration, run as its own process (``python -m instaflow_edge.quantize.onnx_calibrate
+FOLDER COMPONENT MODEL CACHE PROMPTS_JSON``).
+
+Why a process of its own: the calibrator holds an augmented copy of the model and a session that
+outputs every calibrated tensor; in the quantizer's process that adds up to > 14 GiB at SD1.5 scale.
+Here it is freed when the process exits, and the ranges travel in onnxruntime's calibration-cache
+JSON (``quantize_static(calibration_cache_path=...)`` reads it back). Inputs of activation×activation
+MatMuls (attention scores, 512 MB each at SD1.5) are not calibrated: those nodes stay fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def calibrate(folder: Path, component: str, model: Path, cache: Path, prompts: list[str]) -> None:
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, MinMaxCalibrater, save_tensors_data
+
+    from ..convert import onnx_io
+    from .onnx import STATIC_OP_TYPES, activation_matmuls, calibration_feeds
+
+    onnx_io.check_model_file(model)
+    feeds = calibration_feeds(folder, component, prompts)
+    skip = set(activation_matmuls(model))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, items):
+            self.it = iter(items)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    class Calibrater(MinMaxCalibrater):
+        def select_tensors_to_calibrate(self, m):
+            tensors, infos = super().select_tensors_to_calibrate(m)
+            keep = set()
+            for node in m.graph.node:
+                if node.op_type in STATIC_OP_TYPES and node.name not in skip:
+                    keep.update(node.input)
+                    keep.update(node.output)
+            return tensors & keep, infos
+
+    big = (model.parent / onnx_io.EXTERNAL_DATA).exists()
+    with tempfile.TemporaryDirectory(prefix="instaflow-calib-") as tmp:
+        cal = Calibrater(str(model), STATIC_OP_TYPES, str(Path(tmp) / "augmented.onnx"),
+                         use_external_data_format=big)
+        cal.augment_graph()
+        cal.create_inference_session()
+        # one input per collect_data call: each call folds its ranges in and frees the outputs (its
+        # max_intermediate_outputs option drops them without folding them in, in onnxruntime 1.32)
+        for feed in feeds:
+            cal.collect_data(Reader([feed]))
+        save_tensors_data(cal.compute_data(), cache)
+
+
+def main(argv: list[str]) -> int:
+    folder, component, model, cache, prompts_file = argv
+    import os
+
+    os.chdir(Path(cache).parent)  # onnxruntime's tools drop temp files into the CWD
+    calibrate(Path(folder), component, Path(model), Path(cache), json.loads(Path(prompts_file).read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,96 @@
+"""``instaflow-edge quantize ONNX_DIR --scheme S -o OUT``: quantize an fp32 ONNX export folder.
+
+The reference here is the fp32 ONNX source folder (which passed its fp32 gate against PyTorch when it
+was exported): each quantized component and the end-to-end image are compared with it on fixed prompts
+and seeds, and gated at the scheme's default (or ``--min-psnr``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from ..errors import InputError, ModelError
+
+
+@dataclasses.dataclass
+class QuantizeConfig:
+    source: str
+    output: str
+    scheme: str = "int8-static"
+    components: list[str] | None = None  # None: the scheme's defaults (text encoder and UNet)
+    calibration_prompts: str | None = None
+    min_psnr: float | None = None
+    force: bool = False
+
+    def validate(self) -> None:
+        from .onnx import check_scheme
+
+        if self.scheme is None:
+            raise InputError("no --scheme given", "pass --scheme fp16, int8-dynamic or int8-static")
+        check_scheme(self.scheme)
+        if self.min_psnr is not None and not (self.min_psnr == self.min_psnr):
+            raise InputError("--min-psnr is NaN", "pass a number of dB, e.g. 30")
+
+
+def quantize(cfg: QuantizeConfig) -> dict:
+    """Quantize ``cfg.source`` into ``cfg.output``; returns the manifest."""
+    import numpy as np
+
+    from ..artifacts import MANIFEST, atomic_dir, check_output, make_manifest, read_manifest, write_manifest
+    from ..convert import onnx_io
+    from ..convert.onnx import SCHEME_MIN_PSNR, apply_scheme, run_one_step
+    from ..convert.parity import check, compare, format_table
+    from ..convert.specs import EXAMPLE_PROMPTS
+    from ..generator import make_noise
+    from .onnx import CALIBRATION_PROMPTS, DEFAULT_COMPONENTS, calibration_feeds, export_meta, read_prompts, tokenize
+
+    cfg.validate()
+    src = Path(cfg.source)
+    if not src.is_dir():
+        raise ModelError(f"{src} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
+    meta = export_meta(src)
+    onnx_io.check_folder(src)  # external data stays inside; every model parses
+    source_manifest = read_manifest(src) or {}
+    already = (source_manifest.get("quantize") or {}).get("components") or []
+    names = list(cfg.components) if cfg.components else [n for n in meta["components"] if n in DEFAULT_COMPONENTS]
+    for n in names:
+        if n not in meta["components"]:
+            raise InputError(f"component {n!r} is not in {src}", f"choose from: {', '.join(meta['components'])}")
+        if n in already:
+            raise InputError(f"{n} in {src} is already quantized ({source_manifest['quantize']['scheme']})",
+                             "quantize the fp32 export instead")
+    for n in meta["components"]:
+        onnx_io.session(src / n / onnx_io.MODEL_FILE)  # a corrupt model fails here, before any work
+    check_output(cfg.output, cfg.force)
+    prompts = read_prompts(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS)
+    gate = cfg.min_psnr if cfg.min_psnr is not None else SCHEME_MIN_PSNR[cfg.scheme]
+    with atomic_dir(cfg.output, cfg.force) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST, ".*"))
+        write_manifest(tmp, {"kind": "onnx-export-partial", "onnx": meta})  # calibration reads it
+        apply_scheme(tmp, cfg.scheme, names, prompts)
+        rows = []
+        for n in names:
+            feeds = calibration_feeds(src, n, EXAMPLE_PROMPTS[:2], seed=1000)
+            ref_s, out_s = onnx_io.session(src / n / onnx_io.MODEL_FILE), onnx_io.session(tmp / n / onnx_io.MODEL_FILE)
+            ref = np.concatenate([ref_s.run(None, f)[0] for f in feeds])
+            out = np.concatenate([out_s.run(None, f)[0] for f in feeds])
+            rows.append(compare(n, ref, out))
+        ids = tokenize(src, EXAMPLE_PROMPTS[:1])
+        noise = make_noise([0], tuple(meta["latent_shape"])).numpy()
+        rows.append(compare("end_to_end", run_one_step(src, ids, noise, meta), run_one_step(tmp, ids, noise, meta)))
+        gates = {p.component: gate for p in rows}
+        print(format_table(rows, gates))
+        for p in rows:
+            check(p, gate)
+        manifest = make_manifest(
+            "onnx-export", cfg, source={"model": str(src), "content_sha256": source_manifest.get("content_sha256")},
+            onnx=meta, quantize={"scheme": cfg.scheme, "engine": "ort", "components": names,
+                                 "reference": "the fp32 ONNX source folder"},
+            gates=gates, parity=[p.as_dict() for p in rows],
+            sizes={n: onnx_io.file_sizes(tmp / n) for n in meta["components"]},
+            upstream=source_manifest.get("config"),
+        )
+        write_manifest(tmp, manifest)
+    return manifest
