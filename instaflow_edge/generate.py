@@ -131,6 +131,14 @@ def _torch_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "objec
     return render
 
 
+@backend("onnx")
+def _onnx_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
+    """An ONNX export folder (``convert --target onnx``) run with onnxruntime."""
+    from .convert.onnx_runtime import onnx_backend
+
+    return onnx_backend(config, info)
+
+
 def generate(config: GenerateConfig, progress: bool = True) -> dict:
     """Generate every (prompt, seed) of ``config`` into ``config.output``; returns the manifest."""
     from PIL import Image

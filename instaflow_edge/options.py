@@ -24,3 +24,4 @@ class DType(str, enum.Enum):
 
 class Backend(str, enum.Enum):
     torch = "torch"
+    onnx = "onnx"

@@ -1,0 +1,89 @@
+"""``generate --backend onnx``: run an ONNX export folder with onnxruntime.
+
+One-step models run text encoder → one-step UNet (UNet at τ = 1000 + Euler step) → VAE decoder;
+multi-step rectified flows run the exported velocity UNet (``unet_velocity``) with the Euler rule of
+``flow.py``. The folder is checked (manifest, external-data paths, every model loads) before the first
+image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DeviceError, InputError, ModelError, NumericsError
+from . import onnx_io
+
+
+def onnx_backend(config, info: dict):
+    import numpy as np
+
+    from .. import flow
+    from ..generator import make_noise
+    from ..quantize.onnx import export_meta, tokenize
+    from .onnx import run_one_step
+
+    folder = Path(config.model)
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
+    meta = export_meta(folder)
+    if config.device.value not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"--device {config.device.value} is not available with --backend onnx", "use --device cpu or cuda")
+    if config.dtype.value not in ("auto", "float32"):
+        raise InputError(f"--dtype {config.dtype.value} does not apply to --backend onnx (precision is fixed at export)",
+                         "quantize the export instead: instaflow-edge quantize DIR --scheme fp16")
+    providers = ["CPUExecutionProvider"]
+    if config.device.value == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise DeviceError("--device cuda was asked for but onnxruntime has no CUDAExecutionProvider here",
+                              "install onnxruntime-gpu, or use --device cpu")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    steps = config.steps or meta["default_steps"]
+    if meta["flow"] != "rectified_flow":
+        raise InputError("--backend onnx samples rectified flows only; this export is a diffusion model",
+                         "use --backend torch for diffusion models")
+    if config.guidance > 1.0:
+        raise InputError("--backend onnx does not do classifier-free guidance", "use --guidance 1 or --backend torch")
+    if steps > 1 and "unet_velocity" not in meta["components"]:
+        raise InputError(f"this export is one-step only (no velocity UNet), --steps {steps} cannot run",
+                         "use --steps 1, or export a multi-step model")
+    onnx_io.check_folder(folder)
+    names = ["text_encoder", "unet", "vae_decoder"] + (["unet_velocity"] if steps > 1 else [])
+    sessions = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, providers=providers) for n in names}
+    c, lh, lw = meta["latent_shape"]
+    h, w = config.height or meta["height"], config.width or meta["width"]
+    f = meta["height"] // lh
+    for name, v in (("height", h), ("width", w)):
+        if v % (f * 4):
+            raise InputError(f"{name} {v} is not a multiple of {f * 4}", f"pass --{name} {max(f * 4, v // (f * 4) * f * 4)}")
+    shape = (c, h // f, w // f)
+    info.update(steps=steps, height=h, width=w, flow=meta["flow"], device=providers[0].removesuffix("ExecutionProvider").lower(),
+                dtype="float32", backend="onnx", export_precision=(read_scheme(folder) or "fp32"))
+
+    def render(job):
+        ids = tokenize(folder, [job.prompt])
+        noise = make_noise([job.seed], shape).numpy()
+        if steps == 1:
+            image = run_one_step(folder, ids, noise, meta, sessions)
+        else:
+            ehs = sessions["text_encoder"].run(None, {"input_ids": ids})[0]
+            x = noise
+            for tau in flow.euler_schedule(steps):
+                v = sessions["unet_velocity"].run(None, {"sample": x, "timestep": np.full((1,), tau, np.float32),
+                                                          "encoder_hidden_states": ehs})[0]
+                x = (x + v / steps).astype(np.float32)
+            img = sessions["vae_decoder"].run(None, {"latent_sample": (x / meta["scaling_factor"]).astype(np.float32)})[0]
+            image = np.clip(img / 2 + 0.5, 0, 1)
+        if not np.isfinite(image).all():
+            raise NumericsError(f"NaN/Inf in the image for prompt {job.prompt!r} seed {job.seed} (onnx)",
+                                "an fp16 export overflowed: use the fp32 or int8 export")
+        return (image[0].transpose(1, 2, 0) * 255).round().astype("uint8")
+
+    return render
+
+
+def read_scheme(folder: Path) -> str | None:
+    from ..artifacts import read_manifest
+
+    return ((read_manifest(folder) or {}).get("quantize") or {}).get("scheme")
