@@ -147,3 +147,28 @@ def test_epsilon_teacher_pairs_equal_diffusers_pipeline(tmp_path, eps_teacher, p
     ref = sd(side["prompts"], latents=s["noise"].clone(), num_inference_steps=5, guidance_scale=1.0,
              output_type="latent").images
     assert torch.allclose(s["latents"], ref, atol=1e-4)
+
+
+def test_two_processes_split_shards_and_match_one(tmp_path, tiny_dir, prompts_file):
+    """Under `accelerate launch --num_processes 2 --cpu`, each process makes its own shards and the set is
+    identical to a single process's."""
+    import subprocess
+    import sys
+
+    one = tmp_path / "one"
+    make_reflow_data(cfg(tiny_dir, one, prompts_file), progress=False)
+    two = tmp_path / "two"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "instaflow_edge.cli"]
+    r = subprocess.run([*launcher, "train", "reflow-data", str(tiny_dir), "--prompts", str(prompts_file),
+                        "-o", str(two), "--num-pairs", "6", "--shard-size", "4", "--steps", "2", "--batch-size", "3",
+                        "--no-progress"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = shards(one), shards(two)
+    assert list(a) == list(b) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in ("noise", "seeds", "input_ids"))
+    assert all(torch.allclose(a[n]["latents"], b[n]["latents"], atol=1e-5) for n in a)
+    assert json.loads((two / "manifest.json").read_text())["num_pairs"] == 6
+    ranks = [json.loads((two / f"shard-0000{k}.json").read_text())["made_by_rank"] for k in (0, 1)]
+    assert ranks == [0, 1]

@@ -221,7 +221,7 @@ def make_reflow_data(config: ReflowDataConfig, progress: bool = True) -> dict:
         tensors = {"noise": torch.cat(z_all), "latents": torch.cat(x_all),
                    "seeds": torch.tensor(seeds, dtype=torch.int64), "input_ids": pipe.tokenize(texts)}
         meta = {"format": FORMAT, "count": len(idx), "indices": [start, end], "seeds": seeds, "prompts": texts,
-                "identity": identity}
+                "identity": identity, "made_by_rank": state["rank"]}
         _write_shard(out, k, tensors, meta)
     bar.close()
     elapsed = time.perf_counter() - t0
