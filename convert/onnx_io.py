@@ -133,5 +133,25 @@ def file_sizes(folder: str | os.PathLike) -> int:
 def scratch_cwd(prefix: str = "instaflow-onnx-") -> Iterator[Path]:
     """A temporary working directory: onnxruntime's optimizer and quantizer drop ``*.data``,
     ``sym_shape_infer_temp.onnx`` and ``nc_workspace/`` into the CWD; this keeps them out of the user's."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as d, contextlib.chdir(d):
+    with tempfile.TemporaryDirectory(prefix=prefix) as d, contextlib.chdir(d), quiet():
         yield Path(d)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence onnxruntime's tooling chatter (tqdm bars of the fusions, root-logger advice of the
+    quantizer) so a failing command still prints one error line."""
+    import logging
+
+    root = logging.getLogger()
+    level, env = root.level, os.environ.get("TQDM_DISABLE")
+    root.setLevel(logging.ERROR)
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        if env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = env

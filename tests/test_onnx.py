@@ -1,0 +1,210 @@
+"""ONNX export, optimization, quantization, parity gates, the onnx generate backend and bad inputs
+(tiny preset). Exported folders are shared per session: exports take seconds each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from instaflow_edge.cli import app
+
+pytest.importorskip("onnxruntime")
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def assert_one_line_error(r, code, *words, nothing_at=None):
+    assert r.exit_code == code, r.output
+    err = (r.stderr if r.stderr_bytes is not None else r.output).strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    for w in words:
+        assert w in err[0], err[0]
+    if nothing_at is not None:
+        assert not nothing_at.exists()
+        assert not [p for p in nothing_at.parent.iterdir() if p.name.startswith(f".{nothing_at.name}.")]
+
+
+@pytest.fixture(scope="session")
+def fp32_export(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    r = run("convert", tiny_dir, "--target", "onnx", "--fused", "-o", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_export(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "int8"
+    r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int8-static", "-o", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _ops(path):
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_fp32_export_layout_and_gates(fp32_export):
+    m = manifest(fp32_export)
+    names = ["text_encoder", "unet", "vae_decoder", "generator"]
+    assert m["onnx"]["components"] == names
+    for n in names:
+        assert (fp32_export / n / "model.onnx").is_file() and (fp32_export / n / "config.json").is_file()
+        assert m["sizes"][n] > 0
+    for sub in ("tokenizer", "scheduler"):
+        assert (fp32_export / sub).is_dir()
+    assert "unet" in json.loads((fp32_export / "model_index.json").read_text())
+    rows = {p["component"]: p for p in m["parity"]}
+    assert set(rows) == {*names, "end_to_end"}
+    for name, p in rows.items():
+        assert p["psnr"] is None or p["psnr"] >= m["gates"][name] >= 60, (name, p)
+    # --optimize cpu (the default): CPU-safe fusions only, none of the CUDA-only ops
+    assert m["optimize"]["text_encoder"]["fused_ops"].get("SkipLayerNormalization", 0) > 0
+    for n in names:
+        assert not _ops(fp32_export / n / "model.onnx") & {"GroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd"}
+
+
+def test_fp32_export_dynamic_batch_matches_torch(fp32_export, tiny_pipe):
+    import torch
+
+    from instaflow_edge.convert import onnx_io
+    from instaflow_edge.convert.parity import compare
+    from instaflow_edge.convert.specs import COMPONENTS, Sizes
+
+    sizes = Sizes.of(tiny_pipe, batch=2)
+    for name in ("unet", "generator"):
+        spec = COMPONENTS[name]
+        inputs = spec.example_inputs(tiny_pipe, sizes, seed=7)
+        with torch.no_grad():
+            ref = spec.module(tiny_pipe)(*inputs)
+        sess = onnx_io.session(fp32_export / name / "model.onnx")
+        out = sess.run(None, {t.name: x.numpy() for t, x in zip(spec.inputs, inputs)})[0]
+        assert compare(name, ref, out).psnr > 60
+
+
+def test_convert_int8_static(int8_export):
+    m = manifest(int8_export)
+    assert m["quantize"]["scheme"] == "int8-static" and m["quantize"]["components"] == ["text_encoder", "unet"]
+    assert m["gates"]["unet"] == 20.0 and m["gates"]["vae_decoder"] == 60.0
+    assert "QuantizeLinear" in _ops(int8_export / "unet" / "model.onnx")
+    assert "QuantizeLinear" not in _ops(int8_export / "vae_decoder" / "model.onnx")
+    rows = {p["component"]: p["psnr"] for p in m["parity"]}
+    assert rows["unet"] >= 20 and rows["end_to_end"] >= 20
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "int8-dynamic", "int8-static"])
+def test_standalone_quantize(fp32_export, tmp_path, scheme):
+    from instaflow_edge.quantize.onnx import SCHEMES
+
+    assert scheme in SCHEMES
+    out = tmp_path / scheme
+    r = run("quantize", fp32_export, "--scheme", scheme, "-o", out)
+    assert r.exit_code == 0, r.output
+    m = manifest(out)
+    assert m["quantize"]["scheme"] == scheme
+    for p in m["parity"]:
+        assert p["psnr"] >= m["gates"][p["component"]], p
+    ops = _ops(out / "unet" / "model.onnx")
+    expected = {"fp16": "Cast", "int8-dynamic": "DynamicQuantizeLinear", "int8-static": "QuantizeLinear"}[scheme]
+    assert expected in ops
+    assert _ops(out / "vae_decoder" / "model.onnx") == _ops(fp32_export / "vae_decoder" / "model.onnx")
+
+
+def test_generate_onnx_matches_torch(fp32_export, int8_export, tiny_dir, tmp_path):
+    from PIL import Image
+
+    from instaflow_edge.convert.parity import psnr
+
+    prompts = ["a red fox in snow", "a cat wearing a hat"]
+    outs = {}
+    for name, model, backend in (("torch", tiny_dir, "torch"), ("onnx", fp32_export, "onnx"), ("int8", int8_export, "onnx")):
+        r = run("generate", model, *prompts, "-n", "2", "--backend", backend, "-o", tmp_path / name)
+        assert r.exit_code == 0, r.output
+        m = manifest(tmp_path / name)
+        outs[name] = np.stack([np.asarray(Image.open(tmp_path / name / i["file"]), dtype=np.float64) / 255 for i in m["images"]])
+    assert psnr(outs["torch"], outs["onnx"]) >= 40  # 8-bit PNG rounding bounds it (~±1 level)
+    assert psnr(outs["torch"], outs["int8"]) >= 20
+    assert np.abs(outs["torch"] - outs["onnx"]).max() <= 1.5 / 255
+
+
+def test_failed_gate_leaves_nothing(fp32_export, tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    r = run("quantize", fp32_export, "--scheme", "int8-dynamic", "--min-psnr", "200", "-o", out)
+    assert_one_line_error(r, 3, "text_encoder", "PSNR", "200.0 dB", nothing_at=out)
+    out = tmp_path / "c"
+    r = run("convert", tiny_dir, "--target", "onnx", "--optimize", "none", "--min-psnr", "1000", "-o", out)
+    assert_one_line_error(r, 3, "text_encoder", "PSNR", nothing_at=out)
+
+
+def test_bad_inputs(tiny_dir, fp32_export, tmp_path):
+    out = tmp_path / "o"
+    assert_one_line_error(run("convert", tmp_path, "--target", "onnx", "-o", out), 2, "model_index.json", nothing_at=out)
+    r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int4", "-o", out)
+    assert_one_line_error(r, 2, "int4", "fp16, int8-dynamic, int8-static", nothing_at=out)
+    assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--opset", "9", "-o", out), 2, "opset", nothing_at=out)
+    assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--engine", "inc", "-o", out), 2, "inc", nothing_at=out)
+    r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int8-static", "--calibration-prompts", tmp_path / "nope.txt", "-o", out)
+    assert_one_line_error(r, 2, "nope.txt", nothing_at=out)
+    assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "-o", fp32_export), 2, "--force")
+    assert_one_line_error(run("quantize", fp32_export, "--scheme", "int3", "-o", out), 2, "int3", "int8-static", nothing_at=out)
+    assert_one_line_error(run("quantize", tiny_dir, "--scheme", "fp16", "-o", out), 2, "manifest", nothing_at=out)
+
+
+def _escaping_copy(fp32_export, tmp_path, how):
+    """A copy of the export whose UNet keeps one weight in external data outside the folder."""
+    import onnx
+
+    bad = tmp_path / f"bad-{how}"
+    shutil.copytree(fp32_export, bad)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 4096)
+    model = onnx.load(str(bad / "unet" / "model.onnx"))
+    t = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    if how == "absolute":
+        loc = str(secret)
+    elif how == "dotdot":
+        loc = "../../secret.bin"
+    else:  # a symlink inside the folder that points out of it
+        (bad / "unet" / "weights.bin").symlink_to(secret)
+        loc = "weights.bin"
+    t.external_data.add(key="location", value=loc)
+    onnx.save(model, str(bad / "unet" / "model.onnx"))
+    return bad
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_external_data_escaping_the_folder_is_refused(fp32_export, tmp_path, how):
+    bad = _escaping_copy(fp32_export, tmp_path, how)
+    out = tmp_path / "o"
+    assert_one_line_error(run("generate", bad, "a red fox", "--backend", "onnx", "-o", out), 2, "outside the model folder", nothing_at=out)
+    assert_one_line_error(run("quantize", bad, "--scheme", "fp16", "-o", out), 2, "outside the model folder", nothing_at=out)
+
+
+def test_corrupt_onnx_is_refused(fp32_export, tmp_path):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(fp32_export, bad)
+    data = (bad / "unet" / "model.onnx").read_bytes()
+    (bad / "unet" / "model.onnx").write_bytes(data[: len(data) // 3])
+    out = tmp_path / "o"
+    assert_one_line_error(run("generate", bad, "a red fox", "--backend", "onnx", "-o", out), 2, "unet", nothing_at=out)
+    assert_one_line_error(run("quantize", bad, "--scheme", "int8-static", "-o", out), 2, "unet", nothing_at=out)
+
+
+def test_generate_onnx_refuses_torch_folder(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    assert_one_line_error(run("generate", tiny_dir, "a red fox", "--backend", "onnx", "-o", out), 2, "manifest", nothing_at=out)
