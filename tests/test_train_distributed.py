@@ -125,3 +125,21 @@ def test_two_processes_match_one_and_only_main_writes(tmp_path, tiny_dir):
     other_writes = (audit / "rank1.txt").read_text() if (audit / "rank1.txt").exists() else ""
     assert "model.safetensors" in main_writes or "checkpoint-0000002" in main_writes, main_writes[:2000]
     assert other_writes == "", other_writes[:2000]
+
+
+@pytest.mark.parametrize("name,kind", [("ddp-8gpu.yaml", "MULTI_GPU"), ("fsdp-8gpu.yaml", "FSDP")])
+def test_shipped_accelerate_configs_parse(name, kind):
+    """The README's multi-GPU configs are valid accelerate configs and launch 8 processes (running them
+    needs 8 GPUs; here accelerate's own launcher turns them into the environment it would start with)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    path = Path(__file__).resolve().parents[1] / "train" / "configs" / name
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == 8
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert (env.get("ACCELERATE_USE_FSDP") == "true") == (kind == "FSDP")
+    if kind == "FSDP":
+        assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"

@@ -16,6 +16,7 @@ random depends on state that a checkpoint does not hold.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,69 +28,7 @@ import torch
 
 from ..errors import InputError, NumericsError
 from .config import Attention, TrainConfig
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence: well mixed, stable across versions)."""
-    import numpy as np
-
-    a, b = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).tolist()
-    return ((a << 32) | b) & ((1 << 63) - 1)
-
-
-class StepRandom:
-    """Random draws of one optimizer step, generated for its whole global batch and sliced to the
-    ``local`` samples at ``offset`` (this process's part of this micro-step): so the samples get the
-    same noise whatever the split into processes and accumulation micro-steps."""
-
-    def __init__(self, seed: int, step: int, offset: int, local: int, global_size: int):
-        self.generator = torch.Generator("cpu").manual_seed(derive_seed(seed, step, 0x5EED))
-        self.offset, self.local, self.global_size = offset, local, global_size
-
-    def _slice(self, full: torch.Tensor, device, dtype) -> torch.Tensor:
-        return full[self.offset:self.offset + self.local].to(device=device, dtype=dtype)
-
-    def normal(self, tail: tuple | torch.Size, device=None, dtype=torch.float32) -> torch.Tensor:
-        """N(0, 1) of shape (local, *tail)."""
-        return self._slice(torch.randn((self.global_size, *tail), generator=self.generator), device, dtype)
-
-    def uniform(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """U[0, 1) of shape (local,)."""
-        return self._slice(torch.rand(self.global_size, generator=self.generator), device, dtype)
-
-
-class EpochSampler:
-    """Dataset indices in a fresh seeded permutation per epoch; a batch may straddle two epochs.
-    Its state (epoch, cursor) is the data-order state a checkpoint keeps."""
-
-    def __init__(self, n: int, seed: int):
-        if n < 1:
-            raise InputError("the training data is empty", "check the dataset or the captions file")
-        self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator("cpu").manual_seed(derive_seed(self.seed, epoch, 0xDA7A)))
-
-    def take(self, k: int) -> torch.Tensor:
-        out = []
-        while k > 0:
-            perm = self._perm(self.epoch)
-            chunk = perm[self.cursor:self.cursor + k]
-            out.append(chunk)
-            k -= len(chunk)
-            self.cursor += len(chunk)
-            if self.cursor == self.n:
-                self.epoch, self.cursor = self.epoch + 1, 0
-        return torch.cat(out)
-
-    def state_dict(self) -> dict:
-        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["n"] != self.n:
-            raise InputError(f"the checkpoint was trained on {state['n']} samples, this data has {self.n}",
-                             "resume with the same data, or start over with --force")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+from .streams import EpochSampler, StepRandom, derive_seed  # noqa: F401  (part of the engine's API)
 
 
 class BatchSource(Protocol):
@@ -216,8 +155,11 @@ def fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: BatchS
     work = config.work_path
     resume_path = _prepare_work_dir(config, accelerator, work)
 
+    sharded = _check_sharded(config, accelerator)
     configure_unet(model, config)
     model.train().requires_grad_(True)
+    # under FSDP the wrapped module's weights are shards: keep an unsharded twin for the result
+    template = copy.deepcopy(model) if sharded and accelerator.is_main_process else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -300,11 +242,29 @@ def fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: BatchS
     log.close()
     if ema is not None:
         ema.copy_to(raw)
+    if sharded:
+        full = accelerator.get_state_dict(model)  # a collective: gathers the shards on the main process
+        if template is not None:
+            template.load_state_dict(full)
+            raw = template
     tail = losses[-50:]
     result = FitResult(step=step, final_loss=sum(tail) / len(tail) if tail else None,
                        seconds=time.perf_counter() - t_start,
                        resumed_from=str(resume_path) if resume_path else None, ema=ema is not None)
     return raw, result
+
+
+def _check_sharded(config: TrainConfig, accelerator) -> bool:
+    """FSDP/DeepSpeed shard weights and optimizer state across processes. The engine gathers the final
+    weights, but its EMA and checkpoints are per-tensor and not shard-aware yet: refuse them there."""
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    if kind not in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        return False
+    if config.ema_decay > 0 or config.checkpoint_every > 0 or config.resume is not None:
+        raise InputError(f"EMA, checkpoints and resume are not supported under {kind} yet",
+                         "pass --ema-decay 0 --checkpoint-every 0 (no --resume), or launch with DDP "
+                         "(train/configs/ddp-8gpu.yaml)")
+    return True
 
 
 def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | None:
