@@ -1,0 +1,265 @@
+"""One-step latency: torch eager fp32 vs ONNX Runtime exports (fp32 optimized, fp16, int8-static…).
+
+    python -m instaflow_edge.bench.onnx_latency MODEL --export fp32=DIR --export int8-static=DIR \
+        [--threads 1] [--warmup 1] [--repeats 5] [--device cpu|cuda] [-o bench/results/NAME.json]
+
+Each run is the whole one-step image (text encoder → one-step UNet → VAE decoder) with a clock
+between the stages, so per-component and end-to-end figures come from the same runs; the fused
+generator (``generator/model.onnx``, when exported) is timed as its own run. Warm-up runs are
+discarded; median and p90 are reported; threads are pinned (torch and ORT intra-op) and stated.
+Ratios are within this run: vs torch eager and vs the first ONNX export given. The machine's fp32
+matmul peak is measured in the same process, so each figure is also a % of peak (FLOPs counted with
+torch's FlopCounterMode on the torch modules). With ``--device cuda`` torch runs fp16 eager and
+``torch.compile`` and ORT uses its CUDA provider when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+STAGES = ("text_encoder", "unet", "vae_decoder")
+
+
+def _stats(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    p90 = xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
+    return {"median_s": statistics.median(xs), "p90_s": p90, "n": len(xs)}
+
+
+def matmul_peak(threads: int, device: str, n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 (fp16 on cuda) GEMM GFLOP/s of an n×n×n matmul."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = torch.float16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    best = float("inf")
+    for _ in range(reps + 1):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _time_runs(run_once, warmup: int, repeats: int) -> dict:
+    """``run_once()`` returns {stage: seconds}; returns {stage: stats} plus end_to_end."""
+    for _ in range(warmup):
+        run_once()
+    per: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        t = run_once()
+        if len(t) > 1:
+            t["end_to_end"] = sum(t.values())
+        for k, v in t.items():
+            per.setdefault(k, []).append(v)
+    return {k: _stats(v) for k, v in per.items()}
+
+
+def torch_runner(pipe, inputs: dict, device: str, dtype, compile_: bool = False):
+    import torch
+
+    from instaflow_edge.convert.specs import COMPONENTS
+
+    mods = {n: COMPONENTS[n].module(pipe).to(device, dtype) for n in STAGES}
+    if compile_:
+        mods = {n: torch.compile(m) for n, m in mods.items()}
+    ids = torch.from_numpy(inputs["input_ids"]).to(device)
+    noise = torch.from_numpy(inputs["noise"]).to(device, dtype)
+
+    @torch.no_grad()
+    def once():
+        t, out = {}, {}
+        t0 = time.perf_counter()
+        out["ehs"] = mods["text_encoder"](ids)
+        _sync(device)
+        t["text_encoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lat = mods["unet"](noise, out["ehs"])
+        _sync(device)
+        t["unet"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        mods["vae_decoder"](lat / pipe.scaling_factor)
+        _sync(device)
+        t["vae_decoder"] = time.perf_counter() - t0
+        return t
+
+    return once
+
+
+def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
+    from instaflow_edge.convert import onnx_io
+
+    s = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, threads=threads, providers=providers) for n in STAGES}
+    scale = json.loads((folder / "manifest.json").read_text())["onnx"]["scaling_factor"]
+
+    def once():
+        t = {}
+        t0 = time.perf_counter()
+        ehs = s["text_encoder"].run(None, {"input_ids": inputs["input_ids"]})[0]
+        t["text_encoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lat = s["unet"].run(None, {"sample": inputs["noise"], "encoder_hidden_states": ehs})[0]
+        t["unet"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s["vae_decoder"].run(None, {"latent_sample": lat / scale})
+        t["vae_decoder"] = time.perf_counter() - t0
+        return t
+
+    return once
+
+
+def ort_fused_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
+    from instaflow_edge.convert import onnx_io
+
+    s = onnx_io.session(folder / "generator" / onnx_io.MODEL_FILE, threads=threads, providers=providers)
+
+    def once():
+        t0 = time.perf_counter()
+        s.run(None, {"input_ids": inputs["input_ids"], "noise": inputs["noise"]})
+        return {"generator": time.perf_counter() - t0}
+
+    return once
+
+
+def count_flops(pipe, inputs: dict) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from instaflow_edge.convert.specs import COMPONENTS
+
+    ids, noise = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["noise"])
+    flops = {}
+    with torch.no_grad():
+        for n, args in (("text_encoder", (ids,)),):
+            with FlopCounterMode(display=False) as fc:
+                ehs = COMPONENTS[n].module(pipe)(*args)
+            flops[n] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            lat = COMPONENTS["unet"].module(pipe)(noise, ehs)
+        flops["unet"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            COMPONENTS["vae_decoder"].module(pipe)(lat / pipe.scaling_factor)
+        flops["vae_decoder"] = fc.get_total_flops()
+    flops["end_to_end"] = sum(flops.values())
+    flops["generator"] = flops["end_to_end"]
+    return flops
+
+
+def bench(model: str, exports: dict[str, Path], threads: int, warmup: int, repeats: int, device: str) -> dict:
+    import gc
+
+    import torch
+
+    from instaflow_edge.envinfo import collect
+    from instaflow_edge.generator import make_noise
+    from instaflow_edge.pipeline import load_pipeline
+
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(model, "cpu", "float32", local_files_only=True)
+    from instaflow_edge.convert.specs import EXAMPLE_PROMPTS, Sizes
+
+    sizes = Sizes.of(pipe)
+    inputs = {"input_ids": pipe.tokenize(EXAMPLE_PROMPTS[:1]).numpy(),
+              "noise": make_noise([0], (sizes.latent_channels, sizes.latent_height, sizes.latent_width)).numpy()}
+    peak = matmul_peak(threads, device)
+    flops = count_flops(pipe, inputs)
+    results: dict[str, dict] = {}
+    if device == "cuda":
+        results["torch fp16 eager"] = _time_runs(torch_runner(pipe, inputs, "cuda", torch.float16), warmup, repeats)
+        results["torch fp16 compile"] = _time_runs(torch_runner(pipe, inputs, "cuda", torch.float16, True), warmup + 2, repeats)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            exports = {}  # stated in the JSON: no ORT CUDA provider here
+    else:
+        results["torch eager fp32"] = _time_runs(torch_runner(pipe, inputs, "cpu", torch.float32), warmup, repeats)
+        providers = ["CPUExecutionProvider"]
+    del pipe
+    gc.collect()
+    for label, folder in exports.items():
+        results[f"ort {label}"] = _time_runs(ort_runner(folder, inputs, threads, providers), warmup, repeats)
+        gc.collect()
+        q = json.loads((folder / "manifest.json").read_text()).get("quantize") or {}
+        # the fused generator is timed where it carries the export's precision (schemes leave it fp32)
+        if (folder / "generator" / "model.onnx").is_file() and (not q.get("scheme") or "generator" in q.get("components", [])):
+            results[f"ort {label} fused"] = _time_runs(ort_fused_runner(folder, inputs, threads, providers), warmup, repeats)
+            gc.collect()
+    base = next(iter(results))
+    first_ort = next((k for k in results if k.startswith("ort ") and not k.endswith("fused")), None)
+    for k, r in results.items():
+        for stage, st in r.items():
+            st["pct_of_peak"] = round(100 * flops[stage] / st["median_s"] / 1e9 / peak, 2) if st["median_s"] else None
+            ref_stage = "end_to_end" if stage == "generator" else stage
+            st["speedup_vs_" + base.replace(" ", "_")] = round(results[base][ref_stage]["median_s"] / st["median_s"], 3)
+            if first_ort:
+                st["speedup_vs_" + first_ort.replace(" ", "_")] = round(results[first_ort][ref_stage]["median_s"] / st["median_s"], 3)
+    return {"model": model, "device": device, "threads": threads, "warmup": warmup, "repeats": repeats,
+            "image": [sizes.height, sizes.width], "matmul_peak_gflops": round(peak, 1),
+            "gflop": {k: round(v / 1e9, 3) for k, v in flops.items()}, "exports": {k: str(v) for k, v in exports.items()},
+            "results": results, "machine": collect()}
+
+
+def table(report: dict) -> str:
+    res = report["results"]
+    base = next(iter(res))
+    first_ort = next((k for k in res if k.startswith("ort ") and not k.endswith("fused")), None)
+    head = f"{'runtime':<24} {'stage':<13} {'median s':>10} {'p90 s':>10} {'% peak':>7} {'× ' + base[:12]:>16} {'× ' + (first_ort or '')[:12]:>16}"
+    lines = [f"{report['model']}  {report['device']}  threads={report['threads']}  matmul peak {report['matmul_peak_gflops']} GFLOP/s",
+             head, "-" * len(head)]
+    for k, r in res.items():
+        for stage, st in r.items():
+            if "median_s" not in st:
+                continue
+            sb = st.get("speedup_vs_" + base.replace(" ", "_"))
+            so = st.get("speedup_vs_" + first_ort.replace(" ", "_")) if first_ort else None
+            lines.append(f"{k:<24} {stage:<13} {st['median_s']:>10.4f} {st['p90_s']:>10.4f} {st.get('pct_of_peak') or 0:>7.1f} "
+                         f"{(f'{sb:.2f}×' if sb else '-'):>16} {(f'{so:.2f}×' if so else '-'):>16}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="the pipeline folder the exports came from (torch reference)")
+    ap.add_argument("--export", action="append", default=[], metavar="LABEL=DIR", help="an ONNX export folder (repeatable)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: bench/results/<model>-<device>.json)")
+    a = ap.parse_args(argv)
+    exports = {}
+    for e in a.export:
+        label, _, d = e.partition("=")
+        if not d or not (Path(d) / "manifest.json").is_file():
+            ap.error(f"--export {e!r}: expected LABEL=DIR with an ONNX export folder")
+        exports[label] = Path(d)
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA GPU is visible here")
+    report = bench(a.model, exports, a.threads, a.warmup, a.repeats, a.device)
+    print(table(report))
+    out = a.output or Path(__file__).parent / "results" / f"{Path(a.model).name}-{a.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
