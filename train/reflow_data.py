@@ -178,9 +178,10 @@ def make_reflow_data(config: ReflowDataConfig, progress: bool = True) -> dict:
 
     config.validate()
     prompts = load_prompts(config)
-    state = _dist_state()
+    state = _dist_state(cpu=config.device is Device.cpu)
     device = state["device"] if state["world"] > 1 else resolve_device(config.device.value)
-    pipe = load_pipeline(config.teacher, str(device), config.dtype.value, config.allow_pickle)
+    pipe = load_pipeline(config.teacher, str(device) if device.type == "cuda" else device.type, config.dtype.value,
+                         config.allow_pickle)
     if pipe.info.flow != "rectified_flow":
         _use_scheduler(pipe, config.scheduler)
     h, w = config.height or pipe.default_size, config.width or pipe.default_size
@@ -235,11 +236,13 @@ def make_reflow_data(config: ReflowDataConfig, progress: bool = True) -> dict:
     return manifest
 
 
-def _dist_state() -> dict:
+def _dist_state(cpu: bool = False) -> dict:
     """Rank, world size, device and a barrier under ``accelerate launch``; a single process otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import PartialState
 
-        s = PartialState()
+        # without cpu=True accelerate falls back to ONE process when no GPU is visible (MULTI_CPU needs it)
+        s = PartialState(cpu=cpu or not torch.cuda.is_available())
         return {"rank": s.process_index, "world": s.num_processes, "device": s.device, "barrier": s.wait_for_everyone}
     return {"rank": 0, "world": 1, "device": None, "barrier": lambda: None}
