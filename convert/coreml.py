@@ -1,0 +1,408 @@
+"""``convert --target coreml``: ML-program packages for iOS/macOS, compressed, validated without a Mac.
+
+One converter per component (``specs.ONE_STEP``, plus the fused ``generator`` with ``--fused``), as
+Apple's ``torch2coreml`` has, written with the resource names its Swift ``StableDiffusion`` package
+expects: ``TextEncoder.mlpackage``, ``Unet.mlpackage`` (here the one-step denoiser: UNet at τ = 1000
+plus the Euler step, so its output is the final latent), ``VAEDecoder.mlpackage`` (input already
+÷ scaling_factor), ``vocab.json``, ``merges.txt``, and ``manifest.json``.
+
+Per component: (optional) compression on the PyTorch side (``quantize/coreml.py``) → ``torch.jit.trace``
+→ ``ct.convert`` (mlprogram, ``--min-target``, ``--precision``) → descriptions and metadata → save →
+validation of the saved package (``coreml_check.py``). Quality is measured in PyTorch, because Core ML
+cannot predict on Linux: every figure compares against the fp32 PyTorch reference, both per component
+(on the reference's own inputs) and end to end (the shipped chain text → latent → image against the
+fp32 chain). "Shipped" means the compressed module run in float16 when ``--precision fp16``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import re
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from ..errors import InputError
+from .config import ConvertConfig, Precision, target
+
+NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "generator": "Generator"}
+DESCRIPTIONS = {
+    "input_ids": "CLIP token ids (batch, 77) as float32: <|startoftext|>, the prompt's tokens, <|endoftext|>, padded with <|endoftext|>",
+    "last_hidden_state": "CLIP text encoder last hidden states (batch, 77, hidden): the UNet's encoder_hidden_states",
+    "sample": "N(0, 1) noise latents z (batch, 4, H/8, W/8)",
+    "encoder_hidden_states": "the TextEncoder's last_hidden_state",
+    "out_sample": "final latents x = z + v(z, τ=1000, text): one Euler step of the rectified flow (no guidance)",
+    "latent_sample": "the Unet's out_sample divided by the VAE scaling_factor",
+    "noise": "N(0, 1) noise latents z (batch, 4, H/8, W/8)",
+    "image": "RGB image in [0, 1], (batch, 3, H, W)",
+}
+DESCRIPTIONS_OUT = {("vae_decoder", "sample"): "RGB image in [-1, 1], (batch, 3, H, W): map with x/2 + 0.5"}
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything decided before the model loads (so bad options fail in a second)."""
+
+    scheme: object | None
+    gate: float
+    gate_source: str
+
+
+def plan(config: ConvertConfig) -> Plan:
+    from ..quantize import coreml as cq
+    from .parity import DEFAULT_MIN_PSNR
+
+    config.precision = Precision(config.precision)
+    s = cq.validate(config.compress, config.min_target, config.target_bits)
+    if config.sizes is not None:
+        _parse_sizes(config.sizes)
+    if config.min_psnr is not None:
+        return Plan(s, float(config.min_psnr), "--min-psnr")
+    if s is not None:
+        return Plan(s, s.min_psnr, f"scheme {s.name}")
+    return Plan(None, DEFAULT_MIN_PSNR[config.precision.value], f"precision {config.precision.value}")
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        m = _SIZE.match(part)
+        if not m:
+            raise InputError(f"--sizes: {part.strip()!r} is not HEIGHTxWIDTH", "pass e.g. --sizes 512x512,768x512")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def _image_sizes(config: ConvertConfig, pipe) -> list:
+    from .specs import Sizes
+
+    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    hw = [(config.height or pipe.default_size, config.width or pipe.default_size)]
+    for s in _parse_sizes(config.sizes) if config.sizes else []:
+        if s not in hw:
+            hw.append(s)
+    for h, w in hw:
+        for name, v in (("height", h), ("width", w)):
+            if v < mult or v % mult:
+                raise InputError(f"image {name} {v} is not a positive multiple of {mult} for this model",
+                                 f"use multiples of {mult} in --height/--width/--sizes")
+    return [Sizes.of(pipe, batch=1, height=h, width=w) for h, w in hw]
+
+
+@target("coreml")
+def export_coreml(config: ConvertConfig) -> dict:
+    """Convert ``config.model`` into Core ML packages in ``config.output``; returns the manifest."""
+    from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, write_manifest
+    from ..errors import require
+
+    require("coremltools", "coreml")
+    p = plan(config)
+    check_output(config.output, config.force)  # before minutes of work
+    from ..pipeline import load_pipeline
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(config.model, "cpu", "float32", config.allow_pickle)
+    shapes = _image_sizes(config, pipe)
+    names = ["text_encoder", "unet", "vae_decoder"] + (["generator"] if config.fused else [])
+    components: dict[str, dict] = {}
+    with atomic_dir(config.output, config.force) as tmp:
+        chain = _start_chain(pipe, shapes[0])
+        for name in names:
+            components[name] = _convert_one(config, p, pipe, name, shapes, chain, tmp)
+            gc.collect()
+        end_to_end = chain["parity"]
+        _copy_tokenizer(config.model, pipe, tmp)
+        source = read_manifest(config.model) if Path(config.model).is_dir() else None
+        rows = report_rows(components, end_to_end, config.compress)
+        failures = [r for r in rows if r["psnr_vs_fp32"] is not None and r["psnr_vs_fp32"] < p.gate]
+        manifest = make_manifest(
+            "coreml", config,
+            model={"source": config.model, "content_sha256": (source or {}).get("content_sha256"),
+                   "flow": pipe.info.flow, "default_steps": pipe.info.default_steps},
+            files={n: NAMES[n] + ".mlpackage" for n in names} | {"vocab": "vocab.json", "merges": "merges.txt"},
+            image_sizes=[[s.height, s.width] for s in shapes],
+            gate={"min_psnr": p.gate, "source": p.gate_source, "applies_to": "every component and the end-to-end image, as shipped vs fp32 PyTorch"},
+            components=components, end_to_end=end_to_end, report=rows,
+            seconds=round(time.perf_counter() - t0, 2),
+        )
+        print(format_report(rows, p.gate), file=sys.stderr)
+        if failures:
+            from .parity import PsnrError
+
+            f = min(failures, key=lambda r: r["psnr_vs_fp32"])
+            raise PsnrError(f"{f['component']}: PSNR {f['psnr_vs_fp32']:.1f} dB vs fp32 is below the {p.gate:.1f} dB gate ({p.gate_source})",
+                            "use a less aggressive --compress, --precision fp32, or lower the gate explicitly with --min-psnr")
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------
+# quality in PyTorch: the fp32 reference chain and the shipped chain, one component at a time
+
+
+def _start_chain(pipe, sizes) -> dict:
+    """Inputs of the chain: real prompts' token ids and seeded noise, batch 2."""
+    from ..generator import make_noise
+    from .specs import EXAMPLE_PROMPTS
+
+    ids = pipe.tokenize(EXAMPLE_PROMPTS[:2])
+    noise = make_noise([0, 1], (sizes.latent_channels, sizes.latent_height, sizes.latent_width))
+    return {"ref": {"input_ids": ids, "noise": noise}, "ship": {"input_ids": ids, "noise": noise}, "parity": None,
+            "scaling_factor": pipe.scaling_factor}
+
+
+def _inputs(name: str, state: dict, sf: float) -> tuple:
+    if name == "text_encoder":
+        return (state["input_ids"],)
+    if name == "unet":
+        return (state["noise"], state["hidden"])
+    if name == "vae_decoder":
+        return (state["latents"] / sf,)
+    return (state["input_ids"], state["noise"])
+
+
+def _store(name: str, state: dict, out) -> None:
+    key = {"text_encoder": "hidden", "unet": "latents", "vae_decoder": "image", "generator": "fused_image"}[name]
+    state[key] = out.float()
+
+
+def _as_shipped(module, precision: Precision):
+    import torch
+
+    if precision is Precision.fp32:
+        return module, lambda xs: xs
+    half = copy.deepcopy(module).half()
+    return half, lambda xs: tuple(x.half() if x.is_floating_point() else x for x in xs)
+
+
+def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tmp: Path) -> dict:
+    import torch
+
+    from ..generator import to_unit_range
+    from ..quantize import coreml as cq
+    from .coreml_attention import attention_implementation
+    from .parity import compare
+    from .specs import COMPONENTS
+
+    spec = COMPONENTS[name]
+    sf = chain["scaling_factor"]
+    info: dict = {"file": NAMES[name] + ".mlpackage"}
+    timing: dict = {}
+    with attention_implementation(pipe.unet, config.attention.value if hasattr(config.attention, "value") else config.attention):
+        module = spec.module(pipe)
+        ref_in = _inputs(name, chain["ref"], sf)
+        with torch.no_grad():
+            ref_out = module(*ref_in)
+        shipped_fp32 = module
+        if p.scheme is not None:
+            _say(f"{NAMES[name]}: compressing ({p.scheme.name})")
+            t = time.perf_counter()
+            shipped_fp32, rep = cq.compress(module, p.scheme.name, tuple(x[:1] for x in ref_in), config.target_bits)
+            timing["compress_s"] = round(time.perf_counter() - t, 2)
+            info["compression"] = {"scheme": p.scheme.name, **rep}
+            with torch.no_grad():
+                info["parity_compression_fp32"] = compare(name, ref_out, shipped_fp32(*ref_in)).as_dict()
+        shipped, cast = _as_shipped(shipped_fp32, config.precision)
+        with torch.no_grad():
+            info["parity"] = compare(name, ref_out, shipped(*cast(ref_in)).float()).as_dict()
+            if name != "generator":
+                _store(name, chain["ref"], ref_out)
+                _store(name, chain["ship"], shipped(*cast(_inputs(name, chain["ship"], sf))))
+        del shipped
+        if name == "vae_decoder":
+            chain["parity"] = compare("image", to_unit_range(chain["ref"]["image"]), to_unit_range(chain["ship"]["image"])).as_dict()
+        _say(f"{NAMES[name]}: tracing and converting")
+        t = time.perf_counter()
+        ml = _to_coreml(config, spec, shipped_fp32, shapes)
+        timing["convert_s"] = round(time.perf_counter() - t, 2)
+    _describe(ml, config, name, spec, pipe)
+    path = tmp / info["file"]
+    ml.save(str(path))
+    del ml
+    gc.collect()
+    _say(f"{NAMES[name]}: validating the saved package")
+    t = time.perf_counter()
+    info.update(_validate(name, path, spec, shapes, shipped_fp32, used_parameters(shipped_fp32, ref_in)))
+    timing["validate_s"] = round(time.perf_counter() - t, 2)
+    info["seconds"] = timing
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# conversion
+
+
+def _wrap_float_ids(module):
+    """Core ML I/O is float32 (Apple's Swift TextEncoder feeds float ids): cast ids back inside."""
+    import torch
+
+    class FloatIds(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, *rest):
+            return self.inner(input_ids.to(torch.int32), *rest)
+
+    return FloatIds(module)
+
+
+def _to_coreml(config, spec, module, shapes: list):
+    import coremltools as ct
+    import numpy as np
+    import torch
+
+    ex = []
+    for t in spec.inputs:
+        shape = shapes[0].shape(t)
+        ex.append(torch.zeros(shape, dtype=torch.float32) if t.name == "input_ids" else torch.randn(shape))
+    m = _wrap_float_ids(module) if spec.inputs[0].name == "input_ids" else module
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts frozen at the traced size: intended
+        traced = torch.jit.trace(m.eval(), tuple(ex), check_trace=False)
+    inputs = []
+    for t in spec.inputs:
+        variants = sorted({s.shape(t) for s in shapes}, key=lambda s: s != shapes[0].shape(t))
+        shape = ct.EnumeratedShapes(shapes=variants, default=variants[0]) if len(variants) > 1 else variants[0]
+        inputs.append(ct.TensorType(name=t.name, shape=shape, dtype=np.float32))
+    target = getattr(ct.target, config.min_target)
+    precision = ct.precision.FLOAT16 if config.precision is Precision.fp16 else ct.precision.FLOAT32
+    return ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=o.name, dtype=np.float32) for o in spec.outputs],
+                      convert_to="mlprogram", minimum_deployment_target=target, compute_precision=precision,
+                      skip_model_load=True)
+
+
+def _describe(ml, config, name: str, spec, pipe) -> None:
+    from ..artifacts import package_versions
+
+    v = package_versions()
+    ml.author = "instaflow-edge"
+    ml.license = _license(config.model)
+    ml.version = v.get("instaflow-edge") or ""
+    ml.short_description = {
+        "text_encoder": "CLIP text encoder of a one-step InstaFlow generator",
+        "unet": "One-step rectified-flow denoiser: x = z + v(z, τ=1000, text) (UNet plus one Euler step)",
+        "vae_decoder": "VAE decoder: latents ÷ scaling_factor → image",
+        "generator": "Fused one-step generator: token ids + noise → image",
+    }[name]
+    for t in spec.inputs:
+        ml.input_description[t.name] = DESCRIPTIONS[t.name]
+    for t in spec.outputs:
+        ml.output_description[t.name] = DESCRIPTIONS_OUT.get((name, t.name)) or DESCRIPTIONS[t.name]
+    meta = {
+        "source": config.model, "component": name, "flow": pipe.info.flow, "timestep": "1000",
+        "scaling_factor": str(pipe.scaling_factor), "min_target": config.min_target,
+        "precision": config.precision.value, "attention": getattr(config.attention, "value", config.attention),
+        "compression": config.compress or "none", "target_bits": "" if config.target_bits is None else str(config.target_bits),
+        **{f"version.{k}": str(val) for k, val in v.items() if val},
+    }
+    ml.user_defined_metadata.update(meta)
+
+
+def _license(model: str) -> str:
+    """The source's license: its manifest's ``license`` or its model card's front matter; else unspecified."""
+    folder = Path(model)
+    if folder.is_dir():
+        man = folder / "manifest.json"
+        if man.is_file():
+            lic = json.loads(man.read_text()).get("license")
+            if lic:
+                return str(lic)
+        card = folder / "README.md"
+        if card.is_file():
+            m = re.search(r"^license:\s*(\S+)", card.read_text(errors="replace")[:4000], re.M)
+            if m:
+                return m.group(1)
+    return "unspecified (see the source model's card)"
+
+
+def _copy_tokenizer(model: str, pipe, tmp: Path) -> None:
+    from ..pipeline import _write_slow_tokenizer_files
+
+    src = Path(model) / "tokenizer"
+    if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        shutil.copyfile(src / "vocab.json", tmp / "vocab.json")
+        shutil.copyfile(src / "merges.txt", tmp / "merges.txt")
+        return
+    _write_slow_tokenizer_files(pipe.tokenizer, tmp)
+    if not (tmp / "vocab.json").is_file():
+        raise InputError("the model's tokenizer is not a CLIP BPE tokenizer with vocab.json/merges.txt",
+                         "Apple's Swift pipeline needs those two files; use a CLIP-tokenizer pipeline")
+
+
+def used_parameters(module, inputs) -> int:
+    """Parameters a forward pass touches (a VAE decoder component holds the whole VAE; its encoder's
+    weights are not in the package and must not dilute bits per weight)."""
+    import torch
+
+    called: set[int] = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o: called.add(id(mod))) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(*(x[:1] for x in inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    seen: dict[int, int] = {}
+    for m in module.modules():
+        if id(m) in called:
+            for p in m.parameters(recurse=False):
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _validate(name: str, path: Path, spec, shapes: list, module, params: int) -> dict:
+    from ..quantize.coreml import compressed_layers
+    from . import coreml_check as cc
+
+    ml = cc.load(path)
+    out = {"io": cc.check_io(name, ml, spec, shapes), "ops": cc.op_census(ml)}
+    out.update(cc.sizes(path, params))
+    out["weights_match"] = cc.check_weights(name, ml, module, sorted(compressed_layers(module)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report
+
+
+def report_rows(components: dict, end_to_end: dict | None, scheme: str | None) -> list[dict]:
+    rows = []
+    for name, c in components.items():
+        rows.append({
+            "component": name, "scheme": scheme or "none", "size_mb": round(c["size_bytes"] / 1e6, 3),
+            "bits_per_weight": c["bits_per_weight"], "psnr_vs_fp32": c["parity"]["psnr"],
+            "psnr_compression_only": (c.get("parity_compression_fp32") or {}).get("psnr"),
+        })
+    if end_to_end is not None:
+        size = sum(c["size_bytes"] for n, c in components.items() if n != "generator")
+        bits = sum(c["weight_bytes"] * 8 for n, c in components.items() if n != "generator")
+        params = sum(c["params"] for n, c in components.items() if n != "generator")
+        rows.append({"component": "image (end to end)", "scheme": scheme or "none", "size_mb": round(size / 1e6, 3),
+                     "bits_per_weight": round(bits / params, 3), "psnr_vs_fp32": end_to_end["psnr"],
+                     "psnr_compression_only": None})
+    return rows
+
+
+def format_report(rows: list[dict], gate: float | None = None) -> str:
+    def f(v, spec=".2f"):
+        return "inf" if v is None and spec == "psnr" else ("-" if v is None else format(v, ".2f" if spec == "psnr" else spec))
+
+    head = f"{'component':<20} {'scheme':<22} {'size MB':>9} {'bits/w':>7} {'PSNR vs fp32':>13} {'(compression only)':>19}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['component']:<20} {r['scheme']:<22} {r['size_mb']:>9.3f} {f(r['bits_per_weight']):>7} "
+                     f"{f(r['psnr_vs_fp32'], 'psnr'):>13} {f(r['psnr_compression_only']):>19}")
+    if gate is not None:
+        lines.append(f"gate: PSNR ≥ {gate:.1f} dB (shipped vs fp32 PyTorch; inf = identical)")
+    return "\n".join(lines)
+
+
+def _say(msg: str) -> None:
+    print(f"[coreml] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,133 @@
+"""Validation of a Core ML package without a Mac: everything that can be read without predicting.
+
+The spec loads; inputs/outputs have the names, shapes and dtypes ``specs.py`` declares; the op census;
+size and effective bits per weight; and the package's weights, decompressed by coremltools, equal the
+compressed PyTorch module's weights (so the PSNR measured in PyTorch is the package's PSNR, up to the
+fp16 compute that ``--precision fp16`` adds and that is measured separately).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from pathlib import Path
+
+from ..errors import ParityError
+from .parity import ShapeError
+
+# Core ML feature types we declare: every tensor crosses the boundary as float32. Token ids too: Apple's
+# Swift ``TextEncoder`` feeds ``MLShapedArray<Float32>`` ids (exact below 2^24, CLIP has 49,408).
+COREML_DTYPE = {"int64": "FLOAT32", "float32": "FLOAT32"}
+_SPATIAL = ("latent_height", "latent_width", "height", "width")
+_SUFFIX = re.compile(r"(_to_fp16|_cast_fp16|_to_fp32|_cast_fp32|_palettized|_quantized|_sparsified|_decompressed)+$")
+
+
+def load(path: str | Path):
+    """The package as an MLModel, spec only (nothing is compiled, so this works on Linux)."""
+    import coremltools as ct
+
+    return ct.models.MLModel(str(path), skip_model_load=True)
+
+
+def _feature(f) -> dict:
+    from coremltools.proto import FeatureTypes_pb2 as ft
+
+    t = f.type.multiArrayType
+    return {
+        "name": f.name,
+        "shape": [int(s) for s in t.shape],
+        "dtype": ft.ArrayFeatureType.ArrayDataType.Name(t.dataType),
+        "enumerated": [[int(s) for s in e.shape] for e in t.enumeratedShapes.shapes],
+        "description": f.shortDescription,
+    }
+
+
+def io(ml) -> dict:
+    d = ml.get_spec().description
+    return {"inputs": [_feature(f) for f in d.input], "outputs": [_feature(f) for f in d.output]}
+
+
+def check_io(component: str, ml, spec, shapes: list) -> dict:
+    """Raise ShapeError unless the package's I/O match ``spec`` (a ``ComponentSpec``) at ``shapes``
+    (one ``Sizes`` per accepted image size, the default first)."""
+    got = io(ml)
+    for side, declared in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        names = [f["name"] for f in got[side]]
+        want = [t.name for t in declared]
+        if names != want:
+            raise ShapeError(f"{component}: Core ML {side} {names} ≠ declared {want}", "the export is broken; re-export")
+        for f, t in zip(got[side], declared):
+            if f["dtype"] != COREML_DTYPE[t.dtype]:
+                raise ShapeError(f"{component}: {f['name']} is {f['dtype']}, declared {COREML_DTYPE[t.dtype]}",
+                                 "the export is broken; re-export")
+            default = list(shapes[0].shape(t))
+            if f["shape"] and f["shape"] != default:
+                raise ShapeError(f"{component}: {f['name']} has shape {f['shape']}, declared {default}",
+                                 "the export is broken; re-export")
+            if side == "inputs" and len(shapes) > 1 and any(d in _SPATIAL for d in t.dims):
+                allowed = {tuple(s.shape(t)) for s in shapes}
+                enum = {tuple(e) for e in f["enumerated"]}
+                if enum != allowed:
+                    raise ShapeError(f"{component}: {f['name']} accepts {sorted(enum)}, expected {sorted(allowed)}",
+                                     "the export is broken; re-export")
+    return got
+
+
+def op_census(ml) -> dict[str, int]:
+    spec = ml.get_spec()
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    c = collections.Counter(op.type for op in block.operations)
+    return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def sizes(path: str | Path, params: int) -> dict:
+    """Package bytes, weight-file bytes, and effective bits per weight (weight file bits ÷ the
+    component's parameter count: LUTs, masks, scales and uncompressed tensors included)."""
+    path = Path(path)
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    wfile = path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    wbytes = wfile.stat().st_size if wfile.is_file() else 0
+    return {"size_bytes": total, "weight_bytes": wbytes, "params": params,
+            "bits_per_weight": round(8 * wbytes / params, 3) if params else None}
+
+
+def package_weights(ml) -> dict[str, "object"]:
+    """Every const weight of the package, decompressed by coremltools, by Core ML name."""
+    import coremltools as ct
+
+    dense = ct.optimize.coreml.decompress_weights(ml)
+    meta = ct.optimize.coreml.get_weights_metadata(dense, weight_threshold=0)
+    return {name: m.val for name, m in meta.items()}
+
+
+def check_weights(component: str, ml, module, compressed: list[str], rtol: float = 2e-3) -> dict:
+    """Match the package's decompressed weights with ``module``'s parameters (by the name coremltools
+    derives from the PyTorch path). Every compressed layer (``compressed``: module names) must be
+    found, with max |Δ| ≤ ``rtol``·max|w| (fp16 storage rounds the PyTorch values)."""
+    import numpy as np
+
+    params = {re.sub(r"[^0-9A-Za-z]", "_", n): p for n, p in module.named_parameters()}
+    want = {re.sub(r"[^0-9A-Za-z]", "_", n + ".weight") for n in compressed}
+    found: dict[str, float] = {}
+    for name, val in package_weights(ml).items():
+        key = _SUFFIX.sub("", name)
+        key = key[len("inner_"):] if key.startswith("inner_") and key not in params else key  # the float-ids wrapper
+        p = params.get(key)
+        if p is None or tuple(p.shape) != tuple(val.shape):
+            continue
+        w = p.detach().float().cpu().numpy()
+        err = float(np.abs(w - val.astype(np.float32)).max()) / max(float(np.abs(w).max()), 1e-12)
+        found[key] = max(err, found.get(key, 0.0))
+    missing = sorted(want - set(found))
+    if missing:
+        raise ParityError(f"{component}: {len(missing)} compressed layer(s) not found in the package (e.g. {missing[0]})",
+                          "the export is broken; re-export")
+    bad = {k: e for k, e in found.items() if e > rtol}
+    if bad:
+        k = max(bad, key=bad.get)
+        raise ParityError(f"{component}: package weight {k} differs from the PyTorch weight by {bad[k]:.3g}·max|w|",
+                          "the export is broken; re-export")
+    worst = max(found.values(), default=0.0)
+    return {"matched": len(found), "compressed_layers": len(want), "max_rel_error": None if math.isnan(worst) else round(worst, 6)}
