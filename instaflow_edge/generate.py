@@ -139,6 +139,14 @@ def _onnx_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object
     return onnx_backend(config, info)
 
 
+@backend("coreml")
+def _coreml_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
+    """A Core ML export folder (``convert --target coreml``); prediction needs macOS."""
+    from .convert.coreml_runtime import coreml_backend
+
+    return coreml_backend(config, info)
+
+
 def generate(config: GenerateConfig, progress: bool = True) -> dict:
     """Generate every (prompt, seed) of ``config`` into ``config.output``; returns the manifest."""
     from PIL import Image

@@ -25,3 +25,4 @@ class DType(str, enum.Enum):
 class Backend(str, enum.Enum):
     torch = "torch"
     onnx = "onnx"
+    coreml = "coreml"
