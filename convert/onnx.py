@@ -55,8 +55,13 @@ def validate(cfg: ConvertConfig) -> None:
     if cfg.engine not in ("ort", "inc"):
         raise InputError(f"unknown --engine {cfg.engine!r}", "choose one of: ort, inc")
     if cfg.engine == "inc":
-        raise InputError("--engine inc is not implemented for ONNX export (Intel Neural Compressor 3.x has no ONNX "
-                         "quantizer, and its PyTorch PT2E path is not wired into this exporter)", "use --engine ort")
+        from .onnx_inc import MIN_OPSET as INC_OPSET
+
+        if cfg.quantize != "int8-static":
+            raise InputError("--engine inc does int8-static only", "add --quantize int8-static, or use --engine ort")
+        if cfg.opset < INC_OPSET:
+            raise InputError(f"--engine inc exports with the dynamo exporter, which needs --opset ≥ {INC_OPSET}",
+                             f"pass --opset {INC_OPSET}")
     if cfg.calibration_prompts and cfg.quantize != "int8-static":
         raise InputError("--calibration-prompts applies only to --quantize int8-static", "drop it or add --quantize int8-static")
     read_prompts(cfg.calibration_prompts, [])  # a missing/empty file fails now, before minutes of export
@@ -177,12 +182,16 @@ def export_onnx(cfg: ConvertConfig) -> dict:
     t0 = time.perf_counter()
     pipe = load_pipeline(src, "cpu", "float32", cfg.allow_pickle, local_files_only=True)
     sizes = Sizes.of(pipe, batch=1, height=cfg.height, width=cfg.width)
+    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    for flag, v in (("height", sizes.height), ("width", sizes.width)):
+        if v % mult:
+            raise InputError(f"--{flag} {v} is not a multiple of {mult}", f"pass --{flag} {max(mult, v // mult * mult)}")
     names = components_for(pipe, cfg.fused)
     source_manifest = read_manifest(src) or {}
     prompts = read_prompts(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS)
     timings: dict[str, float] = {}
     with atomic_dir(cfg.output, cfg.force) as tmp:
-        refs = {}
+        refs, inc_done = {}, []
         for name in names:
             spec = COMPONENTS[name]
             module = spec.module(pipe)
@@ -192,7 +201,14 @@ def export_onnx(cfg: ConvertConfig) -> dict:
             with torch.no_grad():
                 refs[name] = (inputs, module(*inputs).numpy())
             t = time.perf_counter()
-            export_component(spec, module, inputs, tmp / name / onnx_io.MODEL_FILE, cfg.opset)
+            if cfg.engine == "inc" and name in DEFAULT_COMPONENTS:
+                from .onnx_inc import inc_int8_static
+
+                calib = [spec.example_inputs(pipe, sizes, seed=i, prompts=[p]) for i, p in enumerate(prompts)]
+                inc_int8_static(spec, module, inputs, calib, tmp / name / onnx_io.MODEL_FILE, cfg.opset)
+                inc_done.append(name)
+            else:
+                export_component(spec, module, inputs, tmp / name / onnx_io.MODEL_FILE, cfg.opset)
             timings[f"export_{name}"] = round(time.perf_counter() - t, 2)
         e2e = _end_to_end_reference(pipe, sizes)
         meta = {"latent_shape": [sizes.latent_channels, sizes.latent_height, sizes.latent_width],
@@ -204,14 +220,16 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         gc.collect()  # the torch model is not needed past here (SD1.5: 4.3 GB)
         optimized = {}
         if cfg.optimize is not Optimize.none:
-            for name in names:
+            for name in [n for n in names if n not in inc_done]:  # INC's QDQ graphs are left as exported
                 t = time.perf_counter()
                 optimized[name] = optimize_component(name, tmp / name / onnx_io.MODEL_FILE, cfg.optimize)
                 timings[f"optimize_{name}"] = round(time.perf_counter() - t, 2)
         # the manifest's runtime facts are needed by calibration (it runs the fp32 pipeline)
         write_manifest(tmp, {"kind": "onnx-export-partial", "onnx": meta})
         quantized = []
-        if cfg.quantize:
+        if cfg.engine == "inc":
+            quantized = inc_done
+        elif cfg.quantize:
             quantized = [n for n in names if n in DEFAULT_COMPONENTS]
             t = time.perf_counter()
             apply_scheme(tmp, cfg.quantize, quantized, prompts)

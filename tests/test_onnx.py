@@ -155,7 +155,10 @@ def test_bad_inputs(tiny_dir, fp32_export, tmp_path):
     r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int4", "-o", out)
     assert_one_line_error(r, 2, "int4", "fp16, int8-dynamic, int8-static", nothing_at=out)
     assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--opset", "9", "-o", out), 2, "opset", nothing_at=out)
-    assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--engine", "inc", "-o", out), 2, "inc", nothing_at=out)
+    assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--height", "40", "-o", out), 2, "--height 40", nothing_at=out)
+    assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--engine", "inc", "-o", out), 2, "int8-static", nothing_at=out)
+    r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int8-static", "--engine", "inc", "--opset", "17", "-o", out)
+    assert_one_line_error(r, 2, "--opset", nothing_at=out)
     r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int8-static", "--calibration-prompts", tmp_path / "nope.txt", "-o", out)
     assert_one_line_error(r, 2, "nope.txt", nothing_at=out)
     assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "-o", fp32_export), 2, "--force")
@@ -208,3 +211,15 @@ def test_corrupt_onnx_is_refused(fp32_export, tmp_path):
 def test_generate_onnx_refuses_torch_folder(tiny_dir, tmp_path):
     out = tmp_path / "o"
     assert_one_line_error(run("generate", tiny_dir, "a red fox", "--backend", "onnx", "-o", out), 2, "manifest", nothing_at=out)
+
+
+@pytest.mark.slow
+def test_convert_int8_static_with_inc(tiny_dir, tmp_path):
+    pytest.importorskip("neural_compressor")
+    out = tmp_path / "inc"
+    r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int8-static", "--engine", "inc", "-o", out)
+    assert r.exit_code == 0, r.output
+    m = manifest(out)
+    assert m["quantize"]["engine"] == "inc" and m["quantize"]["components"] == ["text_encoder", "unet"]
+    assert "QuantizeLinear" in _ops(out / "unet" / "model.onnx")
+    assert all(p["psnr"] >= m["gates"][p["component"]] for p in m["parity"])
