@@ -87,6 +87,7 @@ def _root(
 
 def _register() -> None:
     from . import convert as convert_cmd
+    from . import demo as demo_cmd
     from . import env as env_cmd
     from . import generate as generate_cmd
     from . import init as init_cmd
@@ -96,6 +97,7 @@ def _register() -> None:
     app.command("init")(init_cmd.init_command)
     app.command("generate")(generate_cmd.generate_command)
     app.command("convert")(convert_cmd.convert_command)
+    app.command("demo")(demo_cmd.demo_command)
     app.command("env")(env_cmd.env_command)
     app.command("quantize")(quantize_cmd.quantize_command)
     from . import train_recipe
