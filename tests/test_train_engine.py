@@ -247,6 +247,30 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    model, res = run(cfg(tmp_path, max_steps=2, checkpoint_every=0, mixed_precision=precision))
+    assert math.isfinite(res.final_loss) and next(model.parameters()).dtype == torch.float32
+
+
+def test_token_id_path_matches_cached_embeddings(tiny_pipe):
+    """Datasets with more unique prompts than the cache holds encode token ids per batch instead."""
+    from instaflow_edge.train.teacher import TeacherSource
+
+    prompts = ["a red fox", "a blue whale", "a cat"]
+    latents, index = torch.randn(6, 4, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    cached = TeacherSource(latents, index, prompts, tiny_pipe, cfg_dropout=0.5)
+    on_the_fly = TeacherSource(latents, index, prompts, tiny_pipe, cfg_dropout=0.5, max_cached_prompts=2)
+    assert cached.embeddings is not None and on_the_fly.embeddings is None
+    idx = torch.tensor([0, 1, 2, 3, 4, 5])
+    a = cached.get(idx, StepRandom(1, 0, 0, 6, 6), "cpu")
+    b = on_the_fly.get(idx, StepRandom(1, 0, 0, 6, 6), "cpu")
+    assert torch.equal(a["x1"], b["x1"]) and torch.allclose(a["cond"], b["cond"], atol=1e-6)
+    dropped = StepRandom(1, 0, 0, 6, 6).uniform() < 0.5
+    assert 0 < dropped.sum() < 6  # both kinds of rows are checked
+    assert torch.allclose(a["cond"][dropped], cached.empty.expand(int(dropped.sum()), -1, -1))
+
+
 def test_work_dir_with_checkpoints_needs_resume_or_force(tmp_path):
     from instaflow_edge.errors import OutputExistsError
 

@@ -103,6 +103,7 @@ def make_accelerator(config: TrainConfig):
 
     from ..errors import DeviceError
 
+    config.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # a fresh state per run in one process (tests, notebooks): accelerate's state is a singleton
         AcceleratorState._reset_state(True)

@@ -37,7 +37,7 @@ class EngineOptions:
     weight_decay = typer.Option(_D("weight_decay"), "--weight-decay", help="AdamW weight decay.")
     max_grad_norm = typer.Option(_D("max_grad_norm"), "--max-grad-norm", help="Gradient clipping norm (0: off).")
     ema_decay = typer.Option(_D("ema_decay"), "--ema-decay", help="EMA decay of the saved weights (0: no EMA, save raw weights).")
-    mixed_precision = typer.Option(_D("mixed_precision"), "--mixed-precision", help="Autocast precision (fp16 needs a GPU).")
+    mixed_precision = typer.Option(_D("mixed_precision"), "--mixed-precision", help="Autocast precision of forward/backward (weights stay fp32); bf16/fp16 pay off on GPUs.")
     gradient_checkpointing = typer.Option(_D("gradient_checkpointing"), "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (big UNets).")
     attention = typer.Option(_D("attention"), "--attention", help="UNet attention: sdpa (torch scaled_dot_product_attention) or eager.")
     checkpoint_every = typer.Option(_D("checkpoint_every"), "--checkpoint-every", help="Checkpoint every N steps and at the end (0: never).")
