@@ -253,6 +253,15 @@ def test_mixed_precision_trains(tmp_path, precision):
     assert math.isfinite(res.final_loss) and next(model.parameters()).dtype == torch.float32
 
 
+def test_gradient_checkpointing_and_eager_attention_train_the_same_weights(tmp_path):
+    base = dict(max_steps=2, checkpoint_every=0, ema_decay=0.0)
+    a, _ = run(cfg(tmp_path / "a", **base))
+    b, _ = run(cfg(tmp_path / "b", gradient_checkpointing=True, attention="eager", **base))
+    assert b.is_gradient_checkpointing
+    wa, wb = _weights(a), _weights(b)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
 def test_token_id_path_matches_cached_embeddings(tiny_pipe):
     """Datasets with more unique prompts than the cache holds encode token ids per batch instead."""
     from instaflow_edge.train.teacher import TeacherSource
