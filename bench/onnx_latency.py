@@ -101,6 +101,7 @@ def torch_runner(pipe, inputs: dict, device: str, dtype, compile_: bool = False)
 
 def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
     from instaflow_edge.convert import onnx_io
+    from instaflow_edge.convert.onnx import unet_feed
 
     s = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, threads=threads, providers=providers) for n in STAGES}
     scale = json.loads((folder / "manifest.json").read_text())["onnx"]["scaling_factor"]
@@ -111,7 +112,7 @@ def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
         ehs = s["text_encoder"].run(None, {"input_ids": inputs["input_ids"]})[0]
         t["text_encoder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        lat = s["unet"].run(None, {"sample": inputs["noise"], "encoder_hidden_states": ehs})[0]
+        lat = s["unet"].run(None, unet_feed(s["unet"], inputs["noise"], ehs))[0]
         t["unet"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         s["vae_decoder"].run(None, {"latent_sample": lat / scale})

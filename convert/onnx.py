@@ -45,6 +45,52 @@ _CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhw
                       "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
 
 
+class _OneStepUnet:
+    """Built lazily (torch is heavy): the one-step UNet with optimum's inputs, see onnx_spec."""
+
+    @staticmethod
+    def build(pipe):
+        import torch
+
+        from .. import flow
+
+        class OneStepUnet(torch.nn.Module):
+            def __init__(self, unet):
+                super().__init__()
+                self.unet = unet
+
+            def forward(self, sample, timestep, encoder_hidden_states):
+                v = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+                return flow.one_step(sample, v)
+
+        return OneStepUnet(pipe.unet)
+
+
+def onnx_spec(name: str):
+    """The component spec as exported to ONNX. ``unet`` gains optimum's ``timestep`` input (optimum's
+    ORTUnet refuses a UNet without one): the graph is ``sample + v(sample, timestep, text)``, i.e. the
+    one-step UNet of specs.py when fed timestep = 1000, which is what our runtime feeds."""
+    import dataclasses
+
+    from .specs import COMPONENTS, TensorSpec
+
+    spec = COMPONENTS[name]
+    if name != "unet":
+        return spec
+    ts = TensorSpec("timestep", "float32", ("batch",))
+    return dataclasses.replace(spec, inputs=(spec.inputs[0], ts, spec.inputs[1]), build=_OneStepUnet.build)
+
+
+def unet_feed(sess, sample, encoder_hidden_states) -> dict:
+    """Inputs of an exported one-step UNet (exports made before the timestep input have none)."""
+    import numpy as np
+
+    feed = {"sample": sample, "encoder_hidden_states": encoder_hidden_states}
+    if any(i.name == "timestep" for i in sess.get_inputs()):
+        feed["timestep"] = np.full((sample.shape[0],), 1000.0, np.float32)
+    return feed
+
+
 def validate(cfg: ConvertConfig) -> None:
     from ..quantize.onnx import check_scheme, read_prompts
 
@@ -172,7 +218,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
     from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, sha256_tree, write_manifest
     from ..pipeline import load_pipeline
     from ..quantize.onnx import CALIBRATION_PROMPTS, DEFAULT_COMPONENTS, read_prompts
-    from .specs import COMPONENTS, Sizes
+    from .specs import Sizes
 
     validate(cfg)
     check_output(cfg.output, cfg.force)
@@ -193,7 +239,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
     with atomic_dir(cfg.output, cfg.force) as tmp:
         refs, inc_done = {}, []
         for name in names:
-            spec = COMPONENTS[name]
+            spec = onnx_spec(name)
             module = spec.module(pipe)
             inputs = spec.example_inputs(pipe, sizes)
             import torch
@@ -242,7 +288,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         for name in names:
             inputs, ref = refs[name]
             sess = onnx_io.session(tmp / name / onnx_io.MODEL_FILE)
-            out = sess.run(None, {t.name: x.numpy() for t, x in zip(COMPONENTS[name].inputs, inputs)})[0]
+            out = sess.run(None, {t.name: x.numpy() for t, x in zip(onnx_spec(name).inputs, inputs)})[0]
             rows.append(compare(name, ref, out))
             del sess
         rows.append(compare("end_to_end", e2e[1], run_one_step(tmp, e2e[0]["input_ids"], e2e[0]["noise"], meta)))
@@ -302,6 +348,6 @@ def run_one_step(folder: Path, input_ids, noise, meta: dict, sessions: dict | No
 
     s = sessions or {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE) for n in ("text_encoder", "unet", "vae_decoder")}
     ehs = s["text_encoder"].run(None, {"input_ids": input_ids})[0]
-    lat = s["unet"].run(None, {"sample": noise, "encoder_hidden_states": ehs})[0]
+    lat = s["unet"].run(None, unet_feed(s["unet"], noise, ehs))[0]
     img = s["vae_decoder"].run(None, {"latent_sample": (lat / meta["scaling_factor"]).astype(np.float32)})[0]
     return np.clip(img / 2 + 0.5, 0, 1)

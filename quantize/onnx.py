@@ -166,6 +166,7 @@ def calibration_feeds(folder: Path, component: str, prompts: list[str], seed: in
     import numpy as np
 
     from ..convert import onnx_io
+    from ..convert.onnx import unet_feed
     from ..generator import make_noise
 
     meta = export_meta(folder)
@@ -179,7 +180,8 @@ def calibration_feeds(folder: Path, component: str, prompts: list[str], seed: in
     ehs = [te.run(None, {"input_ids": ids[i : i + 1]})[0] for i in range(len(prompts))]
     del te
     if component == "unet":
-        return [{"sample": noise[i], "encoder_hidden_states": ehs[i]} for i in range(len(prompts))]
+        un = onnx_io.session(folder / "unet" / onnx_io.MODEL_FILE)
+        return [unet_feed(un, noise[i], ehs[i]) for i in range(len(prompts))]
     if component == "unet_velocity":
         # the taus the N-step sampler visits
         taus = [1000.0 * (1 - k / max(1, meta["default_steps"])) for k in range(max(1, meta["default_steps"]))]
@@ -187,7 +189,7 @@ def calibration_feeds(folder: Path, component: str, prompts: list[str], seed: in
                  "encoder_hidden_states": ehs[i]} for i in range(len(prompts))]
     if component == "vae_decoder":
         un = onnx_io.session(folder / "unet" / onnx_io.MODEL_FILE)
-        lat = [un.run(None, {"sample": noise[i], "encoder_hidden_states": ehs[i]})[0] / meta["scaling_factor"]
+        lat = [un.run(None, unet_feed(un, noise[i], ehs[i]))[0] / meta["scaling_factor"]
                for i in range(len(prompts))]
         return [{"latent_sample": x} for x in lat]
     raise InputError(f"no calibration inputs for component {component!r}", "quantize another component")

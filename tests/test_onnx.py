@@ -82,11 +82,12 @@ def test_fp32_export_dynamic_batch_matches_torch(fp32_export, tiny_pipe):
 
     from instaflow_edge.convert import onnx_io
     from instaflow_edge.convert.parity import compare
-    from instaflow_edge.convert.specs import COMPONENTS, Sizes
+    from instaflow_edge.convert.onnx import onnx_spec
+    from instaflow_edge.convert.specs import Sizes
 
     sizes = Sizes.of(tiny_pipe, batch=2)
     for name in ("unet", "generator"):
-        spec = COMPONENTS[name]
+        spec = onnx_spec(name)
         inputs = spec.example_inputs(tiny_pipe, sizes, seed=7)
         with torch.no_grad():
             ref = spec.module(tiny_pipe)(*inputs)
