@@ -3,10 +3,11 @@
 Exporter: ``torch.onnx.export(dynamo=False)`` (TorchScript). It is deprecated, but on this stack it is
 the one that works best for us: it exports a batch-1 example with dynamic batch/spatial axes (dynamo
 needs a batch-2 trace for a dynamic batch axis), exports the tiny UNet in ~1 s instead of ~12 s, and
-its graph is the one onnxruntime's transformer optimizer was written against (LayerNorm, SkipLayerNorm,
-Gelu fusions apply). Neither exporter's attention matches ORT's UNet attention fusion: it wants the
-scale as a ``Sqrt(Div(Sqrt(Cast(Slice(Shape(q))))))`` chain that torch 2.13 no longer emits (checked
-with SDPA, the classic processor and a plain-math processor): no Attention op is fused on CPU.
+its graph is the one onnxruntime's transformer optimizer was written against. With it, ``--optimize
+cpu`` fuses the SD1.5 UNet's 16 self- and 16 cross-attention blocks (``Attention`` and
+``MultiHeadAttention``, which have CPU kernels), 48 LayerNorms and the text encoder's SkipLayerNorms
+(measured: see the manifest's ``optimize.fused_ops``); on the tiny preset's 2-block UNet the attention
+pattern is not matched and only the norms/GELUs fuse. The dynamo export fused no attention (STACK.md).
 
 Folder layout (optimum's ONNX diffusion layout, DESIGN.md)::
 
