@@ -97,9 +97,19 @@ def package_weights(ml) -> dict[str, "object"]:
     """Every const weight of the package, decompressed by coremltools, by Core ML name."""
     import coremltools as ct
 
+    import numpy as np
+
     dense = ct.optimize.coreml.decompress_weights(ml)
-    meta = ct.optimize.coreml.get_weights_metadata(dense, weight_threshold=0)
-    return {name: m.val for name, m in meta.items()}
+    out = {}
+    # walk the program ourselves: get_weights_metadata trips over list-valued consts that enumerated
+    # input shapes bring (coremltools 9.0)
+    for fn in dense._mil_program.functions.values():
+        for op in fn.operations:
+            if op.op_type == "const":
+                val = op.outputs[0].val
+                if isinstance(val, np.ndarray) and val.size > 0:
+                    out[op.name] = val
+    return out
 
 
 def check_weights(component: str, ml, module, compressed: list[str], rtol: float = 2e-3) -> dict:

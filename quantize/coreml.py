@@ -209,8 +209,7 @@ def _joint(n_m: tuple[int, int] | None, sparsity: float | None, bits: int):
 
 scheme("prune-50+palettize-4", 4, "joint: 50% magnitude pruning, then 4-bit palettization of the survivors", min_ios=18,
        min_psnr=8.0)(_joint(None, 0.5, 4))
-scheme("prune-2:4+palettize-4", 4, "joint: 2:4 pruning, then 4-bit palettization of the survivors", min_ios=18,
-       min_psnr=8.0)(_joint((2, 4), None, 4))
+# (2:4 pruning then palettization is not offered: coremltools 9.0's palettizer drops the 2:4 zeros)
 
 
 @scheme("mixed-bit", None, "mixed-bit palettization: bits per layer from a PSNR sensitivity analysis, to meet --target-bits",
