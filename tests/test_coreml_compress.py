@@ -180,3 +180,16 @@ def test_cli_convert_every_scheme(tiny_dir, tmp_path, name):
         assert c["compression"]["scheme"] == name and c["bits_per_weight"] < 16
         assert EXPECTED_OPS[name] <= set(c["ops"])
     assert m["end_to_end"]["psnr"] >= cq.SCHEMES[name].min_psnr
+
+
+def test_fp32_precision_keeps_fp32_weights(tiny_pipe, tmp_path):
+    spec = COMPONENTS["text_encoder"]
+    sizes = Sizes.of(tiny_pipe, batch=1)
+    module = spec.module(tiny_pipe)
+    cfg = ConvertConfig(model="m", output="o", target="coreml", precision="fp32")
+    cfg.precision = cm.Precision(cfg.precision)
+    path = tmp_path / "t.mlpackage"
+    cm._to_coreml(cfg, spec, module, [sizes]).save(str(path))
+    pkg = cc.load(path)
+    assert cc.sizes(path, cm.used_parameters(module, spec.example_inputs(tiny_pipe, sizes)))["bits_per_weight"] > 30
+    assert cc.check_weights("text_encoder", pkg, module, [])["max_rel_error"] == 0.0

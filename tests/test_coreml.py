@@ -1,0 +1,193 @@
+"""convert --target coreml on the tiny preset: packages, I/O, metadata, sizes, bad input, the Linux backend.
+
+One full export (fp16, split-einsum, two enumerated sizes) is shared by the session (--fused is slow); every
+compression scheme runs through the real converter on the text encoder in test_coreml_compress.py, and
+through the whole CLI in the slow tests there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from instaflow_edge.cli import app
+
+pytest.importorskip("coremltools")
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def coreml_run(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("coreml") / "fp16"
+    r = run("convert", tiny_dir, "--target", "coreml", "-o", out, "--attention", "split-einsum", "--sizes", "64x64,96x64")
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+@pytest.fixture
+def coreml_export(coreml_run):
+    return coreml_run[0]
+
+
+def test_export_layout_and_manifest(coreml_export, tiny_dir):
+    names = {p.name for p in coreml_export.iterdir()}
+    assert {"TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage", "vocab.json", "merges.txt",
+            "manifest.json"} <= names
+    assert (coreml_export / "vocab.json").read_bytes() == (tiny_dir / "tokenizer" / "vocab.json").read_bytes()
+    m = json.loads((coreml_export / "manifest.json").read_text())
+    assert m["kind"] == "coreml" and m["config"]["precision"] == "fp16" and m["config"]["attention"] == "split-einsum"
+    assert m["image_sizes"] == [[64, 64], [96, 64]]
+    assert m["gate"]["min_psnr"] == 35.0
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        c = m["components"][name]
+        assert c["parity"]["psnr"] is None or c["parity"]["psnr"] >= 35.0
+        assert 12 < c["bits_per_weight"] < 20  # fp16 weights plus small-tensor overhead
+        assert c["weights_match"]["matched"] > 0 and c["weights_match"]["max_rel_error"] < 2e-3
+    assert m["end_to_end"]["psnr"] >= 35.0
+    assert [r["component"] for r in m["report"]][-1] == "image (end to end)"
+
+
+def test_packages_declare_the_specs_io(coreml_export, tiny_pipe):
+    from instaflow_edge.convert import coreml_check as cc
+    from instaflow_edge.convert.specs import COMPONENTS, Sizes
+
+    default, taller = Sizes.of(tiny_pipe, 1), Sizes.of(tiny_pipe, 1, height=96, width=64)
+    for file, name in (("TextEncoder", "text_encoder"), ("Unet", "unet"), ("VAEDecoder", "vae_decoder")):
+        ml = cc.load(coreml_export / f"{file}.mlpackage")
+        got = cc.io(ml)
+        spec = COMPONENTS[name]
+        assert [f["name"] for f in got["inputs"]] == [t.name for t in spec.inputs]
+        assert [f["name"] for f in got["outputs"]] == [t.name for t in spec.outputs]
+        for f, t in zip(got["inputs"], spec.inputs):
+            assert f["shape"] == list(default.shape(t)) and f["dtype"] == "FLOAT32" and f["description"]
+            if default.shape(t) != taller.shape(t):
+                assert sorted(map(tuple, f["enumerated"])) == sorted({default.shape(t), taller.shape(t)})
+        assert all(f["dtype"] == "FLOAT32" and f["description"] for f in got["outputs"])
+        meta = ml.user_defined_metadata
+        assert meta["component"] == name and meta["precision"] == "fp16" and meta["version.coremltools"]
+        assert ml.license and ml.short_description and ml.author == "instaflow-edge"
+    unet = cc.io(cc.load(coreml_export / "Unet.mlpackage"))["inputs"][0]
+    assert sorted(unet["enumerated"]) == [[1, 4, 8, 8], [1, 4, 12, 8]]
+
+
+def test_op_census_shows_fp16_compute_and_no_compression(coreml_export):
+    m = json.loads((coreml_export / "manifest.json").read_text())
+    ops = m["components"]["unet"]["ops"]
+    assert ops.get("conv", 0) > 0 and not any(k.startswith("constexpr") for k in ops)
+    assert m["components"]["unet"]["io"]["inputs"][1]["name"] == "encoder_hidden_states"
+
+
+def test_report_is_printed(coreml_run):
+    out, output = coreml_run
+    assert "PSNR vs fp32" in output and "image (end to end)" in output and "bits/w" in output
+    m = json.loads((out / "manifest.json").read_text())
+    for row in m["report"]:
+        assert row["component"] in output
+        assert f"{row['size_mb']:.3f}" in output
+
+
+def _one_line_error(r, *needles):
+    assert r.exit_code != 0
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--compress", "palettize-3"], ["unknown --compress", "palettize-4", "mixed-bit", "prune-2:4"]),
+    (["--compress", "prune-50+palettize-4"], ["iOS18", "--min-target"]),
+    (["--compress", "prune-50+palettize-4", "--min-target", "macOS14"], ["iOS18", "macOS14"]),
+    (["--compress", "mixed-bit"], ["--target-bits"]),
+    (["--compress", "palettize-4", "--target-bits", "4"], ["--target-bits", "mixed-bit"]),
+    (["--min-target", "iOS15"], ["--min-target", "iOS16", "macOS15"]),
+    (["--sizes", "64by64"], ["--sizes"]),
+    (["--sizes", "60x64"], ["multiple of 16"]),
+    (["--quantize", "int8-dynamic"], ["--quantize", "coreml"]),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_dir, extra, needles):
+    before = set(tmp_path.iterdir())
+    _one_line_error(run("convert", tiny_dir, "--target", "coreml", "-o", tmp_path / "o", *extra), *needles)
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_unknown_target_lists_targets(tmp_path, tiny_dir):
+    r = run("convert", tiny_dir, "--target", "tflite", "-o", tmp_path / "o")
+    assert r.exit_code != 0 and "coreml" in r.output and "onnx" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(tmp_path, tiny_dir):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _one_line_error(run("convert", tiny_dir, "--target", "coreml", "-o", out), "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_missing_coremltools_names_the_extra(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # import now raises ImportError
+    _one_line_error(run("convert", tiny_dir, "--target", "coreml", "-o", tmp_path / "o"),
+                    "coremltools is not installed", "instaflow-edge[coreml]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_psnr_gate_failure_names_component_and_leaves_nothing(tmp_path, tiny_dir):
+    r = run("convert", tiny_dir, "--target", "coreml", "-o", tmp_path / "o", "--compress", "prune-50", "--min-psnr", "99")
+    assert r.exit_code == 3 and "text_encoder: PSNR" in r.output and "below the 99.0 dB gate" in r.output
+    assert "--min-psnr" in r.output and "converting" not in r.output  # failed before converting anything
+    assert not [p for p in tmp_path.iterdir()]
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on macOS Core ML can predict")
+def test_generate_coreml_on_linux_is_one_line(tmp_path, coreml_export):
+    _one_line_error(run("generate", coreml_export, "a red fox", "-o", tmp_path / "g", "--backend", "coreml"),
+                    "Core ML prediction needs macOS")
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")
+def test_macos_predict_parity(coreml_export, tiny_pipe):
+    """Real MLModel.predict of every package against the PyTorch fp32 reference, at the fp16 gate."""
+    import coremltools as ct
+    import numpy as np
+
+    from instaflow_edge.convert.parity import check, compare
+    from instaflow_edge.convert.specs import COMPONENTS, Sizes
+
+    sizes = Sizes.of(tiny_pipe, batch=1)
+    for file, name in (("TextEncoder", "text_encoder"), ("Unet", "unet"), ("VAEDecoder", "vae_decoder")):
+        spec = COMPONENTS[name]
+        inputs = spec.example_inputs(tiny_pipe, sizes)
+        ref = spec.module(tiny_pipe)(*inputs).detach().numpy()
+        ml = ct.models.MLModel(str(coreml_export / f"{file}.mlpackage"))
+        feed = {t.name: x.numpy().astype(np.float32) for t, x in zip(spec.inputs, inputs)}
+        out = ml.predict(feed)[spec.outputs[0].name]
+        check(compare(name, ref, out), 35.0)
+
+
+@pytest.mark.slow
+def test_fused_generator_package(tmp_path, tiny_dir, tiny_pipe):
+    from instaflow_edge.convert import coreml_check as cc
+    from instaflow_edge.convert.specs import COMPONENTS, Sizes
+
+    out = tmp_path / "fused"
+    r = run("convert", tiny_dir, "--target", "coreml", "-o", out, "--fused", "--precision", "fp32")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["files"]["generator"] == "Generator.mlpackage"
+    g = m["components"]["generator"]
+    assert g["parity"]["psnr"] is None or g["parity"]["psnr"] >= 60
+    got = cc.io(cc.load(out / "Generator.mlpackage"))
+    sizes = Sizes.of(tiny_pipe, 1)
+    spec = COMPONENTS["generator"]
+    assert [(f["name"], f["shape"]) for f in got["inputs"]] == [(t.name, list(sizes.shape(t))) for t in spec.inputs]
+    assert got["outputs"][0]["name"] == "image"
