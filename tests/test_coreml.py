@@ -81,6 +81,7 @@ def test_op_census_shows_fp16_compute_and_no_compression(coreml_export):
     m = json.loads((coreml_export / "manifest.json").read_text())
     ops = m["components"]["unet"]["ops"]
     assert ops.get("conv", 0) > 0 and not any(k.startswith("constexpr") for k in ops)
+    assert ops.get("einsum", 0) > 0 and "matmul" not in ops  # split-einsum attention: per-head einsums
     assert m["components"]["unet"]["io"]["inputs"][1]["name"] == "encoder_hidden_states"
 
 
