@@ -141,3 +141,39 @@ def check_weights(component: str, ml, module, compressed: list[str], rtol: float
                           "the export is broken; re-export")
     worst = max(found.values(), default=0.0)
     return {"matched": len(found), "compressed_layers": len(want), "max_rel_error": None if math.isnan(worst) else round(worst, 6)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report
+
+
+def report_rows(components: dict, end_to_end: dict | None, scheme: str | None) -> list[dict]:
+    rows = []
+    for name, c in components.items():
+        rows.append({
+            "component": name, "scheme": scheme or "none", "size_mb": round(c["size_bytes"] / 1e6, 3),
+            "bits_per_weight": c["bits_per_weight"], "psnr_vs_fp32": c["parity"]["psnr"],
+            "psnr_compression_only": (c.get("parity_compression_fp32") or {}).get("psnr"),
+        })
+    if end_to_end is not None:
+        size = sum(c["size_bytes"] for n, c in components.items() if n != "generator")
+        bits = sum(c["weight_bytes"] * 8 for n, c in components.items() if n != "generator")
+        params = sum(c["params"] for n, c in components.items() if n != "generator")
+        rows.append({"component": "image (end to end)", "scheme": scheme or "none", "size_mb": round(size / 1e6, 3),
+                     "bits_per_weight": round(bits / params, 3), "psnr_vs_fp32": end_to_end["psnr"],
+                     "psnr_compression_only": None})
+    return rows
+
+
+def format_report(rows: list[dict], gate: float | None = None) -> str:
+    def f(v, spec=".2f"):
+        return "inf" if v is None and spec == "psnr" else ("-" if v is None else format(v, ".2f" if spec == "psnr" else spec))
+
+    head = f"{'component':<20} {'scheme':<22} {'size MB':>9} {'bits/w':>7} {'PSNR vs fp32':>13} {'(compression only)':>19}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['component']:<20} {r['scheme']:<22} {r['size_mb']:>9.3f} {f(r['bits_per_weight']):>7} "
+                     f"{f(r['psnr_vs_fp32'], 'psnr'):>13} {f(r['psnr_compression_only']):>19}")
+    if gate is not None:
+        lines.append(f"gate: PSNR ≥ {gate:.1f} dB (shipped vs fp32 PyTorch; inf = identical)")
+    return "\n".join(lines)
