@@ -126,7 +126,7 @@ def export_coreml(config: ConvertConfig) -> dict:
             model={"source": config.model, "content_sha256": (source or {}).get("content_sha256"),
                    "flow": pipe.info.flow, "default_steps": pipe.info.default_steps},
             files={n: NAMES[n] + ".mlpackage" for n in names} | {"vocab": "vocab.json", "merges": "merges.txt"},
-            image_sizes=[[s.height, s.width] for s in shapes],
+            image_sizes=[[s.height, s.width] for s in shapes], quality_batch=int(chain["ref"]["input_ids"].shape[0]),
             gate={"min_psnr": p.gate, "source": p.gate_source, "applies_to": "every component and the end-to-end image, as shipped vs fp32 PyTorch"},
             components=components, end_to_end=end_to_end, report=rows,
             seconds=round(time.perf_counter() - t0, 2),
@@ -141,12 +141,14 @@ def export_coreml(config: ConvertConfig) -> dict:
 
 
 def _start_chain(pipe, sizes) -> dict:
-    """Inputs of the chain: real prompts' token ids and seeded noise, batch 2."""
+    """Inputs of the chain: real prompts' token ids and seeded noise; two prompts, or one for a
+    full-size UNet (> 100 M parameters), where every forward pass costs seconds to minutes on a CPU."""
     from ..generator import make_noise
     from .specs import EXAMPLE_PROMPTS
 
-    ids = pipe.tokenize(EXAMPLE_PROMPTS[:2])
-    noise = make_noise([0, 1], (sizes.latent_channels, sizes.latent_height, sizes.latent_width))
+    n = 1 if sum(p.numel() for p in pipe.unet.parameters()) > 100_000_000 else 2
+    ids = pipe.tokenize(EXAMPLE_PROMPTS[:n])
+    noise = make_noise(list(range(n)), (sizes.latent_channels, sizes.latent_height, sizes.latent_width))
     return {"ref": {"input_ids": ids, "noise": noise}, "ship": {"input_ids": ids, "noise": noise}, "parity": None,
             "scaling_factor": pipe.scaling_factor}
 

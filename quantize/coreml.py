@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 from typing import Callable
 
 from ..errors import InputError
@@ -133,7 +134,9 @@ def _palettize(module, bits: int | None = None, per_layer: dict[str, int] | None
     else:
         cfg = {"global_config": {"n_bits": bits, "granularity": "per_tensor"},
                "module_name_configs": {n: None for n in skip}}
-    return PostTrainingPalettizer(module, PostTrainingPalettizerConfig.from_dict(cfg)).compress(inplace=False)
+    workers = min(2, os.cpu_count() or 1)  # k-means runs layer by layer in worker processes
+    return PostTrainingPalettizer(module, PostTrainingPalettizerConfig.from_dict(cfg)).compress(
+        num_kmeans_workers=workers, inplace=False)
 
 
 def _prune(module, sparsity: float | None = None, n_m: tuple[int, int] | None = None, skip: list[str] = ()):
