@@ -33,11 +33,14 @@ from .parity import DEFAULT_MIN_PSNR, check, compare, format_table
 MIN_OPSET, MAX_OPSET = 14, 20  # 14: the attention ops; 20: the TorchScript exporter's last opset
 EXPORTER = "torch.onnx.export(dynamo=False)"
 
-# Default gates (dB) against the PyTorch fp32 reference, per scheme. int8 figures are measured on the
-# tiny preset (the digits preset had not landed): see README "## ONNX" and tests/test_onnx.py.
-# int8-static: text_encoder 3x.x dB, unet 2x.x dB measured → gate 20 dB leaves a margin against seed
-# and prompt variation while still failing a broken calibration (garbage ranges give < 10 dB).
-SCHEME_MIN_PSNR = {**DEFAULT_MIN_PSNR, "int8-dynamic": 20.0, "int8-static": 20.0}
+# Default gates (dB) against the PyTorch fp32 reference, per scheme (fp32 60 and fp16 35 from parity.py).
+# int8, measured here (the digits preset had not landed; random weights): int8-static text encoder /
+# UNet / end to end = 45.3-48.6 / 42.3-44.9 / 44.4-46.1 dB on tiny (onnxruntime and INC), 40.1 / 47.1 /
+# 46.3 dB on sd15 (8 calibration prompts); int8-dynamic 47.8 / 62.9 / 62.4 dB on tiny. STACK.md saw
+# 29.4 dB on the sd15 UNet with only 3 calibration inputs. 25 dB (rms error 5.6 % of the reference's
+# peak) sits 15 dB under everything measured here and 4 dB under that weakest run: a gate that a sound
+# calibration clears and a broken one (wrong ranges, an unquantizable op quantized) does not.
+SCHEME_MIN_PSNR = {**DEFAULT_MIN_PSNR, "int8-dynamic": 25.0, "int8-static": 25.0}
 
 # ORT transformer-optimizer model_type per component
 _MODEL_TYPE = {"text_encoder": "clip", "unet": "unet", "unet_velocity": "unet", "vae_decoder": "vae", "generator": "unet"}
