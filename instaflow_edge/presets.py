@@ -14,7 +14,16 @@ from typing import Callable
 
 from .errors import InputError
 
-PresetBuilder = Callable[[int], "object"]
+PresetBuilder = Callable[[int], "object"]  # seed -> Pipeline, or Built when it adds manifest fields
+
+
+@dataclasses.dataclass
+class Built:
+    """A preset builder's result when the build measured something the manifest should keep
+    (e.g. the digits VAE's reconstruction PSNR): ``manifest`` is merged into ``manifest.json``."""
+
+    pipeline: "object"
+    manifest: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +148,14 @@ def build_sd15(seed: int):
     )
 
 
+@preset("digits", "the digits demo's base model: 32×32, VAE trained here on the bundled digits, random UNet "
+                  "(minutes on a CPU)")
+def build_digits(seed: int):
+    from .digits import build_digits
+
+    return build_digits(seed)
+
+
 @dataclasses.dataclass
 class InitConfig:
     """``instaflow-edge init``: which preset, where, with which seed."""
@@ -161,7 +178,8 @@ def init(config: InitConfig) -> str:
     config.validate()
     check_output(config.output, config.force)  # fail before minutes of building
     spec = get_preset(config.preset)
-    pipe = spec.build(config.seed)
+    built = spec.build(config.seed)
+    pipe, extra = (built.pipeline, built.manifest) if isinstance(built, Built) else (built, {})
     counts = {k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")}
     if spec.param_counts is not None and counts != spec.param_counts:
         raise RuntimeError(f"preset {spec.name} built {counts}, expected {spec.param_counts}")
@@ -175,6 +193,7 @@ def init(config: InitConfig) -> str:
                 model=dataclasses.asdict(pipe.info),
                 preset=spec.name,
                 params=counts,
+                **extra,
                 content_sha256=sha256_tree(tmp),
             ),
         )

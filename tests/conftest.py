@@ -20,6 +20,19 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def judge_cache(tmp_path_factory):
+    """A session cache for the digits judge (trained once per session, ~10 s), never ~/.cache."""
+    path = tmp_path_factory.mktemp("judge-cache")
+    old = os.environ.get("INSTAFLOW_EDGE_CACHE")
+    os.environ["INSTAFLOW_EDGE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("INSTAFLOW_EDGE_CACHE", None)
+    else:
+        os.environ["INSTAFLOW_EDGE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_dir):
     from instaflow_edge.pipeline import load_pipeline
 

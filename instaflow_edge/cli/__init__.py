@@ -89,6 +89,7 @@ def _register() -> None:
     from . import convert as convert_cmd
     from . import demo as demo_cmd
     from . import env as env_cmd
+    from . import eval as eval_cmd
     from . import generate as generate_cmd
     from . import init as init_cmd
     from . import quantize as quantize_cmd
@@ -99,6 +100,7 @@ def _register() -> None:
     app.command("convert")(convert_cmd.convert_command)
     app.command("demo")(demo_cmd.demo_command)
     app.command("env")(env_cmd.env_command)
+    app.command("eval")(eval_cmd.eval_command)
     app.command("quantize")(quantize_cmd.quantize_command)
     from . import train_recipe
 

@@ -1,0 +1,136 @@
+"""The ``digits`` preset: the base pipeline of the digits demo (``instaflow-edge init digits OUT``).
+
+Stable Diffusion's architecture at digits scale, 32×32 images:
+
+* a small ``CLIPTextModel`` (frozen in training, as SD's is) with an offline tokenizer whose vocabulary
+  holds every word of the digit prompts;
+* an ``AutoencoderKL`` *trained here* on the digits train split (32×32×3 → 4×8×8 latents, two
+  downsamples). ``scaling_factor`` is set so the scaled latents the trainer caches (posterior means ×
+  factor) have unit standard deviation on the train split; the validation reconstruction PSNR goes
+  into the manifest;
+* a ``UNet2DConditionModel`` of about 2 M parameters on 8×8 latents, random: ``train teacher`` trains it.
+
+It is a rectified-flow *base* (``default_steps`` 32), not a one-step model. Same seed → same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+TEXT_CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, projection_dim=64)
+UNET_CFG = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+)
+VAE_CFG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
+    block_out_channels=(16, 32, 64), norm_num_groups=16,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+)
+
+
+@dataclasses.dataclass
+class DigitsPresetConfig:
+    """How the digits VAE is trained (tests shorten ``vae_steps``)."""
+
+    vae_steps: int = 1500
+    vae_batch_size: int = 64
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-5     # on the per-image KL sum, against the per-pixel MSE
+    data_seed: int = 0          # the digits split the VAE trains on (validation measures it)
+
+    def validate(self) -> None:
+        from .errors import InputError
+
+        for name in ("vae_steps", "vae_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} must be a positive integer, got {v!r}", f"set {name} to 1 or more")
+        if not self.vae_lr > 0 or not self.kl_weight >= 0:
+            raise InputError("vae_lr must be > 0 and kl_weight ≥ 0", "use the defaults of DigitsPresetConfig")
+
+
+def build_digits(seed: int, config: DigitsPresetConfig | None = None, progress: bool = True):
+    """Build the digits base pipeline; returns ``presets.Built`` (pipeline + the VAE's manifest fields)."""
+    from .data import prompt_vocabulary
+    from .pipeline import ModelInfo
+    from .presets import Built, _assemble, _tokenizer
+
+    config = config or DigitsPresetConfig()
+    config.validate()
+    pipe = _assemble(seed, _tokenizer(prompt_vocabulary()), TEXT_CFG, UNET_CFG, VAE_CFG,
+                     ModelInfo(flow="rectified_flow", default_steps=32, source="preset:digits"))
+    vae_info = train_vae(pipe.vae, config, seed + 3, progress)
+    pipe.vae.register_to_config(scaling_factor=vae_info["scaling_factor"])
+    return Built(pipe.eval(), {"vae_training": vae_info})
+
+
+def _images(split: str, seed: int):
+    import torch
+
+    from .data import digits_dataset
+
+    ds = digits_dataset(split, seed)
+    return torch.stack([ds[i]["image"] for i in range(len(ds))])
+
+
+def psnr(reference, estimate) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), over the whole set's mean squared error."""
+    mse = float((reference.double() - estimate.double().clamp(-1, 1)).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def train_vae(vae, config: DigitsPresetConfig, seed: int, progress: bool = True) -> dict:
+    """Train ``vae`` on the digits train split (MSE + ``kl_weight``·KL, reparameterized samples, AdamW with
+    cosine decay); set nothing on it but its weights. Returns what the manifest keeps."""
+    import torch
+    from torch.nn import functional as F
+    from tqdm.auto import tqdm
+
+    x, xv = _images("train", config.data_seed), _images("validation", config.data_seed)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.vae_lr, total_steps=config.vae_steps,
+                                                pct_start=0.05)
+    vae.train().requires_grad_(True)
+    bar = tqdm(range(config.vae_steps), desc="training the digits VAE", unit="step", disable=not progress)
+    perm, pos = torch.randperm(len(x), generator=g), 0
+    for _ in bar:
+        if pos + config.vae_batch_size > len(x):
+            perm, pos = torch.randperm(len(x), generator=g), 0
+        batch = x[perm[pos:pos + config.vae_batch_size]]
+        pos += config.vae_batch_size
+        post = vae.encode(batch).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, batch)
+        loss = mse + config.kl_weight * post.kl().mean()
+        if not torch.isfinite(loss):
+            from .errors import NumericsError
+
+            raise NumericsError(f"digits VAE loss is {loss.item()} at step {bar.n}", "report it with `instaflow-edge env`")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}", refresh=False)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
+        rec_v = torch.cat([vae.decode(vae.encode(xv[i:i + 256]).latent_dist.mean).sample for i in range(0, len(xv), 256)])
+    return {
+        "steps": config.vae_steps,
+        "batch_size": config.vae_batch_size,
+        "kl_weight": config.kl_weight,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "val_psnr_db": round(psnr(xv, rec_v), 2),
+        "latent_std_unscaled": round(float(means.std()), 4),
+        "scaling_factor": float(1.0 / means.std()),
+    }

@@ -1,0 +1,197 @@
+"""``evaluate``: how well a text-to-image model draws the digits, measured by the judge.
+
+Over the fixed prompt set of :func:`instaflow_edge.data.eval_prompts` (``num_images / 10`` prompts per
+digit, every template) and fixed seeds (image ``j`` starts from the noise of seed ``seed + j``):
+
+* **prompt accuracy** — the share of images the judge classifies as the digit their prompt names,
+  overall and per digit;
+* **digits-FID** — the Fréchet distance between the generated images and the real *validation* images
+  (the reference set, which neither the judge nor the generator trained on) in the judge's
+  penultimate features.
+
+The **ceiling** is the same figures for real images. Its accuracy is the judge's on the validation
+split (held out, so honest). Its FID is that of ``num_images`` real images *disjoint from the
+reference* vs the same reference, class-balanced like the prompt set: the FID estimator is biased
+upward by an amount that shrinks with the sample size, so the ceiling must use the same N and the same
+reference as the generated set to be comparable. Those real images come from the train split (the
+only real digits left), i.e. the ceiling is what a generator that reproduced its training data
+exactly would score. The judge has seen those images in training, which tightens their features a
+little; the FID of two disjoint halves of the validation split is reported beside it
+(``real.fid_val_halves``, N = 135 each, so biased upward by the small N) as a judge-unseen check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from .errors import InputError, NumericsError
+from .options import Device, DType
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Options of ``instaflow-edge eval``; ``steps=None`` means the model's default."""
+
+    model: str | None = None
+    steps: int | None = None
+    guidance: float = 1.0
+    num_images: int = 1000      # multiple of 10: num_images / 10 prompts per digit
+    seed: int = 0
+    batch_size: int = 250
+    real_only: bool = False     # only the real-image ceiling, no model
+    json: str | None = None
+    data_seed: int = 0          # the digits split (the judge is trained on the same one)
+    device: Device = Device.auto
+    dtype: DType = DType.float32
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        from .generate import _nonneg_int, _pos_int
+
+        if self.model is None and not self.real_only:
+            raise InputError("no model given", "pass a pipeline folder, or --real for the real-image ceiling alone")
+        if self.steps is not None:
+            _pos_int("steps", self.steps)
+        if not (self.guidance >= 0.0):
+            raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
+        _pos_int("num_images", self.num_images)
+        if self.num_images % 10 or self.num_images < 20:
+            raise InputError(f"num_images must be a multiple of 10 and ≥ 20, got {self.num_images}",
+                             "pass --num-images 1000 (100 per digit) for a trustworthy FID")
+        _nonneg_int("seed", self.seed)
+        _pos_int("batch_size", self.batch_size)
+        _nonneg_int("data_seed", self.data_seed)
+        if self.json is not None:
+            path = Path(self.json)
+            if path.is_dir() or not path.parent.is_dir():
+                raise InputError(f"cannot write --json {path}", "pass a file path inside an existing folder")
+        self.device, self.dtype = Device(self.device), DType(self.dtype)
+
+
+def _scores(judge, images, labels, ref_stats) -> dict:
+    """Accuracy, per-digit accuracy and FID vs the reference statistics for images with labels."""
+    import torch
+
+    from .metrics import feature_stats, frechet_distance
+
+    labels = torch.as_tensor(labels)
+    hit = (judge.predict(images) == labels).double()
+    per_digit = [round(float(hit[labels == d].mean()), 4) if (labels == d).any() else None for d in range(10)]
+    return {
+        "n": len(labels),
+        "accuracy": round(float(hit.mean()), 4),
+        "per_digit": per_digit,
+        "fid": round(frechet_distance(*feature_stats(judge.features(images)), *ref_stats), 3),
+    }
+
+
+def _balanced_subset(labels: list[int], per_class: int, seed: int) -> list[int]:
+    """``per_class`` indices of each digit (fewer if the split has fewer), in a seeded order."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 0xCE11])
+    out = []
+    for d in range(10):
+        idx = np.flatnonzero(np.asarray(labels) == d)
+        out += sorted(rng.permutation(idx)[:per_class].tolist())
+    return out
+
+
+def real_ceiling(judge, num_images: int, data_seed: int = 0) -> tuple[dict, tuple]:
+    """The real-image figures and the reference statistics (validation features)."""
+    import numpy as np
+    import torch
+
+    from .data import digits_dataset
+    from .metrics import feature_stats, fid
+
+    val, train = digits_dataset("validation", data_seed), digits_dataset("train", data_seed)
+    xv = torch.stack([val[i]["image"] for i in range(len(val))])
+    ref_stats = feature_stats(judge.features(xv))
+    real = _scores(judge, xv, val.labels, ref_stats)  # accuracy on held-out images
+    pick = _balanced_subset(train.labels, num_images // 10, data_seed)
+    xt = torch.stack([train[i]["image"] for i in pick])
+    real["fid"] = _scores(judge, xt, [train.labels[i] for i in pick], ref_stats)["fid"]
+    real["fid_n"] = len(pick)
+    halves = _balanced_subset(val.labels, 10**6, data_seed)
+    a, b = halves[0::2], halves[1::2]
+    fv = judge.features(xv)
+    real["fid_val_halves"] = round(fid(fv[a].numpy(), fv[b].numpy()), 3)
+    real["accuracy_source"], real["fid_source"] = "validation split", "train split (disjoint from the reference)"
+    return real, ref_stats
+
+
+def generate_eval_images(pipe, config: EvalConfig, progress: bool = True):
+    """The images of the fixed prompt set (float32 in [-1, 1] on CPU), their labels, sampling info."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import eval_prompts
+    from .generator import decode_latents, generate_latents, make_noise
+
+    steps = config.steps or pipe.info.default_steps
+    prompts = eval_prompts(config.num_images // 10)
+    shape = (pipe.unet.config.in_channels, pipe.default_size // pipe.vae_scale_factor,
+             pipe.default_size // pipe.vae_scale_factor)
+    out = []
+    bar = tqdm(total=len(prompts), desc=f"generating ({steps} step{'s' * (steps != 1)})", unit="img",
+               disable=not progress)
+    for i in range(0, len(prompts), config.batch_size):
+        chunk = prompts[i:i + config.batch_size]
+        noise = make_noise([config.seed + i + k for k in range(len(chunk))], shape)
+        latents = generate_latents(pipe, [p for p, _ in chunk], noise, steps, config.guidance)
+        images = decode_latents(pipe, latents)
+        if not torch.isfinite(images).all():
+            raise NumericsError(f"NaN/Inf in generated images (batch starting at prompt {i}, {config.dtype.value})",
+                                "fp16 overflow is the usual cause: retry with --dtype float32")
+        out.append(images.cpu() * 2 - 1)
+        bar.update(len(chunk))
+    bar.close()
+    info = {"steps": steps, "guidance": config.guidance, "flow": pipe.info.flow, "size": pipe.default_size,
+            "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch.")}
+    return torch.cat(out), [d for _, d in prompts], info
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict:
+    """Prompt accuracy, per-digit accuracy and digits-FID of ``config.model``, with the real ceiling.
+
+    Returns the result dict (also written to ``config.json`` when set, atomically)."""
+    from .judge import JudgeConfig, load_judge
+
+    config.validate()
+    pipe = None
+    if not config.real_only:  # a bad model path fails before the judge is built
+        from .pipeline import load_pipeline, resolve_device
+
+        resolve_device(config.device.value)
+        pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
+    t0 = time.perf_counter()
+    judge = load_judge(JudgeConfig(data_seed=config.data_seed), progress=progress)
+    t_judge = time.perf_counter() - t0
+    real, ref_stats = real_ceiling(judge, config.num_images, config.data_seed)
+    result: dict = {"model": config.model, "num_images": config.num_images, "seed": config.seed,
+                    "reference": {"split": "validation", "n": real["n"]},
+                    "judge": {"key": judge.config.key(), "val_accuracy": round(judge.val_accuracy, 4),
+                              "feature_dim": judge.config.feature_dim}}
+    t_gen = 0.0
+    if pipe is not None:
+        t1 = time.perf_counter()
+        images, labels, info = generate_eval_images(pipe, config, progress)
+        t_gen = time.perf_counter() - t1
+        result["sampling"] = info
+        result["generated"] = _scores(judge, images, labels, ref_stats)
+    result["real"] = real
+    result["seconds"] = {"judge": round(t_judge, 2), "generate": round(t_gen, 2),
+                         "total": round(time.perf_counter() - t0, 2)}
+    if config.json:
+        _write_json(config, result)
+    return result
+
+
+def _write_json(config: EvalConfig, result: dict) -> None:
+    from .artifacts import atomic_write_text, make_manifest
+
+    atomic_write_text(config.json, json.dumps(make_manifest("eval", config, **result), indent=2) + "\n")
