@@ -45,12 +45,12 @@ class TrainConfig:
 
     output: str
     work_dir: str | None = None  # checkpoints + logs; default: OUTPUT.train beside the output
-    max_steps: int = 1500
+    max_steps: int = 600  # sized for `train teacher --data digits` within issue 3's 15-min CPU budget
     batch_size: int = 128
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     lr_schedule: LRSchedule = LRSchedule.cosine
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 turns clipping off
     ema_decay: float = 0.999  # 0 turns EMA off (then the raw weights are saved)
