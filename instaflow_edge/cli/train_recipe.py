@@ -92,15 +92,9 @@ def reflow_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights in MODEL."),
 ) -> None:
     """Train a 2-rectified flow on fixed teacher pairs (straightens the flow)."""
-    import time
-
     from ..train.reflow import train_reflow
 
-    cfg = resolve_config(ctx, ReflowConfig, ctx.params.get("config"))
-    t0 = time.perf_counter()
-    out = train_reflow(cfg)
-    if _is_main():
-        typer.echo(f"wrote {out} ({cfg.max_steps} steps) in {time.perf_counter() - t0:.1f} s")
+    _train(ctx, ReflowConfig, train_reflow, "")
 
 
 @engine_command
@@ -114,15 +108,20 @@ def distill_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (MODEL, LPIPS)."),
 ) -> None:
     """Distil a one-step generator: loss between z + v(z, τ=1000) and the teacher's x1."""
-    import time
-
     from ..train.reflow import train_distill
 
-    cfg = resolve_config(ctx, DistillConfig, ctx.params.get("config"))
+    _train(ctx, DistillConfig, train_distill, "one-step ")
+
+
+def _train(ctx: typer.Context, cls: type, verb, what: str) -> None:
+    """Options (defaults ← --config file ← flags) → config → the stage's verb; report the time."""
+    import time
+
+    cfg = resolve_config(ctx, cls, ctx.params.get("config"))
     t0 = time.perf_counter()
-    out = train_distill(cfg)
+    out = verb(cfg)
     if _is_main():
-        typer.echo(f"wrote one-step {out} ({cfg.max_steps} steps) in {time.perf_counter() - t0:.1f} s")
+        typer.echo(f"wrote {what}{out} ({cfg.max_steps} steps) in {time.perf_counter() - t0:.1f} s")
 
 
 def register(train_app: typer.Typer) -> None:
