@@ -224,3 +224,27 @@ def test_convert_int8_static_with_inc(tiny_dir, tmp_path):
     assert m["quantize"]["engine"] == "inc" and m["quantize"]["components"] == ["text_encoder", "unet"]
     assert "QuantizeLinear" in _ops(out / "unet" / "model.onnx")
     assert all(p["psnr"] >= m["gates"][p["component"]] for p in m["parity"])
+
+
+@pytest.mark.slow
+def test_multi_step_flow_exports_velocity_unet(tiny_dir, tmp_path):
+    """A rectified flow sampled with N steps also gets unet_velocity/, which generate runs with Euler."""
+    from PIL import Image
+
+    src = tmp_path / "rf4"
+    shutil.copytree(tiny_dir, src)
+    m = manifest(src)
+    m["model"]["default_steps"] = 4
+    (src / "manifest.json").write_text(json.dumps(m))
+    out = tmp_path / "export"
+    r = run("convert", src, "--target", "onnx", "--optimize", "none", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert manifest(out)["onnx"]["components"][-1] == "unet_velocity"
+    assert any(p["component"] == "unet_velocity" and p["psnr"] >= 60 for p in manifest(out)["parity"])
+    imgs = {}
+    for backend, model in (("torch", src), ("onnx", out)):
+        r = run("generate", model, "a red fox in snow", "--backend", backend, "-o", tmp_path / backend)
+        assert r.exit_code == 0, r.output
+        assert manifest(tmp_path / backend)["sampling"]["steps"] == 4
+        imgs[backend] = np.asarray(Image.open(next((tmp_path / backend).glob("*.png"))), dtype=np.float64)
+    assert np.abs(imgs["torch"] - imgs["onnx"]).max() <= 1.5
