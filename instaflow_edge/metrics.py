@@ -2,11 +2,13 @@
 
 FID is the Fréchet distance between Gaussians fitted to two sets of features,
 ``|mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½)``; the matrix square root is scipy's (``linalg.sqrtm``),
-with the guards pytorch-fid uses: an ``eps·I`` offset when the product is singular, and the tiny
+with the guards pytorch-fid uses: an ``eps·I`` offset when the product is singular (scipy warns), and the tiny
 imaginary part that round-off leaves dropped only when it is negligible.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -28,8 +30,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"mismatched statistics: {mu1.shape}, {s1.shape} vs {mu2.shape}, {s2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():  # singular product: regularize both covariances
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
+    if caught or not np.isfinite(covmean).all():  # (near-)singular product: regularize both covariances
         offset = np.eye(len(mu1)) * eps
         covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
