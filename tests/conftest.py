@@ -19,9 +19,10 @@ def tiny_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def judge_cache(tmp_path_factory):
-    """A session cache for the digits judge (trained once per session, ~10 s), never ~/.cache."""
+    """A session cache for the digits judge (trained once per session when a test needs it), so no
+    test writes to ~/.cache."""
     path = tmp_path_factory.mktemp("judge-cache")
     old = os.environ.get("INSTAFLOW_EDGE_CACHE")
     os.environ["INSTAFLOW_EDGE_CACHE"] = str(path)
