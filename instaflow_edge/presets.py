@@ -150,10 +150,10 @@ def build_sd15(seed: int):
 
 @preset("digits", "the digits demo's base model: 32×32, VAE trained here on the bundled digits, random UNet "
                   "(minutes on a CPU)")
-def build_digits(seed: int):
-    from .digits import build_digits
+def build_digits(seed: int, **options):
+    from .digits import DigitsPresetConfig, build_digits
 
-    return build_digits(seed)
+    return build_digits(seed, DigitsPresetConfig(**options) if options else None)
 
 
 @dataclasses.dataclass
@@ -164,6 +164,7 @@ class InitConfig:
     output: str
     seed: int = 0
     force: bool = False
+    options: dict = dataclasses.field(default_factory=dict)  # builder keywords (e.g. digits: vae_steps)
 
     def validate(self) -> None:
         get_preset(self.preset)
@@ -178,7 +179,13 @@ def init(config: InitConfig) -> str:
     config.validate()
     check_output(config.output, config.force)  # fail before minutes of building
     spec = get_preset(config.preset)
-    built = spec.build(config.seed)
+    try:
+        built = spec.build(config.seed, **config.options)
+    except TypeError as e:
+        if not config.options:
+            raise
+        raise InputError(f"preset {spec.name} does not take options {sorted(config.options)} ({e})",
+                         "drop them") from e
     pipe, extra = (built.pipeline, built.manifest) if isinstance(built, Built) else (built, {})
     counts = {k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")}
     if spec.param_counts is not None and counts != spec.param_counts:

@@ -24,6 +24,7 @@ class Profile:
     """Sizes of one demo run. ``full`` is the README's table (≤ 20 min on a 2-core CPU); ``quick`` (CI)
     runs every stage with small numbers (≤ 3 min) — its figures show the plumbing, not the claim."""
 
+    vae_steps: int  # the digits preset's VAE training
     teacher_steps: int
     teacher_batch: int
     num_pairs: int
@@ -38,9 +39,9 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile(teacher_steps=1500, teacher_batch=128, num_pairs=4000, pair_steps=32, pair_guidance=1.5,
+    "full": Profile(vae_steps=1500, teacher_steps=600, teacher_batch=128, num_pairs=4000, pair_steps=32, pair_guidance=1.5,
                     reflow_steps=1000, distill_steps=800, stage_batch=128, eval_images=1000, multi_steps=32),
-    "quick": Profile(teacher_steps=60, teacher_batch=64, num_pairs=256, pair_steps=8, pair_guidance=1.5,
+    "quick": Profile(vae_steps=100, teacher_steps=60, teacher_batch=64, num_pairs=256, pair_steps=8, pair_guidance=1.5,
                      reflow_steps=30, distill_steps=30, stage_batch=64, eval_images=100, multi_steps=8),
 }
 
@@ -115,7 +116,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
         """A training stage: continues from its work dir's latest checkpoint after a crash."""
         return stage(name, lambda o: make(o, resume="latest"))
 
-    base = stage("base", lambda o: init(InitConfig(preset="digits", output=o, seed=config.seed)))
+    base = stage("base", lambda o: init(InitConfig(preset="digits", output=o, seed=config.seed,
+                                                   options={"vae_steps": P.vae_steps})))
     teacher = trained("teacher-1rf", lambda o, resume: train_teacher(TeacherConfig(
         model=base, data="digits", output=o, max_steps=P.teacher_steps, batch_size=P.teacher_batch,
         resume=resume, **engine)))
