@@ -196,51 +196,53 @@ def fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: BatchS
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     grad_norm = None
-    while step < config.max_steps:
-        indices = sampler.take(config.batch_size)  # every process draws the same global batch
-        step_loss = 0.0
-        for j in range(k):
-            start = j * micro_global + offset  # this micro-batch's place in the global batch
-            mine = indices[start:start + local]
-            rnd = StepRandom(config.seed, step, start, local, config.batch_size)
-            batch = source.get(mine, rnd, accelerator.device)
-            with accelerator.accumulate(model):
-                loss = objective(model, batch, rnd)
-                global_loss = accelerator.reduce(loss.detach().float().reshape(1), "mean")
-                if not torch.isfinite(global_loss).all():
-                    raise NumericsError(
-                        f"training loss is {global_loss.item()} at step {step + 1}",
-                        "lower --learning-rate or --max-grad-norm, or use --mixed-precision no/bf16; "
-                        "--resume latest restarts from the last checkpoint")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += global_loss.item() / k
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-            if ema is not None:
-                ema.update(raw)
-        step += 1
-        losses.append(step_loss)
-        window.append(step_loss)
-        steps_since_log += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        if step % config.log_every == 0 or step == config.max_steps:
-            now = time.perf_counter()
-            log.write(step, {
-                "loss": sum(window) / len(window),
-                "lr": scheduler.get_last_lr()[0],
-                **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-                "samples_per_s": steps_since_log * config.batch_size / max(now - t_log, 1e-9),
-            })
-            window, steps_since_log, t_log = [], 0, now
-        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.max_steps):
-            _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step, work)
-    bar.close()
-    log.close()
+    try:
+        while step < config.max_steps:
+            indices = sampler.take(config.batch_size)  # every process draws the same global batch
+            step_loss = 0.0
+            for j in range(k):
+                start = j * micro_global + offset  # this micro-batch's place in the global batch
+                mine = indices[start:start + local]
+                rnd = StepRandom(config.seed, step, start, local, config.batch_size)
+                batch = source.get(mine, rnd, accelerator.device)
+                with accelerator.accumulate(model):
+                    loss = objective(model, batch, rnd)
+                    global_loss = accelerator.reduce(loss.detach().float().reshape(1), "mean")
+                    if not torch.isfinite(global_loss).all():
+                        raise NumericsError(
+                            f"training loss is {global_loss.item()} at step {step + 1}",
+                            "lower --learning-rate or --max-grad-norm, or use --mixed-precision no/bf16; "
+                            "--resume latest restarts from the last checkpoint")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += global_loss.item() / k
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+                if ema is not None:
+                    ema.update(raw)
+            step += 1
+            losses.append(step_loss)
+            window.append(step_loss)
+            steps_since_log += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            if step % config.log_every == 0 or step == config.max_steps:
+                now = time.perf_counter()
+                log.write(step, {
+                    "loss": sum(window) / len(window),
+                    "lr": scheduler.get_last_lr()[0],
+                    **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                    "samples_per_s": steps_since_log * config.batch_size / max(now - t_log, 1e-9),
+                })
+                window, steps_since_log, t_log = [], 0, now
+            if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.max_steps):
+                _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step, work)
+    finally:  # a crash or a NaN stop still flushes the log and the bar
+        bar.close()
+        log.close()
     if ema is not None:
         ema.copy_to(raw)
     if sharded:
