@@ -72,21 +72,20 @@ class EvalConfig:
         self.device, self.dtype = Device(self.device), DType(self.dtype)
 
 
-def _scores(judge, images, labels, ref_stats) -> dict:
-    """Accuracy, per-digit accuracy and FID vs the reference statistics for images with labels."""
+def _accuracy(judge, images, labels) -> dict:
+    """Share of images classified as their label, overall and per digit."""
     import torch
-
-    from .metrics import feature_stats, frechet_distance
 
     labels = torch.as_tensor(labels)
     hit = (judge.predict(images) == labels).double()
     per_digit = [round(float(hit[labels == d].mean()), 4) if (labels == d).any() else None for d in range(10)]
-    return {
-        "n": len(labels),
-        "accuracy": round(float(hit.mean()), 4),
-        "per_digit": per_digit,
-        "fid": round(frechet_distance(*feature_stats(judge.features(images)), *ref_stats), 3),
-    }
+    return {"n": len(labels), "accuracy": round(float(hit.mean()), 4), "per_digit": per_digit}
+
+
+def _fid(judge, images, ref_stats) -> float:
+    from .metrics import feature_stats, frechet_distance
+
+    return round(frechet_distance(*feature_stats(judge.features(images)), *ref_stats), 3)
 
 
 def _balanced_subset(labels: list[int], per_class: int, seed: int) -> list[int]:
@@ -103,7 +102,6 @@ def _balanced_subset(labels: list[int], per_class: int, seed: int) -> list[int]:
 
 def real_ceiling(judge, num_images: int, data_seed: int = 0) -> tuple[dict, tuple]:
     """The real-image figures and the reference statistics (validation features)."""
-    import numpy as np
     import torch
 
     from .data import digits_dataset
@@ -111,16 +109,14 @@ def real_ceiling(judge, num_images: int, data_seed: int = 0) -> tuple[dict, tupl
 
     val, train = digits_dataset("validation", data_seed), digits_dataset("train", data_seed)
     xv = torch.stack([val[i]["image"] for i in range(len(val))])
-    ref_stats = feature_stats(judge.features(xv))
-    real = _scores(judge, xv, val.labels, ref_stats)  # accuracy on held-out images
-    pick = _balanced_subset(train.labels, num_images // 10, data_seed)
-    xt = torch.stack([train[i]["image"] for i in pick])
-    real["fid"] = _scores(judge, xt, [train.labels[i] for i in pick], ref_stats)["fid"]
-    real["fid_n"] = len(pick)
-    halves = _balanced_subset(val.labels, 10**6, data_seed)
-    a, b = halves[0::2], halves[1::2]
     fv = judge.features(xv)
-    real["fid_val_halves"] = round(fid(fv[a].numpy(), fv[b].numpy()), 3)
+    ref_stats = feature_stats(fv)
+    real = _accuracy(judge, xv, val.labels)  # on held-out images
+    pick = _balanced_subset(train.labels, num_images // 10, data_seed)
+    real["fid"] = _fid(judge, torch.stack([train[i]["image"] for i in pick]), ref_stats)
+    real["fid_n"] = len(pick)
+    halves = _balanced_subset(val.labels, len(val), data_seed)
+    real["fid_val_halves"] = round(fid(fv[halves[0::2]].numpy(), fv[halves[1::2]].numpy()), 3)
     real["accuracy_source"], real["fid_source"] = "validation split", "train split (disjoint from the reference)"
     return real, ref_stats
 
@@ -183,7 +179,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         images, labels, info = generate_eval_images(pipe, config, progress)
         t_gen = time.perf_counter() - t1
         result["sampling"] = info
-        result["generated"] = _scores(judge, images, labels, ref_stats)
+        result["generated"] = {**_accuracy(judge, images, labels), "fid": _fid(judge, images, ref_stats)}
     result["real"] = real
     result["seconds"] = {"judge": round(t_judge, 2), "generate": round(t_gen, 2),
                          "total": round(time.perf_counter() - t0, 2)}
