@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 from typing import Callable
 
 from ..errors import InputError
@@ -134,9 +133,10 @@ def _palettize(module, bits: int | None = None, per_layer: dict[str, int] | None
     else:
         cfg = {"global_config": {"n_bits": bits, "granularity": "per_tensor"},
                "module_name_configs": {n: None for n in skip}}
-    workers = min(2, os.cpu_count() or 1)  # k-means runs layer by layer in worker processes
+    # one k-means worker: more spawn processes that re-import torch and the caller's __main__ (slow, and
+    # fragile from scripts without a main guard); per-tensor 6-bit k-means runs ~5 M weights/s anyway
     return PostTrainingPalettizer(module, PostTrainingPalettizerConfig.from_dict(cfg)).compress(
-        num_kmeans_workers=workers, inplace=False)
+        num_kmeans_workers=1, inplace=False)
 
 
 def _prune(module, sparsity: float | None = None, n_m: tuple[int, int] | None = None, skip: list[str] = ()):
