@@ -54,6 +54,8 @@ class EvalConfig:
 
         if self.model is None and not self.real_only:
             raise InputError("no model given", "pass a pipeline folder, or --real for the real-image ceiling alone")
+        if self.model is not None and self.real_only:
+            raise InputError("--real evaluates real digits only, but a model was given too", "drop the model or --real")
         if self.steps is not None:
             _pos_int("steps", self.steps)
         if not (self.guidance >= 0.0):

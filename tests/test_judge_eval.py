@@ -114,6 +114,7 @@ def test_eval_tiny_model_cli(tmp_path, tiny_dir, judge_cache):
 
 @pytest.mark.parametrize("args,needle", [
     (["eval"], "no model given"),
+    (["eval", "{tiny}", "--real"], "--real"),
     (["eval", "{tmp}/nope"], "does not exist"),
     (["eval", "{tiny}", "-n", "15"], "multiple of 10"),
     (["eval", "{tiny}", "--steps", "0"], "steps"),
