@@ -15,7 +15,7 @@ reference* vs the same reference, class-balanced like the prompt set: the FID es
 upward by an amount that shrinks with the sample size, so the ceiling must use the same N and the same
 reference as the generated set to be comparable. Those real images come from the train split (the
 only real digits left), i.e. the ceiling is what a generator that reproduced its training data
-exactly would score. The judge has seen those images in training; that does not measurably flatter
+exactly would score (past ~1,480 images the split runs out of some digit: ``real.fid_n`` says the N). The judge has seen those images in training; that does not measurably flatter
 them: at equal N = 135, train-split digits vs one validation half scored 7.5–8.7 (three draws) and the
 two validation halves 8.4 against each other (seed 0). The latter is reported as
 ``real.fid_val_halves`` (N = 135 each, hence far above the N = 1000 ceiling: the same bias).
