@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow setup clean
+.PHONY: demo demo-quick test test-slow setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# the InstaFlow recipe on the bundled digits, end to end (resumes if interrupted; see README)
 demo: $(STAMP)
-	rm -rf runs/demo-tiny runs/demo-out
-	$(BIN)/instaflow-edge init tiny runs/demo-tiny --seed 0
-	$(BIN)/instaflow-edge generate runs/demo-tiny "a red fox in snow" "a lighthouse at night" --num-images 2 -o runs/demo-out
+	$(BIN)/instaflow-edge demo -o runs/demo
+
+demo-quick: $(STAMP)
+	$(BIN)/instaflow-edge demo --quick -o runs/demo-quick
 
 test: $(STAMP)
 	$(BIN)/pytest -q

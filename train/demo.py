@@ -39,10 +39,12 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile(vae_steps=1500, teacher_steps=600, teacher_batch=128, num_pairs=4000, pair_steps=32, pair_guidance=1.5,
-                    reflow_steps=1000, distill_steps=800, stage_batch=128, eval_images=1000, multi_steps=32),
-    "quick": Profile(vae_steps=100, teacher_steps=60, teacher_batch=64, num_pairs=256, pair_steps=8, pair_guidance=1.5,
-                     reflow_steps=30, distill_steps=30, stage_batch=64, eval_images=100, multi_steps=8),
+    "full": Profile(vae_steps=600, teacher_steps=600, teacher_batch=128, num_pairs=3000, pair_steps=32,
+                    pair_guidance=1.5, reflow_steps=600, distill_steps=400, stage_batch=128, eval_images=1000,
+                    multi_steps=32),
+    "quick": Profile(vae_steps=60, teacher_steps=50, teacher_batch=64, num_pairs=128, pair_steps=4,
+                     pair_guidance=1.5, reflow_steps=20, distill_steps=20, stage_batch=64, eval_images=50,
+                     multi_steps=4),
 }
 
 
