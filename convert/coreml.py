@@ -16,6 +16,7 @@ fp32 chain). "Shipped" means the compressed module run in float16 when ``--preci
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -252,6 +253,35 @@ def _wrap_float_ids(module):
     return FloatIds(module)
 
 
+@contextlib.contextmanager
+def _lean_lut_indices():
+    """coremltools 9.0 finds palette indices with a dense (weights × 2^bits) distance matrix: 20 GB for
+    SD1.5's 38 M-entry token embedding at 6 bits (it was OOM-killed here). For a scalar LUT shared by the
+    whole tensor (our per-tensor palettization) the nearest entry is found by binary search over the
+    midpoints of the sorted LUT instead: the same indices, O(weights) memory."""
+    import numpy as np
+    from coremltools.optimize import _utils as ou
+
+    original = ou.find_indices_for_lut
+
+    def lean(data, lut, vector_axis=None):
+        if lut.shape[-1] != 1 or any(d != 1 for d in lut.shape[:-2]) or len(lut.shape) != data.ndim + 2:
+            return original(data, lut, vector_axis)
+        table = lut.reshape(-1).astype(np.float64)
+        order = np.argsort(table, kind="stable")
+        sorted_t = table[order]
+        mids = (sorted_t[1:] + sorted_t[:-1]) / 2
+        pos = np.searchsorted(mids, data.astype(np.float64).ravel(), side="left")
+        nbits = int(np.log2(lut.shape[-2]))
+        return order[pos].reshape(data.shape).astype(ou.types.nptype_from_builtin(ou.types.string_to_builtin(f"uint{nbits}")))
+
+    ou.find_indices_for_lut = lean
+    try:
+        yield
+    finally:
+        ou.find_indices_for_lut = original
+
+
 def _to_coreml(config, spec, module, shapes: list):
     import coremltools as ct
     import numpy as np
@@ -272,9 +302,10 @@ def _to_coreml(config, spec, module, shapes: list):
         inputs.append(ct.TensorType(name=t.name, shape=shape, dtype=np.float32))
     target = getattr(ct.target, config.min_target)
     precision = ct.precision.FLOAT16 if config.precision is Precision.fp16 else ct.precision.FLOAT32
-    return ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=o.name, dtype=np.float32) for o in spec.outputs],
-                      convert_to="mlprogram", minimum_deployment_target=target, compute_precision=precision,
-                      skip_model_load=True)
+    with _lean_lut_indices():
+        return ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=o.name, dtype=np.float32) for o in spec.outputs],
+                          convert_to="mlprogram", minimum_deployment_target=target, compute_precision=precision,
+                          skip_model_load=True)
 
 
 def _describe(ml, config, name: str, spec, pipe) -> None:
