@@ -1,0 +1,28 @@
+"""`instaflow-edge demo --quick`: the whole recipe on digits, end to end, with every row of the table."""
+
+import json
+
+from typer.testing import CliRunner
+
+from instaflow_edge.cli import app
+
+
+def test_demo_quick_has_every_row(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--quick", "-o", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    rows = [(row["model"], row["steps"]) for row in res["rows"]]
+    assert rows == [
+        ("1-RF teacher", 1), ("1-RF teacher", 4), ("2-RF (reflow)", 1), ("2-RF (reflow)", 4),
+        ("1-RF + distill", 1), ("2-RF + distill (InstaFlow)", 1), ("real validation digits (ceiling)", None),
+    ]
+    for row in res["rows"]:
+        assert 0.0 <= row["prompt_accuracy"] <= 1.0 and row["digits_fid"] >= 0.0
+    assert res["rows"][-1]["prompt_accuracy"] > 0.9  # the judge reads real digits
+    for stage in ("base", "teacher-1rf", "pairs-1rf", "reflow-2rf", "pairs-2rf", "distill-1rf", "instaflow"):
+        assert (out / stage / "manifest.json").is_file(), stage
+    student = json.loads((out / "instaflow" / "manifest.json").read_text())
+    assert student["one_step"] and student["base_model"] == str(out / "reflow-2rf")
+    assert "| 2-RF + distill (InstaFlow) | 1 |" in (out / "results.md").read_text()
+    assert "2-RF + distill (InstaFlow)" in r.output
