@@ -114,6 +114,7 @@ def _save(cfg, accelerator, pipe, unet, result, info, stage: str, pairs, extra: 
     from ..artifacts import atomic_dir, make_manifest, sha256_tree, write_manifest
     from ..presets import count_params
     from .engine import training_summary
+    from .teacher import _end_distributed
 
     if accelerator.is_main_process:
         pipe.unet = unet.eval().requires_grad_(False)
@@ -167,9 +168,3 @@ def train_distill(config: DistillConfig) -> str:
     _save(config, accelerator, pipe, unet, result, info, "distill", pairs, {"one_step": True, "loss": config.loss})
     return os.fspath(config.output)
 
-
-def _end_distributed() -> None:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

@@ -61,12 +61,11 @@ class ReflowDataConfig:
     def validate(self) -> None:
         if (self.prompts is None) == (self.data is None):
             raise InputError("give exactly one prompt source", "pass --prompts FILE or --data digits|FOLDER")
+        from ..generate import _nonneg_int, _pos_int
+
         for name in ("num_pairs", "shard_size", "steps", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"{name} must be a positive integer, got {v!r}", f"pass --{name.replace('_', '-')} 1 or more")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}", "pass --seed 0 or larger")
+            _pos_int(name, getattr(self, name))
+        _nonneg_int("seed", self.seed)
         if not self.guidance >= 0:
             raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
         if self.scheduler not in SCHEDULERS:
