@@ -48,6 +48,9 @@ class EvalConfig:
     device: Device = Device.auto
     dtype: DType = DType.float32
     allow_pickle: bool = False
+    # measure a Core ML compression scheme (``convert --target coreml --compress``) in PyTorch
+    coreml_compress: str | None = None
+    target_bits: float | None = None
 
     def validate(self) -> None:
         from .generate import _nonneg_int, _pos_int
@@ -71,6 +74,15 @@ class EvalConfig:
             path = Path(self.json)
             if path.is_dir() or not path.parent.is_dir():
                 raise InputError(f"cannot write --json {path}", "pass a file path inside an existing folder")
+        if self.coreml_compress is not None or self.target_bits is not None:
+            from .errors import require
+
+            if self.real_only:
+                raise InputError("--coreml-compress needs a model, but --real was given", "drop one of them")
+            require("coremltools", "coreml")
+            from instaflow_edge.quantize.coreml import validate as validate_scheme
+
+            validate_scheme(self.coreml_compress, "iOS18", self.target_bits)
         self.device, self.dtype = Device(self.device), DType(self.dtype)
 
 
@@ -167,6 +179,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
 
         resolve_device(config.device.value)
         pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
+    compression = None
+    if config.coreml_compress is not None:
+        pipe, compression = _coreml_compressed(pipe, config)
     t0 = time.perf_counter()
     judge = load_judge(JudgeConfig(data_seed=config.data_seed), progress=progress)
     t_judge = time.perf_counter() - t0
@@ -181,6 +196,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         images, labels, info = generate_eval_images(pipe, config, progress)
         t_gen = time.perf_counter() - t1
         result["sampling"] = info
+        if compression is not None:
+            result["coreml_compression"] = compression
         result["generated"] = {**_accuracy(judge, images, labels), "fid": _fid(judge, images, ref_stats)}
     result["real"] = real
     result["seconds"] = {"judge": round(t_judge, 2), "generate": round(t_gen, 2),
@@ -188,6 +205,26 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     if config.json:
         _write_json(config, result)
     return result
+
+
+def _coreml_compressed(pipe, config: EvalConfig):
+    """``pipe`` with a Core ML compression scheme applied to its one-step components, as the converter
+    ships them. Core ML packages hold the one-step denoiser only, so the model must sample in one step."""
+    from instaflow_edge.quantize.coreml import compressed_pipeline
+
+    steps = config.steps or pipe.info.default_steps
+    if steps != 1:
+        raise InputError(f"--coreml-compress measures the one-step Core ML package, but this eval samples {steps} steps",
+                         "pass --steps 1 (a one-step model: a distilled student or a 2-rectified flow)")
+    import torch
+
+    if pipe.dtype != torch.float32:
+        raise InputError("--coreml-compress compresses float32 weights", "drop --dtype (float32 is the default)")
+    t, device = time.perf_counter(), pipe.device
+    pipe, reports = compressed_pipeline(pipe.to("cpu"), config.coreml_compress, config.target_bits)
+    pipe.to(device)
+    return pipe, {"scheme": config.coreml_compress, "target_bits": config.target_bits,
+                  "seconds": round(time.perf_counter() - t, 2), "components": reports}
 
 
 def _write_json(config: EvalConfig, result: dict) -> None:

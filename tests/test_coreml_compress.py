@@ -211,3 +211,19 @@ def test_lean_lut_indices_decode_like_coremltools(bits):
     assert ou.find_indices_for_lut is not None and got.dtype == ref.dtype and got.shape == ref.shape
     table = lut.reshape(-1)
     assert np.array_equal(table[got], table[ref])  # equal up to duplicate LUT entries (same value)
+
+
+def test_compressed_pipeline_compresses_every_component_and_leaves_the_source(tiny_pipe):
+    """What ``eval --coreml-compress`` scores: the one-step components as the converter compresses them."""
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    pipe, reports = cq.compressed_pipeline(tiny_pipe, "palettize-4")
+    assert set(reports) == {"text_encoder", "unet", "vae_decoder"} and all(r["layers"] > 0 for r in reports.values())
+    assert all(torch.equal(before[k], v) for k, v in tiny_pipe.unet.state_dict().items())
+    assert pipe.tokenizer is tiny_pipe.tokenizer and pipe.unet is not tiny_pipe.unet
+    layers = cq.compressed_layers(pipe.unet)
+    assert layers and set(layers.values()) == {"palettization"}
+    modules = dict(pipe.unet.named_modules())
+    for name in list(layers)[:5]:
+        assert modules[name].weight.unique().numel() <= 16, name  # 4 bits: a 16-entry palette
+    with pytest.raises(Exception, match="unknown --compress scheme"):
+        cq.compressed_pipeline(tiny_pipe, "palettize-3")

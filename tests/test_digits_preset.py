@@ -13,7 +13,7 @@ from instaflow_edge.data import eval_prompts
 from instaflow_edge.digits import DigitsPresetConfig, build_digits
 from instaflow_edge.presets import Built, InitConfig, count_params, init
 
-FAST = DigitsPresetConfig(vae_steps=4, vae_batch_size=8)
+FAST = DigitsPresetConfig(vae_steps=4, vae_batch_size=8, text_steps=3, text_batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +81,43 @@ def test_init_writes_vae_figures_into_manifest(tmp_path, monkeypatch):
     assert pipe.info.default_steps == 32
 
 
+def test_text_encoder_pretraining_separates_the_digits():
+    """A random CLIP text tower encodes the template, not the digit (same-digit prompts in different
+    templates are *less* alike than different digits in one template); the tiny-CLIP pretraining of the
+    build turns that around, and leaves the tower frozen."""
+    from instaflow_edge.data import prompt_vocabulary
+    from instaflow_edge.pipeline import ModelInfo
+    from instaflow_edge.presets import _assemble, _tokenizer
+
+    pipe = _assemble(0, _tokenizer(prompt_vocabulary()), digits.TEXT_CFG, digits.UNET_CFG, digits.VAE_CFG, ModelInfo())
+    info = digits.train_text_encoder(pipe, DigitsPresetConfig(text_steps=80, text_batch_size=64), 4, progress=False)
+    before, after = info["separation_before"], info["separation_after"]
+    assert before["different_digit_cosine"] > before["same_digit_cosine"]
+    assert after["same_digit_cosine"] > 0.8 and after["different_digit_cosine"] < 0.3, info
+    assert after == digits.prompt_separation(pipe)
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters()) and not pipe.text_encoder.training
+
+
+def test_text_steps_zero_keeps_the_random_tower(built):
+    from instaflow_edge.data import prompt_vocabulary
+    from instaflow_edge.pipeline import ModelInfo
+    from instaflow_edge.presets import _assemble, _tokenizer
+
+    pipe = _assemble(0, _tokenizer(prompt_vocabulary()), digits.TEXT_CFG, digits.UNET_CFG, digits.VAE_CFG, ModelInfo())
+    ref = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    info = digits.train_text_encoder(pipe, DigitsPresetConfig(text_steps=0), 4, progress=False)
+    assert info["steps"] == 0 and info["separation_after"] == info["separation_before"]
+    assert all(torch.equal(ref[k], v) for k, v in pipe.text_encoder.state_dict().items())
+    assert built.manifest["text_encoder_training"]["steps"] == FAST.text_steps
+
+
 def test_bad_config():
     from instaflow_edge.errors import InputError
 
     with pytest.raises(InputError, match="vae_steps"):
         build_digits(0, DigitsPresetConfig(vae_steps=0))
+    with pytest.raises(InputError, match="text_steps"):
+        build_digits(0, DigitsPresetConfig(text_steps=-1))
 
 
 @pytest.mark.slow

@@ -112,6 +112,33 @@ def test_eval_tiny_model_cli(tmp_path, tiny_dir, judge_cache):
     assert r2.exit_code == 0 and json.loads(out.read_text())["generated"] == g
 
 
+def test_eval_coreml_compression_cli(tmp_path, tiny_dir, judge_cache):
+    pytest.importorskip("coremltools")
+    out, plain = tmp_path / "c.json", tmp_path / "p.json"
+    r = runner.invoke(app, ["eval", str(tiny_dir), "-n", "20", "--coreml-compress", "palettize-4", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Core ML palettize-4" in r.output
+    m = json.loads(out.read_text())
+    comp = m["coreml_compression"]
+    assert comp["scheme"] == "palettize-4" and set(comp["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert runner.invoke(app, ["eval", str(tiny_dir), "-n", "20", "--json", str(plain)]).exit_code == 0
+    p = json.loads(plain.read_text())
+    assert "coreml_compression" not in p
+    assert m["generated"]["fid"] != p["generated"]["fid"]  # the compressed weights draw other images
+    assert m["real"] == p["real"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "{tiny}", "--coreml-compress", "palettize-3"], "unknown --compress scheme"),
+    (["eval", "{tiny}", "--coreml-compress", "int8", "--steps", "2"], "--steps 1"),
+    (["eval", "{tiny}", "--coreml-compress", "mixed-bit"], "--target-bits"),
+    (["eval", "--real", "--coreml-compress", "int8"], "needs a model"),
+])
+def test_eval_coreml_compression_bad_input(tmp_path, tiny_dir, judge_cache, args, needle):
+    pytest.importorskip("coremltools")
+    test_eval_bad_input_is_one_line(tmp_path, tiny_dir, judge_cache, args, needle)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["eval"], "no model given"),
     (["eval", "{tiny}", "--real"], "--real"),

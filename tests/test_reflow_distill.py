@@ -85,6 +85,32 @@ def test_reflow_then_distill_end_to_end(tmp_path, tiny_dir, pairs_dir):
     assert not torch.equal(a, b)
 
 
+def test_max_pairs_trains_on_a_prefix(tmp_path, tiny_dir, pairs_dir, monkeypatch):
+    """--max-pairs N: the stage sees the first N pairs only (and says so in its manifest)."""
+    from instaflow_edge.train import reflow
+
+    seen = []
+    real = reflow.PairsSource.__init__
+
+    def spy(self, pairs, pipe, cfg_dropout=0.0):
+        seen.append(pairs.noise.clone())
+        real(self, pairs, pipe, cfg_dropout)
+
+    monkeypatch.setattr(reflow.PairsSource, "__init__", spy)
+    common = dict(max_steps=1, batch_size=2, checkpoint_every=0, progress=False, cpu=True)
+    out = train_distill(DistillConfig(model=str(tiny_dir), pairs=str(pairs_dir), output=str(tmp_path / "st"),
+                                      max_pairs=3, **common))
+    assert torch.equal(seen[0], PairsDataset(pairs_dir).noise[:3])
+    assert json.loads((tmp_path / "st" / "manifest.json").read_text())["data"]["num_pairs"] == 3 and out
+    with pytest.raises(InputError, match="holds 8 pairs"):
+        train_reflow(ReflowConfig(model=str(tiny_dir), pairs=str(pairs_dir), output=str(tmp_path / "rf"),
+                                  max_pairs=9, **common))
+    with pytest.raises(InputError, match="max_pairs"):
+        train_reflow(ReflowConfig(model=str(tiny_dir), pairs=str(pairs_dir), output=str(tmp_path / "rf"),
+                                  max_pairs=0, **common))
+    assert not (tmp_path / "rf").exists()
+
+
 def test_bad_inputs(tmp_path, tiny_dir, pairs_dir):
     with pytest.raises(InputError, match="pairs folder"):
         train_reflow(ReflowConfig(model=str(tiny_dir), pairs=str(tmp_path / "nope"), output=str(tmp_path / "o")))

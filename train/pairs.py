@@ -40,6 +40,12 @@ class PairsDataset:
         self.input_ids = torch.cat(parts["input_ids"])
         self.seeds = torch.cat(parts["seeds"])
 
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` pairs (pair-count studies: a prefix of a set is a smaller set from the same
+        teacher and seeds)."""
+        self.noise, self.latents, self.input_ids, self.seeds = (t[:n] for t in (self.noise, self.latents, self.input_ids, self.seeds))
+        self.prompts = self.prompts[:n]
+
     def __len__(self) -> int:
         return len(self.noise)
 

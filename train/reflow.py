@@ -19,18 +19,34 @@ from .config import TrainConfig, _float, _int
 
 
 @dataclasses.dataclass(kw_only=True)
-class ReflowConfig(TrainConfig):
-    """Options of ``instaflow-edge train reflow``: the engine's plus the model and the pairs."""
+class PairsTrainConfig(TrainConfig):
+    """The engine's options plus what both pair-trained stages take: the model, the pairs and how many
+    of them to use."""
 
     model: str
     pairs: str
-    cfg_dropout: float = 0.0  # pairs made with guidance g encode the guided flow: no dropout by default
-    default_steps: int = 4  # the 2-RF is usable at 2–8 steps
+    max_pairs: int | None = None  # train on the first N pairs only (pair-count studies); None: all
     allow_pickle: bool = False
 
     def validate(self) -> None:
         super().validate()
-        _check_model_and_pairs(self)
+        if not isinstance(self.model, str) or not self.model:
+            raise InputError("no model given", "pass a pipeline folder or hub id as MODEL")
+        if not isinstance(self.pairs, str) or not Path(self.pairs).is_dir():
+            raise InputError(f"pairs folder {self.pairs} does not exist", "make it with `instaflow-edge train reflow-data`")
+        if self.max_pairs is not None:
+            _int("max_pairs", self.max_pairs, 1)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ReflowConfig(PairsTrainConfig):
+    """Options of ``instaflow-edge train reflow``: the engine's plus the model and the pairs."""
+
+    cfg_dropout: float = 0.0  # pairs made with guidance g encode the guided flow: no dropout by default
+    default_steps: int = 4  # the 2-RF is usable at 2–8 steps
+
+    def validate(self) -> None:
+        super().validate()
         _float("cfg_dropout", self.cfg_dropout, 0.0, 1.0, open_high=True)
         _int("default_steps", self.default_steps, 1)
 
@@ -39,30 +55,19 @@ LOSSES = ("l2", "pseudo-huber", "lpips")
 
 
 @dataclasses.dataclass(kw_only=True)
-class DistillConfig(TrainConfig):
+class DistillConfig(PairsTrainConfig):
     """Options of ``instaflow-edge train distill``: the engine's plus the loss."""
 
-    model: str
-    pairs: str
     loss: str = "l2"
     lpips_weights: str | None = None
-    allow_pickle: bool = False
 
     def validate(self) -> None:
         super().validate()
-        _check_model_and_pairs(self)
         if self.loss not in LOSSES:
             raise InputError(f"unknown distill loss {self.loss!r}", f"choose one of: {', '.join(LOSSES)}")
         if self.loss == "lpips" and not self.lpips_weights:
             raise InputError("--loss lpips needs LPIPS weights, which cannot be downloaded here",
                              "pass --lpips-weights FILE (lpips.LPIPS(net='vgg').state_dict()), or use --loss l2")
-
-
-def _check_model_and_pairs(cfg) -> None:
-    if not isinstance(cfg.model, str) or not cfg.model:
-        raise InputError("no model given", "pass a pipeline folder or hub id as MODEL")
-    if not isinstance(cfg.pairs, str) or not Path(cfg.pairs).is_dir():
-        raise InputError(f"pairs folder {cfg.pairs} does not exist", "make it with `instaflow-edge train reflow-data`")
 
 
 class PairsSource:
@@ -101,6 +106,11 @@ def _load(cfg, accelerator):
     pipe = load_pipeline(cfg.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
                          allow_pickle=cfg.allow_pickle)
     pairs = PairsDataset(cfg.pairs)
+    if cfg.max_pairs is not None:
+        if cfg.max_pairs > len(pairs):
+            raise InputError(f"--max-pairs {cfg.max_pairs} but {cfg.pairs} holds {len(pairs)} pairs",
+                             f"pass --max-pairs {len(pairs)} or less, or make more pairs")
+        pairs.truncate(cfg.max_pairs)
     shape = tuple(pairs.noise.shape[1:])
     want = (pipe.unet.config.in_channels, pipe.default_size // pipe.vae_scale_factor,
             pipe.default_size // pipe.vae_scale_factor)

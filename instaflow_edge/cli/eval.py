@@ -22,13 +22,16 @@ def eval_command(
     device: Device = typer.Option(Device.auto, "--device", help="auto picks cuda, then mps, then cpu."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model dtype."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
+    coreml_compress: Optional[str] = typer.Option(None, "--coreml-compress", help="Score a one-step model with a Core ML compression scheme applied in PyTorch, exactly as `convert --target coreml --compress` ships it (palettize-4|palettize-6|palettize-8|int8|prune-50|prune-2:4|mixed-bit, and the joint ones)."),
+    target_bits: Optional[float] = typer.Option(None, "--target-bits", help="With --coreml-compress mixed-bit: average bits per weight."),
 ) -> None:
     """Generate the fixed digit prompt set with fixed seeds and score it with the digits judge."""
     from ..evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(model=model, steps=steps, guidance=guidance, num_images=num_images, seed=seed,
                      batch_size=batch_size, real_only=real, json=str(json_path) if json_path else None,
-                     device=device, dtype=dtype, allow_pickle=allow_pickle)
+                     device=device, dtype=dtype, allow_pickle=allow_pickle,
+                     coreml_compress=coreml_compress, target_bits=target_bits)
     result = evaluate(cfg)
     print_table(result)
     if json_path:
@@ -43,7 +46,9 @@ def print_table(result: dict) -> None:
     rows = []
     if "generated" in result:
         s = result["sampling"]
-        rows.append((f"{result['model']} ({s['steps']} step{'s' * (s['steps'] != 1)}, guidance {s['guidance']:g})",
+        comp = result.get("coreml_compression")
+        tag = f", Core ML {comp['scheme']}" if comp else ""
+        rows.append((f"{result['model']} ({s['steps']} step{'s' * (s['steps'] != 1)}, guidance {s['guidance']:g}{tag})",
                      result["generated"], result["generated"]["n"]))
     real = result["real"]
     rows.append(("real digits (ceiling)", real, real["fid_n"]))
@@ -56,6 +61,12 @@ def print_table(result: dict) -> None:
                       *["-" if a is None else f"{a:.2f}" for a in r["per_digit"]])
     console = Console(width=max(140, Console().width))
     console.print(table)
+    comp = result.get("coreml_compression")
+    if comp:
+        bits = f" at {comp['target_bits']:g} bits/weight" if comp.get("target_bits") else ""
+        layers = ", ".join(f"{k} {v['layers']}" for k, v in comp["components"].items())
+        console.print(f"Core ML {comp['scheme']}{bits}, applied in PyTorch as `convert --target coreml` ships it "
+                      f"(compressed layers: {layers}).", soft_wrap=True)
     console.print(f"ceiling: accuracy on the {real['n']} held-out validation digits; FID of {real['fid_n']} real "
                   f"train-split digits vs the validation set (two validation halves: {real['fid_val_halves']:.2f}). "
                   f"Judge validation accuracy {result['judge']['val_accuracy']:.3f}. "

@@ -89,6 +89,7 @@ def reflow_command(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output pipeline folder."),
     cfg_dropout: float = typer.Option(0.0, "--cfg-dropout", help="Share of prompts replaced by '' (for guidance with the 2-RF)."),
     default_steps: int = typer.Option(4, "--default-steps", help="Euler steps that generate/eval use by default for the 2-RF."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Train on the first N pairs only (default: all)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights in MODEL."),
 ) -> None:
     """Train a 2-rectified flow on fixed teacher pairs (straightens the flow)."""
@@ -105,6 +106,7 @@ def distill_command(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output one-step pipeline folder."),
     loss: str = typer.Option("l2", "--loss", help="l2 | pseudo-huber | lpips (image space, needs --lpips-weights)."),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="File with lpips.LPIPS(net='vgg').state_dict() (safetensors)."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Train on the first N pairs only (default: all)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (MODEL, LPIPS)."),
 ) -> None:
     """Distil a one-step generator: loss between z + v(z, τ=1000) and the teacher's x1."""

@@ -1,0 +1,74 @@
+"""What each Core ML compression scheme does to a trained one-step digits model, by the digits eval.
+
+For the model as it is (fp32) and for every scheme of ``convert --target coreml --compress`` (applied in
+PyTorch exactly as the converter ships it: ``eval --coreml-compress``), prompt accuracy and digits-FID
+at one step over the same fixed prompts and seeds; the same images' PSNR against the fp32 model's images
+says how far each scheme moves the output. Core ML cannot run here (Linux), so these are the PyTorch
+figures of the compressed weights — what the package holds, decompressed — not Core ML's own runtime.
+
+    .venv/bin/python -m instaflow_edge.bench.coreml_digits_eval runs/demo/instaflow \\
+        --json bench/results/coreml_digits_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ..artifacts import atomic_write_text, make_manifest
+    from ..convert.parity import psnr
+    from ..envinfo import collect
+    from ..evaluate import EvalConfig, _accuracy, _fid, _coreml_compressed, generate_eval_images, real_ceiling
+    from ..judge import JudgeConfig, load_judge
+    from ..pipeline import load_pipeline
+    from ..quantize.coreml import SCHEMES
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="a one-step digits pipeline (e.g. the demo's instaflow student)")
+    ap.add_argument("--json", default="bench/results/coreml_digits_eval.json")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--target-bits", type=float, default=4.0, help="for mixed-bit")
+    ap.add_argument("--num-images", type=int, default=1000)
+    args = ap.parse_args(argv)
+
+    judge = load_judge(JudgeConfig())
+    real, ref_stats = real_ceiling(judge, args.num_images)
+    base = load_pipeline(args.model, "cpu", "float32")
+    rows, reference = [], None
+    for name in ["fp32", *args.schemes.split(",")]:
+        cfg = EvalConfig(model=args.model, steps=1, num_images=args.num_images, device="cpu",
+                         coreml_compress=None if name == "fp32" else name,
+                         target_bits=args.target_bits if name == "mixed-bit" else None)
+        cfg.validate()
+        t0 = time.perf_counter()
+        pipe, comp = (base, None) if name == "fp32" else _coreml_compressed(base, cfg)
+        images, labels, _ = generate_eval_images(pipe, cfg, progress=False)
+        reference = images if reference is None else reference
+        row = {"scheme": name, **{k: v for k, v in _accuracy(judge, images, labels).items() if k != "per_digit"},
+               "fid": _fid(judge, images, ref_stats),
+               "psnr_vs_fp32_db": None if name == "fp32" else round(psnr(reference, images), 2),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        if comp:
+            row["layers_compressed"] = {k: v["layers"] for k, v in comp["components"].items()}
+            if name == "mixed-bit":
+                row["target_bits"] = args.target_bits
+        rows.append(row)
+        print(f"{name:22s} accuracy {row['accuracy']:.3f}  FID {row['fid']:7.2f}  "
+              f"PSNR vs fp32 {row['psnr_vs_fp32_db'] if row['psnr_vs_fp32_db'] is not None else '-'}", flush=True)
+    result = {"machine": {k: v for k, v in collect().items() if k in ("cpu", "torch_threads", "platform")},
+              "model": args.model, "num_images": args.num_images, "steps": 1, "rows": rows,
+              "ceiling": {"accuracy": real["accuracy"], "fid": real["fid"]}}
+    atomic_write_text(args.json, json.dumps(make_manifest("bench", None, name="coreml_digits_eval", **result), indent=2) + "\n")
+    print("| scheme | prompt accuracy | digits-FID | image PSNR vs fp32 (dB) |\n|---|---:|---:|---:|")
+    for r in rows:
+        p = "–" if r["psnr_vs_fp32_db"] is None else f"{r['psnr_vs_fp32_db']:.1f}"
+        print(f"| {r['scheme']} | {r['accuracy']:.3f} | {r['fid']:.2f} | {p} |")
+    print(f"| real digits (ceiling) | {real['accuracy']:.3f} | {real['fid']:.2f} | |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
