@@ -87,6 +87,28 @@ def compress(module, name: str, example_inputs: tuple, target_bits: float | None
     return m, {**rep, "skipped_unused_layers": len(skip)}
 
 
+# which pipeline attribute each one-step component wraps (TextEncoderComponent.text_encoder, ...)
+_WRAPPED = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
+
+
+def compressed_pipeline(pipe, name: str, target_bits: float | None = None):
+    """A copy of ``pipe`` whose one-step components (text encoder, one-step denoiser, VAE decoder) carry
+    scheme ``name``'s weights exactly as ``convert --target coreml --compress NAME`` compresses them
+    (same compressor, same example inputs), so ``eval``/``generate`` measure the scheme's effect on
+    quality in PyTorch. ``pipe`` is not modified. Returns ``(pipeline, {component: report})``."""
+    from ..convert.specs import COMPONENTS, ONE_STEP, Sizes
+
+    validate(name, "iOS18", target_bits)
+    out = dataclasses.replace(pipe)
+    sizes = Sizes.of(pipe, batch=1)
+    reports = {}
+    for comp in ONE_STEP:
+        spec = COMPONENTS[comp]
+        m, reports[comp] = compress(spec.module(pipe), name, spec.example_inputs(pipe, sizes), target_bits)
+        setattr(out, _WRAPPED[comp], getattr(m, _WRAPPED[comp]).eval())
+    return out, reports
+
+
 def unused_layers(module, example_inputs) -> list[str]:
     """Weight layers (Linear, Conv, Embedding) to leave uncompressed: those a forward pass does not
     call, and those whose output does not depend on the inputs (the one-step UNet's time embedding at
