@@ -14,7 +14,9 @@ from typing import Callable
 
 from .errors import InputError
 
-PresetBuilder = Callable[[int], "object"]  # seed -> Pipeline, or Built when it adds manifest fields
+# build(seed, progress=True, **options) -> Pipeline, or Built when it adds manifest fields; ``progress``
+# shows bars for builds that train something (digits), others ignore it
+PresetBuilder = Callable[..., "object"]
 
 
 @dataclasses.dataclass
@@ -96,7 +98,7 @@ def _assemble(seed: int, tokenizer, text_cfg: dict, unet_cfg: dict, vae_cfg: dic
 
 
 @preset("tiny", "seconds-scale SD-architecture pipeline for tests: 64×64 images, one step")
-def build_tiny(seed: int):
+def build_tiny(seed: int, progress: bool = True):
     from .pipeline import ModelInfo
     from .tokenizer import PROMPT_WORDS
 
@@ -126,7 +128,7 @@ SD15_PARAMS = {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_8
 
 @preset("sd15", "the full SD1.5 / InstaFlow-0.9B architecture at 512×512 (random weights, ~1.07 B params)",
         param_counts=SD15_PARAMS)
-def build_sd15(seed: int):
+def build_sd15(seed: int, progress: bool = True):
     from .pipeline import ModelInfo
     from .tokenizer import PROMPT_WORDS
 
@@ -150,10 +152,10 @@ def build_sd15(seed: int):
 
 @preset("digits", "the digits demo's base model: 32×32, VAE trained here on the bundled digits, random UNet "
                   "(minutes on a CPU)")
-def build_digits(seed: int, **options):
+def build_digits(seed: int, progress: bool = True, **options):
     from .digits import DigitsPresetConfig, build_digits
 
-    return build_digits(seed, DigitsPresetConfig(**options) if options else None)
+    return build_digits(seed, DigitsPresetConfig(**options) if options else None, progress=progress)
 
 
 @dataclasses.dataclass
@@ -165,6 +167,7 @@ class InitConfig:
     seed: int = 0
     force: bool = False
     options: dict = dataclasses.field(default_factory=dict)  # builder keywords (e.g. digits: vae_steps)
+    progress: bool = True
 
     def validate(self) -> None:
         get_preset(self.preset)
@@ -180,7 +183,7 @@ def init(config: InitConfig) -> str:
     check_output(config.output, config.force)  # fail before minutes of building
     spec = get_preset(config.preset)
     try:
-        built = spec.build(config.seed, **config.options)
+        built = spec.build(config.seed, progress=config.progress, **config.options)
     except TypeError as e:
         if not config.options:
             raise

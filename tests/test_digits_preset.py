@@ -67,10 +67,12 @@ def test_same_seed_same_weights(built):
     assert again.manifest["vae_training"]["val_psnr_db"] == built.manifest["vae_training"]["val_psnr_db"]
 
 
-def test_init_writes_vae_figures_into_manifest(tmp_path, monkeypatch):
+def test_init_writes_vae_figures_into_manifest(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(digits, "DigitsPresetConfig", lambda: FAST)
     out = tmp_path / "d"
-    init(InitConfig(preset="digits", output=str(out), seed=1))
+    init(InitConfig(preset="digits", output=str(out), seed=1, progress=False))
+    err = capfd.readouterr().err
+    assert "digits VAE" not in err and "text encoder" not in err  # --no-progress: no bars
     m = json.loads((out / "manifest.json").read_text())
     assert m["preset"] == "digits" and m["model"]["default_steps"] == 32
     assert m["vae_training"]["steps"] == FAST.vae_steps and "val_psnr_db" in m["vae_training"]

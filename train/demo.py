@@ -40,9 +40,9 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile(vae_steps=600, text_steps=300, teacher_steps=600, teacher_batch=128, num_pairs=3000, pair_steps=32,
-                    pair_guidance=1.5, reflow_steps=600, distill_steps=400, stage_batch=128, eval_images=1000,
-                    multi_steps=32),
+    "full": Profile(vae_steps=600, text_steps=300, teacher_steps=1100, teacher_batch=128, num_pairs=3000,
+                    pair_steps=32, pair_guidance=1.0, reflow_steps=600, distill_steps=300, stage_batch=128,
+                    eval_images=1000, multi_steps=32),
     "quick": Profile(vae_steps=60, text_steps=40, teacher_steps=50, teacher_batch=64, num_pairs=128, pair_steps=4,
                      pair_guidance=1.5, reflow_steps=20, distill_steps=20, stage_batch=64, eval_images=50,
                      multi_steps=4),
@@ -119,8 +119,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
         """A training stage: continues from its work dir's latest checkpoint after a crash."""
         return stage(name, lambda o: make(o, resume="latest"))
 
-    base = stage("base", lambda o: init(InitConfig(preset="digits", output=o, seed=config.seed,
-                                                   options={"vae_steps": P.vae_steps, "text_steps": P.text_steps})))
+    base = stage("base", lambda o: init(InitConfig(
+        preset="digits", output=o, seed=config.seed, progress=config.progress,
+        options={"vae_steps": P.vae_steps, "text_steps": P.text_steps})))
     teacher = trained("teacher-1rf", lambda o, resume: train_teacher(TeacherConfig(
         model=base, data="digits", output=o, max_steps=P.teacher_steps, batch_size=P.teacher_batch,
         resume=resume, **engine)))
