@@ -270,14 +270,33 @@ def test_token_id_path_matches_cached_embeddings(tiny_pipe):
     latents, index = torch.randn(6, 4, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     cached = TeacherSource(latents, index, prompts, tiny_pipe, cfg_dropout=0.5)
     on_the_fly = TeacherSource(latents, index, prompts, tiny_pipe, cfg_dropout=0.5, max_cached_prompts=2)
-    assert cached.embeddings is not None and on_the_fly.embeddings is None
+    assert cached.conditioning.embeddings is not None and on_the_fly.conditioning.embeddings is None
     idx = torch.tensor([0, 1, 2, 3, 4, 5])
     a = cached.get(idx, StepRandom(1, 0, 0, 6, 6), "cpu")
     b = on_the_fly.get(idx, StepRandom(1, 0, 0, 6, 6), "cpu")
     assert torch.equal(a["x1"], b["x1"]) and torch.allclose(a["cond"], b["cond"], atol=1e-6)
     dropped = StepRandom(1, 0, 0, 6, 6).uniform() < 0.5
     assert 0 < dropped.sum() < 6  # both kinds of rows are checked
-    assert torch.allclose(a["cond"][dropped], cached.empty.expand(int(dropped.sum()), -1, -1))
+    assert torch.allclose(a["cond"][dropped], cached.conditioning.empty.expand(int(dropped.sum()), -1, -1))
+
+
+def test_pairs_source_token_id_path_matches_cached_embeddings(tiny_pipe):
+    """Reflow/distill on a pair set with more unique prompts than the cache holds: the same conditioning."""
+    from types import SimpleNamespace
+
+    from instaflow_edge.train.reflow import PairsSource
+
+    ids = tiny_pipe.tokenize(["a red fox", "a blue whale", "a cat", "a red fox"])
+    pairs = SimpleNamespace(noise=torch.randn(4, 4, 8, 8), latents=torch.randn(4, 4, 8, 8), input_ids=ids)
+    cached = PairsSource(pairs, tiny_pipe, cfg_dropout=0.5)
+    on_the_fly = PairsSource(pairs, tiny_pipe, cfg_dropout=0.5, max_cached_prompts=2)
+    assert cached.conditioning.embeddings.shape[0] == 3 and on_the_fly.conditioning.embeddings is None
+    idx = torch.tensor([0, 1, 2, 3])
+    a = cached.get(idx, StepRandom(2, 0, 0, 4, 4), "cpu")
+    b = on_the_fly.get(idx, StepRandom(2, 0, 0, 4, 4), "cpu")
+    assert torch.equal(a["z"], b["z"]) and torch.allclose(a["cond"], b["cond"], atol=1e-6)
+    keep = ~(StepRandom(2, 0, 0, 4, 4).uniform() < 0.5)
+    assert torch.equal(a["cond"][0], a["cond"][3]) or not (keep[0] and keep[3])  # same prompt, same row
 
 
 def test_work_dir_with_checkpoints_needs_resume_or_force(tmp_path):

@@ -72,30 +72,25 @@ class DistillConfig(PairsTrainConfig):
 
 class PairsSource:
     """Fixed (z, x1) pairs and their prompt conditioning (frozen text encoder, one embedding per unique
-    prompt); ``cfg_dropout`` replaces prompts by "" as for the teacher."""
+    prompt: ``conditioning.PromptConditioning``); ``cfg_dropout`` replaces prompts by "" as for the teacher."""
 
-    def __init__(self, pairs, pipe, cfg_dropout: float = 0.0):
+    def __init__(self, pairs, pipe, cfg_dropout: float = 0.0, max_cached_prompts: int | None = None):
         import torch
 
-        from ..generator import encode_prompts
+        from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 
         self.z, self.x1 = pairs.noise, pairs.latents
         uniq, self.prompt_index = torch.unique(pairs.input_ids, dim=0, return_inverse=True)
-        with torch.no_grad():
-            self.embeddings = torch.cat([pipe.text_encoder(uniq[i:i + 256].to(pipe.device), return_dict=False)[0]
-                                         .float().cpu() for i in range(0, len(uniq), 256)])
-        self.empty = encode_prompts(pipe, [""])[0].float().cpu()
+        self.conditioning = PromptConditioning(pipe, uniq, max_cached_prompts or MAX_CACHED_PROMPTS)
         self.cfg_dropout = cfg_dropout
 
     def __len__(self) -> int:
         return len(self.z)
 
     def get(self, indices, rnd, device) -> dict:
-        import torch
-
         drop = rnd.uniform() < self.cfg_dropout  # drawn even at 0 so the random stream never shifts
-        cond = torch.where(drop[:, None, None], self.empty, self.embeddings[self.prompt_index[indices]])
-        return {"z": self.z[indices].to(device), "x1": self.x1[indices].to(device), "cond": cond.to(device)}
+        return {"z": self.z[indices].to(device), "x1": self.x1[indices].to(device),
+                "cond": self.conditioning.cond(self.prompt_index[indices], drop, device)}
 
 
 def _load(cfg, accelerator):

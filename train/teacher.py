@@ -47,48 +47,25 @@ class TeacherConfig(TrainConfig):
 
 
 class TeacherSource:
-    """Cached latents ``x1`` and prompt conditioning; ``get`` applies the prompt dropout.
-
-    Prompt embeddings are kept per unique prompt (a digits-sized prompt set costs almost nothing); when
-    a dataset has more than ``max_cached_prompts`` unique prompts, token ids are kept and the frozen
-    text encoder runs per batch instead.
-    """
+    """Cached latents ``x1`` and prompt conditioning (``conditioning.PromptConditioning``); ``get``
+    applies the prompt dropout."""
 
     def __init__(self, latents, prompt_index, prompts: list[str], pipe, cfg_dropout: float,
-                 max_cached_prompts: int = 4096):
-        import torch
-
-        from ..generator import encode_prompts
+                 max_cached_prompts: int | None = None):
+        from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 
         self.latents = latents
         self.prompt_index = prompt_index
         self.cfg_dropout = cfg_dropout
-        self.text_encoder = None
-        self.empty = encode_prompts(pipe, [""])[0].float().cpu()
-        if len(prompts) <= max_cached_prompts:
-            self.embeddings = torch.cat([encode_prompts(pipe, prompts[i:i + 256]).float().cpu()
-                                         for i in range(0, len(prompts), 256)])
-        else:
-            self.embeddings = None
-            self.token_ids = pipe.tokenize(prompts)
-            self.text_encoder = pipe.text_encoder
-            self.empty_ids = pipe.tokenize([""])[0]
+        self.conditioning = PromptConditioning(pipe, pipe.tokenize(prompts), max_cached_prompts or MAX_CACHED_PROMPTS)
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def get(self, indices, rnd, device) -> dict:
-        import torch
-
         drop = rnd.uniform() < self.cfg_dropout  # drawn even at 0 so the random stream never shifts
-        pidx = self.prompt_index[indices]
-        if self.embeddings is not None:
-            cond = torch.where(drop[:, None, None], self.empty, self.embeddings[pidx])
-        else:
-            ids = torch.where(drop[:, None], self.empty_ids, self.token_ids[pidx])
-            with torch.no_grad():
-                cond = self.text_encoder(ids.to(self.text_encoder.device), return_dict=False)[0].float()
-        return {"x1": self.latents[indices].to(device), "cond": cond.to(device)}
+        return {"x1": self.latents[indices].to(device),
+                "cond": self.conditioning.cond(self.prompt_index[indices], drop, device)}
 
 
 def load_dataset(config: TeacherConfig, size: int):
