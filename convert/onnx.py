@@ -172,6 +172,7 @@ def optimize_component(name: str, path: Path, mode: Optimize) -> dict:
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # "symbolic shape inference disabled"
+    path = Path(path).resolve()  # the optimizer runs in a scratch working directory
     fo = FusionOptions(_MODEL_TYPE[name])
     fo.enable_shape_inference = False  # at SD1.5 scale shape inference copies the model: 16 GiB peak
     if mode is Optimize.cpu:

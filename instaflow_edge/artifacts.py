@@ -46,7 +46,8 @@ def atomic_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]
     """
     target = check_output(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # absolute: writers may run tools inside a scratch working directory (onnxruntime's optimizer)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent.resolve()))
     try:
         yield tmp
         if target.exists():  # force: move the old one aside first so the swap is short

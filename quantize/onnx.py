@@ -88,6 +88,7 @@ def _int8_dynamic(src: Path, dst: Path, component: str, folder: Path, prompts: l
     from ..convert import onnx_io
 
     onnx_io.check_model_file(src)
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # the quantizer runs in a scratch working directory
     with onnx_io.scratch_cwd():
         quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
                          op_types_to_quantize=DYNAMIC_OP_TYPES, use_external_data_format=_big(src),
@@ -102,6 +103,7 @@ def _int8_static(src: Path, dst: Path, component: str, folder: Path, prompts: li
     from ..convert import onnx_io
 
     onnx_io.check_model_file(src)
+    src, dst, folder = Path(src).resolve(), Path(dst).resolve(), Path(folder).resolve()
     with onnx_io.scratch_cwd() as tmp:
         cache = tmp / "ranges.json"
         calibrate_in_subprocess(folder, component, src, cache, prompts)

@@ -124,6 +124,20 @@ def test_standalone_quantize(fp32_export, tmp_path, scheme):
     assert _ops(out / "vae_decoder" / "model.onnx") == _ops(fp32_export / "vae_decoder" / "model.onnx")
 
 
+def test_relative_paths(fp32_export, tiny_dir, tmp_path, monkeypatch):
+    """onnxruntime's optimizer and quantizer run in a scratch working directory: relative output and
+    source folders must still work (they once failed with a traceback)."""
+    shutil.copytree(fp32_export, tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    r = run("convert", tiny_dir, "--target", "onnx", "-o", "rel-export")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rel-export" / "unet" / "model.onnx").is_file()
+    for scheme in ("int8-dynamic", "int8-static"):
+        r = run("quantize", "src", "--scheme", scheme, "-o", f"rel-{scheme}")
+        assert r.exit_code == 0, r.output
+        assert manifest(tmp_path / f"rel-{scheme}")["quantize"]["scheme"] == scheme
+
+
 def test_generate_onnx_matches_torch(fp32_export, int8_export, tiny_dir, tmp_path):
     from PIL import Image
 
