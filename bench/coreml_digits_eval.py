@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ..artifacts import atomic_write_text, make_manifest
     from ..convert.parity import psnr
     from ..envinfo import collect
-    from ..evaluate import EvalConfig, _accuracy, _fid, _coreml_compressed, generate_eval_images, real_ceiling
+    from ..evaluate import EvalConfig, _accuracy, _fid, coreml_compressed, generate_eval_images, real_ceiling
     from ..judge import JudgeConfig, load_judge
     from ..pipeline import load_pipeline
     from ..quantize.coreml import SCHEMES
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
                          target_bits=args.target_bits if name == "mixed-bit" else None)
         cfg.validate()
         t0 = time.perf_counter()
-        pipe, comp = (base, None) if name == "fp32" else _coreml_compressed(base, cfg)
+        pipe, comp = (base, None) if name == "fp32" else coreml_compressed(base, cfg)
         images, labels, _ = generate_eval_images(pipe, cfg, progress=False)
         reference = images if reference is None else reference
         row = {"scheme": name, **{k: v for k, v in _accuracy(judge, images, labels).items() if k != "per_digit"},

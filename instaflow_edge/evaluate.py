@@ -181,7 +181,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
     compression = None
     if config.coreml_compress is not None:
-        pipe, compression = _coreml_compressed(pipe, config)
+        pipe, compression = coreml_compressed(pipe, config)
     t0 = time.perf_counter()
     judge = load_judge(JudgeConfig(data_seed=config.data_seed), progress=progress)
     t_judge = time.perf_counter() - t0
@@ -207,7 +207,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     return result
 
 
-def _coreml_compressed(pipe, config: EvalConfig):
+def coreml_compressed(pipe, config: EvalConfig):
     """``pipe`` with a Core ML compression scheme applied to its one-step components, as the converter
     ships them. Core ML packages hold the one-step denoiser only, so the model must sample in one step."""
     from instaflow_edge.quantize.coreml import compressed_pipeline
