@@ -262,3 +262,45 @@ def test_multi_step_flow_exports_velocity_unet(tiny_dir, tmp_path):
         assert manifest(tmp_path / backend)["sampling"]["steps"] == 4
         imgs[backend] = np.asarray(Image.open(next((tmp_path / backend).glob("*.png"))), dtype=np.float64)
     assert np.abs(imgs["torch"] - imgs["onnx"]).max() <= 1.5
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_attention_rewritten_to_multihead_attention(bias):
+    """--optimize cpu turns packed-QKV Attention into 3 MatMuls + MultiHeadAttention: same outputs,
+    fewer dead weights; causal (unidirectional) Attention is left alone."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from instaflow_edge.convert.onnx import attention_to_mha
+
+    c, heads, s = 32, 4, 10
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((c, 3 * c)) / np.sqrt(c)).astype(np.float32)
+    b = (rng.standard_normal(3 * c) if bias else np.zeros(3 * c)).astype(np.float32)
+
+    def model(**attrs):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", c])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", c])
+        node = helper.make_node("Attention", ["x", "w", "b"], ["y"], name="att", domain="com.microsoft",
+                                num_heads=heads, **attrs)
+        m = helper.make_model(helper.make_graph([node], "g", [x], [y], [numpy_helper.from_array(w, "w"),
+                                                                         numpy_helper.from_array(b, "b")]),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        m.ir_version = 9
+        return m
+
+    def run(m, x):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    x = rng.standard_normal((2, s, c)).astype(np.float32)
+    m = model()
+    ref = run(m, x)
+    assert attention_to_mha(m) == 1
+    onnx.checker.check_model(m)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops == ["MatMul", "MatMul", "MatMul", "MultiHeadAttention"]
+    assert {t.name for t in m.graph.initializer} == {"att_q_weight", "att_k_weight", "att_v_weight"} | ({"b"} if bias else set())
+    np.testing.assert_allclose(run(m, x), ref, atol=1e-5)
+    causal = model(unidirectional=1)
+    assert attention_to_mha(causal) == 0 and [n.op_type for n in causal.graph.node] == ["Attention"]
