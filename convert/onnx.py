@@ -259,9 +259,9 @@ def attention_to_mha(model) -> int:
         count += 1
     if count:
         dead = {name for name, n in uses.items() if n == 0 and name in inits}
-        keep = [t for t in graph.initializer if t.name not in dead]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        for i in reversed(range(len(graph.initializer))):  # in place: a rebuilt list copies every weight (GBs)
+            if graph.initializer[i].name in dead:
+                del graph.initializer[i]
         del graph.node[:]
         graph.node.extend(new_nodes)
     return count
