@@ -18,7 +18,6 @@ all fp32, same inputs, outputs checked against each other, threads pinned; media
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -111,8 +110,7 @@ def run(tokens: int, c: int, threads: int, warmup: int, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..artifacts import atomic_write_text, make_manifest
-    from ..envinfo import collect
+    from .common import machine, save_result
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="4096,1024", help="sequence lengths (SD1.5 at 512²: 4096, 1024, 256, 64)")
@@ -128,9 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, row in r["runtimes"].items():
             print(f"{r['tokens']:6d} {name:24s} {1000 * row['median_s']:10.1f} {r['gflop'] / row['median_s']:8.1f} "
                   f"{row['speedup_vs_ort_attention']:15.2f}× {row.get('max_abs_vs_torch', 0.0):17.2e}")
-    out = {"machine": {k: v for k, v in collect().items() if k in ("cpu", "platform")}, "threads": args.threads,
+    out = {"machine": machine(), "threads": args.threads,
            "repeats": args.repeats, "results": results}
-    atomic_write_text(args.output, json.dumps(make_manifest("bench", None, name="attention_kernels", **out), indent=2) + "\n")
+    save_result(args.output, "attention_kernels", out)
     print(f"wrote {args.output}")
     return out
 

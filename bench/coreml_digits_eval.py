@@ -13,14 +13,12 @@ figures of the compressed weights — what the package holds, decompressed — n
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..artifacts import atomic_write_text, make_manifest
     from ..convert.parity import psnr
-    from ..envinfo import collect
+    from .common import machine, save_result
     from ..evaluate import EvalConfig, _accuracy, _fid, coreml_compressed, generate_eval_images, real_ceiling
     from ..judge import JudgeConfig, load_judge
     from ..pipeline import load_pipeline
@@ -58,10 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"{name:22s} accuracy {row['accuracy']:.3f}  FID {row['fid']:7.2f}  "
               f"PSNR vs fp32 {row['psnr_vs_fp32_db'] if row['psnr_vs_fp32_db'] is not None else '-'}", flush=True)
-    result = {"machine": {k: v for k, v in collect().items() if k in ("cpu", "torch_threads", "platform")},
+    result = {"machine": machine(),
               "model": args.model, "num_images": args.num_images, "steps": 1, "rows": rows,
               "ceiling": {"accuracy": real["accuracy"], "fid": real["fid"]}}
-    atomic_write_text(args.json, json.dumps(make_manifest("bench", None, name="coreml_digits_eval", **result), indent=2) + "\n")
+    save_result(args.json, "coreml_digits_eval", result)
     print("| scheme | prompt accuracy | digits-FID | image PSNR vs fp32 (dB) |\n|---|---:|---:|---:|")
     for r in rows:
         p = "–" if r["psnr_vs_fp32_db"] is None else f"{r['psnr_vs_fp32_db']:.1f}"

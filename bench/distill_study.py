@@ -48,9 +48,9 @@ def warmup_steps(steps: int) -> int:
 def run_one(demo: Path, work: Path, source: str, pairs: int, steps: int, seed: int, num_images: int,
             batch_size: int, learning_rate: float) -> dict:
     """Distil one student (or reuse a finished one) and evaluate it at one step."""
-    from ..artifacts import atomic_write_text
     from ..evaluate import EvalConfig, evaluate
     from ..train.reflow import DistillConfig, train_distill
+    from .common import save_json
 
     model, pair_dir = SOURCES[source]
     run = work / "runs" / f"{source}-n{pairs}-s{steps}-seed{seed}"
@@ -71,7 +71,7 @@ def run_one(demo: Path, work: Path, source: str, pairs: int, steps: int, seed: i
     out = {"source": source, "pairs": pairs, "distill_steps": steps, "warmup_steps": warmup, "seed": seed,
            "accuracy": r["generated"]["accuracy"], "fid": r["generated"]["fid"],
            "train_seconds": round(t_train, 1), "ceiling_fid": r["real"]["fid"]}
-    atomic_write_text(result_path, json.dumps(out, indent=2) + "\n")
+    save_json(result_path, out)
     return out
 
 
@@ -114,9 +114,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
-    from ..artifacts import atomic_write_text, make_manifest
-    from ..envinfo import collect
     from ..errors import InputError
+    from .common import machine, save_result
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("demo", help="a finished `instaflow-edge demo` output folder")
@@ -142,11 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*/eval.json"))]
     rows = summarize(runs)
     demo_results = demo / "results.json"
-    result = {"machine": {k: v for k, v in collect().items() if k in ("cpu", "memory_gib", "torch_threads", "platform")},
+    result = {"machine": machine(),
               "demo": str(demo), "demo_settings": json.loads(demo_results.read_text())["settings"] if demo_results.is_file() else None,
               "num_images": args.num_images, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
               "rows": rows, "runs": runs}
-    atomic_write_text(args.json, json.dumps(make_manifest("bench", None, name="distill_study", **result), indent=2) + "\n")
+    save_result(args.json, "distill_study", result)
     print(markdown(rows))
     return result
 

@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from .common import save_json
+
 STAGES = ("text_encoder", "unet", "vae_decoder")
 
 
@@ -255,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--device cuda: no CUDA GPU is visible here")
     report = bench(a.model, exports, a.threads, a.warmup, a.repeats, a.device)
     print(table(report))
-    out = a.output or Path(__file__).parent / "results" / f"{Path(a.model).name}-{a.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = save_json(a.output or Path(__file__).parent / "results" / f"{Path(a.model).name}-{a.device}.json", report)
     print(f"wrote {out}")
     return 0
 

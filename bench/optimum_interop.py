@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .common import save_json
+
 PINS = [["torch==2.13.0"],  # first, as STACK.md says: the CPU build
         ["diffusers==0.39.0", "transformers==4.57.6", "optimum==2.1.0", "optimum-onnx", "onnxruntime",
          "huggingface_hub==0.36.2", "numpy<2.4"]]
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     and set(comps) == {"text_encoder", "unet", "vae_decoder"}
                     and all(c["identical"] or c["psnr"] > 100 for c in comps.values()))
     a.output.parent.mkdir(parents=True, exist_ok=True)
-    a.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    save_json(a.output, report)
     print(json.dumps(report, indent=2, default=str))
     print(f"wrote {a.output}")
     return 0 if report["ok"] else 1

@@ -13,6 +13,8 @@ import collections
 import json
 from pathlib import Path
 
+from .common import save_json
+
 
 def profile(folder: Path, component: str, threads: int) -> dict:
     import tempfile
@@ -66,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     for o in r["ops"][:12]:
         print(f"{o['op']:<28} {o['ms_per_run']:>10.1f} ms {100 * o['share']:>6.1f}%")
     print(f"{'total':<28} {r['total_ms_per_run']:>10.1f} ms")
-    out = a.output or Path(__file__).parent / "results" / f"{a.export.name}-{a.component}-profile.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(r, indent=2) + "\n")
+    out = save_json(a.output or Path(__file__).parent / "results" / f"{a.export.name}-{a.component}-profile.json", r)
     print(f"wrote {out}")
     return 0
 

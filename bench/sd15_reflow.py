@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .common import save_json
+
 
 def _timed(cmd: list[str]) -> dict:
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
@@ -66,7 +68,7 @@ def main() -> None:
               "size": args.size, "batch_size": 1, "bf16_autocast": bf16, "gradient_checkpointing": True,
               "attention": "sdpa", "reflow_data": data, "reflow": train, "seconds_per_step": step_s,
               "losses": [s["loss"] for s in steps], "machine": collect()}
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.output, result)
     print(f"reflow-data: {data['wall_s']} s, peak {data['peak_rss_gib']} GiB; reflow: {train['wall_s']} s, "
           f"peak {train['peak_rss_gib']} GiB, seconds/step {step_s} (first includes warm-up); -> {args.output}")
 

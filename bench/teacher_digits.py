@@ -40,8 +40,7 @@ def _table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..artifacts import atomic_write_text, make_manifest
-    from ..envinfo import collect
+    from .common import machine, save_result
     from ..evaluate import EvalConfig, evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     work = Path(args.work)
     base, teacher = work / "base", work / "teacher"
-    result: dict = {"machine": {k: v for k, v in collect().items() if k in ("cpu", "memory_gib", "torch_threads", "platform")}}
+    result: dict = {"machine": machine()}
     out = Path(args.json)
     if not args.skip_train:
         for p in (base, teacher, Path(str(teacher) + ".train")):
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["table"] = []
 
     def save() -> None:
-        atomic_write_text(out, json.dumps(make_manifest("bench", None, name="teacher_digits", **result), indent=2) + "\n")
+        save_result(out, "teacher_digits", result)
 
     for steps in [int(s) for s in args.steps.split(",")]:
         for g in [float(x) for x in args.guidance.split(",")]:

@@ -1,0 +1,33 @@
+"""What every benchmark script shares: the machine description and writing its JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MACHINE_KEYS = ("cpu", "memory_gib", "torch_threads", "platform")
+
+
+def machine() -> dict:
+    """The short machine description a bench result carries (``instaflow-edge env`` has the rest)."""
+    from ..envinfo import collect
+
+    return {k: v for k, v in collect().items() if k in MACHINE_KEYS}
+
+
+def save_json(path: str | os.PathLike, obj: dict) -> Path:
+    """Write ``obj`` as indented JSON, atomically, creating the folder; returns the path."""
+    from ..artifacts import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return path
+
+
+def save_result(path: str | os.PathLike, name: str, result: dict) -> Path:
+    """A bench result wrapped in the project's manifest header (kind ``bench``, versions, time)."""
+    from ..artifacts import make_manifest
+
+    return save_json(path, make_manifest("bench", None, name=name, **result))
