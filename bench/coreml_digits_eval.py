@@ -19,7 +19,7 @@ import time
 def main(argv: list[str] | None = None) -> dict:
     from ..convert.parity import psnr
     from .common import machine, save_result
-    from ..evaluate import EvalConfig, _accuracy, _fid, coreml_compressed, generate_eval_images, real_ceiling
+    from ..evaluate import EvalConfig, coreml_compressed, generate_eval_images, real_ceiling, score_images
     from ..judge import JudgeConfig, load_judge
     from ..pipeline import load_pipeline
     from ..quantize.coreml import SCHEMES
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
         pipe, comp = (base, None) if name == "fp32" else coreml_compressed(base, cfg)
         images, labels, _ = generate_eval_images(pipe, cfg, progress=False)
         reference = images if reference is None else reference
-        row = {"scheme": name, **{k: v for k, v in _accuracy(judge, images, labels).items() if k != "per_digit"},
-               "fid": _fid(judge, images, ref_stats),
+        score = score_images(judge, images, labels, ref_stats)
+        row = {"scheme": name, **{k: v for k, v in score.items() if k != "per_digit"},
                "psnr_vs_fp32_db": None if name == "fp32" else round(psnr(reference, images), 2),
                "seconds": round(time.perf_counter() - t0, 1)}
         if comp:

@@ -77,13 +77,15 @@ def build_digits(seed: int, config: DigitsPresetConfig | None = None, progress: 
     return Built(pipe.eval(), {"vae_training": vae_info, "text_encoder_training": text_info})
 
 
-def _images(split: str, seed: int):
+def _images(split: str, seed: int, with_labels: bool = False):
+    """All images of a digits split as one (N, 3, 32, 32) tensor [and their labels]."""
     import torch
 
     from .data import digits_dataset
 
     ds = digits_dataset(split, seed)
-    return torch.stack([ds[i]["image"] for i in range(len(ds))])
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    return (x, torch.tensor(ds.labels)) if with_labels else x
 
 
 def psnr(reference, estimate) -> float:
@@ -176,15 +178,13 @@ def train_text_encoder(pipe, config: DigitsPresetConfig, seed: int, progress: bo
     from torch.nn import functional as F
     from tqdm.auto import tqdm
 
-    from .data import digit_prompt, digits_dataset
+    from .data import digit_prompt
 
     before = prompt_separation(pipe)
     if config.text_steps == 0:
         return {"steps": 0, "separation_before": before, "separation_after": before}
     t0 = time.perf_counter()
-    ds = digits_dataset("train", config.data_seed)
-    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
-    y = torch.tensor([int(ds[i]["label"]) for i in range(len(ds))])
+    x, y = _images("train", config.data_seed, with_labels=True)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     width = pipe.text_encoder.config.hidden_size

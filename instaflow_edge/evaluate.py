@@ -102,6 +102,11 @@ def _fid(judge, images, ref_stats) -> float:
     return round(frechet_distance(*feature_stats(judge.features(images)), *ref_stats), 3)
 
 
+def score_images(judge, images, labels, ref_stats) -> dict:
+    """Prompt accuracy (overall and per digit) and digits-FID of generated ``images`` in [-1, 1]."""
+    return {**_accuracy(judge, images, labels), "fid": _fid(judge, images, ref_stats)}
+
+
 def _balanced_subset(labels: list[int], per_class: int, seed: int) -> list[int]:
     """``per_class`` indices of each digit (fewer if the split has fewer), in a seeded order."""
     import numpy as np
@@ -198,7 +203,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         result["sampling"] = info
         if compression is not None:
             result["coreml_compression"] = compression
-        result["generated"] = {**_accuracy(judge, images, labels), "fid": _fid(judge, images, ref_stats)}
+        result["generated"] = score_images(judge, images, labels, ref_stats)
     result["real"] = real
     result["seconds"] = {"judge": round(t_judge, 2), "generate": round(t_gen, 2),
                          "total": round(time.perf_counter() - t0, 2)}

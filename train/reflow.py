@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
+from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from .config import TrainConfig, _float, _int
 
 
@@ -74,14 +75,12 @@ class PairsSource:
     """Fixed (z, x1) pairs and their prompt conditioning (frozen text encoder, one embedding per unique
     prompt: ``conditioning.PromptConditioning``); ``cfg_dropout`` replaces prompts by "" as for the teacher."""
 
-    def __init__(self, pairs, pipe, cfg_dropout: float = 0.0, max_cached_prompts: int | None = None):
+    def __init__(self, pairs, pipe, cfg_dropout: float = 0.0, max_cached_prompts: int = MAX_CACHED_PROMPTS):
         import torch
-
-        from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 
         self.z, self.x1 = pairs.noise, pairs.latents
         uniq, self.prompt_index = torch.unique(pairs.input_ids, dim=0, return_inverse=True)
-        self.conditioning = PromptConditioning(pipe, uniq, max_cached_prompts or MAX_CACHED_PROMPTS)
+        self.conditioning = PromptConditioning(pipe, uniq, max_cached_prompts)
         self.cfg_dropout = cfg_dropout
 
     def __len__(self) -> int:

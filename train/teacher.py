@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
+from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from .config import TrainConfig, _float, _int
 
 DIGITS = "digits"
@@ -51,13 +52,11 @@ class TeacherSource:
     applies the prompt dropout."""
 
     def __init__(self, latents, prompt_index, prompts: list[str], pipe, cfg_dropout: float,
-                 max_cached_prompts: int | None = None):
-        from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
-
+                 max_cached_prompts: int = MAX_CACHED_PROMPTS):
         self.latents = latents
         self.prompt_index = prompt_index
         self.cfg_dropout = cfg_dropout
-        self.conditioning = PromptConditioning(pipe, pipe.tokenize(prompts), max_cached_prompts or MAX_CACHED_PROMPTS)
+        self.conditioning = PromptConditioning(pipe, pipe.tokenize(prompts), max_cached_prompts)
 
     def __len__(self) -> int:
         return len(self.latents)
