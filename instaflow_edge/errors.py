@@ -52,10 +52,21 @@ class MissingDependencyError(InstaflowError):
     """An optional dependency (an extra) is not installed."""
 
 
-def require(module: str, extra: str):
-    """Import an optional dependency or raise a one-line error naming the extra to install."""
-    import importlib
+# loggers that chatter while an optional dependency is imported (coremltools warns about untested
+# torch/scikit-learn versions and its macOS-only proxies; torchao about kernels it cannot load on CPU)
+IMPORT_CHATTER = ("coremltools", "torchao", "torch.utils._pytree")
 
+
+def require(module: str, extra: str):
+    """Import an optional dependency (its import-time log chatter silenced, so a one-line error that
+    follows stays one line) or raise a one-line error naming the extra to install."""
+    import importlib
+    import logging
+
+    loggers = [logging.getLogger(n) for n in (module, *IMPORT_CHATTER)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         return importlib.import_module(module)
     except ImportError as e:  # pragma: no cover - exercised where the extra is absent
@@ -63,3 +74,6 @@ def require(module: str, extra: str):
             f"{module} is not installed ({e})",
             f"pip install 'instaflow-edge[{extra}]'",
         ) from e
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -146,3 +146,17 @@ def test_real_subprocess_end_to_end(tmp_path):
     r = subprocess.run([*exe, "generate", str(tmp_path / "m"), "a red fox", "-o", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--force" in r.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "{tmp}/nope", "--coreml-compress", "int8"],
+    ["convert", "{tmp}/nope", "--target", "coreml", "-o", "{tmp}/out"],
+])
+def test_optional_dependency_import_chatter_stays_out_of_one_line_errors(tmp_path, args):
+    """In a fresh process coremltools/torchao log warnings while they are imported; a bad input that
+    fails after that import must still print exactly one line."""
+    pytest.importorskip("coremltools")
+    r = subprocess.run([sys.executable, "-m", "instaflow_edge.cli", *[a.format(tmp=tmp_path) for a in args]],
+                       capture_output=True, text=True)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), lines
