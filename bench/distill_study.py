@@ -133,8 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
         for name in (model, pair_dir):
             if not (demo / name / "manifest.json").is_file():
                 raise SystemExit(str(InputError(f"{demo / name} is missing", "run `instaflow-edge demo -o DEMO` first")))
-    jobs = [(src, n, s, seed) for n, s in _conditions(args.conditions) for seed in map(int, args.seeds.split(","))
-            for src in SOURCES]
+    try:
+        conditions, seeds = _conditions(args.conditions), [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--conditions takes PAIRSxSTEPS,… and --seeds integers, got {args.conditions!r} / {args.seeds!r}")
+    jobs = [(src, n, s, seed) for n, s in conditions for seed in seeds for src in SOURCES]
     for src, n, s, seed in tqdm(jobs, desc="distill study", unit="student"):
         r = run_one(demo, work, src, n, s, seed, args.num_images, args.batch_size, args.learning_rate)
         tqdm.write(f"{src:9s} pairs {n:5d} steps {s:4d} seed {seed}: accuracy {r['accuracy']:.3f} FID {r['fid']:.2f}")
