@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("demo", help="a finished `instaflow-edge demo` output folder")
     ap.add_argument("--work", default="runs/distill_study")
     ap.add_argument("--json", default="bench/results/distill_study.json")
-    ap.add_argument("--conditions", default="3000x400,500x400,3000x100,500x100",
+    ap.add_argument("--conditions", default="3000x300,500x300,3000x60,500x60,3000x20,500x20,3000x5",
                     help="PAIRSxSTEPS,… : pairs used (a prefix of each set) × distillation steps")
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (the eval's seeds never change)")
     ap.add_argument("--num-images", type=int, default=1000)
