@@ -40,8 +40,8 @@ def _table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .common import machine, save_result
     from ..evaluate import EvalConfig, evaluate
+    from .common import machine, save_result
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/teacher_digits")
