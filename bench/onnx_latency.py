@@ -1,13 +1,16 @@
 """One-step latency: torch eager fp32 vs ONNX Runtime exports (fp32 optimized, fp16, int8-static…).
 
     python -m instaflow_edge.bench.onnx_latency MODEL --export fp32=DIR --export int8-static=DIR \
-        [--threads 1] [--warmup 1] [--repeats 5] [--device cpu|cuda] [-o bench/results/NAME.json]
+        [--threads 1] [--warmup 1] [--repeats 5] [--device cpu|cuda] [--sequential] [-o bench/results/NAME.json]
 
 Each run is the whole one-step image (text encoder → one-step UNet → VAE decoder) with a clock
 between the stages, so per-component and end-to-end figures come from the same runs; the fused
 generator (``generator/model.onnx``, when exported) is timed as its own run. Warm-up runs are
 discarded; median and p90 are reported; threads are pinned (torch and ORT intra-op) and stated.
-Ratios are within this run: vs torch eager and vs the first ONNX export given. The machine's fp32
+Runtimes are interleaved: every round runs each once (order rotated), and a speed-up is the median
+of the per-round ratios (with their min–max), so a slow phase of a shared machine hits both sides of
+a ratio; ``--sequential`` times one runtime after another instead (less memory). Ratios are vs torch
+eager and vs the first ONNX export given. The machine's fp32
 matmul peak is measured in the same process, so each figure is also a % of peak (FLOPs counted with
 torch's FlopCounterMode on the torch modules). With ``--device cuda`` torch runs fp16 eager and
 ``torch.compile`` and ORT uses its CUDA provider when installed.
@@ -58,16 +61,33 @@ def _sync(device: str) -> None:
 
 def _time_runs(run_once, warmup: int, repeats: int) -> dict:
     """``run_once()`` returns {stage: seconds}; returns {stage: stats} plus end_to_end."""
+    return _time_interleaved({"x": run_once}, warmup, repeats)["x"]
+
+
+def _time_interleaved(runners: dict, warmup: int, repeats: int) -> dict:
+    """Rounds of one run of every runner, the order rotated each round, so slow phases of a noisy
+    machine hit every runner alike. Returns {label: {stage: stats}}; each stage's raw times are kept
+    in ``times_s`` so ratios can be paired by round (``_paired``)."""
+    labels = list(runners)
     for _ in range(warmup):
-        run_once()
-    per: dict[str, list[float]] = {}
-    for _ in range(repeats):
-        t = run_once()
-        if len(t) > 1:
-            t["end_to_end"] = sum(t.values())
-        for k, v in t.items():
-            per.setdefault(k, []).append(v)
-    return {k: _stats(v) for k, v in per.items()}
+        for k in labels:
+            runners[k]()
+    per: dict[str, dict[str, list[float]]] = {k: {} for k in labels}
+    for r in range(repeats):
+        for k in labels[r % len(labels):] + labels[:r % len(labels)]:
+            t = runners[k]()
+            if len(t) > 1:
+                t["end_to_end"] = sum(t.values())
+            for stage, v in t.items():
+                per[k].setdefault(stage, []).append(v)
+    return {k: {stage: {**_stats(v), "times_s": [round(x, 6) for x in v]} for stage, v in st.items()}
+            for k, st in per.items()}
+
+
+def _paired(ref: list[float], other: list[float]) -> dict:
+    """Speed-up of ``other`` over ``ref`` per round (ref ÷ other): median, min, max."""
+    rs = sorted(a / b for a, b in zip(ref, other))
+    return {"median": round(statistics.median(rs), 3), "min": round(rs[0], 3), "max": round(rs[-1], 3)}
 
 
 def torch_runner(pipe, inputs: dict, device: str, dtype, compile_: bool = False):
@@ -161,7 +181,12 @@ def count_flops(pipe, inputs: dict) -> dict:
     return flops
 
 
-def bench(model: str, exports: dict[str, Path], threads: int, warmup: int, repeats: int, device: str) -> dict:
+def bench(model: str, exports: dict[str, Path], threads: int, warmup: int, repeats: int, device: str,
+          interleave: bool = True) -> dict:
+    """Time torch and every export. Interleaved (default): all runtimes stay loaded and each round runs
+    each once, order rotated, and speed-ups are medians of per-round ratios (paired, so a slow phase of
+    the machine cancels). ``interleave=False`` loads one runtime at a time (less memory: at SD1.5 the
+    interleaved run holds torch + every export, ≈ 15 GiB) and compares medians."""
     import gc
 
     import torch
@@ -179,39 +204,60 @@ def bench(model: str, exports: dict[str, Path], threads: int, warmup: int, repea
               "noise": make_noise([0], (sizes.latent_channels, sizes.latent_height, sizes.latent_width)).numpy()}
     peak = matmul_peak(threads, device)
     flops = count_flops(pipe, inputs)
-    results: dict[str, dict] = {}
+    makers: dict[str, object] = {}  # label -> () -> runner, built lazily so the sequential mode holds one
+    providers = ["CPUExecutionProvider"]
     if device == "cuda":
-        results["torch fp16 eager"] = _time_runs(torch_runner(pipe, inputs, "cuda", torch.float16), warmup, repeats)
-        results["torch fp16 compile"] = _time_runs(torch_runner(pipe, inputs, "cuda", torch.float16, True), warmup + 2, repeats)
+        makers["torch fp16 eager"] = lambda: torch_runner(pipe, inputs, "cuda", torch.float16)
+        makers["torch fp16 compile"] = lambda: torch_runner(pipe, inputs, "cuda", torch.float16, True)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             exports = {}  # stated in the JSON: no ORT CUDA provider here
     else:
-        results["torch eager fp32"] = _time_runs(torch_runner(pipe, inputs, "cpu", torch.float32), warmup, repeats)
-        providers = ["CPUExecutionProvider"]
-    del pipe
-    gc.collect()
+        makers["torch eager fp32"] = lambda: torch_runner(pipe, inputs, "cpu", torch.float32)
     for label, folder in exports.items():
-        results[f"ort {label}"] = _time_runs(ort_runner(folder, inputs, threads, providers), warmup, repeats)
-        gc.collect()
+        makers[f"ort {label}"] = lambda folder=folder: ort_runner(folder, inputs, threads, providers)
         q = json.loads((folder / "manifest.json").read_text()).get("quantize") or {}
         # the fused generator is timed where it carries the export's precision (schemes leave it fp32)
         if (folder / "generator" / "model.onnx").is_file() and (not q.get("scheme") or "generator" in q.get("components", [])):
-            results[f"ort {label} fused"] = _time_runs(ort_fused_runner(folder, inputs, threads, providers), warmup, repeats)
+            makers[f"ort {label} fused"] = lambda folder=folder: ort_fused_runner(folder, inputs, threads, providers)
+    # torch.compile needs its own warm-up (compilation) beyond the others'
+    extra = {k: 2 for k in makers if "compile" in k}
+    if interleave:
+        runners = {k: make() for k, make in makers.items()}
+        for k, n in extra.items():
+            for _ in range(n):
+                runners[k]()
+        results = _time_interleaved(runners, warmup, repeats)
+        del runners
+    else:
+        results = {}
+        torch_labels = [k for k in makers if k.startswith("torch")]
+        for k, make in makers.items():
+            results[k] = _time_runs(make(), warmup + extra.get(k, 0), repeats)
+            if k == torch_labels[-1]:
+                pipe = None  # every torch runtime timed: free the pipeline before ORT loads
             gc.collect()
+    del pipe
+    gc.collect()
     base = next(iter(results))
     first_ort = next((k for k in results if k.startswith("ort ") and not k.endswith("fused")), None)
+    refs = [base] + ([first_ort] if first_ort else [])
     for k, r in results.items():
         for stage, st in r.items():
             st["pct_of_peak"] = round(100 * flops[stage] / st["median_s"] / 1e9 / peak, 2) if st["median_s"] else None
             ref_stage = "end_to_end" if stage == "generator" else stage
-            st["speedup_vs_" + base.replace(" ", "_")] = round(results[base][ref_stage]["median_s"] / st["median_s"], 3)
-            if first_ort:
-                st["speedup_vs_" + first_ort.replace(" ", "_")] = round(results[first_ort][ref_stage]["median_s"] / st["median_s"], 3)
+            for ref in refs:
+                key = "speedup_vs_" + ref.replace(" ", "_")
+                ref_st = results[ref][ref_stage]
+                if interleave:
+                    paired = _paired(ref_st["times_s"], st["times_s"])
+                    st[key], st[key + "_range"] = paired["median"], [paired["min"], paired["max"]]
+                else:
+                    st[key] = round(ref_st["median_s"] / st["median_s"], 3)
     return {"model": model, "device": device, "threads": threads, "warmup": warmup, "repeats": repeats,
-            "image": [sizes.height, sizes.width], "matmul_peak_gflops": round(peak, 1),
+            "interleaved": interleave, "image": [sizes.height, sizes.width], "matmul_peak_gflops": round(peak, 1),
             "gflop": {k: round(v / 1e9, 3) for k, v in flops.items()}, "exports": {k: str(v) for k, v in exports.items()},
             "results": results, "machine": collect()}
 
@@ -229,8 +275,10 @@ def table(report: dict) -> str:
                 continue
             sb = st.get("speedup_vs_" + base.replace(" ", "_"))
             so = st.get("speedup_vs_" + first_ort.replace(" ", "_")) if first_ort else None
+            sr = st.get("speedup_vs_" + first_ort.replace(" ", "_") + "_range") if first_ort else None
             lines.append(f"{k:<24} {stage:<13} {st['median_s']:>10.4f} {st['p90_s']:>10.4f} {st.get('pct_of_peak') or 0:>7.1f} "
-                         f"{(f'{sb:.2f}×' if sb else '-'):>16} {(f'{so:.2f}×' if so else '-'):>16}")
+                         f"{(f'{sb:.2f}×' if sb else '-'):>16} {(f'{so:.2f}×' if so else '-'):>16}"
+                         + (f"  ({sr[0]:.2f}–{sr[1]:.2f})" if sr and k != first_ort else ""))
     return "\n".join(lines)
 
 
@@ -242,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--sequential", action="store_true",
+                    help="load and time one runtime at a time (less memory; ratios of medians instead of paired per-round ratios)")
     ap.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: bench/results/<model>-<device>.json)")
     a = ap.parse_args(argv)
     exports = {}
@@ -255,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             ap.error("--device cuda: no CUDA GPU is visible here")
-    report = bench(a.model, exports, a.threads, a.warmup, a.repeats, a.device)
+    report = bench(a.model, exports, a.threads, a.warmup, a.repeats, a.device, interleave=not a.sequential)
     print(table(report))
     out = save_json(a.output or Path(__file__).parent / "results" / f"{Path(a.model).name}-{a.device}.json", report)
     print(f"wrote {out}")
