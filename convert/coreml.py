@@ -399,4 +399,6 @@ def _validate(name: str, path: Path, spec, shapes: list, module, params: int) ->
 
 
 def _say(msg: str) -> None:
-    print(f"[coreml] {msg}", file=sys.stderr, flush=True)
+    from ..progress import say
+
+    say("coreml", msg)

@@ -285,6 +285,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
     """Export ``cfg.model`` to an ONNX folder at ``cfg.output``; returns the manifest."""
     from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, sha256_tree, write_manifest
     from ..pipeline import load_pipeline
+    from ..progress import say
     from ..quantize.onnx import CALIBRATION_PROMPTS, DEFAULT_COMPONENTS, read_prompts
     from .specs import Sizes
 
@@ -315,6 +316,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
             with torch.no_grad():
                 refs[name] = (inputs, module(*inputs).numpy())
             t = time.perf_counter()
+            say("onnx", f"{name}: exporting (opset {cfg.opset}{', INC int8' if cfg.engine == 'inc' and name in DEFAULT_COMPONENTS else ''})")
             if cfg.engine == "inc" and name in DEFAULT_COMPONENTS:
                 from .onnx_inc import inc_int8_static
 
@@ -336,6 +338,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         if cfg.optimize is not Optimize.none:
             for name in [n for n in names if n not in inc_done]:  # INC's QDQ graphs are left as exported
                 t = time.perf_counter()
+                say("onnx", f"{name}: optimizing for {cfg.optimize.value} and load-testing")
                 optimized[name] = optimize_component(name, tmp / name / onnx_io.MODEL_FILE, cfg.optimize)
                 timings[f"optimize_{name}"] = round(time.perf_counter() - t, 2)
         # the manifest's runtime facts are needed by calibration (it runs the fp32 pipeline)
@@ -353,6 +356,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         e2e_scheme = cfg.quantize if quantized else "fp32"
         gates["end_to_end"] = cfg.min_psnr if cfg.min_psnr is not None else SCHEME_MIN_PSNR[e2e_scheme]
         rows = []
+        say("onnx", f"parity vs PyTorch: {', '.join(names)}, end to end")
         for name in names:
             inputs, ref = refs[name]
             sess = onnx_io.session(tmp / name / onnx_io.MODEL_FILE)
@@ -380,8 +384,12 @@ def apply_scheme(folder: Path, scheme_name: str, components: list[str], prompts:
     the fp32 pipeline first (calibration runs the fp32 upstream models), then all are swapped in."""
     from ..quantize.onnx import SCHEMES
 
+    from ..progress import say
+
     staged = {}
-    for name in components:
+    for i, name in enumerate(components, 1):
+        say("quantize", f"{name} ({i}/{len(components)}): {scheme_name}"
+            + (f", calibrating on {len(prompts)} prompts" if scheme_name == "int8-static" else ""))
         src = folder / name / onnx_io.MODEL_FILE
         dst = folder / name / ".quantized" / onnx_io.MODEL_FILE
         dst.parent.mkdir(exist_ok=True)

@@ -151,14 +151,32 @@ def activation_matmuls(path: Path) -> list[str]:
 
 
 def calibrate_in_subprocess(folder: Path, component: str, model: Path, cache: Path, prompts: list[str]) -> None:
-    """Run calibration of ``model`` in a fresh Python process; ranges land in ``cache`` (JSON)."""
+    """Run calibration of ``model`` in a fresh Python process; ranges land in ``cache`` (JSON). The child
+    reports each calibration input done as a ``calibrated i/n`` line on stdout (a progress bar here)."""
+    import tempfile
+
+    from tqdm import tqdm
+
     prompts_file = cache.with_suffix(".prompts.json")
     prompts_file.write_text(json.dumps(prompts))
     cmd = [sys.executable, "-m", "instaflow_edge.quantize.onnx_calibrate", str(folder), component, str(model),
            str(cache), str(prompts_file)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 or not cache.is_file():
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+    with tempfile.TemporaryFile("w+") as err, tqdm(total=len(prompts), desc=f"calibrating {component}", unit="input", disable=None,
+                                                    leave=False, dynamic_ncols=True) as bar:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            for line in proc.stdout:
+                if line.startswith("calibrated "):
+                    bar.update(1)
+            proc.wait()
+        except BaseException:  # Ctrl-C: the child goes with us
+            proc.kill()
+            proc.wait()
+            raise
+        err.seek(0)
+        stderr = err.read()
+    if proc.returncode != 0 or not cache.is_file():
+        tail = stderr.strip().splitlines()[-1:] or ["no output"]
         raise ModelError(f"int8-static calibration of {component} failed: {tail[0][:300]}",
                          "rerun with --debug; a smaller --calibration-prompts file needs less memory")
 

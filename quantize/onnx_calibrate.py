@@ -51,8 +51,9 @@ def calibrate(folder: Path, component: str, model: Path, cache: Path, prompts: l
         cal.create_inference_session()
         # one input per collect_data call: each call folds its ranges in and frees the outputs (its
         # max_intermediate_outputs option drops them without folding them in, in onnxruntime 1.32)
-        for feed in feeds:
+        for i, feed in enumerate(feeds, 1):
             cal.collect_data(Reader([feed]))
+            print(f"calibrated {i}/{len(feeds)}", flush=True)  # the parent's progress bar
         save_tensors_data(cal.compute_data(), cache)
 
 

@@ -44,6 +44,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from ..convert.parity import check, compare, format_table
     from ..convert.specs import EXAMPLE_PROMPTS
     from ..generator import make_noise
+    from ..progress import say
     from .onnx import CALIBRATION_PROMPTS, DEFAULT_COMPONENTS, calibration_feeds, export_meta, read_prompts, tokenize
 
     cfg.validate()
@@ -71,6 +72,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
         write_manifest(tmp, {"kind": "onnx-export-partial", "onnx": meta})  # calibration reads it
         apply_scheme(tmp, cfg.scheme, names, prompts)
         rows = []
+        say("quantize", f"parity vs the fp32 source: {', '.join(names)}, end to end")
         for n in names:
             feeds = calibration_feeds(src, n, EXAMPLE_PROMPTS[:2], seed=1000)
             ref_s, out_s = onnx_io.session(src / n / onnx_io.MODEL_FILE), onnx_io.session(tmp / n / onnx_io.MODEL_FILE)
