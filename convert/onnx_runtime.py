@@ -17,10 +17,8 @@ from . import onnx_io
 def onnx_backend(config, info: dict):
     import numpy as np
 
-    from .. import flow
     from ..generator import make_noise
     from ..quantize.onnx import export_meta, tokenize
-    from .onnx import run_one_step
 
     folder = Path(config.model)
     if not folder.is_dir():
@@ -40,17 +38,9 @@ def onnx_backend(config, info: dict):
                               "install onnxruntime-gpu, or use --device cpu")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     steps = config.steps or meta["default_steps"]
-    if meta["flow"] != "rectified_flow":
-        raise InputError("--backend onnx samples rectified flows only; this export is a diffusion model",
-                         "use --backend torch for diffusion models")
-    if config.guidance > 1.0:
-        raise InputError("--backend onnx does not do classifier-free guidance", "use --guidance 1 or --backend torch")
-    if steps > 1 and "unet_velocity" not in meta["components"]:
-        raise InputError(f"this export is one-step only (no velocity UNet), --steps {steps} cannot run",
-                         "use --steps 1, or export a multi-step model")
+    check_sampling(meta, steps, config.guidance)
     onnx_io.check_folder(folder)
-    names = ["text_encoder", "unet", "vae_decoder"] + (["unet_velocity"] if steps > 1 else [])
-    sessions = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, providers=providers) for n in names}
+    sessions = open_sessions(folder, steps, providers)
     c, lh, lw = meta["latent_shape"]
     h, w = config.height or meta["height"], config.width or meta["width"]
     f = meta["height"] // lh
@@ -64,23 +54,51 @@ def onnx_backend(config, info: dict):
     def render(job):
         ids = tokenize(folder, [job.prompt])
         noise = make_noise([job.seed], shape).numpy()
-        if steps == 1:
-            image = run_one_step(folder, ids, noise, meta, sessions)
-        else:
-            ehs = sessions["text_encoder"].run(None, {"input_ids": ids})[0]
-            x = noise
-            for tau in flow.euler_schedule(steps):
-                v = sessions["unet_velocity"].run(None, {"sample": x, "timestep": np.full((1,), tau, np.float32),
-                                                          "encoder_hidden_states": ehs})[0]
-                x = (x + v / steps).astype(np.float32)
-            img = sessions["vae_decoder"].run(None, {"latent_sample": (x / meta["scaling_factor"]).astype(np.float32)})[0]
-            image = np.clip(img / 2 + 0.5, 0, 1)
+        image = sample(sessions, ids, noise, meta, steps)
         if not np.isfinite(image).all():
             raise NumericsError(f"NaN/Inf in the image for prompt {job.prompt!r} seed {job.seed} (onnx)",
                                 "an fp16 export overflowed: use the fp32 or int8 export")
         return (image[0].transpose(1, 2, 0) * 255).round().astype("uint8")
 
     return render
+
+
+def open_sessions(folder: Path, steps: int, providers: list[str] | None = None) -> dict:
+    """The onnxruntime sessions ``sample`` needs for ``steps`` steps (the velocity UNet past one)."""
+    names = ["text_encoder", "unet", "vae_decoder"] + (["unet_velocity"] if steps > 1 else [])
+    return {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, providers=providers) for n in names}
+
+
+def sample(sessions: dict, input_ids, noise, meta: dict, steps: int):
+    """Images in [0, 1] (N, 3, H, W) for token ids (N, L) and noise (N, C, h, w): the one-step
+    generator at ``steps == 1``, else the exported velocity UNet with the Euler rule of ``flow.py``."""
+    import numpy as np
+
+    from .. import flow
+    from .onnx import run_one_step
+
+    if steps == 1:
+        return run_one_step(None, input_ids, noise, meta, sessions)
+    ehs = sessions["text_encoder"].run(None, {"input_ids": input_ids})[0]
+    x = noise
+    for tau in flow.euler_schedule(steps):
+        v = sessions["unet_velocity"].run(None, {"sample": x, "timestep": np.full((x.shape[0],), tau, np.float32),
+                                                 "encoder_hidden_states": ehs})[0]
+        x = (x + v / steps).astype(np.float32)
+    img = sessions["vae_decoder"].run(None, {"latent_sample": (x / meta["scaling_factor"]).astype(np.float32)})[0]
+    return np.clip(img / 2 + 0.5, 0, 1)
+
+
+def check_sampling(meta: dict, steps: int, guidance: float) -> None:
+    """Refuse what an ONNX export cannot sample, before any session is opened."""
+    if meta["flow"] != "rectified_flow":
+        raise InputError("--backend onnx samples rectified flows only; this export is a diffusion model",
+                         "use --backend torch for diffusion models")
+    if guidance > 1.0:
+        raise InputError("--backend onnx does not do classifier-free guidance", "use --guidance 1 or --backend torch")
+    if steps > 1 and "unet_velocity" not in meta["components"]:
+        raise InputError(f"this export is one-step only (no velocity UNet), --steps {steps} cannot run",
+                         "use --steps 1, or export a multi-step model")
 
 
 def read_scheme(folder: Path) -> str | None:

@@ -51,6 +51,8 @@ class EvalConfig:
     # measure a Core ML compression scheme (``convert --target coreml --compress``) in PyTorch
     coreml_compress: str | None = None
     target_bits: float | None = None
+    # "onnx": ``model`` is an ONNX export folder (``convert --target onnx``/``quantize``), run by onnxruntime
+    backend: str = "torch"
 
     def validate(self) -> None:
         from .generate import _nonneg_int, _pos_int
@@ -83,6 +85,15 @@ class EvalConfig:
             from instaflow_edge.quantize.coreml import validate as validate_scheme
 
             validate_scheme(self.coreml_compress, "iOS18", self.target_bits)
+        if self.backend not in ("torch", "onnx"):
+            raise InputError(f"unknown --backend {self.backend!r}", "choose torch or onnx")
+        if self.backend == "onnx":
+            if self.real_only or self.coreml_compress is not None:
+                raise InputError("--backend onnx scores an ONNX export; --real/--coreml-compress do not apply",
+                                 "drop --real/--coreml-compress, or use --backend torch")
+            if DType(self.dtype) is not DType.float32 or Device(self.device) not in (Device.auto, Device.cpu):
+                raise InputError("--backend onnx runs the export on onnxruntime's CPU provider at its exported precision",
+                                 "drop --dtype/--device (quantize the export for other precisions)")
         self.device, self.dtype = Device(self.device), DType(self.dtype)
 
 
@@ -171,6 +182,48 @@ def generate_eval_images(pipe, config: EvalConfig, progress: bool = True):
     return torch.cat(out), [d for _, d in prompts], info
 
 
+def generate_eval_images_onnx(config: EvalConfig, progress: bool = True):
+    """``generate_eval_images`` for an ONNX export folder, run by onnxruntime in batches (same prompts,
+    same seeds, same noise: the figures compare with the PyTorch model's)."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .convert import onnx_io
+    from .convert.onnx_runtime import check_sampling, open_sessions, read_scheme, sample
+    from .data import eval_prompts
+    from .errors import ModelError
+    from .generator import make_noise
+    from .quantize.onnx import export_meta, tokenize
+
+    folder = Path(config.model)
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
+    meta = export_meta(folder)
+    steps = config.steps or meta["default_steps"]
+    check_sampling(meta, steps, config.guidance)
+    onnx_io.check_folder(folder)
+    sessions = open_sessions(folder, steps)
+    prompts = eval_prompts(config.num_images // 10)
+    shape = tuple(meta["latent_shape"])
+    out = []
+    bar = tqdm(total=len(prompts), desc=f"generating with onnxruntime ({steps} step{'s' * (steps != 1)})", unit="img",
+               disable=not progress)
+    for i in range(0, len(prompts), config.batch_size):
+        chunk = prompts[i:i + config.batch_size]
+        noise = make_noise([config.seed + i + k for k in range(len(chunk))], shape).numpy()
+        images = sample(sessions, tokenize(folder, [p for p, _ in chunk]), noise, meta, steps)
+        if not np.isfinite(images).all():
+            raise NumericsError(f"NaN/Inf in generated images (batch starting at prompt {i}, onnx)",
+                                "an fp16 export overflowed: use the fp32 or int8 export")
+        out.append(torch.from_numpy(images) * 2 - 1)
+        bar.update(len(chunk))
+    bar.close()
+    info = {"steps": steps, "guidance": config.guidance, "flow": meta["flow"], "size": meta["height"],
+            "device": "cpu", "dtype": "float32", "backend": "onnx", "export_precision": read_scheme(folder) or "fp32"}
+    return torch.cat(out), [d for _, d in prompts], info
+
+
 def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     """Prompt accuracy, per-digit accuracy and digits-FID of ``config.model``, with the real ceiling.
 
@@ -179,7 +232,13 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
 
     config.validate()
     pipe = None
-    if not config.real_only:  # a bad model path fails before the judge is built
+    if config.backend == "onnx":  # a bad export fails before the judge is built
+        from .convert.onnx_io import check_folder
+        from .quantize.onnx import export_meta
+
+        export_meta(Path(config.model))
+        check_folder(Path(config.model))
+    elif not config.real_only:  # a bad model path fails before the judge is built
         from .pipeline import load_pipeline, resolve_device
 
         resolve_device(config.device.value)
@@ -196,9 +255,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
                     "judge": {"key": judge.config.key(), "val_accuracy": round(judge.val_accuracy, 4),
                               "feature_dim": judge.config.feature_dim}}
     t_gen = 0.0
-    if pipe is not None:
+    if pipe is not None or config.backend == "onnx":
         t1 = time.perf_counter()
-        images, labels, info = generate_eval_images(pipe, config, progress)
+        images, labels, info = (generate_eval_images_onnx(config, progress) if config.backend == "onnx"
+                                else generate_eval_images(pipe, config, progress))
         t_gen = time.perf_counter() - t1
         result["sampling"] = info
         if compression is not None:

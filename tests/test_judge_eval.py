@@ -128,6 +128,35 @@ def test_eval_coreml_compression_cli(tmp_path, tiny_dir, judge_cache):
     assert m["real"] == p["real"]
 
 
+def test_eval_onnx_backend_matches_torch(tmp_path, tiny_dir, judge_cache):
+    pytest.importorskip("onnxruntime")
+    export = tmp_path / "onnx"
+    r = runner.invoke(app, ["convert", str(tiny_dir), "--target", "onnx", "-o", str(export)])
+    assert r.exit_code == 0, r.output
+    out_o, out_t = tmp_path / "o.json", tmp_path / "t.json"
+    r = runner.invoke(app, ["eval", str(export), "--backend", "onnx", "--steps", "1", "-n", "20", "--json", str(out_o)])
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime fp32" in r.output
+    assert runner.invoke(app, ["eval", str(tiny_dir), "--steps", "1", "-n", "20", "--json", str(out_t)]).exit_code == 0
+    o, t = json.loads(out_o.read_text()), json.loads(out_t.read_text())
+    assert o["sampling"]["backend"] == "onnx" and o["sampling"]["export_precision"] == "fp32"
+    # the fp32 export draws the same images as PyTorch (parity ≥ 60 dB): the same figures
+    assert o["generated"]["per_digit"] == t["generated"]["per_digit"]
+    assert o["generated"]["fid"] == pytest.approx(t["generated"]["fid"], rel=1e-3)
+    # a one-step export has no velocity UNet to take more steps with
+    test_eval_bad_input_is_one_line(tmp_path, tiny_dir, judge_cache,
+                                    ["eval", str(export), "--backend", "onnx", "--steps", "2"], "one-step only")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "{tiny}", "--backend", "onnx"], "no ONNX export manifest"),
+    (["eval", "{tiny}", "--backend", "onnx", "--dtype", "float16"], "--backend onnx"),
+    (["eval", "{tiny}", "--backend", "tflite"], "unknown --backend"),
+])
+def test_eval_onnx_bad_input(tmp_path, tiny_dir, judge_cache, args, needle):
+    test_eval_bad_input_is_one_line(tmp_path, tiny_dir, judge_cache, args, needle)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["eval", "{tiny}", "--coreml-compress", "palettize-3"], "unknown --compress scheme"),
     (["eval", "{tiny}", "--coreml-compress", "int8", "--steps", "2"], "--steps 1"),

@@ -11,7 +11,7 @@ from ..options import Device, DType
 
 
 def eval_command(
-    model: Optional[str] = typer.Argument(None, help="Pipeline folder (diffusers layout); omit with --real."),
+    model: Optional[str] = typer.Argument(None, help="Pipeline folder (diffusers layout), or an ONNX export folder with --backend onnx; omit with --real."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
     guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale; ≤ 1 means none."),
     num_images: int = typer.Option(1000, "--num-images", "-n", help="Images in all (a multiple of 10: that / 10 per digit)."),
@@ -24,6 +24,7 @@ def eval_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     coreml_compress: Optional[str] = typer.Option(None, "--coreml-compress", help="Score a one-step model with a Core ML compression scheme applied in PyTorch, exactly as `convert --target coreml --compress` ships it (palettize-4|palettize-6|palettize-8|int8|prune-50|prune-2:4|mixed-bit, and the joint ones)."),
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="With --coreml-compress mixed-bit: average bits per weight."),
+    backend: str = typer.Option("torch", "--backend", help="torch, or onnx: MODEL is an ONNX export (convert --target onnx / quantize), run by onnxruntime on the CPU, e.g. to score an int8 export."),
 ) -> None:
     """Generate the fixed digit prompt set with fixed seeds and score it with the digits judge."""
     from ..evaluate import EvalConfig, evaluate
@@ -31,7 +32,7 @@ def eval_command(
     cfg = EvalConfig(model=model, steps=steps, guidance=guidance, num_images=num_images, seed=seed,
                      batch_size=batch_size, real_only=real, json=str(json_path) if json_path else None,
                      device=device, dtype=dtype, allow_pickle=allow_pickle,
-                     coreml_compress=coreml_compress, target_bits=target_bits)
+                     coreml_compress=coreml_compress, target_bits=target_bits, backend=backend)
     result = evaluate(cfg)
     print_table(result)
     if json_path:
@@ -48,6 +49,8 @@ def print_table(result: dict) -> None:
         s = result["sampling"]
         comp = result.get("coreml_compression")
         tag = f", Core ML {comp['scheme']}" if comp else ""
+        if s.get("backend") == "onnx":
+            tag += f", onnxruntime {s['export_precision']}"
         rows.append((f"{result['model']} ({s['steps']} step{'s' * (s['steps'] != 1)}, guidance {s['guidance']:g}{tag})",
                      result["generated"], result["generated"]["n"]))
     real = result["real"]
