@@ -282,18 +282,59 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict) -> str:
+    """The report as the README's table: one row per runtime, stages in columns, speed-ups of the UNet
+    and end to end vs torch and vs the first ORT export (paired per-round min–max where interleaved)."""
+    res = report["results"]
+    base = next(iter(res))
+    first_ort = next((k for k in res if k.startswith("ort ") and not k.endswith("fused")), None)
+    unit, scale = ("ms", 1e3) if res[base]["end_to_end"]["median_s"] < 1 else ("s", 1.0)
+
+    def t(st):
+        return f"{st['median_s'] * scale:.3g} {unit}"
+
+    def x(st, ref):
+        if not ref:
+            return "–"
+        v, r = st.get("speedup_vs_" + ref.replace(" ", "_")), st.get("speedup_vs_" + ref.replace(" ", "_") + "_range")
+        if v is None:
+            return "–"
+        return f"{v:.2f}" + (f" ({r[0]:.2f}–{r[1]:.2f})" if r and r[0] != r[1] else "")
+
+    lines = [f"| runtime | text encoder | UNet (% of peak) | VAE decoder | end to end (median / p90) | "
+             f"UNet × {base} | end to end × {base} | UNet × {first_ort or '–'} | end to end × {first_ort or '–'} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k, r in res.items():
+        if "generator" in r:
+            g = r["generator"]
+            lines.append(f"| {k} | | | | {t(g)} / {g['p90_s'] * scale:.3g} {unit} | | {x(g, base)} | | {x(g, first_ort)} |")
+            continue
+        e = r["end_to_end"]
+        lines.append(f"| {k} | {t(r['text_encoder'])} | {t(r['unet'])} ({r['unet']['pct_of_peak']:.0f}%) | "
+                     f"{t(r['vae_decoder'])} | {t(e)} / {e['p90_s'] * scale:.3g} {unit} | {x(r['unet'], base)} | "
+                     f"{x(e, base)} | {x(r['unet'], first_ort)} | {x(e, first_ort)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="the pipeline folder the exports came from (torch reference)")
+    ap.add_argument("model", nargs="?", help="the pipeline folder the exports came from (torch reference)")
     ap.add_argument("--export", action="append", default=[], metavar="LABEL=DIR", help="an ONNX export folder (repeatable)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--markdown", type=Path, default=None, metavar="JSON",
+                    help="print the README table of a saved report and exit (no timing)")
     ap.add_argument("--sequential", action="store_true",
                     help="load and time one runtime at a time (less memory; ratios of medians instead of paired per-round ratios)")
     ap.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: bench/results/<model>-<device>.json)")
     a = ap.parse_args(argv)
+    if a.markdown:
+        print(markdown(json.loads(a.markdown.read_text())))
+        return 0
+    if not a.model:
+        ap.error("MODEL is required (the pipeline folder the exports came from)")
     exports = {}
     for e in a.export:
         label, _, d = e.partition("=")

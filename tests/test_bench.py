@@ -30,3 +30,20 @@ def test_interleaved_rounds_rotate_and_pair_by_round():
 def test_paired_ratio_spread():
     out = _paired([2.0, 3.0, 4.0], [1.0, 2.0, 1.0])
     assert out == {"median": 2.0, "min": 1.5, "max": 4.0}
+
+
+def test_markdown_table_from_a_report():
+    from instaflow_edge.bench.onnx_latency import markdown
+
+    def st(m, **kw):
+        return {"median_s": m, "p90_s": m * 1.1, "pct_of_peak": 50.0, **kw}
+
+    stages = ("text_encoder", "unet", "vae_decoder", "end_to_end")
+    report = {"results": {
+        "torch eager fp32": {k: st(2.0, speedup_vs_torch_eager_fp32=1.0) for k in stages},
+        "ort fp32": {k: st(1.0, speedup_vs_torch_eager_fp32=2.0, speedup_vs_torch_eager_fp32_range=[1.8, 2.2],
+                           speedup_vs_ort_fp32=1.0, speedup_vs_ort_fp32_range=[1.0, 1.0]) for k in stages},
+    }}
+    rows = markdown(report).splitlines()
+    assert len(rows) == 4 and rows[0].startswith("| runtime |")
+    assert "| ort fp32 | 1 s | 1 s (50%) | 1 s | 1 s / 1.1 s | 2.00 (1.80–2.20) |" in rows[3]
