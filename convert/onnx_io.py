@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -146,11 +147,19 @@ def quiet() -> Iterator[None]:
     root = logging.getLogger()
     level, env = root.level, os.environ.get("TQDM_DISABLE")
     root.setLevel(logging.ERROR)
-    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when first imported: not enough on its own
+    # the UNet optimizer draws its "fusion" bar whenever tqdm is installed (our stage lines say the same);
+    # onnxruntime.transformers imports its modules under bare names ("onnx_model_unet")
+    unet_mod = sys.modules.get("onnx_model_unet")
+    installed = getattr(unet_mod, "is_installed", None)
+    if installed is not None:
+        unet_mod.is_installed = lambda name: name != "tqdm" and installed(name)
     try:
         yield
     finally:
         root.setLevel(level)
+        if installed is not None:
+            unet_mod.is_installed = installed
         if env is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:

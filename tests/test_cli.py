@@ -160,3 +160,18 @@ def test_optional_dependency_import_chatter_stays_out_of_one_line_errors(tmp_pat
                        capture_output=True, text=True)
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), lines
+
+
+def test_onnx_convert_stderr_is_stage_lines_only(tmp_path):
+    """A fresh `convert --target onnx` process: stderr says what stage it is in and nothing else (no
+    onnxruntime optimizer bars or logger advice); stdout is the parity table."""
+    pytest.importorskip("onnxruntime")
+    exe = [sys.executable, "-m", "instaflow_edge.cli"]
+    assert subprocess.run([*exe, "init", "tiny", str(tmp_path / "m")], capture_output=True).returncode == 0
+    r = subprocess.run([*exe, "convert", str(tmp_path / "m"), "--target", "onnx", "-o", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("[onnx ") for ln in lines), lines
+    assert any("unet: optimizing for cpu" in ln for ln in lines)
+    assert "end_to_end" in r.stdout
