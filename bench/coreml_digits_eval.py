@@ -18,7 +18,7 @@ import time
 
 def main(argv: list[str] | None = None) -> dict:
     from ..convert.parity import psnr
-    from .common import machine, save_result
+    from .common import save_digits_eval
     from ..evaluate import EvalConfig, coreml_compressed, generate_eval_images, real_ceiling, score_images
     from ..judge import JudgeConfig, load_judge
     from ..pipeline import load_pipeline
@@ -56,16 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"{name:22s} accuracy {row['accuracy']:.3f}  FID {row['fid']:7.2f}  "
               f"PSNR vs fp32 {row['psnr_vs_fp32_db'] if row['psnr_vs_fp32_db'] is not None else '-'}", flush=True)
-    result = {"machine": machine(),
-              "model": args.model, "num_images": args.num_images, "steps": 1, "rows": rows,
-              "ceiling": {"accuracy": real["accuracy"], "fid": real["fid"]}}
-    save_result(args.json, "coreml_digits_eval", result)
-    print("| scheme | prompt accuracy | digits-FID | image PSNR vs fp32 (dB) |\n|---|---:|---:|---:|")
-    for r in rows:
-        p = "–" if r["psnr_vs_fp32_db"] is None else f"{r['psnr_vs_fp32_db']:.1f}"
-        print(f"| {r['scheme']} | {r['accuracy']:.3f} | {r['fid']:.2f} | {p} |")
-    print(f"| real digits (ceiling) | {real['accuracy']:.3f} | {real['fid']:.2f} | |")
-    return result
+    return save_digits_eval(args.json, "coreml_digits_eval", args.model, args.num_images, rows, real,
+                            "scheme", "psnr_vs_fp32_db", "image PSNR vs fp32 (dB)")
 
 
 if __name__ == "__main__":

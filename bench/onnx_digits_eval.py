@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ..judge import JudgeConfig, load_judge
     from ..pipeline import load_pipeline
     from ..quantize.onnx_folder import QuantizeConfig, quantize
-    from .common import machine, save_result
+    from .common import save_digits_eval
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a one-step digits pipeline (e.g. the demo's instaflow student)")
@@ -86,15 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(score(label, images, labels_o, reference, time.perf_counter() - t0,
                           {"folder": str(folder), "export_precision": info["export_precision"],
                            "components_quantized": comps}))
-    result = {"machine": machine(), "model": args.model, "num_images": args.num_images, "steps": 1, "rows": rows,
-              "ceiling": {"accuracy": real["accuracy"], "fid": real["fid"]}}
-    save_result(args.json, "onnx_digits_eval", result)
-    print("| variant | prompt accuracy | digits-FID | image PSNR vs torch fp32 (dB) |\n|---|---:|---:|---:|")
-    for r in rows:
-        p = "–" if r["psnr_vs_torch_fp32_db"] is None else f"{r['psnr_vs_torch_fp32_db']:.1f}"
-        print(f"| {r['variant']} | {r['accuracy']:.3f} | {r['fid']:.2f} | {p} |")
-    print(f"| real digits (ceiling) | {real['accuracy']:.3f} | {real['fid']:.2f} | |")
-    return result
+    return save_digits_eval(args.json, "onnx_digits_eval", args.model, args.num_images, rows, real,
+                            "variant", "psnr_vs_torch_fp32_db", "image PSNR vs torch fp32 (dB)")
 
 
 if __name__ == "__main__":

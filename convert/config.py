@@ -55,6 +55,7 @@ class ConvertConfig:
     quantize: str | None = None  # fp16 | int8-dynamic | int8-static
     engine: str = "ort"  # ort | inc
     calibration_prompts: str | None = None
+    quantize_components: list[str] | None = None  # None: the scheme's defaults (text encoder and UNet)
     # Core ML
     min_target: str = "iOS17"
     precision: Precision = Precision.fp16
@@ -63,7 +64,8 @@ class ConvertConfig:
     target_bits: float | None = None
     sizes: str | None = None  # Core ML: extra enumerated image sizes, "HxW,HxW"
 
-    _ONNX_ONLY = {"opset": 18, "optimize": Optimize.cpu, "quantize": None, "engine": "ort", "calibration_prompts": None}
+    _ONNX_ONLY = {"opset": 18, "optimize": Optimize.cpu, "quantize": None, "engine": "ort", "calibration_prompts": None,
+                  "quantize_components": None}
     _COREML_ONLY = {"min_target": "iOS17", "precision": Precision.fp16, "attention": Attention.original,
                     "compress": None, "target_bits": None, "sizes": None}
 

@@ -114,6 +114,14 @@ def validate(cfg: ConvertConfig) -> None:
         if cfg.opset < INC_OPSET:
             raise InputError(f"--engine inc exports with the dynamo exporter, which needs --opset ≥ {INC_OPSET}",
                              f"pass --opset {INC_OPSET}")
+    if cfg.quantize_components:
+        if not cfg.quantize or cfg.engine == "inc":
+            raise InputError("--quantize-component needs --quantize (and --engine ort)",
+                             "add --quantize int8-static, or drop --quantize-component")
+        known = ("text_encoder", "unet", "vae_decoder")
+        bad = [c for c in cfg.quantize_components if c not in known]
+        if bad:
+            raise InputError(f"unknown --quantize-component {bad[0]!r}", f"choose from: {', '.join(known)}")
     if cfg.calibration_prompts and cfg.quantize != "int8-static":
         raise InputError("--calibration-prompts applies only to --quantize int8-static", "drop it or add --quantize int8-static")
     read_prompts(cfg.calibration_prompts, [])  # a missing/empty file fails now, before minutes of export
@@ -347,7 +355,8 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         if cfg.engine == "inc":
             quantized = inc_done
         elif cfg.quantize:
-            quantized = [n for n in names if n in DEFAULT_COMPONENTS]
+            wanted = cfg.quantize_components or DEFAULT_COMPONENTS
+            quantized = [n for n in names if n in wanted or (n == "unet_velocity" and "unet" in wanted)]
             t = time.perf_counter()
             apply_scheme(tmp, cfg.quantize, quantized, prompts)
             timings["quantize"] = round(time.perf_counter() - t, 2)

@@ -182,6 +182,22 @@ def test_bad_inputs(tiny_dir, fp32_export, tmp_path):
     assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "-o", fp32_export), 2, "--force")
     assert_one_line_error(run("quantize", fp32_export, "--scheme", "int3", "-o", out), 2, "int3", "int8-static", nothing_at=out)
     assert_one_line_error(run("quantize", tiny_dir, "--scheme", "fp16", "-o", out), 2, "manifest", nothing_at=out)
+    r = run("convert", tiny_dir, "--target", "onnx", "--quantize-component", "vae_decoder", "-o", out)
+    assert_one_line_error(r, 2, "--quantize", nothing_at=out)
+    r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "fp16", "--quantize-component", "vae", "-o", out)
+    assert_one_line_error(r, 2, "'vae'", "vae_decoder", nothing_at=out)
+
+
+def test_convert_quantizes_the_named_components(tiny_dir, tmp_path):
+    """--quantize-component picks what --quantize applies to: here the VAE decoder alone."""
+    out = tmp_path / "vae8"
+    r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int8-static", "--quantize-component", "vae_decoder", "-o", out)
+    assert r.exit_code == 0, r.output
+    m = manifest(out)
+    assert m["quantize"]["components"] == ["vae_decoder"]
+    assert m["gates"]["vae_decoder"] == 25.0 and m["gates"]["unet"] == 60.0
+    assert "QuantizeLinear" in _ops(out / "vae_decoder" / "model.onnx")
+    assert "QuantizeLinear" not in _ops(out / "unet" / "model.onnx")
 
 
 def _escaping_copy(fp32_export, tmp_path, how):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -23,6 +23,7 @@ def convert_command(
     opset: int = typer.Option(18, "--opset", help="ONNX: opset version."),
     optimize: Optimize = typer.Option(Optimize.cpu, "--optimize", help="ONNX: ONNX Runtime graph optimization for this provider."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="ONNX: fp16 | int8-dynamic | int8-static."),
+    quantize_components: Optional[List[str]] = typer.Option(None, "--quantize-component", help="ONNX: a component to quantize (repeatable: text_encoder, unet, vae_decoder; default: text_encoder and unet — the VAE decoder stays fp32 unless named)."),
     engine: str = typer.Option("ort", "--engine", help="ONNX: quantization engine, ort (onnxruntime) or inc (Intel Neural Compressor)."),
     calibration_prompts: Optional[Path] = typer.Option(None, "--calibration-prompts", help="ONNX int8-static: a text file, one prompt per line (default: the model's prompt set)."),
     min_target: str = typer.Option("iOS17", "--min-target", help="Core ML: minimum deployment target (iOS16/17/18, macOS13/14/15)."),
@@ -38,6 +39,7 @@ def convert_command(
     cfg = ConvertConfig(
         model=model, output=str(output), target=target, force=force, fused=fused, height=height, width=width,
         min_psnr=min_psnr, allow_pickle=allow_pickle, opset=opset, optimize=optimize, quantize=quantize,
+        quantize_components=list(quantize_components) if quantize_components else None,
         engine=engine, calibration_prompts=str(calibration_prompts) if calibration_prompts else None,
         min_target=min_target, precision=precision, attention=attention, compress=compress, target_bits=target_bits, sizes=sizes,
     )
