@@ -28,6 +28,7 @@ VARIANTS = {
 
 def main(argv: list[str] | None = None) -> dict:
     from ..convert import ConvertConfig, export
+    from ..convert.onnx_runtime import open_export
     from ..convert.parity import psnr
     from ..evaluate import EvalConfig, generate_eval_images, generate_eval_images_onnx, real_ceiling, score_images
     from ..judge import JudgeConfig, load_judge
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         ecfg = EvalConfig(model=str(folder), steps=1, num_images=args.num_images, backend="onnx")
         ecfg.validate()
         t0 = time.perf_counter()
-        images, labels_o, info = generate_eval_images_onnx(ecfg, progress=False)
+        images, labels_o, info = generate_eval_images_onnx(open_export(folder, 1, 1.0), ecfg, progress=False)
         assert labels_o == labels
         rows.append(score(label, images, labels_o, reference, time.perf_counter() - t0,
                           {"folder": str(folder), "export_precision": info["export_precision"],

@@ -391,9 +391,8 @@ def export_onnx(cfg: ConvertConfig) -> dict:
 def apply_scheme(folder: Path, scheme_name: str, components: list[str], prompts: list[str]) -> None:
     """Quantize ``components`` of the export in ``folder`` in place. Every component is quantized from
     the fp32 pipeline first (calibration runs the fp32 upstream models), then all are swapped in."""
-    from ..quantize.onnx import SCHEMES
-
     from ..progress import say
+    from ..quantize.onnx import SCHEMES
 
     staged = {}
     for i, name in enumerate(components, 1):

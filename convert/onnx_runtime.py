@@ -18,12 +18,7 @@ def onnx_backend(config, info: dict):
     import numpy as np
 
     from ..generator import make_noise
-    from ..quantize.onnx import export_meta, tokenize
 
-    folder = Path(config.model)
-    if not folder.is_dir():
-        raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
-    meta = export_meta(folder)
     if config.device.value not in ("auto", "cpu", "cuda"):
         raise DeviceError(f"--device {config.device.value} is not available with --backend onnx", "use --device cpu or cuda")
     if config.dtype.value not in ("auto", "float32"):
@@ -37,10 +32,8 @@ def onnx_backend(config, info: dict):
             raise DeviceError("--device cuda was asked for but onnxruntime has no CUDAExecutionProvider here",
                               "install onnxruntime-gpu, or use --device cpu")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    steps = config.steps or meta["default_steps"]
-    check_sampling(meta, steps, config.guidance)
-    onnx_io.check_folder(folder)
-    sessions = open_sessions(folder, steps, providers)
+    folder = Path(config.model)
+    meta, steps, sessions, tokenize = open_export(folder, config.steps, config.guidance, providers)
     c, lh, lw = meta["latent_shape"]
     h, w = config.height or meta["height"], config.width or meta["width"]
     f = meta["height"] // lh
@@ -52,7 +45,7 @@ def onnx_backend(config, info: dict):
                 dtype="float32", backend="onnx", export_precision=(read_scheme(folder) or "fp32"))
 
     def render(job):
-        ids = tokenize(folder, [job.prompt])
+        ids = tokenize([job.prompt])
         noise = make_noise([job.seed], shape).numpy()
         image = sample(sessions, ids, noise, meta, steps)
         if not np.isfinite(image).all():
@@ -63,10 +56,22 @@ def onnx_backend(config, info: dict):
     return render
 
 
-def open_sessions(folder: Path, steps: int, providers: list[str] | None = None) -> dict:
-    """The onnxruntime sessions ``sample`` needs for ``steps`` steps (the velocity UNet past one)."""
+def open_export(folder: Path, steps: int | None, guidance: float, providers: list[str] | None = None):
+    """Check an ONNX export folder for sampling ``steps`` (None: its default) and open it:
+    ``(meta, steps, sessions, tokenize)``. Everything that can be refused is refused before the first
+    session loads; the velocity UNet is opened only past one step."""
+    from ..quantize.onnx import export_meta, tokenizer_for
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
+    meta = export_meta(folder)
+    steps = steps or meta["default_steps"]
+    check_sampling(meta, steps, guidance)
+    onnx_io.check_folder(folder)
     names = ["text_encoder", "unet", "vae_decoder"] + (["unet_velocity"] if steps > 1 else [])
-    return {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, providers=providers) for n in names}
+    sessions = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, providers=providers) for n in names}
+    return meta, steps, sessions, tokenizer_for(folder)
 
 
 def sample(sessions: dict, input_ids, noise, meta: dict, steps: int):

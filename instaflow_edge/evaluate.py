@@ -182,28 +182,19 @@ def generate_eval_images(pipe, config: EvalConfig, progress: bool = True):
     return torch.cat(out), [d for _, d in prompts], info
 
 
-def generate_eval_images_onnx(config: EvalConfig, progress: bool = True):
-    """``generate_eval_images`` for an ONNX export folder, run by onnxruntime in batches (same prompts,
-    same seeds, same noise: the figures compare with the PyTorch model's)."""
+def generate_eval_images_onnx(export, config: EvalConfig, progress: bool = True):
+    """``generate_eval_images`` for an ONNX export opened by ``convert.onnx_runtime.open_export``
+    (``export`` is what it returns), run by onnxruntime in batches: same prompts, same seeds, same noise,
+    so the figures compare with the PyTorch model's."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
-    from .convert import onnx_io
-    from .convert.onnx_runtime import check_sampling, open_sessions, read_scheme, sample
+    from .convert.onnx_runtime import read_scheme, sample
     from .data import eval_prompts
-    from .errors import ModelError
     from .generator import make_noise
-    from .quantize.onnx import export_meta, tokenize
 
-    folder = Path(config.model)
-    if not folder.is_dir():
-        raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
-    meta = export_meta(folder)
-    steps = config.steps or meta["default_steps"]
-    check_sampling(meta, steps, config.guidance)
-    onnx_io.check_folder(folder)
-    sessions = open_sessions(folder, steps)
+    meta, steps, sessions, tokenize = export
     prompts = eval_prompts(config.num_images // 10)
     shape = tuple(meta["latent_shape"])
     out = []
@@ -212,7 +203,7 @@ def generate_eval_images_onnx(config: EvalConfig, progress: bool = True):
     for i in range(0, len(prompts), config.batch_size):
         chunk = prompts[i:i + config.batch_size]
         noise = make_noise([config.seed + i + k for k in range(len(chunk))], shape).numpy()
-        images = sample(sessions, tokenize(folder, [p for p, _ in chunk]), noise, meta, steps)
+        images = sample(sessions, tokenize([p for p, _ in chunk]), noise, meta, steps)
         if not np.isfinite(images).all():
             raise NumericsError(f"NaN/Inf in generated images (batch starting at prompt {i}, onnx)",
                                 "an fp16 export overflowed: use the fp32 or int8 export")
@@ -220,7 +211,8 @@ def generate_eval_images_onnx(config: EvalConfig, progress: bool = True):
         bar.update(len(chunk))
     bar.close()
     info = {"steps": steps, "guidance": config.guidance, "flow": meta["flow"], "size": meta["height"],
-            "device": "cpu", "dtype": "float32", "backend": "onnx", "export_precision": read_scheme(folder) or "fp32"}
+            "device": "cpu", "dtype": "float32", "backend": "onnx",
+            "export_precision": read_scheme(Path(config.model)) or "fp32"}
     return torch.cat(out), [d for _, d in prompts], info
 
 
@@ -231,13 +223,11 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     from .judge import JudgeConfig, load_judge
 
     config.validate()
-    pipe = None
+    pipe = export = None
     if config.backend == "onnx":  # a bad export fails before the judge is built
-        from .convert.onnx_io import check_folder
-        from .quantize.onnx import export_meta
+        from .convert.onnx_runtime import open_export
 
-        export_meta(Path(config.model))
-        check_folder(Path(config.model))
+        export = open_export(Path(config.model), config.steps, config.guidance)
     elif not config.real_only:  # a bad model path fails before the judge is built
         from .pipeline import load_pipeline, resolve_device
 
@@ -255,9 +245,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
                     "judge": {"key": judge.config.key(), "val_accuracy": round(judge.val_accuracy, 4),
                               "feature_dim": judge.config.feature_dim}}
     t_gen = 0.0
-    if pipe is not None or config.backend == "onnx":
+    if pipe is not None or export is not None:
         t1 = time.perf_counter()
-        images, labels, info = (generate_eval_images_onnx(config, progress) if config.backend == "onnx"
+        images, labels, info = (generate_eval_images_onnx(export, config, progress) if export is not None
                                 else generate_eval_images(pipe, config, progress))
         t_gen = time.perf_counter() - t1
         result["sampling"] = info

@@ -230,12 +230,18 @@ def export_meta(folder: Path) -> dict:
     return meta
 
 
-def tokenize(folder: Path, prompts: list[str]):
+def tokenizer_for(folder: Path):
+    """``prompts -> int64 token ids (N, 77)`` with the export's tokenizer, loaded once (callers that
+    tokenize per image or per batch keep this instead of calling ``tokenize``)."""
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="np").input_ids.astype("int64")
+    tok = CLIPTokenizer.from_pretrained(str(Path(folder) / "tokenizer"))
+    return lambda prompts: tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                               return_tensors="np").input_ids.astype("int64")
+
+
+def tokenize(folder: Path, prompts: list[str]):
+    return tokenizer_for(folder)(prompts)
 
 
 def read_prompts(path: str | None, default: list[str]) -> list[str]:
