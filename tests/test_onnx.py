@@ -125,6 +125,18 @@ def test_standalone_quantize(fp32_export, tmp_path, scheme):
     expected = {"fp16": "Cast", "int8-dynamic": "DynamicQuantizeLinear", "int8-static": "QuantizeLinear"}[scheme]
     assert expected in ops
     assert _ops(out / "vae_decoder" / "model.onnx") == _ops(fp32_export / "vae_decoder" / "model.onnx")
+    if scheme == "int8-static":
+        # quantized MatMuls hand fp32 on (bias Add, attention): no requantize right after them
+        import onnx
+
+        for comp in ("text_encoder", "unet"):
+            g = onnx.load(str(out / comp / "model.onnx"), load_external_data=False).graph
+            made_by = {o: n for n in g.node for o in n.output}
+            qmm = [n for n in g.node if n.op_type == "MatMul"
+                   and all(made_by.get(i) is not None and made_by[i].op_type == "DequantizeLinear" for i in n.input)]
+            assert qmm, comp
+            consumers = {n.op_type for n in g.node for i in n.input if i in {m.output[0] for m in qmm}}
+            assert "QuantizeLinear" not in consumers, (comp, consumers)
 
 
 def test_relative_paths(fp32_export, tiny_dir, tmp_path, monkeypatch):
