@@ -93,7 +93,7 @@ def _paired(ref: list[float], other: list[float]) -> dict:
 def torch_runner(pipe, inputs: dict, device: str, dtype, compile_: bool = False):
     import torch
 
-    from instaflow_edge.convert.specs import COMPONENTS
+    from instaflow_edge.components import COMPONENTS
 
     mods = {n: COMPONENTS[n].module(pipe).to(device, dtype) for n in STAGES}
     if compile_:
@@ -122,8 +122,8 @@ def torch_runner(pipe, inputs: dict, device: str, dtype, compile_: bool = False)
 
 
 def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
-    from instaflow_edge.convert import onnx_io
-    from instaflow_edge.convert.onnx import unet_feed
+    from instaflow_edge.runtime import onnx_io
+    from instaflow_edge.runtime.onnx import unet_feed
 
     s = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, threads=threads, providers=providers) for n in STAGES}
     scale = json.loads((folder / "manifest.json").read_text())["onnx"]["scaling_factor"]
@@ -145,7 +145,7 @@ def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
 
 
 def ort_fused_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
-    from instaflow_edge.convert import onnx_io
+    from instaflow_edge.runtime import onnx_io
 
     s = onnx_io.session(folder / "generator" / onnx_io.MODEL_FILE, threads=threads, providers=providers)
 
@@ -161,7 +161,7 @@ def count_flops(pipe, inputs: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from instaflow_edge.convert.specs import COMPONENTS
+    from instaflow_edge.components import COMPONENTS
 
     ids, noise = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["noise"])
     flops = {}
@@ -192,12 +192,13 @@ def bench(model: str, exports: dict[str, Path], threads: int, warmup: int, repea
     import torch
 
     from instaflow_edge.envinfo import collect
+    from instaflow_edge.errors import DeviceError
     from instaflow_edge.generator import make_noise
     from instaflow_edge.pipeline import load_pipeline
 
     torch.set_num_threads(threads)
     pipe = load_pipeline(model, "cpu", "float32", local_files_only=True)
-    from instaflow_edge.convert.specs import EXAMPLE_PROMPTS, Sizes
+    from instaflow_edge.components import EXAMPLE_PROMPTS, Sizes
 
     sizes = Sizes.of(pipe)
     inputs = {"input_ids": pipe.tokenize(EXAMPLE_PROMPTS[:1]).numpy(),
@@ -212,8 +213,9 @@ def bench(model: str, exports: dict[str, Path], threads: int, warmup: int, repea
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         import onnxruntime as ort
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            exports = {}  # stated in the JSON: no ORT CUDA provider here
+        if exports and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise DeviceError("ONNX exports were given with --device cuda, but onnxruntime has no CUDAExecutionProvider here",
+                              "install onnxruntime-gpu, or drop the exports to time the torch rows only")
     else:
         makers["torch eager fp32"] = lambda: torch_runner(pipe, inputs, "cpu", torch.float32)
     for label, folder in exports.items():

@@ -28,7 +28,19 @@ import time
 import warnings
 from pathlib import Path
 
-from ..errors import InputError
+from ..artifacts import (
+    atomic_dir,
+    check_output,
+    make_manifest,
+    package_versions,
+    read_manifest,
+    write_manifest,
+)
+from ..errors import InputError, require
+from ..pipeline import _write_slow_tokenizer_files, load_pipeline
+from ..progress import say
+from ..quantize import coreml as cq
+from ..quantize.coreml import compressed_layers
 from .config import ConvertConfig, Precision, target
 from .coreml_check import format_report, report_rows
 
@@ -57,8 +69,7 @@ class Plan:
 
 
 def plan(config: ConvertConfig) -> Plan:
-    from ..quantize import coreml as cq
-    from .parity import DEFAULT_MIN_PSNR
+    from ..parity import DEFAULT_MIN_PSNR
 
     config.precision = Precision(config.precision)
     s = cq.validate(config.compress, config.min_target, config.target_bits)
@@ -82,31 +93,23 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def _image_sizes(config: ConvertConfig, pipe) -> list:
-    from .specs import Sizes
+    from ..components import Sizes
 
-    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     hw = [(config.height or pipe.default_size, config.width or pipe.default_size)]
     for s in _parse_sizes(config.sizes) if config.sizes else []:
         if s not in hw:
             hw.append(s)
-    for h, w in hw:
-        for name, v in (("height", h), ("width", w)):
-            if v < mult or v % mult:
-                raise InputError(f"image {name} {v} is not a positive multiple of {mult} for this model",
-                                 f"use multiples of {mult} in --height/--width/--sizes")
+    hw = [pipe.image_size(h, w) for h, w in hw]
     return [Sizes.of(pipe, batch=1, height=h, width=w) for h, w in hw]
 
 
 @target("coreml")
 def export_coreml(config: ConvertConfig) -> dict:
     """Convert ``config.model`` into Core ML packages in ``config.output``; returns the manifest."""
-    from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, write_manifest
-    from ..errors import require
 
     p = plan(config)
     check_output(config.output, config.force)  # before minutes of work
     require("coremltools", "coreml")
-    from ..pipeline import load_pipeline
 
     t0 = time.perf_counter()
     pipe = load_pipeline(config.model, "cpu", "float32", config.allow_pickle)
@@ -127,7 +130,9 @@ def export_coreml(config: ConvertConfig) -> dict:
             model={"source": config.model, "content_sha256": (source or {}).get("content_sha256"),
                    "flow": pipe.info.flow, "default_steps": pipe.info.default_steps},
             files={n: NAMES[n] + ".mlpackage" for n in names} | {"vocab": "vocab.json", "merges": "merges.txt"},
-            image_sizes=[[s.height, s.width] for s in shapes], quality_batch=int(chain["ref"]["input_ids"].shape[0]),
+            image_sizes=[[s.height, s.width] for s in shapes],
+            latent={"channels": shapes[0].latent_channels, "vae_scale_factor": pipe.vae_scale_factor},
+            quality_batch=int(chain["ref"]["input_ids"].shape[0]),
             gate={"min_psnr": p.gate, "source": p.gate_source, "applies_to": "every component and the end-to-end image, as shipped vs fp32 PyTorch"},
             components=components, end_to_end=end_to_end, report=rows,
             seconds=round(time.perf_counter() - t0, 2),
@@ -144,8 +149,8 @@ def export_coreml(config: ConvertConfig) -> dict:
 def _start_chain(pipe, sizes) -> dict:
     """Inputs of the chain: real prompts' token ids and seeded noise; two prompts, or one for a
     full-size UNet (> 100 M parameters), where every forward pass costs seconds to minutes on a CPU."""
+    from ..components import EXAMPLE_PROMPTS
     from ..generator import make_noise
-    from .specs import EXAMPLE_PROMPTS
 
     n = 1 if sum(p.numel() for p in pipe.unet.parameters()) > 100_000_000 else 2
     ids = pipe.tokenize(EXAMPLE_PROMPTS[:n])
@@ -179,11 +184,10 @@ def _as_shipped(module, precision: Precision):
 def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tmp: Path) -> dict:
     import torch
 
+    from ..components import COMPONENTS
     from ..generator import to_unit_range
-    from ..quantize import coreml as cq
+    from ..parity import PsnrError, compare
     from .coreml_attention import attention_implementation
-    from .parity import PsnrError, compare
-    from .specs import COMPONENTS
 
     spec = COMPONENTS[name]
     sf = chain["scaling_factor"]
@@ -309,7 +313,6 @@ def _to_coreml(config, spec, module, shapes: list):
 
 
 def _describe(ml, config, name: str, spec, pipe) -> None:
-    from ..artifacts import package_versions
 
     v = package_versions()
     ml.author = "instaflow-edge"
@@ -353,7 +356,6 @@ def _license(model: str) -> str:
 
 
 def _copy_tokenizer(model: str, pipe, tmp: Path) -> None:
-    from ..pipeline import _write_slow_tokenizer_files
 
     src = Path(model) / "tokenizer"
     if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
@@ -388,7 +390,6 @@ def used_parameters(module, inputs) -> int:
 
 
 def _validate(name: str, path: Path, spec, shapes: list, module, params: int) -> dict:
-    from ..quantize.coreml import compressed_layers
     from . import coreml_check as cc
 
     ml = cc.load(path)
@@ -399,6 +400,5 @@ def _validate(name: str, path: Path, spec, shapes: list, module, params: int) ->
 
 
 def _say(msg: str) -> None:
-    from ..progress import say
 
     say("coreml", msg)

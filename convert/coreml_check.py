@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ..errors import ParityError
-from .parity import ShapeError
+from ..parity import ShapeError
 
 # Core ML feature types we declare: every tensor crosses the boundary as float32. Token ids too: Apple's
 # Swift ``TextEncoder`` feeds ``MLShapedArray<Float32>`` ids (exact below 2^24, CLIP has 49,408).
@@ -96,7 +96,6 @@ def sizes(path: str | Path, params: int) -> dict:
 def package_weights(ml) -> dict[str, "object"]:
     """Every const weight of the package, decompressed by coremltools, by Core ML name."""
     import coremltools as ct
-
     import numpy as np
 
     dense = ct.optimize.coreml.decompress_weights(ml)

@@ -27,22 +27,28 @@ import shutil
 import time
 from pathlib import Path
 
+from ..artifacts import (
+    atomic_dir,
+    check_output,
+    make_manifest,
+    read_manifest,
+    sha256_tree,
+    write_manifest,
+)
 from ..errors import InputError, MissingDependencyError, ModelError
-from . import onnx_io
+from ..parity import check, compare, format_table
+from ..pipeline import load_pipeline
+from ..progress import say
+from ..quantize.onnx import SCHEME_MIN_PSNR, apply_scheme
+from ..runtime import onnx_io
+from ..runtime.onnx import run_one_step
+from ..validators import prompt_file
 from .config import ConvertConfig, Optimize, target
-from .parity import DEFAULT_MIN_PSNR, check, compare, format_table
+from .onnx_inc import MIN_OPSET as INC_OPSET
+from .onnx_inc import inc_int8_static
 
 MIN_OPSET, MAX_OPSET = 14, 20  # 14: the attention ops; 20: the TorchScript exporter's last opset
 EXPORTER = "torch.onnx.export(dynamo=False)"
-
-# Default gates (dB) against the PyTorch fp32 reference, per scheme (fp32 60 and fp16 35 from parity.py).
-# int8, measured here (the digits preset had not landed; random weights): int8-static text encoder /
-# UNet / end to end = 45.3-48.6 / 42.3-44.9 / 44.4-46.1 dB on tiny (onnxruntime and INC), 40.1 / 47.1 /
-# 46.3 dB on sd15 (8 calibration prompts); int8-dynamic 47.8 / 62.9 / 62.4 dB on tiny. STACK.md saw
-# 29.4 dB on the sd15 UNet with only 3 calibration inputs. 25 dB (rms error 5.6 % of the reference's
-# peak) sits 15 dB under everything measured here and 4 dB under that weakest run: a gate that a sound
-# calibration clears and a broken one (wrong ranges, an unquantizable op quantized) does not.
-SCHEME_MIN_PSNR = {**DEFAULT_MIN_PSNR, "int8-dynamic": 25.0, "int8-static": 25.0}
 
 # ORT transformer-optimizer model_type per component
 _MODEL_TYPE = {"text_encoder": "clip", "unet": "unet", "unet_velocity": "unet", "vae_decoder": "vae", "generator": "unet"}
@@ -78,7 +84,7 @@ def onnx_spec(name: str):
     one-step UNet of specs.py when fed timestep = 1000, which is what our runtime feeds."""
     import dataclasses
 
-    from .specs import COMPONENTS, TensorSpec
+    from ..components import COMPONENTS, TensorSpec
 
     spec = COMPONENTS[name]
     if name != "unet":
@@ -87,18 +93,8 @@ def onnx_spec(name: str):
     return dataclasses.replace(spec, inputs=(spec.inputs[0], ts, spec.inputs[1]), build=_OneStepUnet.build)
 
 
-def unet_feed(sess, sample, encoder_hidden_states) -> dict:
-    """Inputs of an exported one-step UNet (exports made before the timestep input have none)."""
-    import numpy as np
-
-    feed = {"sample": sample, "encoder_hidden_states": encoder_hidden_states}
-    if any(i.name == "timestep" for i in sess.get_inputs()):
-        feed["timestep"] = np.full((sample.shape[0],), 1000.0, np.float32)
-    return feed
-
-
 def validate(cfg: ConvertConfig) -> None:
-    from ..quantize.onnx import check_scheme, read_prompts
+    from ..quantize.onnx import check_scheme
 
     if not (MIN_OPSET <= cfg.opset <= MAX_OPSET):
         raise InputError(f"--opset {cfg.opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET} (default 18)")
@@ -107,7 +103,6 @@ def validate(cfg: ConvertConfig) -> None:
     if cfg.engine not in ("ort", "inc"):
         raise InputError(f"unknown --engine {cfg.engine!r}", "choose one of: ort, inc")
     if cfg.engine == "inc":
-        from .onnx_inc import MIN_OPSET as INC_OPSET
 
         if cfg.quantize != "int8-static":
             raise InputError("--engine inc does int8-static only", "add --quantize int8-static, or use --engine ort")
@@ -124,7 +119,7 @@ def validate(cfg: ConvertConfig) -> None:
             raise InputError(f"unknown --quantize-component {bad[0]!r}", f"choose from: {', '.join(known)}")
     if cfg.calibration_prompts and cfg.quantize != "int8-static":
         raise InputError("--calibration-prompts applies only to --quantize int8-static", "drop it or add --quantize int8-static")
-    read_prompts(cfg.calibration_prompts, [])  # a missing/empty file fails now, before minutes of export
+    prompt_file(cfg.calibration_prompts, [], "calibration prompts")  # a missing/empty file fails now, before minutes of export
     if cfg.optimize is Optimize.cuda:
         import onnxruntime as ort
 
@@ -291,11 +286,8 @@ def _copy_pipeline_files(src: Path, dst: Path, names: list[str]) -> None:
 @target("onnx")
 def export_onnx(cfg: ConvertConfig) -> dict:
     """Export ``cfg.model`` to an ONNX folder at ``cfg.output``; returns the manifest."""
-    from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, sha256_tree, write_manifest
-    from ..pipeline import load_pipeline
-    from ..progress import say
-    from ..quantize.onnx import CALIBRATION_PROMPTS, DEFAULT_COMPONENTS, read_prompts
-    from .specs import Sizes
+    from ..components import Sizes
+    from ..quantize.onnx import CALIBRATION_PROMPTS, DEFAULT_COMPONENTS
 
     validate(cfg)
     check_output(cfg.output, cfg.force)
@@ -304,14 +296,11 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         raise ModelError(f"model path {src} is not a folder", "pass a local pipeline folder (instaflow-edge init / train output)")
     t0 = time.perf_counter()
     pipe = load_pipeline(src, "cpu", "float32", cfg.allow_pickle, local_files_only=True)
-    sizes = Sizes.of(pipe, batch=1, height=cfg.height, width=cfg.width)
-    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    for flag, v in (("height", sizes.height), ("width", sizes.width)):
-        if v % mult:
-            raise InputError(f"--{flag} {v} is not a multiple of {mult}", f"pass --{flag} {max(mult, v // mult * mult)}")
+    height, width = pipe.image_size(cfg.height, cfg.width)
+    sizes = Sizes.of(pipe, batch=1, height=height, width=width)
     names = components_for(pipe, cfg.fused)
     source_manifest = read_manifest(src) or {}
-    prompts = read_prompts(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS)
+    prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
     timings: dict[str, float] = {}
     with atomic_dir(cfg.output, cfg.force) as tmp:
         refs, inc_done = {}, []
@@ -326,7 +315,6 @@ def export_onnx(cfg: ConvertConfig) -> dict:
             t = time.perf_counter()
             say("onnx", f"{name}: exporting (opset {cfg.opset}{', INC int8' if cfg.engine == 'inc' and name in DEFAULT_COMPONENTS else ''})")
             if cfg.engine == "inc" and name in DEFAULT_COMPONENTS:
-                from .onnx_inc import inc_int8_static
 
                 calib = [spec.example_inputs(pipe, sizes, seed=i, prompts=[p]) for i, p in enumerate(prompts)]
                 inc_int8_static(spec, module, inputs, calib, tmp / name / onnx_io.MODEL_FILE, cfg.opset)
@@ -338,7 +326,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         meta = {"latent_shape": [sizes.latent_channels, sizes.latent_height, sizes.latent_width],
                 "height": sizes.height, "width": sizes.width, "scaling_factor": pipe.scaling_factor,
                 "flow": pipe.info.flow, "default_steps": pipe.info.default_steps, "exporter": EXPORTER,
-                "opset": cfg.opset, "components": names}
+                "opset": cfg.opset, "components": names, "size_multiple": pipe.size_multiple}
         _copy_pipeline_files(src, tmp, names)
         del pipe
         gc.collect()  # the torch model is not needed past here (SD1.5: 4.3 GB)
@@ -388,36 +376,11 @@ def export_onnx(cfg: ConvertConfig) -> dict:
     return manifest
 
 
-def apply_scheme(folder: Path, scheme_name: str, components: list[str], prompts: list[str]) -> None:
-    """Quantize ``components`` of the export in ``folder`` in place. Every component is quantized from
-    the fp32 pipeline first (calibration runs the fp32 upstream models), then all are swapped in."""
-    from ..progress import say
-    from ..quantize.onnx import SCHEMES
-
-    staged = {}
-    for i, name in enumerate(components, 1):
-        say("quantize", f"{name} ({i}/{len(components)}): {scheme_name}"
-            + (f", calibrating on {len(prompts)} prompts" if scheme_name == "int8-static" else ""))
-        src = folder / name / onnx_io.MODEL_FILE
-        dst = folder / name / ".quantized" / onnx_io.MODEL_FILE
-        dst.parent.mkdir(exist_ok=True)
-        SCHEMES[scheme_name](src, dst, name, folder, prompts)
-        onnx_io.session(dst)  # load test before it replaces the fp32 model
-        staged[name] = dst
-    for name, dst in staged.items():
-        for p in list((folder / name).iterdir()):
-            if p.is_file() and p.name.startswith(onnx_io.MODEL_FILE):
-                p.unlink()
-        for p in dst.parent.iterdir():
-            p.rename(folder / name / p.name)
-        dst.parent.rmdir()
-
-
 def _end_to_end_reference(pipe, sizes):
     import torch
 
+    from ..components import EXAMPLE_PROMPTS
     from ..generator import OneStepGenerator, make_noise
-    from .specs import EXAMPLE_PROMPTS
 
     ids = pipe.tokenize(EXAMPLE_PROMPTS[:1])
     noise = make_noise([0], (sizes.latent_channels, sizes.latent_height, sizes.latent_width))
@@ -426,12 +389,3 @@ def _end_to_end_reference(pipe, sizes):
     return {"input_ids": ids.numpy(), "noise": noise.numpy()}, image.numpy()
 
 
-def run_one_step(folder: Path, input_ids, noise, meta: dict, sessions: dict | None = None):
-    """Text encoder → one-step UNet → VAE decoder through onnxruntime; image in [0, 1]."""
-    import numpy as np
-
-    s = sessions or {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE) for n in ("text_encoder", "unet", "vae_decoder")}
-    ehs = s["text_encoder"].run(None, {"input_ids": input_ids})[0]
-    lat = s["unet"].run(None, unet_feed(s["unet"], noise, ehs))[0]
-    img = s["vae_decoder"].run(None, {"latent_sample": (lat / meta["scaling_factor"]).astype(np.float32)})[0]
-    return np.clip(img / 2 + 0.5, 0, 1)

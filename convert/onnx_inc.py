@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import require
-from . import onnx_io
+from ..runtime import onnx_io
 
 MIN_OPSET = 18  # the dynamo exporter's floor
 

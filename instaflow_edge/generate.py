@@ -8,8 +8,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .artifacts import (
+    atomic_dir,
+    check_output,
+    make_manifest,
+    read_manifest,
+    write_manifest,
+)
 from .errors import InputError, NumericsError
 from .options import Backend, Device, DType
+from .pipeline import load_pipeline, resolve_device
+from .runtime.coreml import coreml_backend
+from .runtime.onnx import onnx_backend
+from .validators import integer
 
 
 @dataclasses.dataclass
@@ -38,31 +49,17 @@ class GenerateConfig:
         for p in self.prompts:
             if not isinstance(p, str) or not p.strip():
                 raise InputError("empty prompt", "every prompt needs some text")
-        _nonneg_int("seed", self.seed)
-        _pos_int("num_images", self.num_images)
+        integer("seed", self.seed, 0)
+        integer("num_images", self.num_images, 1)
         if self.steps is not None:
-            _pos_int("steps", self.steps)
+            integer("steps", self.steps, 1)
         if not (self.guidance >= 0.0):  # also rejects NaN
             raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None:
-                _pos_int(name, v)
+                integer(name, v, 1)
         self.device, self.dtype, self.backend = Device(self.device), DType(self.dtype), Backend(self.backend)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _nonneg_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise InputError(f"{name} must be a non-negative integer, got {v!r}", f"pass {_flag(name)} 0 or larger")
-
-
-def _pos_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InputError(f"{name} must be a positive integer, got {v!r}", f"pass {_flag(name)} 1 or larger")
 
 
 @dataclasses.dataclass
@@ -104,17 +101,12 @@ def _torch_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "objec
     import torch
 
     from .generator import decode_latents, generate_latents, make_noise
-    from .pipeline import load_pipeline, resolve_device
 
     resolve_device(config.device.value)  # a missing GPU fails before the model loads
     pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
     steps = config.steps or pipe.info.default_steps
-    h, w = config.height or pipe.default_size, config.width or pipe.default_size
-    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    for name, v in (("height", h), ("width", w)):
-        if v % mult:
-            raise InputError(f"{name} {v} is not a multiple of {mult}", f"pass {_flag(name)} {max(mult, v // mult * mult)}")
-    shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+    h, w = pipe.image_size(config.height, config.width)
+    shape = pipe.latent_shape(h, w)
     info.update(steps=steps, height=h, width=w, flow=pipe.info.flow, device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."))
 
     def render(job: Job):
@@ -134,7 +126,6 @@ def _torch_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "objec
 @backend("onnx")
 def _onnx_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
     """An ONNX export folder (``convert --target onnx``) run with onnxruntime."""
-    from .convert.onnx_runtime import onnx_backend
 
     return onnx_backend(config, info)
 
@@ -142,7 +133,6 @@ def _onnx_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object
 @backend("coreml")
 def _coreml_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
     """A Core ML export folder (``convert --target coreml``); prediction needs macOS."""
-    from .convert.coreml_runtime import coreml_backend
 
     return coreml_backend(config, info)
 
@@ -152,7 +142,6 @@ def generate(config: GenerateConfig, progress: bool = True) -> dict:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .artifacts import atomic_dir, check_output, make_manifest, read_manifest, write_manifest
 
     config.validate()
     check_output(config.output, config.force)

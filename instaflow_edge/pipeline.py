@@ -17,6 +17,7 @@ from typing import Any
 
 from .artifacts import read_manifest
 from .errors import DeviceError, InputError, ModelError
+from .validators import image_size, size_multiple
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 _WEIGHTS = ("unet", "text_encoder", "vae")
@@ -68,6 +69,21 @@ class Pipeline:
         size = self.unet.config.sample_size
         size = size[0] if isinstance(size, (list, tuple)) else size
         return int(size) * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides this pipeline accepts are multiples of this (VAE × UNet downsampling)."""
+        return size_multiple(self.vae_scale_factor, len(self.unet.config.block_out_channels))
+
+    def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """``(height, width)``: the defaults filled in, each checked against :attr:`size_multiple`."""
+        h, w = height or self.default_size, width or self.default_size
+        return image_size("height", h, self.size_multiple), image_size("width", w, self.size_multiple)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The (C, h, w) of one sample's latent for an image of ``height × width``."""
+        f = self.vae_scale_factor
+        return (int(self.unet.config.in_channels), height // f, width // f)
 
     def tokenize(self, prompts: list[str]):
         """Token ids (B, 77), padded and truncated as SD does."""

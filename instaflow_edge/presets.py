@@ -12,7 +12,16 @@ import os
 import tempfile
 from typing import Callable
 
+from .artifacts import (
+    atomic_dir,
+    check_output,
+    make_manifest,
+    sha256_tree,
+    write_manifest,
+)
 from .errors import InputError
+from .pipeline import ModelInfo, Pipeline, quiet_libraries
+from .tokenizer import PROMPT_WORDS, build_tokenizer
 
 # build(seed, progress=True, **options) -> Pipeline, or Built when it adds manifest fields; ``progress``
 # shows bars for builds that train something (digits), others ignore it
@@ -61,7 +70,6 @@ def count_params(module) -> int:
 
 
 def _tokenizer(words: list[str]):
-    from .tokenizer import build_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         return build_tokenizer(words, d)
@@ -69,14 +77,12 @@ def _tokenizer(words: list[str]):
 
 def _assemble(seed: int, tokenizer, text_cfg: dict, unet_cfg: dict, vae_cfg: dict, info):
     """Build the components under fixed per-component seeds, so each is reproducible on its own."""
-    from .pipeline import quiet_libraries
 
     quiet_libraries()
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .pipeline import Pipeline
 
     text_cfg = dict(text_cfg)
     text_cfg.setdefault("vocab_size", len(tokenizer))
@@ -99,8 +105,6 @@ def _assemble(seed: int, tokenizer, text_cfg: dict, unet_cfg: dict, vae_cfg: dic
 
 @preset("tiny", "seconds-scale SD-architecture pipeline for tests: 64×64 images, one step")
 def build_tiny(seed: int, progress: bool = True):
-    from .pipeline import ModelInfo
-    from .tokenizer import PROMPT_WORDS
 
     tok = _tokenizer(PROMPT_WORDS)
     return _assemble(
@@ -129,8 +133,6 @@ SD15_PARAMS = {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_8
 @preset("sd15", "the full SD1.5 / InstaFlow-0.9B architecture at 512×512 (random weights, ~1.07 B params)",
         param_counts=SD15_PARAMS)
 def build_sd15(seed: int, progress: bool = True):
-    from .pipeline import ModelInfo
-    from .tokenizer import PROMPT_WORDS
 
     tok = _tokenizer(PROMPT_WORDS)
     return _assemble(
@@ -148,14 +150,6 @@ def build_sd15(seed: int, progress: bool = True):
         ),
         info=ModelInfo(flow="rectified_flow", default_steps=1, source="preset:sd15"),
     )
-
-
-@preset("digits", "the digits demo's base model: 32×32, VAE trained here on the bundled digits, random UNet "
-                  "(minutes on a CPU)")
-def build_digits(seed: int, progress: bool = True, **options):
-    from .digits import DigitsPresetConfig, build_digits
-
-    return build_digits(seed, DigitsPresetConfig(**options) if options else None, progress=progress)
 
 
 @dataclasses.dataclass
@@ -177,7 +171,6 @@ class InitConfig:
 
 def init(config: InitConfig) -> str:
     """Build a preset and save it as a pipeline folder with a manifest; returns the folder."""
-    from .artifacts import atomic_dir, check_output, make_manifest, sha256_tree, write_manifest
 
     config.validate()
     check_output(config.output, config.force)  # fail before minutes of building

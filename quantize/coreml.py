@@ -96,7 +96,7 @@ def compressed_pipeline(pipe, name: str, target_bits: float | None = None):
     scheme ``name``'s weights exactly as ``convert --target coreml --compress NAME`` compresses them
     (same compressor, same example inputs), so ``eval``/``generate`` measure the scheme's effect on
     quality in PyTorch. ``pipe`` is not modified. Returns ``(pipeline, {component: report})``."""
-    from ..convert.specs import COMPONENTS, ONE_STEP, Sizes
+    from ..components import COMPONENTS, ONE_STEP, Sizes
 
     validate(name, "iOS18", target_bits)
     out = dataclasses.replace(pipe)
@@ -148,7 +148,10 @@ def _quiet() -> None:
 
 
 def _palettize(module, bits: int | None = None, per_layer: dict[str, int] | None = None, skip: list[str] = ()):
-    from coremltools.optimize.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
+    from coremltools.optimize.torch.palettization import (
+        PostTrainingPalettizer,
+        PostTrainingPalettizerConfig,
+    )
 
     if per_layer is not None:
         cfg = {"module_name_configs": {n: {"n_bits": b, "granularity": "per_tensor"} for n, b in per_layer.items()}}
@@ -162,7 +165,10 @@ def _palettize(module, bits: int | None = None, per_layer: dict[str, int] | None
 
 
 def _prune(module, sparsity: float | None = None, n_m: tuple[int, int] | None = None, skip: list[str] = ()):
-    from coremltools.optimize.torch.pruning import MagnitudePruner, MagnitudePrunerConfig
+    from coremltools.optimize.torch.pruning import (
+        MagnitudePruner,
+        MagnitudePrunerConfig,
+    )
 
     g: dict = {"scheduler": {"update_steps": [1]}}  # [0] prunes nothing (STACK.md)
     g.update({"n_m_ratio": list(n_m)} if n_m else {"target_sparsity": sparsity})
@@ -202,7 +208,10 @@ for _bits in (4, 6, 8):
 
 @scheme("int8", 8, "int8 linear weight quantization (symmetric, per output channel)", min_psnr=30.0)
 def _int8(module, example_inputs, target_bits, skip):
-    from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+    from coremltools.optimize.torch.quantization import (
+        PostTrainingQuantizer,
+        PostTrainingQuantizerConfig,
+    )
 
     cfg = PostTrainingQuantizerConfig.from_dict({"global_config": {"weight_dtype": "int8", "granularity": "per_channel"},
                                                  "module_name_configs": {n: None for n in skip}})
@@ -259,7 +268,7 @@ def sensitivity(module, example_inputs, skip: list[str] = ()) -> tuple[dict[str,
     """
     import torch
 
-    from ..convert.parity import psnr
+    from ..parity import psnr
 
     module = module.eval()
     with torch.no_grad():

@@ -15,11 +15,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..runtime import onnx_io
+
 
 def calibrate(folder: Path, component: str, model: Path, cache: Path, prompts: list[str]) -> None:
-    from onnxruntime.quantization.calibrate import CalibrationDataReader, MinMaxCalibrater, save_tensors_data
+    from onnxruntime.quantization.calibrate import (
+        CalibrationDataReader,
+        MinMaxCalibrater,
+        save_tensors_data,
+    )
 
-    from ..convert import onnx_io
     from .onnx import STATIC_OP_TYPES, activation_matmuls, calibration_feeds
 
     onnx_io.check_model_file(model)

@@ -11,7 +11,19 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from ..artifacts import (
+    MANIFEST,
+    atomic_dir,
+    check_output,
+    make_manifest,
+    read_manifest,
+    write_manifest,
+)
 from ..errors import InputError, ModelError
+from ..progress import say
+from ..runtime import onnx_io
+from ..runtime.onnx import export_meta, run_one_step, tokenize
+from ..validators import prompt_file
 
 
 @dataclasses.dataclass
@@ -38,14 +50,16 @@ def quantize(cfg: QuantizeConfig) -> dict:
     """Quantize ``cfg.source`` into ``cfg.output``; returns the manifest."""
     import numpy as np
 
-    from ..artifacts import MANIFEST, atomic_dir, check_output, make_manifest, read_manifest, write_manifest
-    from ..convert import onnx_io
-    from ..convert.onnx import SCHEME_MIN_PSNR, apply_scheme, run_one_step
-    from ..convert.parity import check, compare, format_table
-    from ..convert.specs import EXAMPLE_PROMPTS
+    from ..components import EXAMPLE_PROMPTS
     from ..generator import make_noise
-    from ..progress import say
-    from .onnx import CALIBRATION_PROMPTS, DEFAULT_COMPONENTS, calibration_feeds, export_meta, read_prompts, tokenize
+    from ..parity import check, compare, format_table
+    from .onnx import (
+        CALIBRATION_PROMPTS,
+        DEFAULT_COMPONENTS,
+        SCHEME_MIN_PSNR,
+        apply_scheme,
+        calibration_feeds,
+    )
 
     cfg.validate()
     src = Path(cfg.source)
@@ -65,7 +79,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     for n in meta["components"]:
         onnx_io.session(src / n / onnx_io.MODEL_FILE)  # a corrupt model fails here, before any work
     check_output(cfg.output, cfg.force)
-    prompts = read_prompts(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS)
+    prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
     gate = cfg.min_psnr if cfg.min_psnr is not None else SCHEME_MIN_PSNR[cfg.scheme]
     with atomic_dir(cfg.output, cfg.force) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST, ".*"))

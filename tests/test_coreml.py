@@ -56,7 +56,8 @@ def test_export_layout_and_manifest(coreml_export, tiny_dir):
 
 def test_packages_declare_the_specs_io(coreml_export, tiny_pipe):
     from instaflow_edge.convert import coreml_check as cc
-    from instaflow_edge.convert.specs import COMPONENTS, Sizes
+
+    from instaflow_edge.components import COMPONENTS, Sizes
 
     default, taller = Sizes.of(tiny_pipe, 1), Sizes.of(tiny_pipe, 1, height=96, width=64)
     for file, name in (("TextEncoder", "text_encoder"), ("Unet", "unet"), ("VAEDecoder", "vae_decoder")):
@@ -161,8 +162,8 @@ def test_macos_predict_parity(coreml_export, tiny_pipe):
     import coremltools as ct
     import numpy as np
 
-    from instaflow_edge.convert.parity import check, compare
-    from instaflow_edge.convert.specs import COMPONENTS, Sizes
+    from instaflow_edge.components import COMPONENTS, Sizes
+    from instaflow_edge.parity import check, compare
 
     sizes = Sizes.of(tiny_pipe, batch=1)
     for file, name in (("TextEncoder", "text_encoder"), ("Unet", "unet"), ("VAEDecoder", "vae_decoder")):
@@ -178,7 +179,8 @@ def test_macos_predict_parity(coreml_export, tiny_pipe):
 @pytest.mark.slow
 def test_fused_generator_package(tmp_path, tiny_dir, tiny_pipe):
     from instaflow_edge.convert import coreml_check as cc
-    from instaflow_edge.convert.specs import COMPONENTS, Sizes
+
+    from instaflow_edge.components import COMPONENTS, Sizes
 
     out = tmp_path / "fused"
     r = run("convert", tiny_dir, "--target", "coreml", "-o", out, "--fused", "--precision", "fp32")

@@ -14,10 +14,11 @@ pytest.importorskip("coremltools")
 from instaflow_edge.convert import coreml as cm  # noqa: E402
 from instaflow_edge.convert import coreml_check as cc  # noqa: E402
 from instaflow_edge.convert.config import ConvertConfig  # noqa: E402
-from instaflow_edge.convert.parity import psnr  # noqa: E402
-from instaflow_edge.convert.specs import COMPONENTS, Sizes  # noqa: E402
-from instaflow_edge.errors import ParityError  # noqa: E402
 from instaflow_edge.quantize import coreml as cq  # noqa: E402
+
+from instaflow_edge.components import COMPONENTS, Sizes  # noqa: E402
+from instaflow_edge.errors import ParityError  # noqa: E402
+from instaflow_edge.parity import psnr  # noqa: E402
 
 EXPECTED_OPS = {
     "palettize-4": {"constexpr_lut_to_dense"}, "palettize-6": {"constexpr_lut_to_dense"},
@@ -125,7 +126,10 @@ def test_pick_bits_meets_the_target_and_spends_bits_on_sensitive_layers():
 
 
 def test_attention_split_einsum_equals_original_and_is_restored(tiny_pipe):
-    from instaflow_edge.convert.coreml_attention import SplitEinsumAttnProcessor, attention_implementation
+    from instaflow_edge.convert.coreml_attention import (
+        SplitEinsumAttnProcessor,
+        attention_implementation,
+    )
 
     spec = COMPONENTS["unet"]
     inputs = spec.example_inputs(tiny_pipe, Sizes.of(tiny_pipe, batch=2))

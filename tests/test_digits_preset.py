@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from instaflow_edge import digits
 from instaflow_edge.data import eval_prompts
-from instaflow_edge.digits import DigitsPresetConfig, build_digits
+from instaflow_edge.digits import preset as digits
+from instaflow_edge.digits.preset import DigitsPresetConfig, build_digits
 from instaflow_edge.presets import Built, InitConfig, count_params, init
 
 FAST = DigitsPresetConfig(vae_steps=4, vae_batch_size=8, text_steps=3, text_batch_size=16)

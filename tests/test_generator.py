@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from instaflow_edge import flow
 from instaflow_edge.generator import (
     OneStepGenerator,
     decode_latents,

@@ -11,15 +11,15 @@ import torch
 from typer.testing import CliRunner
 
 from instaflow_edge.cli import app
+from instaflow_edge.digits.metrics import feature_stats, fid, frechet_distance
 from instaflow_edge.errors import InputError
-from instaflow_edge.metrics import feature_stats, fid, frechet_distance
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def judge(judge_cache):
-    from instaflow_edge.judge import load_judge
+    from instaflow_edge.digits.judge import load_judge
 
     return load_judge(progress=False)
 
@@ -46,7 +46,7 @@ def test_judge_accuracy_and_features(judge, val_images):
 
 
 def test_judge_is_cached_and_rebuilt_when_corrupt(judge, judge_cache):
-    from instaflow_edge.judge import judge_path, load_judge
+    from instaflow_edge.digits.judge import judge_path, load_judge
 
     path = judge_path()
     assert path.is_file() and path.parent == judge_cache
@@ -58,7 +58,7 @@ def test_judge_is_cached_and_rebuilt_when_corrupt(judge, judge_cache):
 
 def test_judge_is_deterministic():
     """Two trainings with the same config give the same weights (short config: seconds)."""
-    from instaflow_edge.judge import JudgeConfig, train_judge
+    from instaflow_edge.digits.judge import JudgeConfig, train_judge
 
     cfg = JudgeConfig(epochs=1, width=8, feature_dim=16)
     a, b = train_judge(cfg, progress=False), train_judge(cfg, progress=False)
@@ -86,7 +86,7 @@ def test_frechet_distance():
 
 
 def test_real_ceiling(judge_cache):
-    from instaflow_edge.evaluate import EvalConfig, evaluate
+    from instaflow_edge.digits.evaluate import EvalConfig, evaluate
 
     r = evaluate(EvalConfig(real_only=True, num_images=200), progress=False)
     real = r["real"]
@@ -185,7 +185,7 @@ def test_eval_bad_input_is_one_line(tmp_path, tiny_dir, judge_cache, args, needl
 
 
 def test_eval_config_validation():
-    from instaflow_edge.evaluate import EvalConfig
+    from instaflow_edge.digits.evaluate import EvalConfig
 
     with pytest.raises(InputError, match="batch_size"):
         EvalConfig(model="m", batch_size=0).validate()

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from instaflow_edge.train.losses import LPIPS, make_distance, pseudo_huber
 from safetensors.torch import save_file
 
 from instaflow_edge.errors import InputError
-from instaflow_edge.train.losses import LPIPS, make_distance, pseudo_huber
 
 
 def test_pseudo_huber_by_hand():

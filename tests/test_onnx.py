@@ -82,11 +82,11 @@ def test_fp32_export_layout_and_gates(fp32_export):
 
 def test_fp32_export_dynamic_batch_matches_torch(fp32_export, tiny_pipe):
     import torch
-
-    from instaflow_edge.convert import onnx_io
-    from instaflow_edge.convert.parity import compare
     from instaflow_edge.convert.onnx import onnx_spec
-    from instaflow_edge.convert.specs import Sizes
+
+    from instaflow_edge.components import Sizes
+    from instaflow_edge.parity import compare
+    from instaflow_edge.runtime import onnx_io
 
     sizes = Sizes.of(tiny_pipe, batch=2)
     for name in ("unet", "generator"):
@@ -156,7 +156,7 @@ def test_relative_paths(fp32_export, tiny_dir, tmp_path, monkeypatch):
 def test_generate_onnx_matches_torch(fp32_export, int8_export, tiny_dir, tmp_path):
     from PIL import Image
 
-    from instaflow_edge.convert.parity import psnr
+    from instaflow_edge.parity import psnr
 
     prompts = ["a red fox in snow", "a cat wearing a hat"]
     outs = {}
@@ -301,9 +301,8 @@ def test_attention_rewritten_to_multihead_attention(bias):
     fewer dead weights; causal (unidirectional) Attention is left alone."""
     import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     from instaflow_edge.convert.onnx import attention_to_mha
+    from onnx import TensorProto, helper, numpy_helper
 
     c, heads, s = 32, 4, 10
     rng = np.random.default_rng(0)

@@ -8,7 +8,13 @@ import torch
 
 from instaflow_edge.errors import InputError, ModelError, OutputExistsError
 from instaflow_edge.pipeline import load_pipeline
-from instaflow_edge.presets import InitConfig, build_tiny, count_params, get_preset, init
+from instaflow_edge.presets import (
+    InitConfig,
+    build_tiny,
+    count_params,
+    get_preset,
+    init,
+)
 
 
 def _state(m):

@@ -7,11 +7,15 @@ import shutil
 
 import pytest
 import torch
+from instaflow_edge.train.pairs import PairsDataset
+from instaflow_edge.train.reflow_data import (
+    ReflowDataConfig,
+    make_reflow_data,
+    pair_seed,
+)
 from safetensors.torch import load_file
 
 from instaflow_edge.errors import InputError, OutputExistsError
-from instaflow_edge.train.pairs import PairsDataset
-from instaflow_edge.train.reflow_data import ReflowDataConfig, make_reflow_data, pair_seed
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,19 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
-from instaflow_edge.errors import InputError
 from instaflow_edge.train.engine import StepRandom
 from instaflow_edge.train.objectives import OneStepObjective, RectifiedFlowObjective
 from instaflow_edge.train.pairs import PairsDataset
-from instaflow_edge.train.reflow import DistillConfig, PairsSource, ReflowConfig, train_distill, train_reflow
+from instaflow_edge.train.reflow import (
+    DistillConfig,
+    PairsSource,
+    ReflowConfig,
+    train_distill,
+    train_reflow,
+)
 from instaflow_edge.train.reflow_data import ReflowDataConfig, make_reflow_data
+
+from instaflow_edge.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from instaflow_edge.convert.parity import Parity, PsnrError, ShapeError, check, compare, psnr
-from instaflow_edge.convert.specs import COMPONENTS, Sizes
+from instaflow_edge.components import COMPONENTS, Sizes
+from instaflow_edge.parity import Parity, PsnrError, ShapeError, check, compare, psnr
 
 
 @pytest.mark.parametrize("name", list(COMPONENTS))

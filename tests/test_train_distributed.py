@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_train_teacher import make_image_folder, run
 
 # Loaded into every launched process (PYTHONPATH): records each file-system write under AUDIT_ROOT,
@@ -131,7 +130,10 @@ def test_two_processes_match_one_and_only_main_writes(tmp_path, tiny_dir):
 def test_shipped_accelerate_configs_parse(name, kind):
     """The README's multi-GPU configs are valid accelerate configs and launch 8 processes (running them
     needs 8 GPUs; here accelerate's own launcher turns them into the environment it would start with)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     path = Path(__file__).resolve().parents[1] / "train" / "configs" / name

@@ -7,12 +7,18 @@ import math
 
 import pytest
 import torch
-
-from instaflow_edge.errors import InputError, NumericsError
 from instaflow_edge.train import checkpoint as ckpt
 from instaflow_edge.train.config import LRSchedule, TrainConfig, read_config_file
-from instaflow_edge.train.engine import EpochSampler, StepRandom, fit, lr_factor, make_accelerator
+from instaflow_edge.train.engine import (
+    EpochSampler,
+    StepRandom,
+    fit,
+    lr_factor,
+    make_accelerator,
+)
 from instaflow_edge.train.objectives import OneStepObjective, RectifiedFlowObjective
+
+from instaflow_edge.errors import InputError, NumericsError
 
 
 def tiny_unet(seed: int = 0):

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import atomic_dir, atomic_write_text
 from ..errors import InputError
 
 PREFIX = "checkpoint-"
@@ -118,7 +119,6 @@ def save_checkpoint(work: Path, step: int, model_state: dict, ema_state: dict | 
     import torch
     from safetensors.torch import save_file
 
-    from ..artifacts import atomic_dir, atomic_write_text
 
     target = work / checkpoint_name(step)
     work.mkdir(parents=True, exist_ok=True)

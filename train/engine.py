@@ -26,9 +26,11 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import InputError, NumericsError
+from ..errors import DeviceError, InputError, NumericsError, OutputExistsError
+from . import checkpoint as ckpt
 from .config import Attention, TrainConfig
 from .streams import EpochSampler, StepRandom, derive_seed  # noqa: F401  (part of the engine's API)
+from .tracking import MetricsLog
 
 
 class BatchSource(Protocol):
@@ -101,7 +103,6 @@ def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from ..errors import DeviceError
 
     config.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -141,8 +142,6 @@ def fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: BatchS
     from torch.optim.lr_scheduler import LambdaLR
     from tqdm.auto import tqdm
 
-    from . import checkpoint as ckpt
-    from .tracking import MetricsLog
 
     config.validate()
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -274,8 +273,6 @@ def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | No
     """Resolve ``--resume``; refuse to silently overwrite an earlier run's checkpoints."""
     import shutil
 
-    from . import checkpoint as ckpt
-    from ..errors import OutputExistsError
 
     resume_path = ckpt.resolve_resume(config.resume, work)
     existing = ckpt.list_checkpoints(work)
@@ -297,7 +294,6 @@ def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | No
 def _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step: int, work: Path) -> None:
     from accelerate.utils import gather_object
 
-    from . import checkpoint as ckpt
 
     model_state = accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
     rng_states = gather_object([ckpt.capture_rng()])  # every process's RNG, in rank order

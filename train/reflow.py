@@ -14,9 +14,20 @@ import dataclasses
 import os
 from pathlib import Path
 
+from ..artifacts import (
+    atomic_dir,
+    check_output,
+    make_manifest,
+    sha256_tree,
+    write_manifest,
+)
 from ..errors import InputError
+from ..pipeline import ModelInfo, load_pipeline
+from ..presets import count_params
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from .config import TrainConfig, _float, _int
+from .pairs import PairsDataset
+from .teacher import _end_distributed
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -93,8 +104,6 @@ class PairsSource:
 
 
 def _load(cfg, accelerator):
-    from ..pipeline import load_pipeline
-    from .pairs import PairsDataset
 
     dev = accelerator.device
     pipe = load_pipeline(cfg.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
@@ -115,10 +124,7 @@ def _load(cfg, accelerator):
 
 
 def _save(cfg, accelerator, pipe, unet, result, info, stage: str, pairs, extra: dict) -> None:
-    from ..artifacts import atomic_dir, make_manifest, sha256_tree, write_manifest
-    from ..presets import count_params
     from .engine import training_summary
-    from .teacher import _end_distributed
 
     if accelerator.is_main_process:
         pipe.unet = unet.eval().requires_grad_(False)
@@ -137,8 +143,6 @@ def _save(cfg, accelerator, pipe, unet, result, info, stage: str, pairs, extra: 
 
 def train_reflow(config: ReflowConfig) -> str:
     """Train a 2-rectified flow on fixed teacher pairs; returns the output folder."""
-    from ..artifacts import check_output
-    from ..pipeline import ModelInfo
     from .engine import fit, make_accelerator
     from .objectives import RectifiedFlowObjective
 
@@ -155,8 +159,6 @@ def train_reflow(config: ReflowConfig) -> str:
 
 def train_distill(config: DistillConfig) -> str:
     """Distil MODEL into a one-step generator on fixed teacher pairs; returns the output folder."""
-    from ..artifacts import check_output
-    from ..pipeline import ModelInfo
     from .engine import fit, make_accelerator
     from .losses import make_distance
     from .objectives import OneStepObjective

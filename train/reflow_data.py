@@ -25,9 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import atomic_write_text, make_manifest, read_manifest, sha256_file, write_manifest
+from ..artifacts import (
+    atomic_write_text,
+    make_manifest,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from ..errors import InputError, NumericsError, OutputExistsError
 from ..options import Device, DType
+from ..pipeline import load_pipeline, resolve_device
+from ..validators import integer
 
 FORMAT = "instaflow-edge/reflow-data/1"
 SCHEDULERS = ("model", "dpm-solver", "euler", "ddim")
@@ -61,11 +69,10 @@ class ReflowDataConfig:
     def validate(self) -> None:
         if (self.prompts is None) == (self.data is None):
             raise InputError("give exactly one prompt source", "pass --prompts FILE or --data digits|FOLDER")
-        from ..generate import _nonneg_int, _pos_int
 
         for name in ("num_pairs", "shard_size", "steps", "batch_size"):
-            _pos_int(name, getattr(self, name))
-        _nonneg_int("seed", self.seed)
+            integer(name, getattr(self, name), 1)
+        integer("seed", self.seed, 0)
         if not self.guidance >= 0:
             raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
         if self.scheduler not in SCHEDULERS:
@@ -173,7 +180,6 @@ def make_reflow_data(config: ReflowDataConfig, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from ..generator import generate_latents, make_noise
-    from ..pipeline import load_pipeline, resolve_device
 
     config.validate()
     prompts = load_prompts(config)

@@ -14,7 +14,16 @@ import dataclasses
 import os
 from pathlib import Path
 
+from ..artifacts import (
+    atomic_dir,
+    check_output,
+    make_manifest,
+    sha256_tree,
+    write_manifest,
+)
 from ..errors import InputError
+from ..pipeline import ModelInfo, load_pipeline
+from ..presets import count_params
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from .config import TrainConfig, _float, _int
 
@@ -95,9 +104,6 @@ def cache_latents(pipe, dataset, batch_size: int = 64, progress: bool = True):
 
 def train_teacher(config: TeacherConfig) -> str:
     """Train a 1-rectified flow on ``config.data`` from ``config.model``; returns the output folder."""
-    from ..artifacts import atomic_dir, check_output, make_manifest, sha256_tree, write_manifest
-    from ..pipeline import ModelInfo, load_pipeline
-    from ..presets import count_params
     from .engine import fit, make_accelerator, training_summary
     from .objectives import RectifiedFlowObjective
 

@@ -20,6 +20,6 @@ def demo_command(
     steps, the 2-RF at 1 and many steps, a student distilled from the 1-RF directly, and the InstaFlow
     student (2-RF + distill). Writes OUTPUT/results.json and results.md. Rerunning resumes.
     """
-    from ..train.demo import DemoConfig, run_demo
+    from ..digits.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(output=str(output), quick=quick, seed=seed, force=force, progress=progress), log=typer.echo)

@@ -27,7 +27,7 @@ def eval_command(
     backend: str = typer.Option("torch", "--backend", help="torch, or onnx: MODEL is an ONNX export (convert --target onnx / quantize), run by onnxruntime on the CPU, e.g. to score an int8 export."),
 ) -> None:
     """Generate the fixed digit prompt set with fixed seeds and score it with the digits judge."""
-    from ..evaluate import EvalConfig, evaluate
+    from ..digits.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(model=model, steps=steps, guidance=guidance, num_images=num_images, seed=seed,
                      batch_size=batch_size, real_only=real, json=str(json_path) if json_path else None,

@@ -12,7 +12,13 @@ from typing import Any, Optional
 
 import typer
 
-from ..train.config import Attention, LRSchedule, MixedPrecision, TrainConfig, field_default
+from ..train.config import (
+    Attention,
+    LRSchedule,
+    MixedPrecision,
+    TrainConfig,
+    field_default,
+)
 from ..train.teacher import TeacherConfig
 
 train_app = typer.Typer(

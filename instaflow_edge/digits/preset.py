@@ -22,6 +22,10 @@ import dataclasses
 import math
 import time
 
+from ..errors import InputError, NumericsError
+from ..pipeline import ModelInfo
+from ..presets import Built, _assemble, _tokenizer, preset
+
 TEXT_CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=77, projection_dim=64)
 UNET_CFG = dict(
@@ -50,7 +54,6 @@ class DigitsPresetConfig:
     text_lr: float = 2e-3
 
     def validate(self) -> None:
-        from .errors import InputError
 
         for name in ("vae_steps", "vae_batch_size", "text_steps", "text_batch_size"):
             v = getattr(self, name)
@@ -61,11 +64,15 @@ class DigitsPresetConfig:
             raise InputError("vae_lr must be > 0 and kl_weight ≥ 0", "use the defaults of DigitsPresetConfig")
 
 
+@preset("digits", "the digits demo's base model: 32×32, VAE trained here on the bundled digits, random UNet "
+                  "(minutes on a CPU)")
+def build_digits_preset(seed: int, progress: bool = True, **options):
+    return build_digits(seed, DigitsPresetConfig(**options) if options else None, progress=progress)
+
+
 def build_digits(seed: int, config: DigitsPresetConfig | None = None, progress: bool = True):
     """Build the digits base pipeline; returns ``presets.Built`` (pipeline + the VAE's manifest fields)."""
-    from .data import prompt_vocabulary
-    from .pipeline import ModelInfo
-    from .presets import Built, _assemble, _tokenizer
+    from ..data import prompt_vocabulary
 
     config = config or DigitsPresetConfig()
     config.validate()
@@ -81,7 +88,7 @@ def _images(split: str, seed: int, with_labels: bool = False):
     """All images of a digits split as one (N, 3, 32, 32) tensor [and their labels]."""
     import torch
 
-    from .data import digits_dataset
+    from ..data import digits_dataset
 
     ds = digits_dataset(split, seed)
     x = torch.stack([ds[i]["image"] for i in range(len(ds))])
@@ -90,8 +97,9 @@ def _images(split: str, seed: int, with_labels: bool = False):
 
 def psnr(reference, estimate) -> float:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2), over the whole set's mean squared error."""
-    mse = float((reference.double() - estimate.double().clamp(-1, 1)).pow(2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+    from ..parity import psnr as _psnr
+
+    return _psnr(reference, estimate.clamp(-1, 1), peak=2.0)
 
 
 def train_vae(vae, config: DigitsPresetConfig, seed: int, progress: bool = True) -> dict:
@@ -122,7 +130,6 @@ def train_vae(vae, config: DigitsPresetConfig, seed: int, progress: bool = True)
         mse = F.mse_loss(rec, batch)
         loss = mse + config.kl_weight * post.kl().mean()
         if not torch.isfinite(loss):
-            from .errors import NumericsError
 
             raise NumericsError(f"digits VAE loss is {loss.item()} at step {bar.n}", "report it with `instaflow-edge env`")
         opt.zero_grad(set_to_none=True)
@@ -153,7 +160,7 @@ def prompt_separation(pipe) -> dict:
     clearly below ``same``."""
     import torch
 
-    from .data import DIGIT_WORDS, PROMPT_TEMPLATES, digit_prompt
+    from ..data import DIGIT_WORDS, PROMPT_TEMPLATES, digit_prompt
 
     n_t = len(PROMPT_TEMPLATES)
     prompts = [digit_prompt(d, k) for d in range(len(DIGIT_WORDS)) for k in range(n_t)]
@@ -178,7 +185,7 @@ def train_text_encoder(pipe, config: DigitsPresetConfig, seed: int, progress: bo
     from torch.nn import functional as F
     from tqdm.auto import tqdm
 
-    from .data import digit_prompt
+    from ..data import digit_prompt
 
     before = prompt_separation(pipe)
     if config.text_steps == 0:
@@ -214,7 +221,6 @@ def train_text_encoder(pipe, config: DigitsPresetConfig, seed: int, progress: bo
         loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
                       + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
         if not torch.isfinite(loss):
-            from .errors import NumericsError
 
             raise NumericsError(f"digits text-encoder loss is {loss.item()} at step {bar.n}",
                                 "report it with `instaflow-edge env`")

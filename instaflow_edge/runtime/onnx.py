@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts import read_manifest
 from ..errors import DeviceError, InputError, ModelError, NumericsError
+from ..validators import image_size, size_multiple
 from . import onnx_io
 
 
@@ -35,11 +37,10 @@ def onnx_backend(config, info: dict):
     folder = Path(config.model)
     meta, steps, sessions, tokenize = open_export(folder, config.steps, config.guidance, providers)
     c, lh, lw = meta["latent_shape"]
-    h, w = config.height or meta["height"], config.width or meta["width"]
     f = meta["height"] // lh
-    for name, v in (("height", h), ("width", w)):
-        if v % (f * 4):
-            raise InputError(f"{name} {v} is not a multiple of {f * 4}", f"pass --{name} {max(f * 4, v // (f * 4) * f * 4)}")
+    mult = export_size_multiple(folder, meta)
+    h = image_size("height", config.height or meta["height"], mult)
+    w = image_size("width", config.width or meta["width"], mult)
     shape = (c, h // f, w // f)
     info.update(steps=steps, height=h, width=w, flow=meta["flow"], device=providers[0].removesuffix("ExecutionProvider").lower(),
                 dtype="float32", backend="onnx", export_precision=(read_scheme(folder) or "fp32"))
@@ -60,7 +61,6 @@ def open_export(folder: Path, steps: int | None, guidance: float, providers: lis
     """Check an ONNX export folder for sampling ``steps`` (None: its default) and open it:
     ``(meta, steps, sessions, tokenize)``. Everything that can be refused is refused before the first
     session loads; the velocity UNet is opened only past one step."""
-    from ..quantize.onnx import export_meta, tokenizer_for
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -80,7 +80,6 @@ def sample(sessions: dict, input_ids, noise, meta: dict, steps: int):
     import numpy as np
 
     from .. import flow
-    from .onnx import run_one_step
 
     if steps == 1:
         return run_one_step(None, input_ids, noise, meta, sessions)
@@ -91,6 +90,27 @@ def sample(sessions: dict, input_ids, noise, meta: dict, steps: int):
                                                  "encoder_hidden_states": ehs})[0]
         x = (x + v / steps).astype(np.float32)
     img = sessions["vae_decoder"].run(None, {"latent_sample": (x / meta["scaling_factor"]).astype(np.float32)})[0]
+    return np.clip(img / 2 + 0.5, 0, 1)
+
+
+def unet_feed(sess, sample, encoder_hidden_states) -> dict:
+    """Inputs of an exported one-step UNet (exports made before the timestep input have none)."""
+    import numpy as np
+
+    feed = {"sample": sample, "encoder_hidden_states": encoder_hidden_states}
+    if any(i.name == "timestep" for i in sess.get_inputs()):
+        feed["timestep"] = np.full((sample.shape[0],), 1000.0, np.float32)
+    return feed
+
+
+def run_one_step(folder: Path, input_ids, noise, meta: dict, sessions: dict | None = None):
+    """Text encoder → one-step UNet → VAE decoder through onnxruntime; image in [0, 1]."""
+    import numpy as np
+
+    s = sessions or {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE) for n in ("text_encoder", "unet", "vae_decoder")}
+    ehs = s["text_encoder"].run(None, {"input_ids": input_ids})[0]
+    lat = s["unet"].run(None, unet_feed(s["unet"], noise, ehs))[0]
+    img = s["vae_decoder"].run(None, {"latent_sample": (lat / meta["scaling_factor"]).astype(np.float32)})[0]
     return np.clip(img / 2 + 0.5, 0, 1)
 
 
@@ -107,6 +127,44 @@ def check_sampling(meta: dict, steps: int, guidance: float) -> None:
 
 
 def read_scheme(folder: Path) -> str | None:
-    from ..artifacts import read_manifest
 
     return ((read_manifest(folder) or {}).get("quantize") or {}).get("scheme")
+
+
+def export_size_multiple(folder: Path, meta: dict) -> int:
+    """The image-size multiple of an export: recorded by convert, or (exports made before it was
+    recorded) derived from the UNet config the export carries."""
+    import json
+
+    if "size_multiple" in meta:
+        return int(meta["size_multiple"])
+    try:
+        levels = len(json.loads((Path(folder) / "unet" / "config.json").read_text())["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{folder} records no size multiple and its unet/config.json is unreadable ({e})",
+                         "re-export the model with `instaflow-edge convert --target onnx`") from e
+    return size_multiple(meta["height"] // meta["latent_shape"][1], levels)
+
+
+def export_meta(folder: Path) -> dict:
+    """Facts about an ONNX export folder that the runtime needs (written by convert into the manifest)."""
+
+    m = read_manifest(folder) or {}
+    meta = m.get("onnx")
+    if not isinstance(meta, dict) or "latent_shape" not in meta:
+        raise ModelError(f"{folder} has no ONNX export manifest", "pass a folder written by `instaflow-edge convert --target onnx`")
+    return meta
+
+
+def tokenizer_for(folder: Path):
+    """``prompts -> int64 token ids (N, 77)`` with the export's tokenizer, loaded once (callers that
+    tokenize per image or per batch keep this instead of calling ``tokenize``)."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(Path(folder) / "tokenizer"))
+    return lambda prompts: tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                               return_tensors="np").input_ids.astype("int64")
+
+
+def tokenize(folder: Path, prompts: list[str]):
+    return tokenizer_for(folder)(prompts)

@@ -4,8 +4,8 @@ Euler steps × guidance 1, 2, 3, with the real-image ceiling beside it.
 
 Run under the heavy-job lock (minutes of CPU)::
 
-    flock /tmp/instaflow-heavy.lock .venv/bin/python -m instaflow_edge.bench.teacher_digits \\
-        --work runs/teacher_digits --json bench/results/teacher_digits.json
+    flock /tmp/instaflow-heavy.lock python -m studies.teacher_digits \\
+        --work runs/teacher_digits --json studies/results/teacher_digits.json
 
 The JSON is rewritten after every eval, so an interrupted run keeps what it measured.
 """
@@ -40,12 +40,13 @@ def _table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..evaluate import EvalConfig, evaluate
-    from .common import machine, save_result
+    from instaflow_edge.bench.common import machine, save_result
+
+    from instaflow_edge.digits.evaluate import EvalConfig, evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/teacher_digits")
-    ap.add_argument("--json", default="bench/results/teacher_digits.json")
+    ap.add_argument("--json", default="studies/results/teacher_digits.json")
     ap.add_argument("--steps", default="32,1,2,4,8")
     ap.add_argument("--guidance", default="1,2,3")
     ap.add_argument("--num-images", type=int, default=1000)

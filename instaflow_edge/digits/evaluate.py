@@ -28,8 +28,13 @@ import json
 import time
 from pathlib import Path
 
-from .errors import InputError, NumericsError
-from .options import Device, DType
+from ..artifacts import atomic_write_text, make_manifest
+from ..errors import InputError, NumericsError, require
+from ..options import Device, DType
+from ..pipeline import load_pipeline, resolve_device
+from ..quantize import coreml as coreml_scheme
+from ..runtime.onnx import open_export, read_scheme, sample
+from ..validators import integer
 
 
 @dataclasses.dataclass
@@ -55,36 +60,32 @@ class EvalConfig:
     backend: str = "torch"
 
     def validate(self) -> None:
-        from .generate import _nonneg_int, _pos_int
 
         if self.model is None and not self.real_only:
             raise InputError("no model given", "pass a pipeline folder, or --real for the real-image ceiling alone")
         if self.model is not None and self.real_only:
             raise InputError("--real evaluates real digits only, but a model was given too", "drop the model or --real")
         if self.steps is not None:
-            _pos_int("steps", self.steps)
+            integer("steps", self.steps, 1)
         if not (self.guidance >= 0.0):
             raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
-        _pos_int("num_images", self.num_images)
+        integer("num_images", self.num_images, 1)
         if self.num_images % 10 or self.num_images < 20:
             raise InputError(f"num_images must be a multiple of 10 and ≥ 20, got {self.num_images}",
                              "pass --num-images 1000 (100 per digit) for a trustworthy FID")
-        _nonneg_int("seed", self.seed)
-        _pos_int("batch_size", self.batch_size)
-        _nonneg_int("data_seed", self.data_seed)
+        integer("seed", self.seed, 0)
+        integer("batch_size", self.batch_size, 1)
+        integer("data_seed", self.data_seed, 0)
         if self.json is not None:
             path = Path(self.json)
             if path.is_dir() or not path.parent.is_dir():
                 raise InputError(f"cannot write --json {path}", "pass a file path inside an existing folder")
         if self.coreml_compress is not None or self.target_bits is not None:
-            from .errors import require
 
             if self.real_only:
                 raise InputError("--coreml-compress needs a model, but --real was given", "drop one of them")
             require("coremltools", "coreml")
-            from instaflow_edge.quantize.coreml import validate as validate_scheme
-
-            validate_scheme(self.coreml_compress, "iOS18", self.target_bits)
+            coreml_scheme.validate(self.coreml_compress, "iOS18", self.target_bits)
         if self.backend not in ("torch", "onnx"):
             raise InputError(f"unknown --backend {self.backend!r}", "choose torch or onnx")
         if self.backend == "onnx":
@@ -134,7 +135,7 @@ def real_ceiling(judge, num_images: int, data_seed: int = 0) -> tuple[dict, tupl
     """The real-image figures and the reference statistics (validation features)."""
     import torch
 
-    from .data import digits_dataset
+    from ..data import digits_dataset
     from .metrics import feature_stats, fid
 
     val, train = digits_dataset("validation", data_seed), digits_dataset("train", data_seed)
@@ -156,8 +157,8 @@ def generate_eval_images(pipe, config: EvalConfig, progress: bool = True):
     import torch
     from tqdm.auto import tqdm
 
-    from .data import eval_prompts
-    from .generator import decode_latents, generate_latents, make_noise
+    from ..data import eval_prompts
+    from ..generator import decode_latents, generate_latents, make_noise
 
     steps = config.steps or pipe.info.default_steps
     prompts = eval_prompts(config.num_images // 10)
@@ -190,9 +191,8 @@ def generate_eval_images_onnx(export, config: EvalConfig, progress: bool = True)
     import torch
     from tqdm.auto import tqdm
 
-    from .convert.onnx_runtime import read_scheme, sample
-    from .data import eval_prompts
-    from .generator import make_noise
+    from ..data import eval_prompts
+    from ..generator import make_noise
 
     meta, steps, sessions, tokenize = export
     prompts = eval_prompts(config.num_images // 10)
@@ -225,11 +225,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     config.validate()
     pipe = export = None
     if config.backend == "onnx":  # a bad export fails before the judge is built
-        from .convert.onnx_runtime import open_export
 
         export = open_export(Path(config.model), config.steps, config.guidance)
     elif not config.real_only:  # a bad model path fails before the judge is built
-        from .pipeline import load_pipeline, resolve_device
 
         resolve_device(config.device.value)
         pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
@@ -265,8 +263,6 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
 def coreml_compressed(pipe, config: EvalConfig):
     """``pipe`` with a Core ML compression scheme applied to its one-step components, as the converter
     ships them. Core ML packages hold the one-step denoiser only, so the model must sample in one step."""
-    from instaflow_edge.quantize.coreml import compressed_pipeline
-
     steps = config.steps or pipe.info.default_steps
     if steps != 1:
         raise InputError(f"--coreml-compress measures the one-step Core ML package, but this eval samples {steps} steps",
@@ -276,13 +272,12 @@ def coreml_compressed(pipe, config: EvalConfig):
     if pipe.dtype != torch.float32:
         raise InputError("--coreml-compress compresses float32 weights", "drop --dtype (float32 is the default)")
     t, device = time.perf_counter(), pipe.device
-    pipe, reports = compressed_pipeline(pipe.to("cpu"), config.coreml_compress, config.target_bits)
+    pipe, reports = coreml_scheme.compressed_pipeline(pipe.to("cpu"), config.coreml_compress, config.target_bits)
     pipe.to(device)
     return pipe, {"scheme": config.coreml_compress, "target_bits": config.target_bits,
                   "seconds": round(time.perf_counter() - t, 2), "components": reports}
 
 
 def _write_json(config: EvalConfig, result: dict) -> None:
-    from .artifacts import atomic_write_text, make_manifest
 
     atomic_write_text(config.json, json.dumps(make_manifest("eval", config, **result), indent=2) + "\n")

@@ -1,9 +1,9 @@
 """Where an exported model spends its time: onnxruntime's profiler, summed per op type.
 
-    python -m instaflow_edge.bench.ort_profile EXPORT_DIR [--component unet] [--threads 1] [-o JSON]
+    python -m studies.ort_profile EXPORT_DIR [--component unet] [--threads 1] [-o JSON]
 
 One warm-up run, one profiled run on N(0, 1) inputs of the export's shapes (batch 1); prints the op
-types by total kernel time and writes them as JSON (default ``bench/results/<export>-<component>-profile.json``).
+types by total kernel time and writes them as JSON (default ``studies/results/<export>-<component>-profile.json``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import collections
 import json
 from pathlib import Path
 
-from .common import save_json
+from instaflow_edge.bench.common import save_json
 
 
 def profile(folder: Path, component: str, threads: int) -> dict:
@@ -22,7 +22,7 @@ def profile(folder: Path, component: str, threads: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from instaflow_edge.convert import onnx_io
+    from instaflow_edge.runtime import onnx_io
 
     path = folder / component / onnx_io.MODEL_FILE
     onnx_io.check_model_file(path)

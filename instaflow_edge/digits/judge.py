@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ModelError
+from ..errors import ModelError
 
 JUDGE_SIZE = 32
 
@@ -147,7 +147,7 @@ def train_judge(config: JudgeConfig = JudgeConfig(), progress: bool = True) -> J
     """Train the judge on the digits train split; report accuracy on the validation split."""
     from tqdm.auto import tqdm
 
-    from .data import digits_dataset
+    from ..data import digits_dataset
 
     train, val = digits_dataset("train", config.data_seed), digits_dataset("validation", config.data_seed)
     x = torch.stack([train[i]["image"] for i in range(len(train))])

@@ -7,8 +7,8 @@ every scheme of ``instaflow-edge quantize`` — and int8-static once more with t
 digits-FID by the judge, and the images' PSNR against PyTorch fp32's. This is the quality evidence
 behind the int8 gate (a PSNR figure alone does not say whether digits stay digits).
 
-    .venv/bin/python -m instaflow_edge.bench.onnx_digits_eval runs/demo/instaflow \\
-        --work runs/onnx_digits_eval --json bench/results/onnx_digits_eval.json
+    python -m studies.onnx_digits_eval runs/demo/instaflow \\
+        --work runs/onnx_digits_eval --json studies/results/onnx_digits_eval.json
 """
 
 from __future__ import annotations
@@ -27,19 +27,26 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..convert import ConvertConfig, export
-    from ..convert.onnx_runtime import open_export
-    from ..convert.parity import psnr
-    from ..evaluate import EvalConfig, generate_eval_images, generate_eval_images_onnx, real_ceiling, score_images
-    from ..judge import JudgeConfig, load_judge
-    from ..pipeline import load_pipeline
-    from ..quantize.onnx_folder import QuantizeConfig, quantize
-    from .common import save_digits_eval
+    from instaflow_edge.bench.common import save_digits_eval
+    from instaflow_edge.convert import ConvertConfig, export
+    from instaflow_edge.quantize.onnx_folder import QuantizeConfig, quantize
+
+    from instaflow_edge.digits.evaluate import (
+        EvalConfig,
+        generate_eval_images,
+        generate_eval_images_onnx,
+        real_ceiling,
+        score_images,
+    )
+    from instaflow_edge.digits.judge import JudgeConfig, load_judge
+    from instaflow_edge.parity import psnr
+    from instaflow_edge.pipeline import load_pipeline
+    from instaflow_edge.runtime.onnx import open_export
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a one-step digits pipeline (e.g. the demo's instaflow student)")
     ap.add_argument("--work", default="runs/onnx_digits_eval", help="folder for the exports (reused when present)")
-    ap.add_argument("--json", default="bench/results/onnx_digits_eval.json")
+    ap.add_argument("--json", default="studies/results/onnx_digits_eval.json")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--num-images", type=int, default=1000)
     args = ap.parse_args(argv)

@@ -15,8 +15,8 @@ source, and the FID difference with its spread. Every run is kept (``WORK/runs/<
 JSON), so an interrupted study resumes where it stopped, and two processes with different ``--seeds``
 can share one WORK folder (use ``OMP_NUM_THREADS=1`` each on a 2-core machine)::
 
-    .venv/bin/python -m instaflow_edge.bench.distill_study runs/demo --work runs/distill_study \\
-        --json bench/results/distill_study.json
+    python -m studies.distill_study runs/demo --work runs/distill_study \\
+        --json studies/results/distill_study.json
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def warmup_steps(steps: int) -> int:
 def run_one(demo: Path, work: Path, source: str, pairs: int, steps: int, seed: int, num_images: int,
             batch_size: int, learning_rate: float) -> dict:
     """Distil one student (or reuse a finished one) and evaluate it at one step."""
-    from ..evaluate import EvalConfig, evaluate
-    from ..train.reflow import DistillConfig, train_distill
-    from .common import save_json
+    from instaflow_edge.bench.common import save_json
+    from instaflow_edge.train.reflow import DistillConfig, train_distill
+
+    from instaflow_edge.digits.evaluate import EvalConfig, evaluate
 
     model, pair_dir = SOURCES[source]
     run = work / "runs" / f"{source}-n{pairs}-s{steps}-seed{seed}"
@@ -112,15 +113,15 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from instaflow_edge.bench.common import machine, save_result
     from tqdm.auto import tqdm
 
-    from ..errors import InputError
-    from .common import machine, save_result
+    from instaflow_edge.errors import InputError
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("demo", help="a finished `instaflow-edge demo` output folder")
     ap.add_argument("--work", default="runs/distill_study")
-    ap.add_argument("--json", default="bench/results/distill_study.json")
+    ap.add_argument("--json", default="studies/results/distill_study.json")
     ap.add_argument("--conditions", default="3000x300,500x300,3000x60,500x60,3000x20,500x20,3000x5",
                     help="PAIRSxSTEPS,… : pairs used (a prefix of each set) × distillation steps")
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (the eval's seeds never change)")

@@ -6,8 +6,8 @@ at one step over the same fixed prompts and seeds; the same images' PSNR against
 says how far each scheme moves the output. Core ML cannot run here (Linux), so these are the PyTorch
 figures of the compressed weights — what the package holds, decompressed — not Core ML's own runtime.
 
-    .venv/bin/python -m instaflow_edge.bench.coreml_digits_eval runs/demo/instaflow \\
-        --json bench/results/coreml_digits_eval.json
+    python -m studies.coreml_digits_eval runs/demo/instaflow \\
+        --json studies/results/coreml_digits_eval.json
 """
 
 from __future__ import annotations
@@ -17,16 +17,23 @@ import time
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..convert.parity import psnr
-    from .common import save_digits_eval
-    from ..evaluate import EvalConfig, coreml_compressed, generate_eval_images, real_ceiling, score_images
-    from ..judge import JudgeConfig, load_judge
-    from ..pipeline import load_pipeline
-    from ..quantize.coreml import SCHEMES
+    from instaflow_edge.bench.common import save_digits_eval
+    from instaflow_edge.quantize.coreml import SCHEMES
+
+    from instaflow_edge.digits.evaluate import (
+        EvalConfig,
+        coreml_compressed,
+        generate_eval_images,
+        real_ceiling,
+        score_images,
+    )
+    from instaflow_edge.digits.judge import JudgeConfig, load_judge
+    from instaflow_edge.parity import psnr
+    from instaflow_edge.pipeline import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a one-step digits pipeline (e.g. the demo's instaflow student)")
-    ap.add_argument("--json", default="bench/results/coreml_digits_eval.json")
+    ap.add_argument("--json", default="studies/results/coreml_digits_eval.json")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--target-bits", type=float, default=4.0, help="for mixed-bit")
     ap.add_argument("--num-images", type=int, default=1000)

@@ -1,13 +1,13 @@
 """Interop with optimum: its ONNX Runtime diffusion classes load our export folder and reproduce our outputs.
 
-    python -m instaflow_edge.bench.optimum_interop EXPORT_DIR [--venv /tmp/optimum-venv] [--setup]
+    python -m studies.optimum_interop EXPORT_DIR [--venv /tmp/optimum-venv] [--setup]
 
 optimum-onnx pins transformers < 4.58 and hence huggingface_hub < 1.0, which our diffusers refuses
 (STACK.md), so optimum lives in its own venv: ``--setup`` (or a missing venv) builds it with the pins
 below. This process (our venv) runs our export through our runtime on fixed inputs and saves inputs
 and outputs; a child process in optimum's venv loads the folder with ``ORTStableDiffusionPipeline`` (and
 ``ORTDiffusionPipeline`` where present), runs its text encoder, UNet and VAE decoder models on the same
-inputs and compares. The result is written to ``bench/results/optimum_interop.json``. Needs the
+inputs and compares. The result is written to ``studies/results/optimum_interop.json``. Needs the
 packages from PyPI (or the local wheel mirror) the first time.
 """
 
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import save_json
+from instaflow_edge.bench.common import save_json
 
 PINS = [["torch==2.13.0"],  # first, as STACK.md says: the CPU build
         ["diffusers==0.39.0", "transformers==4.57.6", "optimum==2.1.0", "optimum-onnx", "onnxruntime",
@@ -89,11 +89,10 @@ def setup_venv(venv: Path) -> None:
 def our_outputs(folder: Path) -> dict:
     import numpy as np
 
-    from instaflow_edge.convert import onnx_io
-    from instaflow_edge.convert.onnx import unet_feed
-    from instaflow_edge.convert.specs import EXAMPLE_PROMPTS
+    from instaflow_edge.components import EXAMPLE_PROMPTS
     from instaflow_edge.generator import make_noise
-    from instaflow_edge.quantize.onnx import export_meta, tokenize
+    from instaflow_edge.runtime import onnx_io
+    from instaflow_edge.runtime.onnx import export_meta, tokenize, unet_feed
 
     meta = export_meta(folder)
     ids = tokenize(folder, EXAMPLE_PROMPTS[:2])

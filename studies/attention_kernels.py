@@ -12,7 +12,7 @@ channels (SD1.5: 8 heads at C = 320), no output projection — as:
 
 all fp32, same inputs, outputs checked against each other, threads pinned; median of ``--repeats``.
 
-    python -m instaflow_edge.bench.attention_kernels --tokens 4096,1024 --threads 1
+    python -m studies.attention_kernels --tokens 4096,1024 --threads 1
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def run(tokens: int, c: int, threads: int, warmup: int, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .common import machine, save_result
+    from instaflow_edge.bench.common import machine, save_result
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="4096,1024", help="sequence lengths (SD1.5 at 512²: 4096, 1024, 256, 64)")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("-o", "--output", type=Path, default=Path("bench/results/attention_kernels_cpu.json"))
+    ap.add_argument("-o", "--output", type=Path, default=Path("studies/results/attention_kernels_cpu.json"))
     args = ap.parse_args(argv)
     results = [run(int(s), args.channels, args.threads, args.warmup, args.repeats) for s in args.tokens.split(",")]
     print(f"{'tokens':>6} {'runtime':24s} {'median ms':>10} {'GFLOP/s':>8} {'× ort Attention':>16} {'max |Δ| vs torch':>17}")

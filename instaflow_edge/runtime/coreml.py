@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import DeviceError, InputError
+from ..errors import DeviceError, InputError, require
+from ..tokenizer import BOS, EOS
 
 PACKAGES = ("TextEncoder", "Unet", "VAEDecoder")
 
@@ -38,13 +39,11 @@ def load_folder(folder: str | Path) -> dict:
 def coreml_backend(config, info: dict):
     """``load(config, info) -> render(job)`` for ``generate.BACKENDS``."""
     check_platform()
-    from ..errors import require
 
     ct = require("coremltools", "coreml")
     import numpy as np
 
     from ..generator import make_noise
-    from ..tokenizer import BOS, EOS
 
     folder = Path(config.model)
     manifest = load_folder(folder)
@@ -63,7 +62,12 @@ def coreml_backend(config, info: dict):
     units = ct.ComputeUnit.ALL
     te, unet, vae = (ct.models.MLModel(str(folder / f"{n}.mlpackage"), compute_units=units) for n in PACKAGES)
     sf = float(vae.user_defined_metadata["scaling_factor"])
-    shape = (4, h // 8, w // 8)
+    latent = manifest.get("latent")
+    if not isinstance(latent, dict):
+        raise InputError(f"{folder} was converted by an older instaflow-edge (its manifest has no latent shape)",
+                         "re-run `instaflow-edge convert --target coreml`")
+    f = int(latent["vae_scale_factor"])
+    shape = (int(latent["channels"]), h // f, w // f)
     info.update(steps=1, height=h, width=w, flow="rectified_flow", device="coreml", dtype=manifest["config"]["precision"])
 
     def render(job):

@@ -4,7 +4,7 @@ Runs the two CLI commands as a user would (256×256, batch 1, gradient checkpoin
 bf16 autocast when the CPU has bf16 kernels), each under ``/usr/bin/time -v``, and records wall time,
 peak RSS and the seconds of each optimizer step (from the engine's metrics log) to JSON.
 
-    python -m instaflow_edge.bench.sd15_reflow --model /tmp/sd15 -o bench/results/sd15_reflow_cpu.json
+    python -m studies.sd15_reflow --model /tmp/sd15 -o studies/results/sd15_reflow_cpu.json
 
 Needs ≈ 15 GiB of RAM; make the preset first with ``instaflow-edge init sd15 /tmp/sd15``.
 """
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import save_json
+from instaflow_edge.bench.common import save_json
 
 
 def _timed(cmd: list[str]) -> dict:
@@ -41,11 +41,11 @@ def main() -> None:
     ap.add_argument("--model", default="/tmp/sd15")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--pairs", type=int, default=4)
-    ap.add_argument("-o", "--output", default="bench/results/sd15_reflow_cpu.json")
+    ap.add_argument("-o", "--output", default="studies/results/sd15_reflow_cpu.json")
     args = ap.parse_args()
-    from instaflow_edge.envinfo import collect
-
     import torch
+
+    from instaflow_edge.envinfo import collect
 
     bf16 = bool(getattr(torch.backends, "mkldnn", None)) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     exe = [sys.executable, "-m", "instaflow_edge.cli"]

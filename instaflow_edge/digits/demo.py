@@ -16,7 +16,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..artifacts import atomic_write_text, make_manifest
 from ..errors import InputError
+from ..presets import InitConfig, init
+from ..train.reflow import DistillConfig, ReflowConfig, train_distill, train_reflow
+from ..train.teacher import TeacherConfig, train_teacher
+from .evaluate import EvalConfig, evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +92,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the demo; returns the results written to OUT/results.json."""
     import shutil
 
-    from ..presets import InitConfig, init
-    from .reflow import DistillConfig, ReflowConfig, train_distill, train_reflow
-    from .reflow_data import ReflowDataConfig, make_reflow_data
-    from .teacher import TeacherConfig, train_teacher
+    from ..train.reflow_data import ReflowDataConfig, make_reflow_data
 
     config.validate()
     P = config.profile
@@ -149,7 +151,6 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
         "stage_seconds": timings,
         "total_seconds": round(time.perf_counter() - t_all, 1),
     }
-    from ..artifacts import atomic_write_text, make_manifest
 
     results = {**make_manifest("demo-results", config), **results}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -159,7 +160,6 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def evaluate_rows(out: Path, P: Profile, config: DemoConfig, log) -> list[dict]:
-    from ..evaluate import EvalConfig, evaluate
 
     rows = []
     for label, stage, steps_key, guid_key, meaning in ROWS:

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ..errors import ParityError
+from .errors import ParityError
 
 # default gates (dB) per precision/scheme; exporters may add theirs and must write the one used
 DEFAULT_MIN_PSNR = {"fp32": 60.0, "fp16": 35.0}
@@ -46,12 +46,15 @@ def _np(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def psnr(ref, out) -> float:
+def psnr(ref, out, peak: float | None = None) -> float:
+    """PSNR in dB of ``out`` against ``ref``. The peak is Apple's (``max|ref| + 1e-5``) unless given: pass
+    the signal's full range for images (2.0 for [-1, 1]), as image-quality PSNR is usually quoted."""
     ref, out = _np(ref), _np(out)
     rms = float(np.sqrt(np.mean((ref - out) ** 2)))
     if rms == 0.0:
         return math.inf
-    return float(20 * np.log10((np.abs(ref).max() + 1e-5) / (rms + 1e-10)))
+    top = float(np.abs(ref).max() + 1e-5) if peak is None else float(peak)
+    return float(20 * np.log10(top / (rms + 1e-10)))
 
 
 def compare(component: str, ref, out) -> Parity:

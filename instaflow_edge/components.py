@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from ..generator import (
+from .errors import InputError
+from .generator import (
     OneStepDenoiser,
     OneStepGenerator,
     TextEncoderComponent,
@@ -152,7 +153,6 @@ ONE_STEP = ("text_encoder", "unet", "vae_decoder")
 
 
 def get_component(name: str) -> ComponentSpec:
-    from ..errors import InputError
 
     if name not in COMPONENTS:
         raise InputError(f"unknown component {name!r}", f"choose one of: {', '.join(COMPONENTS)}")
