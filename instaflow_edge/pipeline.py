@@ -7,13 +7,14 @@ diffusion model (epsilon/v-prediction SD; sampled with its own diffusers schedul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .artifacts import read_manifest
 from .errors import DeviceError, InputError, ModelError
@@ -252,7 +253,11 @@ def load_pipeline(
     local_files_only: bool = False,
 ) -> Pipeline:
     """Load a pipeline from a diffusers folder or a hub id, validated first, in eval mode."""
-    quiet_libraries()
+    with quiet_libraries():
+        return _load_pipeline(model, device, dtype, allow_pickle, local_files_only)
+
+
+def _load_pipeline(model, device: str, dtype: str, allow_pickle: bool, local_files_only: bool) -> Pipeline:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -296,27 +301,54 @@ def load_pipeline(
     return pipe.to(dev).eval()
 
 
-def quiet_libraries() -> None:
-    """diffusers/transformers chatter (per-shard progress bars, cast advice, torchao's optional kernels
-    failing to load on CPU) is noise in our CLI. Call before importing diffusers."""
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Inside: diffusers' and transformers' chatter (per-shard progress bars, cast advice, torchao's
+    optional kernels failing to load on CPU) is silenced; on exit every level is restored."""
     import logging
 
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import diffusers
-    import transformers
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        import diffusers
+        import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        libs = (diffusers.utils.logging, transformers.utils.logging)
+        saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+        for lib in libs:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for lib, (verbosity, bars) in zip(libs, saved):
+                lib.set_verbosity(verbosity)
+                if bars:
+                    lib.enable_progress_bar()
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def scheduler_class(name: Any):
+    """The diffusers scheduler class called ``name``. Only diffusers' own schedulers are accepted: the
+    name comes from ``model_index.json``, and any other attribute of ``diffusers`` (a pipeline, say)
+    would start loading something else."""
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.endswith("Scheduler") else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ModelError(f"model_index.json names scheduler {str(name)[:60]!r}, which is not a diffusers scheduler",
+                         "name one of diffusers' schedulers there, e.g. EulerDiscreteScheduler")
+    return cls
 
 
 def _load_scheduler(source: str, index: dict | None, local_files_only: bool):
-    import diffusers
-
-    name = (index or {}).get("scheduler", [None, "PNDMScheduler"])[1]
-    cls = getattr(diffusers, name, None) or diffusers.DDIMScheduler
-    return cls.from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only)
+    entry = (index or {}).get("scheduler")
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+        raise ModelError(f"{source}: model_index.json has no scheduler entry",
+                         'add "scheduler": ["diffusers", "<SchedulerClass>"] with a scheduler/ folder')
+    return scheduler_class(entry[1]).from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only)

@@ -76,30 +76,30 @@ def _tokenizer(words: list[str]):
 
 
 def _assemble(seed: int, tokenizer, text_cfg: dict, unet_cfg: dict, vae_cfg: dict, info):
-    """Build the components under fixed per-component seeds, so each is reproducible on its own."""
+    """Build the components under fixed per-component seeds, so each is reproducible on its own. The
+    global RNG is left as it was (the seeds are set inside ``fork_rng``)."""
+    with quiet_libraries():
+        import torch
+        from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
 
-    quiet_libraries()
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-
-    text_cfg = dict(text_cfg)
-    text_cfg.setdefault("vocab_size", len(tokenizer))
-    text_cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**unet_cfg)
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(**vae_cfg)
-    # SD1.x's scheduler config, kept for tools that expect one; rectified flows are sampled with the
-    # Euler rule of flow.py (the manifest's "model.flow" says which).
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
+        text_cfg = dict(text_cfg)
+        text_cfg.setdefault("vocab_size", len(tokenizer))
+        text_cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+            torch.manual_seed(seed + 1)
+            unet = UNet2DConditionModel(**unet_cfg)
+            torch.manual_seed(seed + 2)
+            vae = AutoencoderKL(**vae_cfg)
+        # SD1.x's scheduler config, kept for tools that expect one; rectified flows are sampled with the
+        # Euler rule of flow.py (the manifest's "model.flow" says which).
+        scheduler = PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+        )
     return Pipeline(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), scheduler, info)
 
 

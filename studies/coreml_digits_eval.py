@@ -17,7 +17,6 @@ import time
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from instaflow_edge.bench.common import save_digits_eval
     from instaflow_edge.quantize.coreml import SCHEMES
 
     from instaflow_edge.digits.evaluate import (
@@ -30,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     from instaflow_edge.digits.judge import JudgeConfig, load_judge
     from instaflow_edge.parity import psnr
     from instaflow_edge.pipeline import load_pipeline
+    from studies.common import save_digits_eval
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a one-step digits pipeline (e.g. the demo's instaflow student)")

@@ -27,7 +27,6 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from instaflow_edge.bench.common import save_digits_eval
     from instaflow_edge.convert import ConvertConfig, export
     from instaflow_edge.quantize.onnx_folder import QuantizeConfig, quantize
 
@@ -42,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     from instaflow_edge.parity import psnr
     from instaflow_edge.pipeline import load_pipeline
     from instaflow_edge.runtime.onnx import open_export
+    from studies.common import save_digits_eval
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a one-step digits pipeline (e.g. the demo's instaflow student)")

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ModelError
+from ..progress import say
 
 JUDGE_SIZE = 32
 
@@ -124,11 +125,13 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def _deterministic():
-    """Deterministic kernels for the duration (restored afterwards: no global state leaks)."""
+    """Deterministic kernels and a private global RNG for the duration (both restored afterwards: no
+    global state leaks)."""
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         torch.use_deterministic_algorithms(was)
 
@@ -201,7 +204,7 @@ def load_judge(config: JudgeConfig = JudgeConfig(), progress: bool = True) -> Ju
             return Judge(model, config, float(meta["val_accuracy"]), path)
         except Exception as e:  # a corrupt cache entry is rebuilt, not trusted
             if progress:
-                print(f"judge cache {path} unusable ({type(e).__name__}: {e}); rebuilding it")
+                say("judge", f"cache {path} unusable ({type(e).__name__}: {e}); rebuilding it")
     t0 = time.perf_counter()
     judge = train_judge(config, progress)
     seconds = time.perf_counter() - t0

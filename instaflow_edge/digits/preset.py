@@ -19,6 +19,7 @@ It is a rectified-flow *base* (``default_steps`` 32), not a one-step model. Same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -64,6 +65,20 @@ class DigitsPresetConfig:
             raise InputError("vae_lr must be > 0 and kl_weight ≥ 0", "use the defaults of DigitsPresetConfig")
 
 
+def _own_rng(fn):
+    """Run ``fn`` with a private copy of torch's global RNG (it seeds layer initialisation), so the
+    caller's random state is left as it was."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 @preset("digits", "the digits demo's base model: 32×32, VAE trained here on the bundled digits, random UNet "
                   "(minutes on a CPU)")
 def build_digits_preset(seed: int, progress: bool = True, **options):
@@ -102,6 +117,7 @@ def psnr(reference, estimate) -> float:
     return _psnr(reference, estimate.clamp(-1, 1), peak=2.0)
 
 
+@_own_rng
 def train_vae(vae, config: DigitsPresetConfig, seed: int, progress: bool = True) -> dict:
     """Train ``vae`` on the digits train split (MSE + ``kl_weight``·KL, reparameterized samples, AdamW with
     cosine decay); set nothing on it but its weights. Returns what the manifest keeps."""
@@ -174,6 +190,7 @@ def prompt_separation(pipe) -> dict:
     return {"same_digit_cosine": round(float(same), 4), "different_digit_cosine": round(float(different), 4)}
 
 
+@_own_rng
 def train_text_encoder(pipe, config: DigitsPresetConfig, seed: int, progress: bool = True) -> dict:
     """Pretrain ``pipe.text_encoder`` as the text tower of a tiny CLIP: a symmetric InfoNCE loss between
     its pooled output (the end token, projected) and a small CNN's embedding of the captioned image,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -141,25 +140,17 @@ def scratch_cwd(prefix: str = "instaflow-onnx-") -> Iterator[Path]:
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence onnxruntime's tooling chatter (tqdm bars of the fusions, root-logger advice of the
-    quantizer) so a failing command still prints one error line."""
+    quantizer) for the duration, so a failing command still prints one error line; restored after."""
     import logging
 
     root = logging.getLogger()
     level, env = root.level, os.environ.get("TQDM_DISABLE")
     root.setLevel(logging.ERROR)
-    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when first imported: not enough on its own
-    # the UNet optimizer draws its "fusion" bar whenever tqdm is installed (our stage lines say the same);
-    # onnxruntime.transformers imports its modules under bare names ("onnx_model_unet")
-    unet_mod = sys.modules.get("onnx_model_unet")
-    installed = getattr(unet_mod, "is_installed", None)
-    if installed is not None:
-        unet_mod.is_installed = lambda name: name != "tqdm" and installed(name)
+    os.environ["TQDM_DISABLE"] = "1"  # read by every tqdm bar created while it is set
     try:
         yield
     finally:
         root.setLevel(level)
-        if installed is not None:
-            unet_mod.is_installed = installed
         if env is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:

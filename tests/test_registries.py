@@ -1,0 +1,117 @@
+"""Every registry entry has a test: adding a target, scheme, compression, loss, preset or backend
+without naming the test that exercises it fails here.
+
+``COVERAGE`` maps each registry to ``{entry: "test_file.py::test_name"}``; the first test checks the
+entries are exactly the registry's, the second that each named test exists (so the map cannot point
+at nothing).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _targets():
+    import instaflow_edge.convert.coreml  # noqa: F401  (targets register when their module loads)
+    import instaflow_edge.convert.onnx  # noqa: F401
+    from instaflow_edge.convert import TARGETS
+
+    return TARGETS
+
+
+def _onnx_schemes():
+    from instaflow_edge.quantize.onnx import SCHEMES
+
+    return SCHEMES
+
+
+def _coreml_compressions():
+    from instaflow_edge.quantize.coreml import SCHEMES
+
+    return SCHEMES
+
+
+def _losses():
+    from instaflow_edge.train.losses import DISTANCES
+
+    return DISTANCES
+
+
+def _presets():
+    import instaflow_edge.digits  # noqa: F401  (registers the digits preset)
+    from instaflow_edge.presets import PRESETS
+
+    return PRESETS
+
+
+def _backends():
+    from instaflow_edge.generate import BACKENDS
+
+    return BACKENDS
+
+
+_COREML_COMPRESS = "test_coreml_compress.py::test_scheme_in_pytorch_and_in_the_package"
+
+COVERAGE = {
+    "convert targets": (_targets, {
+        "onnx": "test_onnx.py::test_fp32_export_layout_and_gates",
+        "coreml": "test_coreml.py::test_export_layout_and_manifest",
+    }),
+    "ONNX quantization schemes": (_onnx_schemes, {
+        "fp16": "test_onnx.py::test_standalone_quantize",
+        "int8-dynamic": "test_onnx.py::test_standalone_quantize",
+        "int8-static": "test_onnx.py::test_convert_int8_static",
+    }),
+    "Core ML compressions": (_coreml_compressions, None),  # parametrized over the registry itself, below
+    "distillation losses": (_losses, {
+        "l2": "test_reflow_distill.py::test_distill_loss_is_at_s0_on_z_plus_v",
+        "pseudo-huber": "test_losses.py::test_pseudo_huber_by_hand",
+        "lpips": "test_losses.py::test_decoded_lpips_gradient_reaches_latents",
+    }),
+    "presets": (_presets, {
+        "tiny": "test_pipeline_io.py::test_round_trip_keeps_weights_tokenizer_and_kind",
+        "sd15": "test_pipeline_io.py::test_sd15_architecture_counts_on_meta_device",
+        "digits": "test_digits_preset.py::test_architecture",
+    }),
+    "generate backends": (_backends, {
+        "torch": "test_cli.py::test_init_and_generate",
+        "onnx": "test_onnx.py::test_generate_onnx_matches_torch",
+        "coreml": "test_coreml.py::test_generate_coreml_on_linux_is_one_line",
+    }),
+}
+
+
+def _covered(name: str) -> dict[str, str]:
+    get, cover = COVERAGE[name]
+    return cover if cover is not None else {entry: _COREML_COMPRESS for entry in get()}
+
+
+@pytest.mark.parametrize("name", list(COVERAGE))
+def test_every_entry_names_its_test(name):
+    get, cover = COVERAGE[name]
+    entries = set(get())
+    if cover is None:
+        # the named test is parametrized with list(SCHEMES): it runs every entry by construction
+        test_file = (TESTS / _COREML_COMPRESS.split("::")[0]).read_text()
+        assert "list(cq.SCHEMES)" in test_file
+        return
+    assert entries == set(cover), (
+        f"{name}: registry has {sorted(entries)}, tests name {sorted(cover)} — add a test for the new entry "
+        "and name it in tests/test_registries.py")
+
+
+def _test_functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+
+
+@pytest.mark.parametrize("name", list(COVERAGE))
+def test_named_tests_exist(name):
+    for entry, ref in _covered(name).items():
+        file, func = ref.split("::")
+        assert func in _test_functions(TESTS / file), f"{name}: {entry} names {ref}, which does not exist"
