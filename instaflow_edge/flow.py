@@ -1,4 +1,4 @@
-"""The rectified-flow math, in InstaFlow's conventions (DESIGN.md; gnobitab/InstaFlow ``pipeline_rf.py``).
+"""The rectified-flow math, in InstaFlow's conventions (docs/DESIGN.md; gnobitab/InstaFlow ``pipeline_rf.py``).
 
 Two clocks are in play:
 

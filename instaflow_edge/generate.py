@@ -20,7 +20,7 @@ from .options import Backend, Device, DType
 from .pipeline import load_pipeline, resolve_device
 from .runtime.coreml import coreml_backend
 from .runtime.onnx import onnx_backend
-from .validators import integer
+from .validators import boolean, choice, integer, number, optional_integer
 
 
 @dataclasses.dataclass
@@ -43,23 +43,25 @@ class GenerateConfig:
     allow_pickle: bool = False
     force: bool = False
 
-    def validate(self) -> None:
-        if not self.prompts:
+    def __post_init__(self) -> None:
+        """Check every field once, when the config is made; choices become enums."""
+        if isinstance(self.prompts, str) or not self.prompts:
             raise InputError("no prompt given", 'pass at least one prompt, e.g. "a red fox in snow"')
+        self.prompts = list(self.prompts)
         for p in self.prompts:
             if not isinstance(p, str) or not p.strip():
                 raise InputError("empty prompt", "every prompt needs some text")
         integer("seed", self.seed, 0)
         integer("num_images", self.num_images, 1)
-        if self.steps is not None:
-            integer("steps", self.steps, 1)
-        if not (self.guidance >= 0.0):  # also rejects NaN
-            raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None:
-                integer(name, v, 1)
-        self.device, self.dtype, self.backend = Device(self.device), DType(self.dtype), Backend(self.backend)
+        optional_integer("steps", self.steps, 1)
+        number("guidance", self.guidance, low=0.0)
+        optional_integer("height", self.height, 1)
+        optional_integer("width", self.width, 1)
+        boolean("allow_pickle", self.allow_pickle)
+        boolean("force", self.force)
+        self.device = choice("device", self.device, Device)
+        self.dtype = choice("dtype", self.dtype, DType)
+        self.backend = choice("backend", self.backend, Backend)
 
 
 @dataclasses.dataclass
@@ -143,7 +145,6 @@ def generate(config: GenerateConfig, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
 
-    config.validate()
     check_output(config.output, config.force)
     jobs = plan(config)
     info: dict = {}

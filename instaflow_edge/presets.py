@@ -20,6 +20,7 @@ from .artifacts import (
     write_manifest,
 )
 from .errors import InputError
+from .validators import boolean, integer
 from .pipeline import ModelInfo, Pipeline, quiet_libraries
 from .tokenizer import PROMPT_WORDS, build_tokenizer
 
@@ -163,16 +164,15 @@ class InitConfig:
     options: dict = dataclasses.field(default_factory=dict)  # builder keywords (e.g. digits: vae_steps)
     progress: bool = True
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         get_preset(self.preset)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}", "pass --seed 0 or larger")
+        integer("seed", self.seed, 0)
+        boolean("force", self.force)
 
 
 def init(config: InitConfig) -> str:
     """Build a preset and save it as a pipeline folder with a manifest; returns the folder."""
 
-    config.validate()
     check_output(config.output, config.force)  # fail before minutes of building
     spec = get_preset(config.preset)
     try:

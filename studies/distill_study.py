@@ -1,5 +1,4 @@
-"""Issue 4's open question, measured: when does distilling *after* reflow beat distilling the 1-RF
-directly?
+"""When does distilling *after* reflow beat distilling the 1-RF directly?
 
 From a finished ``instaflow-edge demo`` folder (its ``teacher-1rf``, ``reflow-2rf``, ``pairs-1rf`` and
 ``pairs-2rf``), train one-step students under several conditions — the number of pairs (a prefix of

@@ -1,9 +1,9 @@
 """Interop with optimum: its ONNX Runtime diffusion classes load our export folder and reproduce our outputs.
 
-    python -m studies.optimum_interop EXPORT_DIR [--venv /tmp/optimum-venv] [--setup]
+    python -m studies.optimum_interop EXPORT_DIR [--venv runs/optimum-venv] [--setup]
 
 optimum-onnx pins transformers < 4.58 and hence huggingface_hub < 1.0, which our diffusers refuses
-(STACK.md), so optimum lives in its own venv: ``--setup`` (or a missing venv) builds it with the pins
+so optimum lives in its own venv: ``--setup`` (or a missing venv) builds it with the pins
 below. This process (our venv) runs our export through our runtime on fixed inputs and saves inputs
 and outputs; a child process in optimum's venv loads the folder with ``ORTStableDiffusionPipeline`` (and
 ``ORTDiffusionPipeline`` where present), runs its text encoder, UNet and VAE decoder models on the same
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from instaflow_edge.bench.common import save_json
 
-PINS = [["torch==2.13.0"],  # first, as STACK.md says: the CPU build
+PINS = [["torch==2.13.0"],  # first, the CPU build; any other torch request pulls a CUDA build
         ["diffusers==0.39.0", "transformers==4.57.6", "optimum==2.1.0", "optimum-onnx", "onnxruntime",
          "huggingface_hub==0.36.2", "numpy<2.4"]]
 
@@ -108,7 +108,7 @@ def our_outputs(folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("export", type=Path)
-    ap.add_argument("--venv", type=Path, default=Path("/tmp/optimum-venv"))
+    ap.add_argument("--venv", type=Path, default=Path("runs/optimum-venv"))
     ap.add_argument("--setup", action="store_true", help="(re)build optimum's venv first")
     ap.add_argument("-o", "--output", type=Path, default=Path(__file__).parent / "results" / "optimum_interop.json")
     a = ap.parse_args(argv)

@@ -4,9 +4,9 @@ Runs the two CLI commands as a user would (256×256, batch 1, gradient checkpoin
 bf16 autocast when the CPU has bf16 kernels), each under ``/usr/bin/time -v``, and records wall time,
 peak RSS and the seconds of each optimizer step (from the engine's metrics log) to JSON.
 
-    python -m studies.sd15_reflow --model /tmp/sd15 -o studies/results/sd15_reflow_cpu.json
+    python -m studies.sd15_reflow --model runs/sd15 -o studies/results/sd15_reflow_cpu.json
 
-Needs ≈ 15 GiB of RAM; make the preset first with ``instaflow-edge init sd15 /tmp/sd15``.
+Needs ≈ 15 GiB of RAM; make the preset first with ``instaflow-edge init sd15 runs/sd15``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _timed(cmd: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="/tmp/sd15")
+    ap.add_argument("--model", default="runs/sd15")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("-o", "--output", default="studies/results/sd15_reflow_cpu.json")

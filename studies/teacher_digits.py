@@ -1,10 +1,10 @@
-"""Issue 3's done-when measurement: ``init digits`` + ``train teacher`` with default settings (wall
+"""The digits teacher measured: ``init digits`` + ``train teacher`` with default settings (wall
 clock, as a user runs them: two fresh CLI processes), then ``eval`` of the teacher at 1, 2, 4, 8 and 32
 Euler steps × guidance 1, 2, 3, with the real-image ceiling beside it.
 
 Run under the heavy-job lock (minutes of CPU)::
 
-    flock /tmp/instaflow-heavy.lock python -m studies.teacher_digits \\
+    python -m studies.teacher_digits \\
         --work runs/teacher_digits --json studies/results/teacher_digits.json
 
 The JSON is rewritten after every eval, so an interrupted run keeps what it measured.

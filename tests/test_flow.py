@@ -1,4 +1,4 @@
-"""The flow math, pinned to InstaFlow's conventions (DESIGN.md)."""
+"""The flow math, pinned to InstaFlow's conventions (docs/DESIGN.md)."""
 
 import pytest
 import torch

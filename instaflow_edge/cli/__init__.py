@@ -1,4 +1,4 @@
-"""The ``instaflow-edge`` command line: one thin command per verb (STYLE.md: accelerate's CLI).
+"""The ``instaflow-edge`` command line: one thin command per verb (modelled on accelerate's CLI).
 
 Each command turns options into a config and calls the library verb. Errors a user can cause print
 as one line and exit non-zero (``--debug`` shows the traceback). This package is imported by

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from .. import digits as _digits  # noqa: F401  (registers the "digits" preset)
 from ..presets import PRESETS
 
 
@@ -27,7 +28,6 @@ def init_command(
     from ..presets import InitConfig, get_preset, init
 
     cfg = InitConfig(preset=preset, output=str(output), seed=seed, force=force, progress=progress)
-    cfg.validate()
     typer.echo(f"building preset {preset!r}: {get_preset(preset).description}")
     t0 = time.perf_counter()
     init(cfg)
