@@ -122,3 +122,33 @@ def test_pickle_only_weights_need_flag(broken):
         load_pipeline(broken)
     pipe = load_pipeline(broken, allow_pickle=True)
     assert torch.equal(pipe.unet.conv_in.weight, sd["conv_in.weight"])
+
+
+@pytest.mark.parametrize("name", ["DiffusionPipeline", "StableDiffusionPipeline", "NoSuchScheduler", "os"])
+def test_scheduler_class_must_be_a_diffusers_scheduler(broken, name):
+    index = json.loads((broken / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", name]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="not a diffusers scheduler"):
+        load_pipeline(broken)
+
+
+def test_missing_scheduler_entry_is_an_error_not_a_default(broken):
+    index = json.loads((broken / "model_index.json").read_text())
+    del index["scheduler"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="no .scheduler. component"):
+        load_pipeline(broken)
+
+
+def test_loading_leaves_library_logging_as_it_was(tiny_dir):
+    import diffusers
+    import transformers
+
+    before = (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity(),
+              torch.random.get_rng_state())
+    load_pipeline(tiny_dir)
+    build_tiny(0)
+    after = (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity(),
+             torch.random.get_rng_state())
+    assert before[:2] == after[:2] and torch.equal(before[2], after[2])
