@@ -53,7 +53,7 @@ def test_lpips_errors(tmp_path, tiny_pipe):
     save_file(sd, tmp_path / "partial.safetensors")
     with pytest.raises(InputError, match="lack 1 tensors"):
         LPIPS.from_file(tmp_path / "partial.safetensors")
-    with pytest.raises(InputError, match="unknown distill loss"):
+    with pytest.raises(InputError, match="unknown --loss"):
         make_distance("l1")
 
 

@@ -122,7 +122,7 @@ def test_bad_inputs(tmp_path, tiny_dir, pairs_dir):
         train_reflow(ReflowConfig(model=str(tiny_dir), pairs=str(tmp_path / "nope"), output=str(tmp_path / "o")))
     with pytest.raises(InputError, match="--lpips-weights"):
         train_distill(DistillConfig(model=str(tiny_dir), pairs=str(pairs_dir), output=str(tmp_path / "o"), loss="lpips"))
-    with pytest.raises(InputError, match="unknown distill loss"):
+    with pytest.raises(InputError, match="unknown --loss"):
         train_distill(DistillConfig(model=str(tiny_dir), pairs=str(pairs_dir), output=str(tmp_path / "o"), loss="l1"))
     (tmp_path / "notpairs").mkdir()
     with pytest.raises(InputError, match="not a reflow-data folder"):

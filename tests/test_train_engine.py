@@ -317,9 +317,23 @@ def test_work_dir_with_checkpoints_needs_resume_or_force(tmp_path):
 
 def test_batch_size_must_split(tmp_path):
     with pytest.raises(InputError, match="gradient_accumulation_steps"):
-        cfg(tmp_path, batch_size=6, gradient_accumulation_steps=4).validate()
+        cfg(tmp_path, batch_size=6, gradient_accumulation_steps=4)
     with pytest.raises(InputError, match="ema_decay"):
-        cfg(tmp_path, ema_decay=1.0).validate()
+        cfg(tmp_path, ema_decay=1.0)
+
+
+def test_config_is_normalized_when_made():
+    from instaflow_edge.train.config import AttentionKernel, MixedPrecision
+
+    c = TrainConfig(output="o", lr_schedule="constant", attention="eager", mixed_precision="bf16", learning_rate=1)
+    assert c.lr_schedule is LRSchedule.constant and c.attention is AttentionKernel.eager
+    assert c.mixed_precision is MixedPrecision.bf16 and c.learning_rate == 1.0 and type(c.learning_rate) is float
+    with pytest.raises(InputError, match="unknown --attention 'flash'") as e:
+        TrainConfig(output="o", attention="flash")
+    assert "sdpa, eager" in str(e.value)
+    for name in ("cpu", "force", "progress", "gradient_checkpointing"):
+        with pytest.raises(InputError, match=f"{name} must be true or false"):
+            TrainConfig(output="o", **{name: "false"})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,6 +353,5 @@ def test_config_files_toml_and_yaml(tmp_path):
     (tmp_path / "broken.toml").write_text("max_steps = = 7\n")
     with pytest.raises(InputError, match="cannot parse"):
         read_config_file(tmp_path / "broken.toml", TrainConfig)
-    c = TrainConfig(output="o", max_steps="7")
-    with pytest.raises(InputError, match="max_steps must be an integer"):
-        c.validate()
+    with pytest.raises(InputError, match="max_steps must be a positive integer"):
+        TrainConfig(output="o", max_steps="7")

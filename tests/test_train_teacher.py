@@ -101,10 +101,12 @@ def _one_line_error(r, *needles):
 def test_one_line_errors(tmp_path, tiny_dir, images):
     (tmp_path / "bad.toml").write_text("max-stepz = 3\n")
     (tmp_path / "bad.yaml").write_text("learning-rate: [1, 2]\n")
+    (tmp_path / "pickle.toml").write_text('allow-pickle = "false"\n')
     cases = [
         (["--data", tmp_path / "missing", "-o", tmp_path / "o"], ["data folder", "missing", "does not exist"]),
         (["--config", tmp_path / "bad.toml", "-o", tmp_path / "o"], ["unknown key 'max-stepz'", "valid keys:", "max-steps"]),
-        (["--config", tmp_path / "bad.yaml", "-o", tmp_path / "o"], ["learning_rate must be a number"]),
+        (["--config", tmp_path / "bad.yaml", "-o", tmp_path / "o"], ["learning_rate must be a finite number"]),
+        (["--config", tmp_path / "pickle.toml", "-o", tmp_path / "o"], ["allow_pickle must be true or false"]),
         (["--data", images, "--captions", tmp_path / "none.jsonl", "-o", tmp_path / "o"], ["captions file", "does not exist"]),
         (["--data", "digits", "--captions", tmp_path / "c.jsonl", "-o", tmp_path / "o"], ["--captions"]),
         (["--data", images], ["no output folder"]),

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..validators import boolean, choice, integer, number
 
 
 class MixedPrecision(str, enum.Enum):
@@ -28,7 +28,7 @@ class LRSchedule(str, enum.Enum):
     cosine = "cosine"
 
 
-class Attention(str, enum.Enum):
+class AttentionKernel(str, enum.Enum):
     """UNet attention kernel: PyTorch's scaled_dot_product_attention (flash/memory-efficient where the
     device has them) or diffusers' plain matmul-softmax-matmul."""
 
@@ -36,12 +36,23 @@ class Attention(str, enum.Enum):
     eager = "eager"
 
 
+class DistillLoss(str, enum.Enum):
+    """The distances of ``train distill`` (losses.py implements them)."""
+
+    l2 = "l2"
+    pseudo_huber = "pseudo-huber"
+    lpips = "lpips"
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
     """The engine's options. ``batch_size`` is the GLOBAL batch of one optimizer step: summed over
     processes and gradient-accumulation micro-steps (so a 1-process and an 8-process run with the same
     ``batch_size`` see the same samples per step); each process runs micro-batches of
-    ``batch_size / (num_processes × gradient_accumulation_steps)``, which must divide evenly."""
+    ``batch_size / (num_processes × gradient_accumulation_steps)``, which must divide evenly.
+
+    Made configs are valid: ``__post_init__`` checks types and ranges once and turns choice strings (from
+    a config file) into their enums."""
 
     output: str
     work_dir: str | None = None  # checkpoints + logs; default: OUTPUT.train beside the output
@@ -56,7 +67,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 turns EMA off (then the raw weights are saved)
     mixed_precision: MixedPrecision = MixedPrecision.no
     gradient_checkpointing: bool = False
-    attention: Attention = Attention.sdpa
+    attention: AttentionKernel = AttentionKernel.sdpa
     checkpoint_every: int = 500  # 0: no checkpoints
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
@@ -66,23 +77,22 @@ class TrainConfig:
     force: bool = False
     progress: bool = True
 
-    def validate(self) -> None:
-        """Check types and ranges; coerce enum strings (from a config file) to enums."""
+    def __post_init__(self) -> None:
         if not isinstance(self.output, str) or not self.output:
             raise InputError("no output folder given", "pass -o OUT (or set output in the config file)")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every"):
-            _int(name, getattr(self, name), 1)
+            integer(name, getattr(self, name), 1)
         for name in ("warmup_steps", "checkpoint_every", "seed"):
-            _int(name, getattr(self, name), 0)
-        _float("learning_rate", self.learning_rate, 0.0, None, open_low=True)
-        _float("weight_decay", self.weight_decay, 0.0, None)
-        _float("max_grad_norm", self.max_grad_norm, 0.0, None)
-        _float("ema_decay", self.ema_decay, 0.0, 1.0, open_high=True)
+            integer(name, getattr(self, name), 0)
+        self.learning_rate = number("learning_rate", self.learning_rate, 0.0, open_low=True)
+        self.weight_decay = number("weight_decay", self.weight_decay, 0.0)
+        self.max_grad_norm = number("max_grad_norm", self.max_grad_norm, 0.0)
+        self.ema_decay = number("ema_decay", self.ema_decay, 0.0, 1.0, open_high=True)
         for name in ("gradient_checkpointing", "cpu", "force", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}", f"fix {_key(name)}")
-        for name, cls in (("mixed_precision", MixedPrecision), ("lr_schedule", LRSchedule), ("attention", Attention)):
-            setattr(self, name, _enum(name, getattr(self, name), cls))
+            boolean(name, getattr(self, name))
+        self.mixed_precision = choice("mixed_precision", self.mixed_precision, MixedPrecision)
+        self.lr_schedule = choice("lr_schedule", self.lr_schedule, LRSchedule)
+        self.attention = choice("attention", self.attention, AttentionKernel)
         if self.batch_size % self.gradient_accumulation_steps:
             raise InputError(
                 f"batch_size {self.batch_size} is not a multiple of gradient_accumulation_steps "
@@ -95,31 +105,6 @@ class TrainConfig:
     @property
     def work_path(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path(self.output + ".train")
-
-
-def _key(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _int(name: str, v: Any, low: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise InputError(f"{name} must be an integer ≥ {low}, got {v!r}", f"fix {_key(name)}")
-
-
-def _float(name: str, v: Any, low: float, high: float | None, open_low=False, open_high=False) -> None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > low if open_low else v >= low) and (high is None or (v < high if open_high else v <= high))
-    if not ok:
-        lo = f"{'>' if open_low else '≥'} {low}"
-        hi = "" if high is None else f" and {'<' if open_high else '≤'} {high}"
-        raise InputError(f"{name} must be a number {lo}{hi}, got {v!r}", f"fix {_key(name)}")
-
-
-def _enum(name: str, v: Any, cls: type[enum.Enum]) -> enum.Enum:
-    try:
-        return cls(v.value if isinstance(v, enum.Enum) else v)
-    except ValueError:
-        raise InputError(f"{name} {v!r} is not one of {', '.join(m.value for m in cls)}", f"fix {_key(name)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import DeviceError, InputError, NumericsError, OutputExistsError
 from . import checkpoint as ckpt
-from .config import Attention, TrainConfig
+from .config import AttentionKernel, TrainConfig
 from .streams import EpochSampler, StepRandom, derive_seed  # noqa: F401  (part of the engine's API)
 from .tracking import MetricsLog
 
@@ -81,7 +81,7 @@ def configure_unet(unet, config: TrainConfig) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if hasattr(unet, "set_attn_processor"):
-        unet.set_attn_processor(AttnProcessor2_0() if config.attention is Attention.sdpa else AttnProcessor())
+        unet.set_attn_processor(AttnProcessor2_0() if config.attention is AttentionKernel.sdpa else AttnProcessor())
     if config.gradient_checkpointing:
         if not getattr(unet, "_supports_gradient_checkpointing", False):
             raise InputError(f"{type(unet).__name__} does not support gradient checkpointing",
@@ -103,8 +103,6 @@ def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-
-    config.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # a fresh state per run in one process (tests, notebooks): accelerate's state is a singleton
         AcceleratorState._reset_state(True)
@@ -142,8 +140,6 @@ def fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: BatchS
     from torch.optim.lr_scheduler import LambdaLR
     from tqdm.auto import tqdm
 
-
-    config.validate()
     world, rank = accelerator.num_processes, accelerator.process_index
     k = config.gradient_accumulation_steps
     micro_global = config.batch_size // k
@@ -273,7 +269,6 @@ def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | No
     """Resolve ``--resume``; refuse to silently overwrite an earlier run's checkpoints."""
     import shutil
 
-
     resume_path = ckpt.resolve_resume(config.resume, work)
     existing = ckpt.list_checkpoints(work)
     if config.resume is None and existing and not config.force:
@@ -293,7 +288,6 @@ def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | No
 
 def _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step: int, work: Path) -> None:
     from accelerate.utils import gather_object
-
 
     model_state = accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
     rng_states = gather_object([ckpt.capture_rng()])  # every process's RNG, in rank order

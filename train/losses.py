@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..validators import choice
+from .config import DistillLoss
 
-DISTANCES = ("l2", "pseudo-huber", "lpips")
+DISTANCES = tuple(m.value for m in DistillLoss)  # the registry of distances: one enum, one test each
 
 # VGG16 "features" up to relu5_3, as torchvision numbers them; LPIPS cuts it after relu1_2, 2_2, 3_3, 4_3, 5_3
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -131,17 +133,16 @@ class DecodedLPIPS(nn.Module):
         return self.lpips(img.float(), ref.float()).mean()
 
 
-def make_distance(name: str, pipe=None, lpips_weights: str | None = None, allow_pickle: bool = False):
+def make_distance(name: str | DistillLoss, pipe=None, lpips_weights: str | None = None, allow_pickle: bool = False):
     """The distance ``fn(pred_latents, target_latents) -> scalar`` called ``name``."""
-    if name == "l2":
+    loss = choice("loss", name, DistillLoss)
+    if loss is DistillLoss.l2:
         return l2
-    if name == "pseudo-huber":
+    if loss is DistillLoss.pseudo_huber:
         return pseudo_huber
-    if name == "lpips":
-        if not lpips_weights:
-            raise InputError("--loss lpips needs LPIPS weights, which cannot be downloaded here",
-                             "pass --lpips-weights FILE (lpips.LPIPS(net='vgg').state_dict()), or use --loss l2")
-        model = LPIPS.from_file(lpips_weights, allow_pickle).to(pipe.device)
-        pipe.vae.requires_grad_(False)
-        return DecodedLPIPS(pipe.vae, pipe.scaling_factor, model)
-    raise InputError(f"unknown distill loss {name!r}", f"choose one of: {', '.join(DISTANCES)}")
+    if not lpips_weights:
+        raise InputError("--loss lpips needs LPIPS weights, which cannot be downloaded here",
+                         "pass --lpips-weights FILE (lpips.LPIPS(net='vgg').state_dict()), or use --loss l2")
+    model = LPIPS.from_file(lpips_weights, allow_pickle).to(pipe.device)
+    pipe.vae.requires_grad_(False)
+    return DecodedLPIPS(pipe.vae, pipe.scaling_factor, model)

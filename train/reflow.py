@@ -25,7 +25,8 @@ from ..errors import InputError
 from ..pipeline import ModelInfo, load_pipeline
 from ..presets import count_params
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
-from .config import TrainConfig, _float, _int
+from ..validators import boolean, choice, integer, number, optional_integer
+from .config import DistillLoss, TrainConfig
 from .pairs import PairsDataset
 from .teacher import _end_distributed
 
@@ -40,14 +41,14 @@ class PairsTrainConfig(TrainConfig):
     max_pairs: int | None = None  # train on the first N pairs only (pair-count studies); None: all
     allow_pickle: bool = False
 
-    def validate(self) -> None:
-        super().validate()
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.model, str) or not self.model:
             raise InputError("no model given", "pass a pipeline folder or hub id as MODEL")
         if not isinstance(self.pairs, str) or not Path(self.pairs).is_dir():
             raise InputError(f"pairs folder {self.pairs} does not exist", "make it with `instaflow-edge train reflow-data`")
-        if self.max_pairs is not None:
-            _int("max_pairs", self.max_pairs, 1)
+        optional_integer("max_pairs", self.max_pairs, 1)
+        boolean("allow_pickle", self.allow_pickle)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -57,27 +58,25 @@ class ReflowConfig(PairsTrainConfig):
     cfg_dropout: float = 0.0  # pairs made with guidance g encode the guided flow: no dropout by default
     default_steps: int = 4  # the 2-RF is usable at 2–8 steps
 
-    def validate(self) -> None:
-        super().validate()
-        _float("cfg_dropout", self.cfg_dropout, 0.0, 1.0, open_high=True)
-        _int("default_steps", self.default_steps, 1)
-
-
-LOSSES = ("l2", "pseudo-huber", "lpips")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.cfg_dropout = number("cfg_dropout", self.cfg_dropout, 0.0, 1.0, open_high=True)
+        integer("default_steps", self.default_steps, 1)
 
 
 @dataclasses.dataclass(kw_only=True)
 class DistillConfig(PairsTrainConfig):
     """Options of ``instaflow-edge train distill``: the engine's plus the loss."""
 
-    loss: str = "l2"
+    loss: DistillLoss = DistillLoss.l2
     lpips_weights: str | None = None
 
-    def validate(self) -> None:
-        super().validate()
-        if self.loss not in LOSSES:
-            raise InputError(f"unknown distill loss {self.loss!r}", f"choose one of: {', '.join(LOSSES)}")
-        if self.loss == "lpips" and not self.lpips_weights:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.loss = choice("loss", self.loss, DistillLoss)
+        if self.lpips_weights is not None and not isinstance(self.lpips_weights, str):
+            raise InputError(f"lpips_weights must be a path, got {self.lpips_weights!r}", "pass --lpips-weights FILE")
+        if self.loss is DistillLoss.lpips and not self.lpips_weights:
             raise InputError("--loss lpips needs LPIPS weights, which cannot be downloaded here",
                              "pass --lpips-weights FILE (lpips.LPIPS(net='vgg').state_dict()), or use --loss l2")
 
@@ -104,7 +103,6 @@ class PairsSource:
 
 
 def _load(cfg, accelerator):
-
     dev = accelerator.device
     pipe = load_pipeline(cfg.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
                          allow_pickle=cfg.allow_pickle)
@@ -146,7 +144,6 @@ def train_reflow(config: ReflowConfig) -> str:
     from .engine import fit, make_accelerator
     from .objectives import RectifiedFlowObjective
 
-    config.validate()
     check_output(config.output, config.force)
     accelerator = make_accelerator(config)
     pipe, pairs = _load(config, accelerator)
@@ -163,7 +160,6 @@ def train_distill(config: DistillConfig) -> str:
     from .losses import make_distance
     from .objectives import OneStepObjective
 
-    config.validate()
     check_output(config.output, config.force)
     accelerator = make_accelerator(config)
     pipe, pairs = _load(config, accelerator)
@@ -171,6 +167,6 @@ def train_distill(config: DistillConfig) -> str:
     source = PairsSource(pairs, pipe)
     unet, result = fit(config, accelerator, pipe.unet, source, OneStepObjective(distance), describe="train distill")
     info = ModelInfo(flow="rectified_flow", default_steps=1, source=config.model)
-    _save(config, accelerator, pipe, unet, result, info, "distill", pairs, {"one_step": True, "loss": config.loss})
+    _save(config, accelerator, pipe, unet, result, info, "distill", pairs, {"one_step": True, "loss": config.loss.value})
     return os.fspath(config.output)
 

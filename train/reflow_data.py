@@ -16,6 +16,7 @@ shards k with k % world_size == r.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import shutil
@@ -35,10 +36,18 @@ from ..artifacts import (
 from ..errors import InputError, NumericsError, OutputExistsError
 from ..options import Device, DType
 from ..pipeline import load_pipeline, resolve_device
-from ..validators import integer
+from ..validators import boolean, choice, integer, number, optional_integer, prompt_file
 
 FORMAT = "instaflow-edge/reflow-data/1"
-SCHEDULERS = ("model", "dpm-solver", "euler", "ddim")
+
+
+class Scheduler(str, enum.Enum):
+    """The sampler that integrates a diffusion teacher's ODE: its own (``model``) or one of diffusers'."""
+
+    model = "model"
+    dpm_solver = "dpm-solver"
+    euler = "euler"
+    ddim = "ddim"
 
 
 @dataclasses.dataclass
@@ -56,7 +65,7 @@ class ReflowDataConfig:
     steps: int = 32
     guidance: float = 1.0
     negative_prompt: str = ""
-    scheduler: str = "model"  # diffusion teachers only: the sampler that integrates their ODE
+    scheduler: Scheduler = Scheduler.model  # diffusion teachers only: the sampler that integrates their ODE
     seed: int = 0
     batch_size: int = 64
     height: int | None = None
@@ -66,18 +75,26 @@ class ReflowDataConfig:
     allow_pickle: bool = False
     force: bool = False
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Check the options once and turn choice strings into their enums: a made config is valid."""
+        for name in ("teacher", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InputError(f"no {name} given", "pass the teacher pipeline and -o OUT")
         if (self.prompts is None) == (self.data is None):
             raise InputError("give exactly one prompt source", "pass --prompts FILE or --data digits|FOLDER")
-
         for name in ("num_pairs", "shard_size", "steps", "batch_size"):
             integer(name, getattr(self, name), 1)
         integer("seed", self.seed, 0)
-        if not self.guidance >= 0:
-            raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
-        if self.scheduler not in SCHEDULERS:
-            raise InputError(f"unknown scheduler {self.scheduler!r}", f"choose one of: {', '.join(SCHEDULERS)}")
-        self.device, self.dtype = Device(self.device), DType(self.dtype)
+        optional_integer("height", self.height, 1)
+        optional_integer("width", self.width, 1)
+        self.guidance = number("guidance", self.guidance, 0.0)
+        if not isinstance(self.negative_prompt, str):
+            raise InputError(f"negative_prompt must be text, got {self.negative_prompt!r}", "fix --negative-prompt")
+        self.scheduler = choice("scheduler", self.scheduler, Scheduler)
+        self.device = choice("device", self.device, Device)
+        self.dtype = choice("dtype", self.dtype, DType)
+        boolean("allow_pickle", self.allow_pickle)
+        boolean("force", self.force)
 
 
 def pair_seed(seed: int, index: int) -> int:
@@ -88,13 +105,7 @@ def pair_seed(seed: int, index: int) -> int:
 def load_prompts(config: ReflowDataConfig) -> list[str]:
     """The prompt source as a list; pair i uses prompt i mod len."""
     if config.prompts is not None:
-        path = Path(config.prompts)
-        if not path.is_file():
-            raise InputError(f"prompt file {path} does not exist", "pass a text file with one prompt per line")
-        prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        if not prompts:
-            raise InputError(f"prompt file {path} has no prompts", "write one prompt per line")
-        return prompts
+        return prompt_file(config.prompts, [], what="prompt")
     from ..data import digits_dataset, folder_dataset
 
     ds = digits_dataset("train", seed=0) if config.data == "digits" else folder_dataset(config.data, config.captions)
@@ -105,17 +116,20 @@ def sampler_settings(config: ReflowDataConfig, pipe) -> dict:
     s = {"flow": pipe.info.flow, "steps": config.steps, "guidance": config.guidance,
          "negative_prompt": config.negative_prompt, "dtype": config.dtype.value}
     if pipe.info.flow != "rectified_flow":
-        s["scheduler"] = config.scheduler if config.scheduler != "model" else type(pipe.scheduler).__name__
+        s["scheduler"] = (type(pipe.scheduler).__name__ if config.scheduler is Scheduler.model
+                          else config.scheduler.value)
     return s
 
 
-def _use_scheduler(pipe, name: str) -> None:
+def _use_scheduler(pipe, scheduler: Scheduler) -> None:
+    """Replace the model's scheduler by ``scheduler`` (``model`` keeps it)."""
     import diffusers
 
-    cls = {"dpm-solver": diffusers.DPMSolverMultistepScheduler, "euler": diffusers.EulerDiscreteScheduler,
-           "ddim": diffusers.DDIMScheduler}.get(name)
-    if cls is not None:
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    if scheduler is Scheduler.model:
+        return
+    cls = {Scheduler.dpm_solver: diffusers.DPMSolverMultistepScheduler, Scheduler.euler: diffusers.EulerDiscreteScheduler,
+           Scheduler.ddim: diffusers.DDIMScheduler}[scheduler]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
 def shard_paths(folder: Path, k: int) -> tuple[Path, Path]:
@@ -181,7 +195,6 @@ def make_reflow_data(config: ReflowDataConfig, progress: bool = True) -> dict:
 
     from ..generator import generate_latents, make_noise
 
-    config.validate()
     prompts = load_prompts(config)
     state = _dist_state(cpu=config.device is Device.cpu)
     device = state["device"] if state["world"] > 1 else resolve_device(config.device.value)
@@ -189,8 +202,7 @@ def make_reflow_data(config: ReflowDataConfig, progress: bool = True) -> dict:
                          config.allow_pickle)
     if pipe.info.flow != "rectified_flow":
         _use_scheduler(pipe, config.scheduler)
-    h, w = config.height or pipe.default_size, config.width or pipe.default_size
-    shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+    shape = pipe.latent_shape(*pipe.image_size(config.height, config.width))
     teacher_manifest = read_manifest(config.teacher) if Path(config.teacher).is_dir() else None
     teacher = {"source": config.teacher, "content_sha256": (teacher_manifest or {}).get("content_sha256")}
     sampler = sampler_settings(config, pipe)

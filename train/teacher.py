@@ -25,7 +25,8 @@ from ..errors import InputError
 from ..pipeline import ModelInfo, load_pipeline
 from ..presets import count_params
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
-from .config import TrainConfig, _float, _int
+from ..validators import boolean, integer, number
+from .config import TrainConfig
 
 DIGITS = "digits"
 
@@ -41,8 +42,8 @@ class TeacherConfig(TrainConfig):
     default_steps: int = 32  # Euler steps `generate`/`eval` use for the trained model
     allow_pickle: bool = False
 
-    def validate(self) -> None:
-        super().validate()
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.model, str) or not self.model:
             raise InputError("no model given", "pass a pipeline folder or hub id as MODEL")
         if not isinstance(self.data, str) or not self.data:
@@ -52,8 +53,9 @@ class TeacherConfig(TrainConfig):
                              "pass --data digits, or a folder of images with captions.jsonl/captions.csv")
         if self.captions is not None and self.data == DIGITS:
             raise InputError("--captions applies to a data folder, not to --data digits", "drop --captions")
-        _float("cfg_dropout", self.cfg_dropout, 0.0, 1.0, open_high=True)
-        _int("default_steps", self.default_steps, 1)
+        self.cfg_dropout = number("cfg_dropout", self.cfg_dropout, 0.0, 1.0, open_high=True)
+        integer("default_steps", self.default_steps, 1)
+        boolean("allow_pickle", self.allow_pickle)
 
 
 class TeacherSource:
@@ -107,7 +109,6 @@ def train_teacher(config: TeacherConfig) -> str:
     from .engine import fit, make_accelerator, training_summary
     from .objectives import RectifiedFlowObjective
 
-    config.validate()
     check_output(config.output, config.force)  # before minutes of training
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import typer
 
 from ..train.config import (
-    Attention,
+    AttentionKernel,
     LRSchedule,
     MixedPrecision,
     TrainConfig,
@@ -93,7 +93,7 @@ def teacher_command(
     ema_decay: float = EngineOptions.ema_decay,
     mixed_precision: MixedPrecision = EngineOptions.mixed_precision,
     gradient_checkpointing: bool = EngineOptions.gradient_checkpointing,
-    attention: Attention = EngineOptions.attention,
+    attention: AttentionKernel = EngineOptions.attention,
     checkpoint_every: int = EngineOptions.checkpoint_every,
     keep_checkpoints: int = EngineOptions.keep_checkpoints,
     resume: Optional[str] = EngineOptions.resume,

@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from ..options import Device, DType
-from ..train.config import Attention, LRSchedule, MixedPrecision
+from ..train.config import AttentionKernel, LRSchedule, MixedPrecision
 from ..train.reflow import DistillConfig, ReflowConfig
 from .train import EngineOptions, _is_main, resolve_config
 
@@ -23,7 +23,7 @@ _ENGINE_PARAMS = [
     ("config", Optional[Path]), ("work_dir", Optional[Path]), ("max_steps", int), ("batch_size", int),
     ("gradient_accumulation_steps", int), ("learning_rate", float), ("lr_schedule", LRSchedule),
     ("warmup_steps", int), ("weight_decay", float), ("max_grad_norm", float), ("ema_decay", float),
-    ("mixed_precision", MixedPrecision), ("gradient_checkpointing", bool), ("attention", Attention),
+    ("mixed_precision", MixedPrecision), ("gradient_checkpointing", bool), ("attention", AttentionKernel),
     ("checkpoint_every", int), ("keep_checkpoints", int), ("resume", Optional[str]), ("seed", int),
     ("log_every", int), ("cpu", bool), ("force", bool), ("progress", bool),
 ]
