@@ -315,6 +315,12 @@ def test_work_dir_with_checkpoints_needs_resume_or_force(tmp_path):
     assert res.resumed_from is None and res.step == 3
 
 
+def test_resume_without_ema_weights_is_refused(tmp_path):
+    run(cfg(tmp_path, max_steps=3, ema_decay=0.0))
+    with pytest.raises(InputError, match="holds no EMA weights"):
+        run(cfg(tmp_path, max_steps=6, resume="latest"))
+
+
 def test_batch_size_must_split(tmp_path):
     with pytest.raises(InputError, match="gradient_accumulation_steps"):
         cfg(tmp_path, batch_size=6, gradient_accumulation_steps=4)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import DeviceError, InputError, NumericsError, OutputExistsError
+from ..progress import say
 from . import checkpoint as ckpt
 from .config import AttentionKernel, TrainConfig
 from .streams import EpochSampler, StepRandom, derive_seed  # noqa: F401  (part of the engine's API)
@@ -176,7 +177,10 @@ def fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: BatchS
         tr = state["trainer"]
         scheduler.load_state_dict(tr["scheduler"])
         sampler.load_state_dict(tr["data"])
-        if ema is not None and state["ema"] is not None:
+        if ema is not None and state["ema"] is None:  # a fresh EMA would silently restart the average
+            raise InputError(f"checkpoint {resume_path} holds no EMA weights but --ema-decay is {config.ema_decay}",
+                             "resume with --ema-decay 0 (as the run was started), or start over with --force")
+        if ema is not None:
             ema.shadow = {kk: v.float() for kk, v in state["ema"].items()}
             ema.updates = int(tr.get("ema_updates", 0))
         if len(state["rng"]) == world:
@@ -275,7 +279,7 @@ def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | No
         raise OutputExistsError(f"work dir {work} holds checkpoints of an earlier run",
                                 "pass --resume latest to continue it, or --force to start over")
     if config.resume == "latest" and resume_path is None and accelerator.is_main_process:
-        print(f"no checkpoint in {work} yet: starting from step 0")
+        say("train", f"no checkpoint in {work} yet: starting from step 0")
     accelerator.wait_for_everyone()  # every process has read the folder before the main one edits it
     if accelerator.is_main_process:
         if config.resume is None and config.force:
