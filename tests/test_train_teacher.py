@@ -130,3 +130,17 @@ def test_existing_checkpoints_need_resume_or_force_and_nan_stops(tmp_path, tiny_
             "--warmup-steps", 0, "--checkpoint-every", 0)
     _one_line_error(r, "training loss is", "at step")
     assert not (tmp_path / "T3").exists()
+
+
+def test_train_cli_imports_no_click_internals():
+    """typer ≥ 0.15 is allowed: the train commands must not reach into click/typer internals."""
+    import ast
+    from pathlib import Path
+
+    cli = Path(__file__).resolve().parents[1] / "instaflow_edge" / "cli"
+    for name in ("train.py", "train_recipe.py"):
+        for node in ast.walk(ast.parse((cli / name).read_text(encoding="utf-8"))):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for m in mods:
+                assert not (m.startswith("typer._") or m.split(".")[0] == "click"), (name, m)

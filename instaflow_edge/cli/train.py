@@ -18,6 +18,8 @@ from ..train.config import (
     MixedPrecision,
     TrainConfig,
     field_default,
+    merge_config,
+    read_config_file,
 )
 from ..train.teacher import TeacherConfig
 
@@ -56,15 +58,21 @@ class EngineOptions:
     progress = typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")
 
 
+# the names of click's ParameterSource members for "not given by the user": compared by name so the CLI
+# does not import click's internals (typer vendors its own click in some versions)
+_DEFAULT_SOURCES = ("DEFAULT", "DEFAULT_MAP")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` came from the user (command line, environment or prompt), not its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in _DEFAULT_SOURCES
+
+
 def resolve_config(ctx: typer.Context, cls: type, config_file: Optional[Path]) -> Any:
     """The stage config from defaults ← ``--config`` file ← flags given on the command line."""
-    from typer._click.core import ParameterSource
-
-    from ..train.config import merge_config, read_config_file
-
     params = {k: v for k, v in ctx.params.items() if k != "config"}
-    explicit = {k: v for k, v in params.items()
-                if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+    explicit = {k: v for k, v in params.items() if _given(ctx, k)}
     file_values = read_config_file(config_file, cls) if config_file is not None else {}
     defaults = {k: v for k, v in params.items() if k not in explicit}
     return merge_config(cls, defaults, file_values, explicit)

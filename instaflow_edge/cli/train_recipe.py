@@ -1,46 +1,21 @@
 """``instaflow-edge train reflow-data | reflow | distill``: InstaFlow's recipe after the teacher.
 
-The engine's options (``--max-steps``, ``--batch-size``, ``--resume``, …) are the same for every
-training command; :func:`engine_command` appends them to a command's signature so they are declared
-once (in cli/train.py's ``EngineOptions``) and reach the stage config through ``resolve_config``.
+``train reflow`` and ``train distill`` take the training engine's options (``--max-steps``,
+``--batch-size``, ``--resume``, …): each command lists them, with the defaults and help of
+cli/train.py's ``EngineOptions``, and ``resolve_config`` turns them into the stage config.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
 from ..options import Device, DType
-from ..train.config import AttentionKernel, LRSchedule, MixedPrecision
+from ..train.config import AttentionKernel, LRSchedule, MixedPrecision, field_default
 from ..train.reflow import DistillConfig, ReflowConfig
 from .train import EngineOptions, _is_main, resolve_config
-
-_ENGINE_PARAMS = [
-    ("config", Optional[Path]), ("work_dir", Optional[Path]), ("max_steps", int), ("batch_size", int),
-    ("gradient_accumulation_steps", int), ("learning_rate", float), ("lr_schedule", LRSchedule),
-    ("warmup_steps", int), ("weight_decay", float), ("max_grad_norm", float), ("ema_decay", float),
-    ("mixed_precision", MixedPrecision), ("gradient_checkpointing", bool), ("attention", AttentionKernel),
-    ("checkpoint_every", int), ("keep_checkpoints", int), ("resume", Optional[str]), ("seed", int),
-    ("log_every", int), ("cpu", bool), ("force", bool), ("progress", bool),
-]
-
-
-def engine_command(fn):
-    """Give ``fn`` (which takes ``ctx`` first) every engine option, without listing them again."""
-    sig = inspect.signature(fn, eval_str=True)
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(EngineOptions, name), annotation=ann)
-             for name, ann in _ENGINE_PARAMS]
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
-
-    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
-    return wrapper
 
 
 def reflow_data_command(
@@ -81,45 +56,87 @@ def reflow_data_command(
                    f"({m['generated_pairs']} made now{rate})")
 
 
-@engine_command
 def reflow_command(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="The teacher (rectified flow) whose pairs these are; the 2-RF starts from it."),
     pairs: Path = typer.Option(..., "--pairs", help="Reflow-data folder from `train reflow-data`."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output pipeline folder."),
-    cfg_dropout: float = typer.Option(0.0, "--cfg-dropout", help="Share of prompts replaced by '' (for guidance with the 2-RF)."),
-    default_steps: int = typer.Option(4, "--default-steps", help="Euler steps that generate/eval use by default for the 2-RF."),
+    cfg_dropout: float = typer.Option(field_default(ReflowConfig, "cfg_dropout"), "--cfg-dropout", help="Share of prompts replaced by '' (for guidance with the 2-RF)."),
+    default_steps: int = typer.Option(field_default(ReflowConfig, "default_steps"), "--default-steps", help="Euler steps that generate/eval use by default for the 2-RF."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Train on the first N pairs only (default: all)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights in MODEL."),
+    config: Optional[Path] = EngineOptions.config,
+    work_dir: Optional[Path] = EngineOptions.work_dir,
+    max_steps: int = EngineOptions.max_steps,
+    batch_size: int = EngineOptions.batch_size,
+    gradient_accumulation_steps: int = EngineOptions.gradient_accumulation_steps,
+    learning_rate: float = EngineOptions.learning_rate,
+    lr_schedule: LRSchedule = EngineOptions.lr_schedule,
+    warmup_steps: int = EngineOptions.warmup_steps,
+    weight_decay: float = EngineOptions.weight_decay,
+    max_grad_norm: float = EngineOptions.max_grad_norm,
+    ema_decay: float = EngineOptions.ema_decay,
+    mixed_precision: MixedPrecision = EngineOptions.mixed_precision,
+    gradient_checkpointing: bool = EngineOptions.gradient_checkpointing,
+    attention: AttentionKernel = EngineOptions.attention,
+    checkpoint_every: int = EngineOptions.checkpoint_every,
+    keep_checkpoints: int = EngineOptions.keep_checkpoints,
+    resume: Optional[str] = EngineOptions.resume,
+    seed: int = EngineOptions.seed,
+    log_every: int = EngineOptions.log_every,
+    cpu: bool = EngineOptions.cpu,
+    force: bool = EngineOptions.force,
+    progress: bool = EngineOptions.progress,
 ) -> None:
     """Train a 2-rectified flow on fixed teacher pairs (straightens the flow)."""
     from ..train.reflow import train_reflow
 
-    _train(ctx, ReflowConfig, train_reflow, "")
+    _train(ctx, ReflowConfig, train_reflow, config, "")
 
 
-@engine_command
 def distill_command(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Model to distil and start from (InstaFlow: the 2-RF)."),
     pairs: Path = typer.Option(..., "--pairs", help="Reflow-data folder from `train reflow-data`."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output one-step pipeline folder."),
-    loss: str = typer.Option("l2", "--loss", help="l2 | pseudo-huber | lpips (image space, needs --lpips-weights)."),
+    loss: str = typer.Option(field_default(DistillConfig, "loss").value, "--loss", help="l2 | pseudo-huber | lpips (image space, needs --lpips-weights)."),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="File with lpips.LPIPS(net='vgg').state_dict() (safetensors)."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Train on the first N pairs only (default: all)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (MODEL, LPIPS)."),
+    config: Optional[Path] = EngineOptions.config,
+    work_dir: Optional[Path] = EngineOptions.work_dir,
+    max_steps: int = EngineOptions.max_steps,
+    batch_size: int = EngineOptions.batch_size,
+    gradient_accumulation_steps: int = EngineOptions.gradient_accumulation_steps,
+    learning_rate: float = EngineOptions.learning_rate,
+    lr_schedule: LRSchedule = EngineOptions.lr_schedule,
+    warmup_steps: int = EngineOptions.warmup_steps,
+    weight_decay: float = EngineOptions.weight_decay,
+    max_grad_norm: float = EngineOptions.max_grad_norm,
+    ema_decay: float = EngineOptions.ema_decay,
+    mixed_precision: MixedPrecision = EngineOptions.mixed_precision,
+    gradient_checkpointing: bool = EngineOptions.gradient_checkpointing,
+    attention: AttentionKernel = EngineOptions.attention,
+    checkpoint_every: int = EngineOptions.checkpoint_every,
+    keep_checkpoints: int = EngineOptions.keep_checkpoints,
+    resume: Optional[str] = EngineOptions.resume,
+    seed: int = EngineOptions.seed,
+    log_every: int = EngineOptions.log_every,
+    cpu: bool = EngineOptions.cpu,
+    force: bool = EngineOptions.force,
+    progress: bool = EngineOptions.progress,
 ) -> None:
     """Distil a one-step generator: loss between z + v(z, τ=1000) and the teacher's x1."""
     from ..train.reflow import train_distill
 
-    _train(ctx, DistillConfig, train_distill, "one-step ")
+    _train(ctx, DistillConfig, train_distill, config, "one-step ")
 
 
-def _train(ctx: typer.Context, cls: type, verb, what: str) -> None:
+def _train(ctx: typer.Context, cls: type, verb: Callable, config_file: Optional[Path], what: str) -> None:
     """Options (defaults ← --config file ← flags) → config → the stage's verb; report the time."""
     import time
 
-    cfg = resolve_config(ctx, cls, ctx.params.get("config"))
+    cfg = resolve_config(ctx, cls, config_file)
     t0 = time.perf_counter()
     out = verb(cfg)
     if _is_main():
