@@ -23,7 +23,14 @@ class ShapeError(ParityError):
 
 
 class PsnrError(ParityError):
-    """Export misses its PSNR gate."""
+    """Export misses its PSNR gate. ``rows`` and ``gates``: every figure measured and its gate (for a
+    caller that shows the whole table), when the error comes from :func:`check_all`."""
+
+    def __init__(self, message: str, fix: str | None = None, rows: list[Parity] | None = None,
+                 gates: dict[str, float] | None = None):
+        super().__init__(message, fix)
+        self.rows = list(rows or [])
+        self.gates = dict(gates or {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,12 @@ class Parity:
         d = dataclasses.asdict(self)
         d["psnr"] = None if math.isinf(self.psnr) else round(self.psnr, 3)  # JSON has no inf
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Parity":
+        """The inverse of :meth:`as_dict` (a manifest's ``parity`` row)."""
+        return cls(d["component"], math.inf if d["psnr"] is None else float(d["psnr"]), float(d["max_abs"]),
+                   float(d["cosine"]), tuple(d["shape"]))
 
 
 def _np(x) -> np.ndarray:
@@ -71,17 +84,35 @@ def compare(component: str, ref, out) -> Parity:
     return Parity(component, psnr(ref, out), float(np.abs(ref - out).max()), cos, tuple(ref.shape))
 
 
+GATE_FIX = "use a less aggressive scheme, or lower the gate explicitly with --min-psnr"
+
+
 def check(p: Parity, min_psnr: float) -> Parity:
     """Raise PsnrError naming the component and figure when ``p`` misses ``min_psnr``."""
-    if p.psnr < min_psnr:
-        raise PsnrError(
-            f"{p.component}: PSNR {p.psnr:.1f} dB is below the {min_psnr:.1f} dB gate (max abs error {p.max_abs:.3g})",
-            "use a less aggressive scheme, or lower the gate explicitly with --min-psnr",
-        )
+    check_all([p], {p.component: min_psnr})
     return p
 
 
-def format_table(rows: list[Parity], gates: dict[str, float] | None = None) -> str:
+def check_all(rows: list[Parity], gates: dict[str, float] | float, *, against: str = "", source: str = "",
+              fix: str = GATE_FIX) -> list[Parity]:
+    """Check every row against its gate (``gates``: per component, or one number for all) and raise one
+    :class:`PsnrError` whose one-line message lists every component that misses its gate, with its
+    figure and gate. ``against`` names the reference in the message ("fp32"), ``source`` where the gate
+    comes from ("scheme int8"). Returns ``rows`` when all pass."""
+    gate_of = (lambda c: float(gates)) if isinstance(gates, (int, float)) else (lambda c: gates[c])
+    vs = f" vs {against}" if against else ""
+    why = f"{source}; " if source else ""
+    misses = [f"{p.component}: PSNR {p.psnr:.1f} dB{vs} is below the {gate_of(p.component):.1f} dB gate "
+              f"({why}max abs error {p.max_abs:.3g})" for p in rows if p.psnr < gate_of(p.component)]
+    if misses:
+        head = f"{len(misses)} of {len(rows)} outputs miss their gate: " if len(misses) > 1 else ""
+        raise PsnrError(head + "; ".join(misses), fix, rows=rows, gates={p.component: gate_of(p.component) for p in rows})
+    return rows
+
+
+def format_table(rows: list[Parity | dict], gates: dict[str, float] | None = None) -> str:
+    """The parity table the CLI prints; ``rows`` as measured or as a manifest's ``parity`` list."""
+    rows = [Parity.from_dict(p) if isinstance(p, dict) else p for p in rows]
     head = f"{'component':<14} {'PSNR dB':>9} {'max abs':>10} {'cosine':>9}" + ("  gate" if gates else "")
     lines = [head, "-" * len(head)]
     for p in rows:
