@@ -1,7 +1,8 @@
 """instaflow_edge.convert: component specs, pruning, ONNX and Core ML export.
 
-``export(ConvertConfig(...))`` is the verb; targets register themselves in ``config.TARGETS`` when
-their module is imported, which happens here, lazily, so ``import instaflow_edge.convert`` stays light.
+``export(ConvertConfig(...))`` is the verb; it returns the manifest (the CLI prints its parity table).
+Targets register themselves in ``config.TARGETS`` when their module is imported, which happens here,
+lazily, so ``import instaflow_edge.convert`` stays light.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import importlib
 
 from .config import TARGETS, ConvertConfig, Target, target  # noqa: F401
 
-_TARGET_MODULES = {"onnx": "instaflow_edge.convert.onnx", "coreml": "instaflow_edge.convert.coreml"}
+_TARGET_MODULES = {Target.onnx: "instaflow_edge.convert.onnx", Target.coreml: "instaflow_edge.convert.coreml"}
 
 
 def export(config: ConvertConfig) -> dict:
-    """Export ``config.model`` for ``config.target``; returns the written manifest."""
-    config.validate()
-    name = config.target.value
-    importlib.import_module(_TARGET_MODULES[name])
-    return TARGETS[name](config)
+    """Export ``config.model`` for ``config.target`` (the config was checked when it was made); returns
+    the written manifest."""
+    importlib.import_module(_TARGET_MODULES[config.target])
+    return TARGETS[config.target](config)

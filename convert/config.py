@@ -1,17 +1,33 @@
 """``convert``'s config: one dataclass for every target, and the target registry.
 
-Each target registers its export verb with ``@target("name")``; ``export(config)`` dispatches. Options
-that belong to another target are refused (a Core ML ``--compress`` on an ONNX export is a mistake,
-not something to ignore). This module is imported by ``--help``: keep it light.
+Each target registers its export verb with ``@target(Target.x)``; ``export(config)`` dispatches. A
+config is checked and normalized once, when it is made (``__post_init__``: choices become enums,
+numbers and option combinations are checked), so a made config is valid and nothing changes it later.
+Options that belong to another target are refused (a Core ML ``--compress`` on an ONNX export is a
+mistake, not something to ignore). This module is imported by ``--help``: keep it light.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Callable
+import re
+from typing import Callable, ClassVar
 
 from ..errors import InputError
+from ..quantize import coreml as cq
+from ..quantize.schemes import (
+    QUANTIZABLE_COMPONENTS,
+    CoreMLCompression,
+    MinTarget,
+    OnnxScheme,
+    QuantEngine,
+)
+from ..validators import boolean, choice, flag, integer, number, optional_choice, optional_integer
+
+MIN_OPSET, MAX_OPSET = 14, 20  # 14: the attention ops; 20: the TorchScript exporter's last opset
+INC_MIN_OPSET = 18  # --engine inc exports with the dynamo exporter, whose floor this is
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
 class Target(str, enum.Enum):
@@ -30,15 +46,21 @@ class Precision(str, enum.Enum):
     fp32 = "fp32"
 
 
-class Attention(str, enum.Enum):
+class CoreMLAttention(str, enum.Enum):
+    """How the Core ML UNet computes attention: as exported (GPU), or Apple's split-einsum (Neural Engine)."""
+
     original = "original"
     split_einsum = "split-einsum"
+
+
+ATTENTION_FOR = {CoreMLAttention.original: "GPU", CoreMLAttention.split_einsum: "Neural Engine"}
 
 
 @dataclasses.dataclass
 class ConvertConfig:
     """Options of ``instaflow-edge convert``. ONNX-only: opset, optimize, quantize, engine,
-    calibration_prompts. Core ML-only: min_target, precision, attention, compress, target_bits, sizes."""
+    calibration_prompts, quantize_components. Core ML-only: min_target, precision, attention, compress,
+    target_bits, sizes."""
 
     model: str
     output: str
@@ -52,47 +74,99 @@ class ConvertConfig:
     # ONNX
     opset: int = 18
     optimize: Optimize = Optimize.cpu
-    quantize: str | None = None  # fp16 | int8-dynamic | int8-static
-    engine: str = "ort"  # ort | inc
+    quantize: OnnxScheme | None = None
+    engine: QuantEngine = QuantEngine.ort
     calibration_prompts: str | None = None
     quantize_components: list[str] | None = None  # None: the scheme's defaults (text encoder and UNet)
     # Core ML
-    min_target: str = "iOS17"
+    min_target: MinTarget = MinTarget.iOS17
     precision: Precision = Precision.fp16
-    attention: Attention = Attention.original
-    compress: str | None = None
+    attention: CoreMLAttention = CoreMLAttention.original
+    compress: CoreMLCompression | None = None
     target_bits: float | None = None
     sizes: str | None = None  # Core ML: extra enumerated image sizes, "HxW,HxW"
 
-    _ONNX_ONLY = {"opset": 18, "optimize": Optimize.cpu, "quantize": None, "engine": "ort", "calibration_prompts": None,
-                  "quantize_components": None}
-    _COREML_ONLY = {"min_target": "iOS17", "precision": Precision.fp16, "attention": Attention.original,
-                    "compress": None, "target_bits": None, "sizes": None}
+    _ONNX_ONLY: ClassVar[dict] = {"opset": 18, "optimize": Optimize.cpu, "quantize": None, "engine": QuantEngine.ort,
+                                  "calibration_prompts": None, "quantize_components": None}
+    _COREML_ONLY: ClassVar[dict] = {"min_target": MinTarget.iOS17, "precision": Precision.fp16,
+                                    "attention": CoreMLAttention.original, "compress": None, "target_bits": None,
+                                    "sizes": None}
 
-    def validate(self) -> None:
-        try:
-            self.target = Target(self.target)
-        except ValueError:
-            raise InputError(f"unknown target {self.target!r}", f"choose one of: {', '.join(t.value for t in Target)}") from None
+    def __post_init__(self) -> None:
+        self.target = choice("target", self.target, Target)
+        for name in ("force", "fused", "allow_pickle"):
+            setattr(self, name, boolean(name, getattr(self, name)))
+        for name in ("height", "width"):
+            setattr(self, name, optional_integer(name, getattr(self, name), 1))
+        if self.min_psnr is not None:
+            self.min_psnr = number("min_psnr", self.min_psnr)
+        self.opset = integer("opset", self.opset, 1)
+        self.optimize = choice("optimize", self.optimize, Optimize)
+        self.quantize = optional_choice("quantize", self.quantize, OnnxScheme)
+        self.engine = choice("engine", self.engine, QuantEngine)
+        if self.quantize_components is not None:
+            self.quantize_components = list(self.quantize_components)
+        self.min_target = choice("min_target", self.min_target, MinTarget)
+        self.precision = choice("precision", self.precision, Precision)
+        self.attention = choice("attention", self.attention, CoreMLAttention)
+        self.compress = optional_choice("compress", self.compress, CoreMLCompression)
+        if self.target_bits is not None:
+            self.target_bits = number("target_bits", self.target_bits)
         foreign = self._COREML_ONLY if self.target is Target.onnx else self._ONNX_ONLY
         for name, default in foreign.items():
-            value = getattr(self, name)
-            if (value.value if isinstance(value, enum.Enum) else value) != (default.value if isinstance(default, enum.Enum) else default):
-                raise InputError(f"--{name.replace('_', '-')} does not apply to --target {self.target.value}",
+            if getattr(self, name) != default:
+                raise InputError(f"{flag(name)} does not apply to --target {self.target.value}",
                                  "drop the option or change --target")
-        if self.min_psnr is not None and not (self.min_psnr == self.min_psnr):
-            raise InputError("--min-psnr is NaN", "pass a number of dB, e.g. 35")
+        if self.target is Target.onnx:
+            self._check_onnx()
+        else:
+            self._check_coreml()
+
+    def _check_onnx(self) -> None:
+        if not (MIN_OPSET <= self.opset <= MAX_OPSET):
+            raise InputError(f"--opset {self.opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET} (default 18)")
+        if self.engine is QuantEngine.inc:
+            if self.quantize is not OnnxScheme.int8_static:
+                raise InputError("--engine inc does int8-static only", "add --quantize int8-static, or use --engine ort")
+            if self.opset < INC_MIN_OPSET:
+                raise InputError(f"--engine inc exports with the dynamo exporter, which needs --opset ≥ {INC_MIN_OPSET}",
+                                 f"pass --opset {INC_MIN_OPSET}")
+        if self.quantize_components:
+            if self.quantize is None or self.engine is QuantEngine.inc:
+                raise InputError("--quantize-component needs --quantize (and --engine ort)",
+                                 "add --quantize int8-static, or drop --quantize-component")
+            bad = [c for c in self.quantize_components if c not in QUANTIZABLE_COMPONENTS]
+            if bad:
+                raise InputError(f"unknown --quantize-component {bad[0]!r}", f"choose from: {', '.join(QUANTIZABLE_COMPONENTS)}")
+        if self.calibration_prompts and self.quantize is not OnnxScheme.int8_static:
+            raise InputError("--calibration-prompts applies only to --quantize int8-static", "drop it or add --quantize int8-static")
+
+    def _check_coreml(self) -> None:
+        cq.validate(self.compress, self.min_target, self.target_bits)
+        if self.sizes is not None:
+            parse_sizes(self.sizes)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``--sizes "512x512,768x512"`` → ``[(512, 512), (768, 512)]`` (height, width)."""
+    out = []
+    for part in str(text).split(","):
+        m = _SIZE.match(part)
+        if not m:
+            raise InputError(f"--sizes: {part.strip()!r} is not HEIGHTxWIDTH", "pass e.g. --sizes 512x512,768x512")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
 
 
 ExportFn = Callable[[ConvertConfig], dict]
-TARGETS: dict[str, ExportFn] = {}
+TARGETS: dict[Target, ExportFn] = {}
 
 
-def target(name: str):
+def target(name: Target):
     """Register ``fn(config) -> manifest`` as the exporter of target ``name``."""
 
     def deco(fn: ExportFn) -> ExportFn:
-        TARGETS[name] = fn
+        TARGETS[Target(name)] = fn
         return fn
 
     return deco

@@ -12,6 +12,10 @@ validation of the saved package (``coreml_check.py``). Quality is measured in Py
 cannot predict on Linux: every figure compares against the fp32 PyTorch reference, both per component
 (on the reference's own inputs) and end to end (the shipped chain text → latent → image against the
 fp32 chain). "Shipped" means the compressed module run in float16 when ``--precision fp16``.
+
+Gate: each component is measured before it is converted. Once one figure misses the gate nothing more is
+converted, but the remaining components are still measured, and one PsnrError then lists every miss.
+The verb returns the manifest; its ``report`` rows are the table the CLI prints.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import gc
 import json
 import re
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,8 +44,8 @@ from ..pipeline import _write_slow_tokenizer_files, load_pipeline
 from ..progress import say
 from ..quantize import coreml as cq
 from ..quantize.coreml import compressed_layers
-from .config import ConvertConfig, Precision, target
-from .coreml_check import format_report, report_rows
+from .config import ConvertConfig, Precision, Target, parse_sizes, target
+from .coreml_check import report_rows
 
 NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "generator": "Generator"}
 DESCRIPTIONS = {
@@ -56,7 +59,7 @@ DESCRIPTIONS = {
     "image": "RGB image in [0, 1], (batch, 3, H, W)",
 }
 DESCRIPTIONS_OUT = {("vae_decoder", "sample"): "RGB image in [-1, 1], (batch, 3, H, W): map with x/2 + 0.5"}
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+GATE_FIX = "use a less aggressive --compress, --precision fp32, or lower the gate explicitly with --min-psnr"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,43 +72,33 @@ class Plan:
 
 
 def plan(config: ConvertConfig) -> Plan:
+    """The scheme and the gate (the config's options were checked when it was made)."""
     from ..parity import DEFAULT_MIN_PSNR
 
-    config.precision = Precision(config.precision)
-    s = cq.validate(config.compress, config.min_target, config.target_bits)
-    if config.sizes is not None:
-        _parse_sizes(config.sizes)
+    s = cq.SCHEMES[config.compress] if config.compress is not None else None
     if config.min_psnr is not None:
         return Plan(s, float(config.min_psnr), "--min-psnr")
     if s is not None:
-        return Plan(s, s.min_psnr, f"scheme {s.name}")
+        return Plan(s, s.min_psnr, f"scheme {s.name.value}")
     return Plan(None, DEFAULT_MIN_PSNR[config.precision.value], f"precision {config.precision.value}")
-
-
-def _parse_sizes(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split(","):
-        m = _SIZE.match(part)
-        if not m:
-            raise InputError(f"--sizes: {part.strip()!r} is not HEIGHTxWIDTH", "pass e.g. --sizes 512x512,768x512")
-        out.append((int(m.group(1)), int(m.group(2))))
-    return out
 
 
 def _image_sizes(config: ConvertConfig, pipe) -> list:
     from ..components import Sizes
 
     hw = [(config.height or pipe.default_size, config.width or pipe.default_size)]
-    for s in _parse_sizes(config.sizes) if config.sizes else []:
+    for s in parse_sizes(config.sizes) if config.sizes else []:
         if s not in hw:
             hw.append(s)
     hw = [pipe.image_size(h, w) for h, w in hw]
     return [Sizes.of(pipe, batch=1, height=h, width=w) for h, w in hw]
 
 
-@target("coreml")
+@target(Target.coreml)
 def export_coreml(config: ConvertConfig) -> dict:
-    """Convert ``config.model`` into Core ML packages in ``config.output``; returns the manifest."""
+    """Convert ``config.model`` into Core ML packages in ``config.output``; returns the manifest (its
+    ``report`` is the table to show). Every miss of the gate is raised at once, as one PsnrError."""
+    from ..parity import check_all
 
     p = plan(config)
     check_output(config.output, config.force)  # before minutes of work
@@ -118,13 +111,15 @@ def export_coreml(config: ConvertConfig) -> dict:
     components: dict[str, dict] = {}
     with atomic_dir(config.output, config.force) as tmp:
         chain = _start_chain(pipe, shapes[0])
+        measured: list = []  # every figure gated so far (Parity), the end-to-end image as it comes
         for name in names:
-            components[name] = _convert_one(config, p, pipe, name, shapes, chain, tmp)
+            components[name] = _convert_one(config, p, pipe, name, shapes, chain, tmp, measured)
             gc.collect()
+        check_all(measured, p.gate, against="fp32", source=p.gate_source, fix=GATE_FIX)
         end_to_end = chain["parity"]
         _copy_tokenizer(config.model, pipe, tmp)
         source = read_manifest(config.model) if Path(config.model).is_dir() else None
-        rows = report_rows(components, end_to_end, config.compress)
+        rows = report_rows(components, end_to_end, config.compress.value if config.compress else None)
         manifest = make_manifest(
             "coreml", config,
             model={"source": config.model, "content_sha256": (source or {}).get("content_sha256"),
@@ -137,7 +132,6 @@ def export_coreml(config: ConvertConfig) -> dict:
             components=components, end_to_end=end_to_end, report=rows,
             seconds=round(time.perf_counter() - t0, 2),
         )
-        print(format_report(rows, p.gate), file=sys.stderr)
         write_manifest(tmp, manifest)
     return manifest
 
@@ -181,46 +175,51 @@ def _as_shipped(module, precision: Precision):
     return half, lambda xs: tuple(x.half() if x.is_floating_point() else x for x in xs)
 
 
-def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tmp: Path) -> dict:
+def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tmp: Path, measured: list) -> dict:
+    """Measure component ``name`` as shipped (its figures go to ``measured``), then convert, save and
+    validate it, unless a figure in ``measured`` already misses the gate: then it is only measured."""
     import torch
 
     from ..components import COMPONENTS
     from ..generator import to_unit_range
-    from ..parity import PsnrError, compare
+    from ..parity import compare
     from .coreml_attention import attention_implementation
 
     spec = COMPONENTS[name]
     sf = chain["scaling_factor"]
     info: dict = {"file": NAMES[name] + ".mlpackage"}
     timing: dict = {}
-    with attention_implementation(pipe.unet, config.attention.value if hasattr(config.attention, "value") else config.attention):
+    with attention_implementation(pipe.unet, config.attention):
         module = spec.module(pipe)
         ref_in = _inputs(name, chain["ref"], sf)
         with torch.no_grad():
             ref_out = module(*ref_in)
         shipped_fp32 = module
         if p.scheme is not None:
-            _say(f"{NAMES[name]}: compressing ({p.scheme.name})")
+            _say(f"{NAMES[name]}: compressing ({p.scheme.name.value})")
             t = time.perf_counter()
             shipped_fp32, rep = cq.compress(module, p.scheme.name, tuple(x[:1] for x in ref_in), config.target_bits)
             timing["compress_s"] = round(time.perf_counter() - t, 2)
-            info["compression"] = {"scheme": p.scheme.name, **rep}
+            info["compression"] = {"scheme": p.scheme.name.value, **rep}
             with torch.no_grad():
                 info["parity_compression_fp32"] = compare(name, ref_out, shipped_fp32(*ref_in)).as_dict()
         shipped, cast = _as_shipped(shipped_fp32, config.precision)
         with torch.no_grad():
-            info["parity"] = compare(name, ref_out, shipped(*cast(ref_in)).float()).as_dict()
+            par = compare(name, ref_out, shipped(*cast(ref_in)).float())
+            info["parity"] = par.as_dict()
+            measured.append(par)
             if name != "generator":
                 _store(name, chain["ref"], ref_out)
                 _store(name, chain["ship"], shipped(*cast(_inputs(name, chain["ship"], sf))))
         del shipped
         if name == "vae_decoder":
-            chain["parity"] = compare("image", to_unit_range(chain["ref"]["image"]), to_unit_range(chain["ship"]["image"])).as_dict()
-        # fail before minutes of conversion, naming the component and the figure
-        for label, par in ((name, info["parity"]), ("image (end to end)", chain["parity"] if name == "vae_decoder" else None)):
-            if par is not None and par["psnr"] is not None and par["psnr"] < p.gate:
-                raise PsnrError(f"{label}: PSNR {par['psnr']:.1f} dB vs fp32 is below the {p.gate:.1f} dB gate ({p.gate_source})",
-                                "use a less aggressive --compress, --precision fp32, or lower the gate explicitly with --min-psnr")
+            image = compare("image", to_unit_range(chain["ref"]["image"]), to_unit_range(chain["ship"]["image"]))
+            chain["parity"] = image.as_dict()
+            measured.append(dataclasses.replace(image, component="image (end to end)"))
+        # a miss: convert nothing more (minutes each), measure the rest, and let the caller list every miss
+        if any(m.psnr < p.gate for m in measured):
+            _say(f"{NAMES[name]}: measured; a figure misses the {p.gate:.1f} dB gate, so nothing more is converted")
+            return info
         _say(f"{NAMES[name]}: tracing and converting")
         t = time.perf_counter()
         ml = _to_coreml(config, spec, shipped_fp32, shapes)
@@ -304,7 +303,7 @@ def _to_coreml(config, spec, module, shapes: list):
         variants = sorted({s.shape(t) for s in shapes}, key=lambda s: s != shapes[0].shape(t))
         shape = ct.EnumeratedShapes(shapes=variants, default=variants[0]) if len(variants) > 1 else variants[0]
         inputs.append(ct.TensorType(name=t.name, shape=shape, dtype=np.float32))
-    target = getattr(ct.target, config.min_target)
+    target = getattr(ct.target, config.min_target.value)
     precision = ct.precision.FLOAT16 if config.precision is Precision.fp16 else ct.precision.FLOAT32
     with _lean_lut_indices():
         return ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=o.name, dtype=np.float32) for o in spec.outputs],
@@ -330,9 +329,9 @@ def _describe(ml, config, name: str, spec, pipe) -> None:
         ml.output_description[t.name] = DESCRIPTIONS_OUT.get((name, t.name)) or DESCRIPTIONS[t.name]
     meta = {
         "source": config.model, "component": name, "flow": pipe.info.flow, "timestep": "1000",
-        "scaling_factor": str(pipe.scaling_factor), "min_target": config.min_target,
-        "precision": config.precision.value, "attention": getattr(config.attention, "value", config.attention),
-        "compression": config.compress or "none", "target_bits": "" if config.target_bits is None else str(config.target_bits),
+        "scaling_factor": str(pipe.scaling_factor), "min_target": config.min_target.value,
+        "precision": config.precision.value, "attention": config.attention.value,
+        "compression": config.compress.value if config.compress else "none", "target_bits": "" if config.target_bits is None else str(config.target_bits),
         **{f"version.{k}": str(val) for k, val in v.items() if val},
     }
     ml.user_defined_metadata.update(meta)

@@ -21,15 +21,20 @@ import contextlib
 
 import torch
 
+from ..errors import ModelError
+from .config import CoreMLAttention
+
+_ORIGINAL = "use --attention original"
+
 
 class SplitEinsumAttnProcessor:
     """Drop-in for diffusers' ``AttnProcessor2_0`` on the UNet's transformer attention (self and cross)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if attention_mask is not None:
-            raise NotImplementedError("split-einsum attention: attention masks are not used by the SD UNet")
+            raise ModelError("split-einsum attention: this UNet passes an attention mask, which the SD UNet does not", _ORIGINAL)
         if attn.spatial_norm is not None or attn.norm_q is not None or attn.norm_k is not None:
-            raise NotImplementedError("split-einsum attention: spatial/q/k norms are not part of the SD UNet")
+            raise ModelError("split-einsum attention: this UNet has spatial/q/k norms, which the SD UNet does not", _ORIGINAL)
         residual = hidden_states
         input_ndim = hidden_states.ndim
         if input_ndim == 4:
@@ -73,12 +78,17 @@ def split_einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
 
 
 @contextlib.contextmanager
-def attention_implementation(unet, name: str):
+def attention_implementation(unet, name: CoreMLAttention | str):
     """Within the block, ``unet``'s attention uses ``name`` (``original`` | ``split-einsum``); the
-    processors it had are restored afterwards, so the caller's model is left as it was."""
-    if name == "original" or not hasattr(unet, "set_attn_processor"):
+    processors it had are restored afterwards, so the caller's model is left as it was. A UNet without
+    diffusers' attention processors cannot take split-einsum: that is an error, not a silent original."""
+    name = CoreMLAttention(name)
+    if name is CoreMLAttention.original:
         yield unet
         return
+    if not hasattr(unet, "set_attn_processor"):
+        raise ModelError(f"--attention split-einsum needs a diffusers UNet with attention processors; this one is a "
+                         f"{type(unet).__name__}", _ORIGINAL)
     saved = dict(unet.attn_processors)
     unet.set_attn_processor(SplitEinsumAttnProcessor())
     try:

@@ -18,8 +18,6 @@ from pathlib import Path
 from ..errors import require
 from ..runtime import onnx_io
 
-MIN_OPSET = 18  # the dynamo exporter's floor
-
 
 def inc_int8_static(spec, module, inputs, calibration: list[tuple], path: Path, opset: int) -> None:
     """Quantize ``module`` with INC's PT2E static int8 and export it to ``path``."""

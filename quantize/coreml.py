@@ -20,15 +20,15 @@ import logging
 from typing import Callable
 
 from ..errors import InputError
+from ..validators import choice
+from .schemes import MIN_TARGET_IOS, CoreMLCompression, MinTarget
 
-# iOS versions per deployment target: macOS13/14/15 run the same Core ML as iOS16/17/18
-MIN_TARGETS = {"iOS16": 16, "iOS17": 17, "iOS18": 18, "macOS13": 16, "macOS14": 17, "macOS15": 18}
 MIXED_BIT_CANDIDATES = (2, 4, 6, 8)
 
 
 @dataclasses.dataclass(frozen=True)
 class Scheme:
-    name: str
+    name: CoreMLCompression
     nominal_bits: float | None  # bits per compressed weight (mixed-bit: --target-bits)
     min_ios: int  # the oldest Core ML (as iOS version) that holds this representation
     apply: Callable  # (module, example_inputs, target_bits, skip) -> (compressed copy, report dict)
@@ -39,34 +39,35 @@ class Scheme:
     min_psnr: float
 
 
-SCHEMES: dict[str, Scheme] = {}
+# keyed by schemes.CoreMLCompression (a test checks every member is registered)
+SCHEMES: dict[CoreMLCompression, Scheme] = {}
 
 
-def scheme(name: str, nominal_bits: float | None, description: str, min_ios: int = 16, min_psnr: float = 0.0):
+def scheme(name: CoreMLCompression, nominal_bits: float | None, description: str, min_ios: int = 16, min_psnr: float = 0.0):
     def deco(fn):
-        SCHEMES[name] = Scheme(name, nominal_bits, min_ios, fn, description, min_psnr)
+        SCHEMES[CoreMLCompression(name)] = Scheme(CoreMLCompression(name), nominal_bits, min_ios, fn, description, min_psnr)
         return fn
 
     return deco
 
 
-def validate(compress: str | None, min_target: str, target_bits: float | None) -> Scheme | None:
-    """Check a --compress/--min-target/--target-bits combination before any work is done."""
-    if min_target not in MIN_TARGETS:
-        raise InputError(f"unknown --min-target {min_target!r}", f"choose one of: {', '.join(MIN_TARGETS)}")
+def validate(compress: CoreMLCompression | str | None, min_target: MinTarget | str,
+             target_bits: float | None) -> Scheme | None:
+    """Check a --compress/--min-target/--target-bits combination before any work is done; returns the
+    scheme (None without --compress). Nothing is changed: configs call this when they are made."""
+    min_target = choice("min_target", min_target, MinTarget)
     if compress is None:
         if target_bits is not None:
             raise InputError("--target-bits applies only to --compress mixed-bit", "drop it or add --compress mixed-bit")
         return None
-    if compress not in SCHEMES:
-        raise InputError(f"unknown --compress scheme {compress!r}", f"choose one of: {', '.join(SCHEMES)}")
+    compress = choice("compress", compress, CoreMLCompression)
     s = SCHEMES[compress]
-    if MIN_TARGETS[min_target] < s.min_ios:
+    if MIN_TARGET_IOS[min_target] < s.min_ios:
         raise InputError(
-            f"--compress {compress} needs Core ML of iOS{s.min_ios}/macOS{s.min_ios - 3} or later, but --min-target is {min_target}",
+            f"--compress {compress.value} needs Core ML of iOS{s.min_ios}/macOS{s.min_ios - 3} or later, but --min-target is {min_target.value}",
             f"pass --min-target iOS{s.min_ios} (or macOS{s.min_ios - 3}), or choose a single compression",
         )
-    if compress == "mixed-bit":
+    if compress is CoreMLCompression.mixed_bit:
         lo, hi = min(MIXED_BIT_CANDIDATES), max(MIXED_BIT_CANDIDATES)
         if target_bits is None or not (lo <= target_bits <= hi):
             raise InputError(f"--compress mixed-bit needs --target-bits between {lo} and {hi} (got {target_bits})",
@@ -76,14 +77,14 @@ def validate(compress: str | None, min_target: str, target_bits: float | None) -
     return s
 
 
-def compress(module, name: str, example_inputs: tuple, target_bits: float | None = None):
+def compress(module, name: CoreMLCompression | str, example_inputs: tuple, target_bits: float | None = None):
     """A compressed copy of ``module`` by scheme ``name``, and the scheme's report.
 
     Only layers that ``module``'s forward pass calls are compressed (a VAE decoder component holds the
     whole VAE; its encoder is not in the package and must not be counted or compressed)."""
     _quiet()
     skip = unused_layers(module, example_inputs)
-    m, rep = SCHEMES[name].apply(module, example_inputs, target_bits, skip)
+    m, rep = SCHEMES[choice("compress", name, CoreMLCompression)].apply(module, example_inputs, target_bits, skip)
     return m, {**rep, "skipped_unused_layers": len(skip)}
 
 
@@ -91,14 +92,14 @@ def compress(module, name: str, example_inputs: tuple, target_bits: float | None
 _WRAPPED = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
 
 
-def compressed_pipeline(pipe, name: str, target_bits: float | None = None):
+def compressed_pipeline(pipe, name: CoreMLCompression | str, target_bits: float | None = None):
     """A copy of ``pipe`` whose one-step components (text encoder, one-step denoiser, VAE decoder) carry
     scheme ``name``'s weights exactly as ``convert --target coreml --compress NAME`` compresses them
     (same compressor, same example inputs), so ``eval``/``generate`` measure the scheme's effect on
     quality in PyTorch. ``pipe`` is not modified. Returns ``(pipeline, {component: report})``."""
     from ..components import COMPONENTS, ONE_STEP, Sizes
 
-    validate(name, "iOS18", target_bits)
+    validate(name, MinTarget.iOS18, target_bits)
     out = dataclasses.replace(pipe)
     sizes = Sizes.of(pipe, batch=1)
     reports = {}
@@ -202,11 +203,11 @@ for _bits in (4, 6, 8):
         m = _palettize(module, _b, skip=skip)
         return m, _report(m, n_bits=_b, granularity="per_tensor")
 
-    scheme(f"palettize-{_bits}", _bits, f"{_bits}-bit k-means palettization (one LUT per tensor)",
+    scheme(CoreMLCompression(f"palettize-{_bits}"), _bits, f"{_bits}-bit k-means palettization (one LUT per tensor)",
            min_psnr={4: 15.0, 6: 20.0, 8: 30.0}[_bits])(_pal)
 
 
-@scheme("int8", 8, "int8 linear weight quantization (symmetric, per output channel)", min_psnr=30.0)
+@scheme(CoreMLCompression.int8, 8, "int8 linear weight quantization (symmetric, per output channel)", min_psnr=30.0)
 def _int8(module, example_inputs, target_bits, skip):
     from coremltools.optimize.torch.quantization import (
         PostTrainingQuantizer,
@@ -219,13 +220,13 @@ def _int8(module, example_inputs, target_bits, skip):
     return m, _report(m, weight_dtype="int8", granularity="per_channel")
 
 
-@scheme("prune-50", None, "50% unstructured magnitude pruning (sparse weights)", min_psnr=8.0)
+@scheme(CoreMLCompression.prune_50, None, "50% unstructured magnitude pruning (sparse weights)", min_psnr=8.0)
 def _prune50(module, example_inputs, target_bits, skip):
     m = _prune(module, sparsity=0.5, skip=skip)
     return m, _report(m, sparsity=0.5)
 
 
-@scheme("prune-2:4", None, "2:4 structured magnitude pruning (2 of every 4 weights zero)", min_psnr=8.0)
+@scheme(CoreMLCompression.prune_2_4, None, "2:4 structured magnitude pruning (2 of every 4 weights zero)", min_psnr=8.0)
 def _prune24(module, example_inputs, target_bits, skip):
     m = _prune(module, n_m=(2, 4), skip=skip)
     return m, _report(m, n_m_ratio=[2, 4])
@@ -241,12 +242,12 @@ def _joint(n_m: tuple[int, int] | None, sparsity: float | None, bits: int):
     return fn
 
 
-scheme("prune-50+palettize-4", 4, "joint: 50% magnitude pruning, then 4-bit palettization of the survivors", min_ios=18,
+scheme(CoreMLCompression.prune_50_palettize_4, 4, "joint: 50% magnitude pruning, then 4-bit palettization of the survivors", min_ios=18,
        min_psnr=8.0)(_joint(None, 0.5, 4))
 # (2:4 pruning then palettization is not offered: coremltools 9.0's palettizer drops the 2:4 zeros)
 
 
-@scheme("mixed-bit", None, "mixed-bit palettization: bits per layer from a PSNR sensitivity analysis, to meet --target-bits",
+@scheme(CoreMLCompression.mixed_bit, None, "mixed-bit palettization: bits per layer from a PSNR sensitivity analysis, to meet --target-bits",
         min_psnr=15.0)
 def _mixed_bit(module, example_inputs, target_bits, skip):
     sens, sizes = sensitivity(module, example_inputs, skip)

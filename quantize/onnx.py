@@ -1,7 +1,7 @@
 """ONNX quantization schemes (onnxruntime's quantizer), one registry for ``convert --quantize`` and
 ``instaflow-edge quantize``.
 
-Schemes (``SCHEMES``, filled by ``@scheme``):
+Schemes (``SCHEMES``, filled by ``@scheme``, keyed by ``schemes.OnnxScheme``; a test checks they agree):
 
 - ``fp16``: onnxruntime's float16 converter, fp32 inputs/outputs (``keep_io_types``) and a block list of
   overflow-prone ops kept fp32 (normalizations, their Pow/ReduceMean/Sqrt pieces, Exp/Softmax). NaN/Inf
@@ -35,10 +35,7 @@ from ..progress import say
 from ..runtime import onnx_io
 from ..runtime.onnx import export_meta, tokenize, unet_feed
 from ..runtime.onnx_io import EXTERNAL_DATA
-
-# components a scheme applies to unless told otherwise: the VAE decoder stays fp32 (fp16 overflows
-# there; int8 costs its image quality most), the fused generator stays fp32 (it contains the decoder)
-DEFAULT_COMPONENTS = ("text_encoder", "unet", "unet_velocity")
+from .schemes import DEFAULT_COMPONENTS, OnnxScheme  # noqa: F401  (DEFAULT_COMPONENTS: re-exported)
 
 FP16_OP_BLOCK = ["LayerNormalization", "SkipLayerNormalization", "InstanceNormalization", "GroupNorm",
                  "Pow", "ReduceMean", "Sqrt", "Exp", "Softmax", "RandomNormalLike"]
@@ -57,24 +54,24 @@ CALIBRATION_PROMPTS = [
 # 29.4 dB on the sd15 UNet with only 3 calibration inputs. 25 dB (rms error 5.6 % of the reference's
 # peak) sits 15 dB under everything measured here and 4 dB under that weakest run: a gate that a sound
 # calibration clears and a broken one (wrong ranges, an unquantizable op quantized) does not.
-SCHEME_MIN_PSNR = {**DEFAULT_MIN_PSNR, "int8-dynamic": 25.0, "int8-static": 25.0}
+# Keyed by precision name: "fp32" (nothing quantized) and every OnnxScheme value.
+SCHEME_MIN_PSNR = {**DEFAULT_MIN_PSNR, OnnxScheme.int8_dynamic.value: 25.0, OnnxScheme.int8_static.value: 25.0}
 
 SchemeFn = Callable[..., None]
-SCHEMES: dict[str, SchemeFn] = {}
+SCHEMES: dict[OnnxScheme, SchemeFn] = {}
 
 
-def scheme(name: str):
+def scheme(name: OnnxScheme):
     def deco(fn: SchemeFn) -> SchemeFn:
-        SCHEMES[name] = fn
+        SCHEMES[OnnxScheme(name)] = fn
         return fn
 
     return deco
 
 
-def check_scheme(name: str | None) -> str | None:
-    if name is not None and name not in SCHEMES:
-        raise InputError(f"unknown quantization scheme {name!r}", f"choose one of: {', '.join(SCHEMES)}")
-    return name
+def default_gate(name: OnnxScheme | None) -> float:
+    """The default gate (dB) of scheme ``name`` against the fp32 reference (``None``: fp32, nothing quantized)."""
+    return SCHEME_MIN_PSNR["fp32" if name is None else OnnxScheme(name).value]
 
 
 def _big(path: Path) -> bool:
@@ -82,7 +79,7 @@ def _big(path: Path) -> bool:
     return (path.parent / EXTERNAL_DATA).exists()
 
 
-@scheme("fp16")
+@scheme(OnnxScheme.fp16)
 def _fp16(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]) -> None:
     from onnxruntime.transformers.float16 import (
         DEFAULT_OP_BLOCK_LIST,
@@ -96,7 +93,7 @@ def _fp16(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]
     onnx_io.save(model, dst)
 
 
-@scheme("int8-dynamic")
+@scheme(OnnxScheme.int8_dynamic)
 def _int8_dynamic(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -110,7 +107,7 @@ def _int8_dynamic(src: Path, dst: Path, component: str, folder: Path, prompts: l
     _tidy_external(dst)
 
 
-@scheme("int8-static")
+@scheme(OnnxScheme.int8_static)
 def _int8_static(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]) -> None:
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -234,14 +231,14 @@ def calibration_feeds(folder: Path, component: str, prompts: list[str], seed: in
     raise InputError(f"no calibration inputs for component {component!r}", "quantize another component")
 
 
-def apply_scheme(folder: Path, scheme_name: str, components: list[str], prompts: list[str]) -> None:
+def apply_scheme(folder: Path, scheme_name: OnnxScheme, components: list[str], prompts: list[str]) -> None:
     """Quantize ``components`` of the export in ``folder`` in place. Every component is quantized from
     the fp32 pipeline first (calibration runs the fp32 upstream models), then all are swapped in."""
-
+    scheme_name = OnnxScheme(scheme_name)
     staged = {}
     for i, name in enumerate(components, 1):
-        say("quantize", f"{name} ({i}/{len(components)}): {scheme_name}"
-            + (f", calibrating on {len(prompts)} prompts" if scheme_name == "int8-static" else ""))
+        say("quantize", f"{name} ({i}/{len(components)}): {scheme_name.value}"
+            + (f", calibrating on {len(prompts)} prompts" if scheme_name is OnnxScheme.int8_static else ""))
         src = folder / name / onnx_io.MODEL_FILE
         dst = folder / name / ".quantized" / onnx_io.MODEL_FILE
         dst.parent.mkdir(exist_ok=True)

@@ -2,7 +2,8 @@
 
 The reference here is the fp32 ONNX source folder (which passed its fp32 gate against PyTorch when it
 was exported): each quantized component and the end-to-end image are compared with it on fixed prompts
-and seeds, and gated at the scheme's default (or ``--min-psnr``).
+and seeds, and gated at the scheme's default (or ``--min-psnr``). The verb returns the manifest (its
+``parity`` rows and ``gates`` are the table the CLI prints); a miss raises one error listing every miss.
 """
 
 from __future__ import annotations
@@ -23,27 +24,30 @@ from ..errors import InputError, ModelError
 from ..progress import say
 from ..runtime import onnx_io
 from ..runtime.onnx import export_meta, run_one_step, tokenize
-from ..validators import prompt_file
+from ..validators import boolean, choice, number, prompt_file
+from .schemes import OnnxScheme, listing
 
 
 @dataclasses.dataclass
 class QuantizeConfig:
+    """Options of ``instaflow-edge quantize``, checked and normalized (``scheme`` an :class:`OnnxScheme`)
+    once, when made."""
+
     source: str
     output: str
-    scheme: str = "int8-static"
+    scheme: OnnxScheme = OnnxScheme.int8_static
     components: list[str] | None = None  # None: the scheme's defaults (text encoder and UNet)
     calibration_prompts: str | None = None
     min_psnr: float | None = None
     force: bool = False
 
-    def validate(self) -> None:
-        from .onnx import check_scheme
-
+    def __post_init__(self) -> None:
         if self.scheme is None:
-            raise InputError("no --scheme given", "pass --scheme fp16, int8-dynamic or int8-static")
-        check_scheme(self.scheme)
-        if self.min_psnr is not None and not (self.min_psnr == self.min_psnr):
-            raise InputError("--min-psnr is NaN", "pass a number of dB, e.g. 30")
+            raise InputError("no --scheme given", f"pass --scheme {listing(OnnxScheme, ', ')}")
+        self.scheme = choice("scheme", self.scheme, OnnxScheme)
+        if self.min_psnr is not None:
+            self.min_psnr = number("min_psnr", self.min_psnr)
+        self.force = boolean("force", self.force)
 
 
 def quantize(cfg: QuantizeConfig) -> dict:
@@ -52,16 +56,15 @@ def quantize(cfg: QuantizeConfig) -> dict:
 
     from ..components import EXAMPLE_PROMPTS
     from ..generator import make_noise
-    from ..parity import check, compare, format_table
+    from ..parity import check_all, compare
     from .onnx import (
         CALIBRATION_PROMPTS,
         DEFAULT_COMPONENTS,
-        SCHEME_MIN_PSNR,
         apply_scheme,
         calibration_feeds,
+        default_gate,
     )
 
-    cfg.validate()
     src = Path(cfg.source)
     if not src.is_dir():
         raise ModelError(f"{src} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
@@ -80,7 +83,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
         onnx_io.session(src / n / onnx_io.MODEL_FILE)  # a corrupt model fails here, before any work
     check_output(cfg.output, cfg.force)
     prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
-    gate = cfg.min_psnr if cfg.min_psnr is not None else SCHEME_MIN_PSNR[cfg.scheme]
+    gate = cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.scheme)
     with atomic_dir(cfg.output, cfg.force) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST, ".*"))
         write_manifest(tmp, {"kind": "onnx-export-partial", "onnx": meta})  # calibration reads it
@@ -97,12 +100,10 @@ def quantize(cfg: QuantizeConfig) -> dict:
         noise = make_noise([0], tuple(meta["latent_shape"])).numpy()
         rows.append(compare("end_to_end", run_one_step(src, ids, noise, meta), run_one_step(tmp, ids, noise, meta)))
         gates = {p.component: gate for p in rows}
-        print(format_table(rows, gates))
-        for p in rows:
-            check(p, gate)
+        check_all(rows, gates)
         manifest = make_manifest(
             "onnx-export", cfg, source={"model": str(src), "content_sha256": source_manifest.get("content_sha256")},
-            onnx=meta, quantize={"scheme": cfg.scheme, "engine": "ort", "components": names,
+            onnx=meta, quantize={"scheme": cfg.scheme.value, "engine": "ort", "components": names,
                                  "reference": "the fp32 ONNX source folder"},
             gates=gates, parity=[p.as_dict() for p in rows],
             sizes={n: onnx_io.file_sizes(tmp / n) for n in meta["components"]},

@@ -120,6 +120,59 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_dir, extra, nee
     assert set(tmp_path.iterdir()) == before
 
 
+# every convert target and the session fixture that exports with it end to end (test_onnx.py::fp32_export,
+# coreml_run here); the test below dispatches each one cheaply
+TESTED_TARGETS = ["onnx", "coreml"]
+
+
+def test_every_target_is_tested():
+    """Adding a target to the registry (or its enum) without adding it to TESTED_TARGETS fails here."""
+    import instaflow_edge.convert.coreml  # noqa: F401  (targets register when their module loads)
+    import instaflow_edge.convert.onnx  # noqa: F401
+    from instaflow_edge.convert import TARGETS, Target
+
+    assert {t.value for t in TARGETS} == set(TESTED_TARGETS)
+    assert set(TARGETS) == set(Target)
+
+
+@pytest.mark.parametrize("name", TESTED_TARGETS)
+def test_every_target_dispatches_and_fails_cleanly(tmp_path, name):
+    """``export`` reaches the target's exporter, which refuses a folder that is not a pipeline, writing nothing."""
+    from instaflow_edge.convert import ConvertConfig, Target, export
+    from instaflow_edge.errors import InstaflowError
+
+    (tmp_path / "empty").mkdir()
+    cfg = ConvertConfig(model=str(tmp_path / "empty"), output=str(tmp_path / "o"), target=name)
+    assert cfg.target is Target(name)
+    with pytest.raises(InstaflowError, match="model_index.json"):
+        export(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_is_normalized_once_when_made():
+    from instaflow_edge.convert.config import ConvertConfig, CoreMLAttention, Optimize, Precision, Target
+    from instaflow_edge.errors import InputError
+    from instaflow_edge.quantize.schemes import CoreMLCompression, MinTarget, OnnxScheme, QuantEngine
+
+    cfg = ConvertConfig(model="m", output="o", target="coreml", min_target="iOS18", precision="fp32",
+                        attention="split-einsum", compress="prune-50+palettize-4")
+    assert (cfg.target, cfg.min_target, cfg.precision, cfg.attention, cfg.compress) == (
+        Target.coreml, MinTarget.iOS18, Precision.fp32, CoreMLAttention.split_einsum, CoreMLCompression.prune_50_palettize_4)
+    assert all(type(v) is not str for v in (cfg.target, cfg.min_target, cfg.compress))
+    cfg = ConvertConfig(model="m", output="o", optimize="none", quantize="int8-static", engine="ort")
+    assert (cfg.optimize, cfg.quantize, cfg.engine) == (Optimize.none, OnnxScheme.int8_static, QuantEngine.ort)
+    for kwargs, needle in [
+        ({"min_psnr": float("nan")}, "min_psnr must be a finite number"),
+        ({"height": 0}, "height must be a positive integer"),
+        ({"engine": "tvm"}, "unknown --engine 'tvm'"),
+        ({"target": "coreml", "compress": "palettize-3"}, "unknown --compress 'palettize-3'"),
+        ({"target": "coreml", "target_bits": "4"}, "target_bits must be a finite number"),
+        ({"opset": 9}, "--opset 9 is not supported"),
+    ]:
+        with pytest.raises(InputError, match=needle):
+            ConvertConfig(model="m", output="o", **kwargs)
+
+
 def test_unknown_target_lists_targets(tmp_path, tiny_dir):
     r = run("convert", tiny_dir, "--target", "tflite", "-o", tmp_path / "o")
     assert r.exit_code != 0 and "coreml" in r.output and "onnx" in r.output

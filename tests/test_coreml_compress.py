@@ -17,8 +17,11 @@ from instaflow_edge.convert.config import ConvertConfig  # noqa: E402
 from instaflow_edge.quantize import coreml as cq  # noqa: E402
 
 from instaflow_edge.components import COMPONENTS, Sizes  # noqa: E402
-from instaflow_edge.errors import ParityError  # noqa: E402
+from instaflow_edge.errors import InputError, ModelError, ParityError  # noqa: E402
 from instaflow_edge.parity import psnr  # noqa: E402
+from instaflow_edge.quantize.schemes import CoreMLCompression  # noqa: E402
+
+# every Core ML compression and the ops its package must hold: the tests below run each one
 
 EXPECTED_OPS = {
     "palettize-4": {"constexpr_lut_to_dense"}, "palettize-6": {"constexpr_lut_to_dense"},
@@ -36,7 +39,9 @@ def _family(name: str) -> str:
 
 
 def test_every_registered_scheme_is_covered():
-    assert set(cq.SCHEMES) == set(EXPECTED_OPS)
+    """Adding a compression to the registry (or its enum) without adding it to EXPECTED_OPS fails here."""
+    assert {s.value for s in cq.SCHEMES} == set(EXPECTED_OPS)
+    assert set(cq.SCHEMES) == set(CoreMLCompression) and all(s.name is k for k, s in cq.SCHEMES.items())
 
 
 @pytest.mark.parametrize("name", list(cq.SCHEMES))
@@ -69,7 +74,6 @@ def test_scheme_in_pytorch_and_in_the_package(tiny_pipe, tmp_path, name, uncompr
 
     min_target = "iOS18" if cq.SCHEMES[name].min_ios == 18 else "iOS17"
     cfg = ConvertConfig(model="m", output="o", target="coreml", compress=name, target_bits=target_bits, min_target=min_target)
-    cfg.precision = cm.Precision(cfg.precision)
     ml = cm._to_coreml(cfg, spec, compressed, [sizes])
     path = tmp_path / "TextEncoder.mlpackage"
     ml.save(str(path))
@@ -88,7 +92,6 @@ def uncompressed_bits(tiny_pipe, tmp_path_factory):
     sizes = Sizes.of(tiny_pipe, batch=1)
     module = spec.module(tiny_pipe)
     cfg = ConvertConfig(model="m", output="o", target="coreml")
-    cfg.precision = cm.Precision(cfg.precision)
     path = tmp_path_factory.mktemp("fp16") / "TextEncoder.mlpackage"
     cm._to_coreml(cfg, spec, module, [sizes]).save(str(path))
     return cc.sizes(path, cm.used_parameters(module, spec.example_inputs(tiny_pipe, sizes)))["bits_per_weight"]
@@ -100,7 +103,6 @@ def test_weight_check_catches_a_package_that_differs(tiny_pipe, tmp_path):
     inputs = spec.example_inputs(tiny_pipe, sizes)
     compressed, _ = cq.compress(spec.module(tiny_pipe), "palettize-4", inputs)
     cfg = ConvertConfig(model="m", output="o", target="coreml", compress="palettize-4")
-    cfg.precision = cm.Precision(cfg.precision)
     cm._to_coreml(cfg, spec, compressed, [sizes]).save(str(tmp_path / "t.mlpackage"))
     other = copy.deepcopy(compressed)
     with torch.no_grad():
@@ -144,6 +146,18 @@ def test_attention_split_einsum_equals_original_and_is_restored(tiny_pipe):
     assert torch.allclose(ref, out, atol=1e-5, rtol=1e-5), (ref - out).abs().max()
 
 
+def test_split_einsum_on_a_unet_without_attention_processors_is_an_error():
+    """No silent fallback to the original attention: a model that cannot take split-einsum says so."""
+    from instaflow_edge.convert.coreml_attention import attention_implementation
+
+    with pytest.raises(ModelError, match="split-einsum needs a diffusers UNet.*Linear — use --attention original"):
+        with attention_implementation(torch.nn.Linear(2, 2), "split-einsum"):
+            pass
+    plain = torch.nn.Linear(2, 2)
+    with attention_implementation(plain, "original") as m:
+        assert m is plain
+
+
 def test_split_einsum_math_against_softmax_attention():
     from instaflow_edge.convert.coreml_attention import split_einsum_attention
 
@@ -170,7 +184,7 @@ def test_cli_convert_every_scheme(tiny_dir, tmp_path, name):
 
     from instaflow_edge.cli import app
 
-    args = ["convert", str(tiny_dir), "--target", "coreml", "-o", str(tmp_path / "o"), "--compress", name]
+    args = ["convert", str(tiny_dir), "--target", "coreml", "-o", str(tmp_path / "o"), "--compress", name.value]
     if cq.SCHEMES[name].min_ios == 18:
         args += ["--min-target", "iOS18"]
     if name == "mixed-bit":
@@ -192,7 +206,7 @@ def test_fp32_precision_keeps_fp32_weights(tiny_pipe, tmp_path):
     sizes = Sizes.of(tiny_pipe, batch=1)
     module = spec.module(tiny_pipe)
     cfg = ConvertConfig(model="m", output="o", target="coreml", precision="fp32")
-    cfg.precision = cm.Precision(cfg.precision)
+    assert cfg.precision is cm.Precision.fp32  # normalized when made
     path = tmp_path / "t.mlpackage"
     cm._to_coreml(cfg, spec, module, [sizes]).save(str(path))
     pkg = cc.load(path)
@@ -229,5 +243,5 @@ def test_compressed_pipeline_compresses_every_component_and_leaves_the_source(ti
     modules = dict(pipe.unet.named_modules())
     for name in list(layers)[:5]:
         assert modules[name].weight.unique().numel() <= 16, name  # 4 bits: a 16-entry palette
-    with pytest.raises(Exception, match="unknown --compress scheme"):
+    with pytest.raises(InputError, match="unknown --compress 'palettize-3'"):
         cq.compressed_pipeline(tiny_pipe, "palettize-3")

@@ -3,6 +3,7 @@
 The judge is trained once per test session into a session cache (``judge_cache`` in conftest.py).
 """
 
+import importlib.util
 import json
 
 import numpy as np
@@ -158,7 +159,7 @@ def test_eval_onnx_bad_input(tmp_path, tiny_dir, judge_cache, args, needle):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["eval", "{tiny}", "--coreml-compress", "palettize-3"], "unknown --compress scheme"),
+    (["eval", "{tiny}", "--coreml-compress", "palettize-3"], "unknown --coreml-compress"),
     (["eval", "{tiny}", "--coreml-compress", "int8", "--steps", "2"], "--steps 1"),
     (["eval", "{tiny}", "--coreml-compress", "mixed-bit"], "--target-bits"),
     (["eval", "--real", "--coreml-compress", "int8"], "needs a model"),
@@ -185,7 +186,20 @@ def test_eval_bad_input_is_one_line(tmp_path, tiny_dir, judge_cache, args, needl
 
 
 def test_eval_config_validation():
-    from instaflow_edge.digits.evaluate import EvalConfig
+    """A config is checked and normalized when it is made; nothing changes it later."""
+    from instaflow_edge.digits.evaluate import EvalBackend, EvalConfig
+    from instaflow_edge.options import Device, DType
+    from instaflow_edge.quantize.schemes import CoreMLCompression
 
     with pytest.raises(InputError, match="batch_size"):
-        EvalConfig(model="m", batch_size=0).validate()
+        EvalConfig(model="m", batch_size=0)
+    with pytest.raises(InputError, match="unknown --backend 'tflite'.*torch, onnx"):
+        EvalConfig(model="m", backend="tflite")
+    with pytest.raises(InputError, match="unknown --device"):
+        EvalConfig(model="m", device="tpu")
+    cfg = EvalConfig(model="m", device="cpu", dtype="float32", backend="onnx")
+    assert (cfg.device, cfg.dtype, cfg.backend) == (Device.cpu, DType.float32, EvalBackend.onnx)
+    assert cfg.backend is EvalBackend.onnx and type(cfg.device) is Device
+    if importlib.util.find_spec("coremltools"):
+        cfg = EvalConfig(model="m", coreml_compress="palettize-4")
+        assert cfg.coreml_compress is CoreMLCompression.palettize_4

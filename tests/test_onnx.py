@@ -109,16 +109,30 @@ def test_convert_int8_static(int8_export):
     assert rows["unet"] >= 25 and rows["end_to_end"] >= 25
 
 
-@pytest.mark.parametrize("scheme", ["fp16", "int8-dynamic", "int8-static"])
-def test_standalone_quantize(fp32_export, tmp_path, scheme):
-    from instaflow_edge.quantize.onnx import SCHEMES
+# every ONNX scheme this file runs end to end (test_standalone_quantize; int8-static also through convert)
+TESTED_SCHEMES = ["fp16", "int8-dynamic", "int8-static"]
 
-    assert scheme in SCHEMES
+
+def test_every_onnx_scheme_is_tested():
+    """Adding a scheme to the registry (or its enum) without adding it to TESTED_SCHEMES fails here."""
+    from instaflow_edge.quantize.onnx import SCHEMES
+    from instaflow_edge.quantize.schemes import OnnxScheme
+
+    assert {s.value for s in SCHEMES} == set(TESTED_SCHEMES)
+    assert set(SCHEMES) == set(OnnxScheme) and all(type(s) is OnnxScheme for s in SCHEMES)
+
+
+@pytest.mark.parametrize("scheme", TESTED_SCHEMES)
+def test_standalone_quantize(fp32_export, tmp_path, scheme):
     out = tmp_path / scheme
     r = run("quantize", fp32_export, "--scheme", scheme, "-o", out)
     assert r.exit_code == 0, r.output
     m = manifest(out)
     assert m["quantize"]["scheme"] == scheme
+    # the CLI prints the parity table from the returned manifest, then what it wrote
+    from instaflow_edge.parity import format_table
+
+    assert r.stdout.startswith(format_table(m["parity"], m["gates"]) + "\n") and f"wrote {out} ({scheme}:" in r.stdout
     for p in m["parity"]:
         assert p["psnr"] >= m["gates"][p["component"]], p
     ops = _ops(out / "unet" / "model.onnx")
@@ -171,12 +185,16 @@ def test_generate_onnx_matches_torch(fp32_export, int8_export, tiny_dir, tmp_pat
 
 
 def test_failed_gate_leaves_nothing(fp32_export, tiny_dir, tmp_path):
+    """A missed gate: the whole parity table, then one error line naming every miss; nothing written."""
     out = tmp_path / "q"
     r = run("quantize", fp32_export, "--scheme", "int8-dynamic", "--min-psnr", "200", "-o", out)
-    assert_one_line_error(r, 3, "text_encoder", "PSNR", "200.0 dB", nothing_at=out)
+    assert_one_line_error(r, 3, "3 of 3 outputs miss their gate", "text_encoder: PSNR", "unet: PSNR", "end_to_end: PSNR",
+                          "200.0 dB", nothing_at=out)
+    assert "component" in r.stdout and "≥200" in r.stdout
     out = tmp_path / "c"
     r = run("convert", tiny_dir, "--target", "onnx", "--optimize", "none", "--min-psnr", "1000", "-o", out)
-    assert_one_line_error(r, 3, "text_encoder", "PSNR", nothing_at=out)
+    assert_one_line_error(r, 3, "outputs miss their gate", "text_encoder: PSNR", "unet: PSNR", "1000.0 dB", nothing_at=out)
+    assert "vae_decoder" in r.stdout and "≥1000" in r.stdout
 
 
 def test_bad_inputs(tiny_dir, fp32_export, tmp_path):
@@ -185,7 +203,7 @@ def test_bad_inputs(tiny_dir, fp32_export, tmp_path):
     r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int4", "-o", out)
     assert_one_line_error(r, 2, "int4", "fp16, int8-dynamic, int8-static", nothing_at=out)
     assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--opset", "9", "-o", out), 2, "opset", nothing_at=out)
-    assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--height", "40", "-o", out), 2, "--height 40", nothing_at=out)
+    assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--height", "40", "-o", out), 2, "height 40", "--height 32", nothing_at=out)
     assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--engine", "inc", "-o", out), 2, "int8-static", nothing_at=out)
     r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int8-static", "--engine", "inc", "--opset", "17", "-o", out)
     assert_one_line_error(r, 2, "--opset", nothing_at=out)

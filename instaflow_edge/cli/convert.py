@@ -7,7 +7,19 @@ from typing import List, Optional
 
 import typer
 
-from ..convert.config import Attention, Optimize, Precision, Target
+from ..convert.config import ATTENTION_FOR, CoreMLAttention, Optimize, Precision, Target
+from ..quantize.schemes import (
+    ENGINE_NAMES,
+    QUANTIZABLE_COMPONENTS,
+    CoreMLCompression,
+    MinTarget,
+    OnnxScheme,
+    QuantEngine,
+    listing,
+)
+
+_ENGINES = " or ".join(f"{e.value} ({ENGINE_NAMES[e]})" for e in QuantEngine)
+_ATTENTIONS = " or ".join(f"{a.value} ({ATTENTION_FOR[a]})" for a in CoreMLAttention)
 
 
 def convert_command(
@@ -22,19 +34,20 @@ def convert_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     opset: int = typer.Option(18, "--opset", help="ONNX: opset version."),
     optimize: Optimize = typer.Option(Optimize.cpu, "--optimize", help="ONNX: ONNX Runtime graph optimization for this provider."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="ONNX: fp16 | int8-dynamic | int8-static."),
-    quantize_components: Optional[List[str]] = typer.Option(None, "--quantize-component", help="ONNX: a component to quantize (repeatable: text_encoder, unet, vae_decoder; default: text_encoder and unet — the VAE decoder stays fp32 unless named)."),
-    engine: str = typer.Option("ort", "--engine", help="ONNX: quantization engine, ort (onnxruntime) or inc (Intel Neural Compressor)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=f"ONNX: {listing(OnnxScheme)}."),
+    quantize_components: Optional[List[str]] = typer.Option(None, "--quantize-component", help=f"ONNX: a component to quantize (repeatable: {', '.join(QUANTIZABLE_COMPONENTS)}; default: text_encoder and unet — the VAE decoder stays fp32 unless named)."),
+    engine: str = typer.Option(QuantEngine.ort.value, "--engine", help=f"ONNX: quantization engine, {_ENGINES}."),
     calibration_prompts: Optional[Path] = typer.Option(None, "--calibration-prompts", help="ONNX int8-static: a text file, one prompt per line (default: the model's prompt set)."),
-    min_target: str = typer.Option("iOS17", "--min-target", help="Core ML: minimum deployment target (iOS16/17/18, macOS13/14/15)."),
+    min_target: str = typer.Option(MinTarget.iOS17.value, "--min-target", help=f"Core ML: minimum deployment target ({listing(MinTarget, ', ')})."),
     precision: Precision = typer.Option(Precision.fp16, "--precision", help="Core ML: compute precision."),
-    attention: Attention = typer.Option(Attention.original, "--attention", help="Core ML: original (GPU) or split-einsum (Neural Engine)."),
-    compress: Optional[str] = typer.Option(None, "--compress", help="Core ML: palettize-4|palettize-6|palettize-8|int8|prune-50|prune-2:4|mixed-bit."),
+    attention: CoreMLAttention = typer.Option(CoreMLAttention.original, "--attention", help=f"Core ML: {_ATTENTIONS}."),
+    compress: Optional[str] = typer.Option(None, "--compress", help=f"Core ML: {listing(CoreMLCompression, '|')}."),
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="Core ML mixed-bit: average bits per weight to reach."),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Core ML: more image sizes the models accept (enumerated shapes), e.g. 512x512,768x512."),
 ) -> None:
     """Export the one-step generator (text encoder, UNet+Euler step, VAE decoder) with parity gates."""
     from ..convert import ConvertConfig, export
+    from ..parity import PsnrError, format_table
 
     cfg = ConvertConfig(
         model=model, output=str(output), target=target, force=force, fused=fused, height=height, width=width,
@@ -43,4 +56,15 @@ def convert_command(
         engine=engine, calibration_prompts=str(calibration_prompts) if calibration_prompts else None,
         min_target=min_target, precision=precision, attention=attention, compress=compress, target_bits=target_bits, sizes=sizes,
     )
-    export(cfg)
+    try:
+        manifest = export(cfg)
+    except PsnrError as e:
+        if cfg.target is Target.onnx and e.rows:  # the whole table, then the one-line error naming every miss
+            typer.echo(format_table(e.rows, e.gates))
+        raise
+    if cfg.target is Target.onnx:
+        typer.echo(format_table(manifest["parity"], manifest["gates"]))
+    else:
+        from ..convert.coreml_check import format_report
+
+        typer.echo(format_report(manifest["report"], manifest["gate"]["min_psnr"]), err=True)

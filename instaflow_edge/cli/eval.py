@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..options import Device, DType
+from ..quantize.schemes import CoreMLCompression, listing
 
 
 def eval_command(
@@ -22,7 +23,7 @@ def eval_command(
     device: Device = typer.Option(Device.auto, "--device", help="auto picks cuda, then mps, then cpu."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model dtype."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
-    coreml_compress: Optional[str] = typer.Option(None, "--coreml-compress", help="Score a one-step model with a Core ML compression scheme applied in PyTorch, exactly as `convert --target coreml --compress` ships it (palettize-4|palettize-6|palettize-8|int8|prune-50|prune-2:4|mixed-bit, and the joint ones)."),
+    coreml_compress: Optional[str] = typer.Option(None, "--coreml-compress", help=f"Score a one-step model with a Core ML compression scheme applied in PyTorch, exactly as `convert --target coreml --compress` ships it ({listing(CoreMLCompression, '|')})."),
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="With --coreml-compress mixed-bit: average bits per weight."),
     backend: str = typer.Option("torch", "--backend", help="torch, or onnx: MODEL is an ONNX export (convert --target onnx / quantize), run by onnxruntime on the CPU, e.g. to score an int8 export."),
 ) -> None:

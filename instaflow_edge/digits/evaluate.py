@@ -24,6 +24,7 @@ two validation halves 8.4 against each other (seed 0). The latter is reported as
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import time
 from pathlib import Path
@@ -33,13 +34,22 @@ from ..errors import InputError, NumericsError, require
 from ..options import Device, DType
 from ..pipeline import load_pipeline, resolve_device
 from ..quantize import coreml as coreml_scheme
+from ..quantize.schemes import CoreMLCompression, MinTarget
 from ..runtime.onnx import open_export, read_scheme, sample
-from ..validators import integer
+from ..validators import boolean, choice, integer, optional_choice, optional_integer
+
+
+class EvalBackend(str, enum.Enum):
+    """What runs the model: PyTorch, or onnxruntime on an ONNX export (``convert --target onnx`` / ``quantize``)."""
+
+    torch = "torch"
+    onnx = "onnx"
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    """Options of ``instaflow-edge eval``; ``steps=None`` means the model's default."""
+    """Options of ``instaflow-edge eval``; ``steps=None`` means the model's default. Checked and
+    normalized (choices become enums) once, when made."""
 
     model: str | None = None
     steps: int | None = None
@@ -54,20 +64,24 @@ class EvalConfig:
     dtype: DType = DType.float32
     allow_pickle: bool = False
     # measure a Core ML compression scheme (``convert --target coreml --compress``) in PyTorch
-    coreml_compress: str | None = None
+    coreml_compress: CoreMLCompression | None = None
     target_bits: float | None = None
-    # "onnx": ``model`` is an ONNX export folder (``convert --target onnx``/``quantize``), run by onnxruntime
-    backend: str = "torch"
+    # onnx: ``model`` is an ONNX export folder (``convert --target onnx``/``quantize``), run by onnxruntime
+    backend: EvalBackend = EvalBackend.torch
 
-    def validate(self) -> None:
-
+    def __post_init__(self) -> None:
+        self.device = choice("device", self.device, Device)
+        self.dtype = choice("dtype", self.dtype, DType)
+        self.backend = choice("backend", self.backend, EvalBackend)
+        self.coreml_compress = optional_choice("coreml_compress", self.coreml_compress, CoreMLCompression)
+        self.real_only = boolean("real", self.real_only)
+        self.allow_pickle = boolean("allow_pickle", self.allow_pickle)
         if self.model is None and not self.real_only:
             raise InputError("no model given", "pass a pipeline folder, or --real for the real-image ceiling alone")
         if self.model is not None and self.real_only:
             raise InputError("--real evaluates real digits only, but a model was given too", "drop the model or --real")
-        if self.steps is not None:
-            integer("steps", self.steps, 1)
-        if not (self.guidance >= 0.0):
+        self.steps = optional_integer("steps", self.steps, 1)
+        if not (isinstance(self.guidance, (int, float)) and self.guidance >= 0.0):  # also refuses NaN
             raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
         integer("num_images", self.num_images, 1)
         if self.num_images % 10 or self.num_images < 20:
@@ -81,21 +95,21 @@ class EvalConfig:
             if path.is_dir() or not path.parent.is_dir():
                 raise InputError(f"cannot write --json {path}", "pass a file path inside an existing folder")
         if self.coreml_compress is not None or self.target_bits is not None:
-
             if self.real_only:
                 raise InputError("--coreml-compress needs a model, but --real was given", "drop one of them")
             require("coremltools", "coreml")
-            coreml_scheme.validate(self.coreml_compress, "iOS18", self.target_bits)
-        if self.backend not in ("torch", "onnx"):
-            raise InputError(f"unknown --backend {self.backend!r}", "choose torch or onnx")
-        if self.backend == "onnx":
+            coreml_scheme.validate(self.coreml_compress, MinTarget.iOS18, self.target_bits)
+        if self.backend is EvalBackend.onnx:
             if self.real_only or self.coreml_compress is not None:
                 raise InputError("--backend onnx scores an ONNX export; --real/--coreml-compress do not apply",
                                  "drop --real/--coreml-compress, or use --backend torch")
-            if DType(self.dtype) is not DType.float32 or Device(self.device) not in (Device.auto, Device.cpu):
+            if self.dtype is not DType.float32 or self.device not in (Device.auto, Device.cpu):
                 raise InputError("--backend onnx runs the export on onnxruntime's CPU provider at its exported precision",
                                  "drop --dtype/--device (quantize the export for other precisions)")
-        self.device, self.dtype = Device(self.device), DType(self.dtype)
+
+    def validate(self) -> None:
+        """Nothing to do: a config is checked when it is made. Kept for callers written against the
+        old API (``studies/``); a made config is never changed."""
 
 
 def _accuracy(judge, images, labels) -> dict:
@@ -222,9 +236,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     Returns the result dict (also written to ``config.json`` when set, atomically)."""
     from .judge import JudgeConfig, load_judge
 
-    config.validate()
     pipe = export = None
-    if config.backend == "onnx":  # a bad export fails before the judge is built
+    if config.backend is EvalBackend.onnx:  # a bad export fails before the judge is built
 
         export = open_export(Path(config.model), config.steps, config.guidance)
     elif not config.real_only:  # a bad model path fails before the judge is built
@@ -274,7 +287,7 @@ def coreml_compressed(pipe, config: EvalConfig):
     t, device = time.perf_counter(), pipe.device
     pipe, reports = coreml_scheme.compressed_pipeline(pipe.to("cpu"), config.coreml_compress, config.target_bits)
     pipe.to(device)
-    return pipe, {"scheme": config.coreml_compress, "target_bits": config.target_bits,
+    return pipe, {"scheme": config.coreml_compress.value, "target_bits": config.target_bits,
                   "seconds": round(time.perf_counter() - t, 2), "components": reports}
 
 
