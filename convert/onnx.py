@@ -21,8 +21,10 @@ each component folder with the source's ``config.json``; weights over 2 GB in ``
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -146,20 +148,19 @@ def optimize_component(name: str, path: Path, mode: Optimize) -> dict:
     """ORT graph optimization + the transformer fusions this provider can run; load-tested before it
     replaces ``path``. Returns what it did (fused op counts) for the manifest."""
     import collections
-    import logging
 
     import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # "symbolic shape inference disabled"
     path = Path(path).resolve()  # the optimizer runs in a scratch working directory
     fo = FusionOptions(_MODEL_TYPE[name])
     fo.enable_shape_inference = False  # at SD1.5 scale shape inference copies the model: 16 GiB peak
     if mode is Optimize.cpu:
         for flag in _CUDA_ONLY_FUSIONS:
             setattr(fo, flag, False)
-    with onnx_io.scratch_cwd():
+    # "symbolic shape inference disabled" and the like: silenced inside, the level restored after
+    with onnx_io.scratch_cwd(), _logger_level("onnxruntime.transformers", logging.ERROR):
         om = optimize_model(str(path), model_type=_MODEL_TYPE[name], opt_level=0, optimization_options=fo,
                             use_gpu=mode is Optimize.cuda)
         if mode is Optimize.cuda:
@@ -188,6 +189,17 @@ def optimize_component(name: str, path: Path, mode: Optimize) -> dict:
     if mode is Optimize.cpu:
         out["attention_rewritten_to_mha"] = rewritten
     return out
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int):
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
 
 
 def attention_to_mha(model) -> int:

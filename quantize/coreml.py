@@ -14,6 +14,7 @@ choice (the fewest bits that keep that layer's PSNR above the threshold) meets `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -82,9 +83,9 @@ def compress(module, name: CoreMLCompression | str, example_inputs: tuple, targe
 
     Only layers that ``module``'s forward pass calls are compressed (a VAE decoder component holds the
     whole VAE; its encoder is not in the package and must not be counted or compressed)."""
-    _quiet()
-    skip = unused_layers(module, example_inputs)
-    m, rep = SCHEMES[choice("compress", name, CoreMLCompression)].apply(module, example_inputs, target_bits, skip)
+    with _quiet():
+        skip = unused_layers(module, example_inputs)
+        m, rep = SCHEMES[choice("compress", name, CoreMLCompression)].apply(module, example_inputs, target_bits, skip)
     return m, {**rep, "skipped_unused_layers": len(skip)}
 
 
@@ -138,10 +139,18 @@ def unused_layers(module, example_inputs) -> list[str]:
     return sorted(n for n in layers if n not in a or (a[n].shape == b[n].shape and torch.equal(a[n], b[n])))
 
 
-def _quiet() -> None:
-    # coremltools' k-means logs a progress line per layer at INFO
-    for name in ("coremltools", "coremltools.optimize.torch._utils.k_means"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+@contextlib.contextmanager
+def _quiet():
+    """coremltools' k-means logs a progress line per layer at INFO: raised to WARNING inside, restored after."""
+    loggers = [logging.getLogger(n) for n in ("coremltools", "coremltools.optimize.torch._utils.k_means")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -233,8 +233,12 @@ def test_lean_lut_indices_decode_like_coremltools(bits):
 
 def test_compressed_pipeline_compresses_every_component_and_leaves_the_source(tiny_pipe):
     """What ``eval --coreml-compress`` scores: the one-step components as the converter compresses them."""
+    import logging
+
     before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    level = logging.getLogger("coremltools").level
     pipe, reports = cq.compressed_pipeline(tiny_pipe, "palettize-4")
+    assert logging.getLogger("coremltools").level == level  # k-means chatter silenced only while compressing
     assert set(reports) == {"text_encoder", "unet", "vae_decoder"} and all(r["layers"] > 0 for r in reports.values())
     assert all(torch.equal(before[k], v) for k, v in tiny_pipe.unet.state_dict().items())
     assert pipe.tokenizer is tiny_pipe.tokenizer and pipe.unet is not tiny_pipe.unet
