@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import logging
 import shutil
@@ -160,9 +161,12 @@ def optimize_component(name: str, path: Path, mode: Optimize) -> dict:
         for flag in _CUDA_ONLY_FUSIONS:
             setattr(fo, flag, False)
     # "symbolic shape inference disabled" and the like: silenced inside, the level restored after
+    # the UNet fusion draws a tqdm bar of its own on stderr whenever tqdm is installed; our stage lines
+    # say the same, so it is captured for the duration of the call (stderr restored after)
     with onnx_io.scratch_cwd(), _logger_level("onnxruntime.transformers", logging.ERROR):
-        om = optimize_model(str(path), model_type=_MODEL_TYPE[name], opt_level=0, optimization_options=fo,
-                            use_gpu=mode is Optimize.cuda)
+        with contextlib.redirect_stderr(io.StringIO()):
+            om = optimize_model(str(path), model_type=_MODEL_TYPE[name], opt_level=0, optimization_options=fo,
+                                use_gpu=mode is Optimize.cuda)
         if mode is Optimize.cuda:
             om.convert_float_to_float16(keep_io_types=True, op_block_list=["RandomNormalLike"])
         domains = {n.domain for n in om.model.graph.node if n.domain} - {o.domain for o in om.model.opset_import}
