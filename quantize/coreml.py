@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from typing import Callable
 
-from ..errors import InputError
+from ..errors import InputError, require
 from ..validators import choice
 from .schemes import MIN_TARGET_IOS, CoreMLCompression, MinTarget
 
@@ -109,6 +109,40 @@ def compressed_pipeline(pipe, name: CoreMLCompression | str, target_bits: float 
         m, reports[comp] = compress(spec.module(pipe), name, spec.example_inputs(pipe, sizes), target_bits)
         setattr(out, _WRAPPED[comp], getattr(m, _WRAPPED[comp]).eval())
     return out, reports
+
+
+@dataclasses.dataclass(frozen=True)
+class PyTorchCompression:
+    """A Core ML compression applied to a loaded pipeline in PyTorch, as ``convert --target coreml
+    --compress`` ships it: a transform for ``digits.evaluate.evaluate(config, transform=...)``. Checked
+    when made (an unknown scheme or a missing ``--target-bits`` fails before any model loads)."""
+
+    scheme: CoreMLCompression
+    target_bits: float | None = None
+    result_key: str = "coreml_compression"
+
+    def __post_init__(self) -> None:
+        require("coremltools", "coreml")
+        object.__setattr__(self, "scheme", choice("coreml_compress", self.scheme, CoreMLCompression))
+        validate(self.scheme, MinTarget.iOS18, self.target_bits)
+
+    def __call__(self, pipe, steps: int) -> tuple[object, dict]:
+        """``(compressed copy of pipe, report)``. Core ML packages hold the one-step denoiser only, so the
+        model must sample in one step; weights must be float32."""
+        import time
+
+        import torch
+
+        if steps != 1:
+            raise InputError(f"--coreml-compress measures the one-step Core ML package, but this eval samples {steps} steps",
+                             "pass --steps 1 (a one-step model: a distilled student or a 2-rectified flow)")
+        if pipe.dtype != torch.float32:
+            raise InputError("--coreml-compress compresses float32 weights", "drop --dtype (float32 is the default)")
+        t, device = time.perf_counter(), pipe.device
+        out, reports = compressed_pipeline(pipe.to("cpu"), self.scheme, self.target_bits)
+        out.to(device)
+        return out, {"scheme": self.scheme.value, "target_bits": self.target_bits,
+                     "seconds": round(time.perf_counter() - t, 2), "components": reports}
 
 
 def unused_layers(module, example_inputs) -> list[str]:

@@ -17,11 +17,10 @@ import time
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from instaflow_edge.quantize.coreml import SCHEMES
+    from instaflow_edge.quantize.coreml import SCHEMES, PyTorchCompression
 
     from instaflow_edge.digits.evaluate import (
         EvalConfig,
-        coreml_compressed,
         generate_eval_images,
         real_ceiling,
         score_images,
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a one-step digits pipeline (e.g. the demo's instaflow student)")
     ap.add_argument("--json", default="studies/results/coreml_digits_eval.json")
-    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--schemes", default=",".join(s.value for s in SCHEMES))
     ap.add_argument("--target-bits", type=float, default=4.0, help="for mixed-bit")
     ap.add_argument("--num-images", type=int, default=1000)
     args = ap.parse_args(argv)
@@ -44,12 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     base = load_pipeline(args.model, "cpu", "float32")
     rows, reference = [], None
     for name in ["fp32", *args.schemes.split(",")]:
-        cfg = EvalConfig(model=args.model, steps=1, num_images=args.num_images, device="cpu",
-                         coreml_compress=None if name == "fp32" else name,
-                         target_bits=args.target_bits if name == "mixed-bit" else None)
-        cfg.validate()
+        cfg = EvalConfig(model=args.model, steps=1, num_images=args.num_images, device="cpu")
         t0 = time.perf_counter()
-        pipe, comp = (base, None) if name == "fp32" else coreml_compressed(base, cfg)
+        compress = None if name == "fp32" else PyTorchCompression(name, args.target_bits if name == "mixed-bit" else None)
+        pipe, comp = (base, None) if compress is None else compress(base, 1)
         images, labels, _ = generate_eval_images(pipe, cfg, progress=False)
         reference = images if reference is None else reference
         score = score_images(judge, images, labels, ref_stats)

@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> dict:
         return row
 
     cfg = EvalConfig(model=args.model, steps=1, num_images=args.num_images, device="cpu")
-    cfg.validate()
     t0 = time.perf_counter()
     reference, labels, _ = generate_eval_images(load_pipeline(args.model, "cpu", "float32"), cfg, progress=False)
     rows = [score("torch fp32", reference, labels, None, time.perf_counter() - t0)]
@@ -87,7 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
         folders[f"onnx {label}"] = (out, comps or "default")
     for label, (folder, comps) in folders.items():
         ecfg = EvalConfig(model=str(folder), steps=1, num_images=args.num_images, backend="onnx")
-        ecfg.validate()
         t0 = time.perf_counter()
         images, labels_o, info = generate_eval_images_onnx(open_export(folder, 1, 1.0), ecfg, progress=False)
         assert labels_o == labels

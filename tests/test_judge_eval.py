@@ -187,9 +187,10 @@ def test_eval_bad_input_is_one_line(tmp_path, tiny_dir, judge_cache, args, needl
 
 def test_eval_config_validation():
     """A config is checked and normalized when it is made; nothing changes it later."""
+    from instaflow_edge.quantize.schemes import CoreMLCompression
+
     from instaflow_edge.digits.evaluate import EvalBackend, EvalConfig
     from instaflow_edge.options import Device, DType
-    from instaflow_edge.quantize.schemes import CoreMLCompression
 
     with pytest.raises(InputError, match="batch_size"):
         EvalConfig(model="m", batch_size=0)
@@ -201,5 +202,8 @@ def test_eval_config_validation():
     assert (cfg.device, cfg.dtype, cfg.backend) == (Device.cpu, DType.float32, EvalBackend.onnx)
     assert cfg.backend is EvalBackend.onnx and type(cfg.device) is Device
     if importlib.util.find_spec("coremltools"):
-        cfg = EvalConfig(model="m", coreml_compress="palettize-4")
-        assert cfg.coreml_compress is CoreMLCompression.palettize_4
+        from instaflow_edge.quantize.coreml import PyTorchCompression
+
+        assert PyTorchCompression("palettize-4").scheme is CoreMLCompression.palettize_4
+        with pytest.raises(InputError, match="unknown --coreml-compress"):
+            PyTorchCompression("palettize-3")

@@ -196,3 +196,20 @@ def test_no_import_cycle_between_packages():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+@pytest.mark.parametrize("module", ["instaflow_edge.generate", "instaflow_edge.digits.evaluate"])
+def test_generate_and_eval_stand_on_the_runtime(module):
+    """Running a model or an export never needs a stage: everything they import, at any depth, sits on
+    the runtime floor or below (digits' own modules aside)."""
+    srcs = sources()
+    known = set(srcs)
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo += [t for e, _, _ in imports(m, *srcs[m]) if (t := resolve(e, known)) in known]
+    stages = sorted(m for m in seen if place(m)[1] in ("quantize", "convert", "train"))
+    assert stages == [], f"{module} reaches {stages}"

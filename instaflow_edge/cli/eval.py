@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import InputError
 from ..options import Device, DType
 from ..quantize.schemes import CoreMLCompression, listing
 
@@ -30,11 +31,17 @@ def eval_command(
     """Generate the fixed digit prompt set with fixed seeds and score it with the digits judge."""
     from ..digits.evaluate import EvalConfig, evaluate
 
+    transform = None
+    if coreml_compress is not None or target_bits is not None:
+        from ..quantize.coreml import PyTorchCompression
+
+        if real:
+            raise InputError("--coreml-compress needs a model, but --real was given", "drop one of them")
+        transform = PyTorchCompression(coreml_compress, target_bits)
     cfg = EvalConfig(model=model, steps=steps, guidance=guidance, num_images=num_images, seed=seed,
                      batch_size=batch_size, real_only=real, json=str(json_path) if json_path else None,
-                     device=device, dtype=dtype, allow_pickle=allow_pickle,
-                     coreml_compress=coreml_compress, target_bits=target_bits, backend=backend)
-    result = evaluate(cfg)
+                     device=device, dtype=dtype, allow_pickle=allow_pickle, backend=backend)
+    result = evaluate(cfg, transform=transform)
     print_table(result)
     if json_path:
         typer.echo(f"wrote {json_path}")

@@ -28,15 +28,14 @@ import enum
 import json
 import time
 from pathlib import Path
+from typing import Protocol
 
 from ..artifacts import atomic_write_text, make_manifest
-from ..errors import InputError, NumericsError, require
+from ..errors import InputError, NumericsError
 from ..options import Device, DType
 from ..pipeline import load_pipeline, resolve_device
-from ..quantize import coreml as coreml_scheme
-from ..quantize.schemes import CoreMLCompression, MinTarget
 from ..runtime.onnx import open_export, read_scheme, sample
-from ..validators import boolean, choice, integer, optional_choice, optional_integer
+from ..validators import boolean, choice, integer, optional_integer
 
 
 class EvalBackend(str, enum.Enum):
@@ -63,9 +62,6 @@ class EvalConfig:
     device: Device = Device.auto
     dtype: DType = DType.float32
     allow_pickle: bool = False
-    # measure a Core ML compression scheme (``convert --target coreml --compress``) in PyTorch
-    coreml_compress: CoreMLCompression | None = None
-    target_bits: float | None = None
     # onnx: ``model`` is an ONNX export folder (``convert --target onnx``/``quantize``), run by onnxruntime
     backend: EvalBackend = EvalBackend.torch
 
@@ -73,7 +69,6 @@ class EvalConfig:
         self.device = choice("device", self.device, Device)
         self.dtype = choice("dtype", self.dtype, DType)
         self.backend = choice("backend", self.backend, EvalBackend)
-        self.coreml_compress = optional_choice("coreml_compress", self.coreml_compress, CoreMLCompression)
         self.real_only = boolean("real", self.real_only)
         self.allow_pickle = boolean("allow_pickle", self.allow_pickle)
         if self.model is None and not self.real_only:
@@ -94,22 +89,13 @@ class EvalConfig:
             path = Path(self.json)
             if path.is_dir() or not path.parent.is_dir():
                 raise InputError(f"cannot write --json {path}", "pass a file path inside an existing folder")
-        if self.coreml_compress is not None or self.target_bits is not None:
-            if self.real_only:
-                raise InputError("--coreml-compress needs a model, but --real was given", "drop one of them")
-            require("coremltools", "coreml")
-            coreml_scheme.validate(self.coreml_compress, MinTarget.iOS18, self.target_bits)
         if self.backend is EvalBackend.onnx:
-            if self.real_only or self.coreml_compress is not None:
-                raise InputError("--backend onnx scores an ONNX export; --real/--coreml-compress do not apply",
-                                 "drop --real/--coreml-compress, or use --backend torch")
+            if self.real_only:
+                raise InputError("--backend onnx scores an ONNX export; --real does not apply",
+                                 "drop --real, or use --backend torch")
             if self.dtype is not DType.float32 or self.device not in (Device.auto, Device.cpu):
                 raise InputError("--backend onnx runs the export on onnxruntime's CPU provider at its exported precision",
                                  "drop --dtype/--device (quantize the export for other precisions)")
-
-    def validate(self) -> None:
-        """Nothing to do: a config is checked when it is made. Kept for callers written against the
-        old API (``studies/``); a made config is never changed."""
 
 
 def _accuracy(judge, images, labels) -> dict:
@@ -230,8 +216,19 @@ def generate_eval_images_onnx(export, config: EvalConfig, progress: bool = True)
     return torch.cat(out), [d for _, d in prompts], info
 
 
-def evaluate(config: EvalConfig, progress: bool = True) -> dict:
-    """Prompt accuracy, per-digit accuracy and digits-FID of ``config.model``, with the real ceiling.
+class PipelineTransform(Protocol):
+    """Changes a loaded pipeline before it is scored, e.g. ``quantize.coreml.PyTorchCompression``: a
+    Core ML compression applied in PyTorch exactly as the converter ships it. ``result_key`` names the
+    report in the result."""
+
+    result_key: str
+
+    def __call__(self, pipe, steps: int) -> tuple[object, dict]: ...
+
+
+def evaluate(config: EvalConfig, progress: bool = True, transform: PipelineTransform | None = None) -> dict:
+    """Prompt accuracy, per-digit accuracy and digits-FID of ``config.model``, with the real ceiling;
+    ``transform`` (optional) changes the loaded pipeline first and its report joins the result.
 
     Returns the result dict (also written to ``config.json`` when set, atomically)."""
     from .judge import JudgeConfig, load_judge
@@ -244,9 +241,12 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
 
         resolve_device(config.device.value)
         pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
-    compression = None
-    if config.coreml_compress is not None:
-        pipe, compression = coreml_compressed(pipe, config)
+    report = None
+    if transform is not None:
+        if pipe is None:
+            raise InputError(f"{transform.result_key.replace('_', ' ')} needs a PyTorch model, "
+                             "but --real or --backend onnx was given", "drop one of them")
+        pipe, report = transform(pipe, config.steps or pipe.info.default_steps)
     t0 = time.perf_counter()
     judge = load_judge(JudgeConfig(data_seed=config.data_seed), progress=progress)
     t_judge = time.perf_counter() - t0
@@ -262,8 +262,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
                                 else generate_eval_images(pipe, config, progress))
         t_gen = time.perf_counter() - t1
         result["sampling"] = info
-        if compression is not None:
-            result["coreml_compression"] = compression
+        if report is not None:
+            result[transform.result_key] = report
         result["generated"] = score_images(judge, images, labels, ref_stats)
     result["real"] = real
     result["seconds"] = {"judge": round(t_judge, 2), "generate": round(t_gen, 2),
@@ -271,24 +271,6 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     if config.json:
         _write_json(config, result)
     return result
-
-
-def coreml_compressed(pipe, config: EvalConfig):
-    """``pipe`` with a Core ML compression scheme applied to its one-step components, as the converter
-    ships them. Core ML packages hold the one-step denoiser only, so the model must sample in one step."""
-    steps = config.steps or pipe.info.default_steps
-    if steps != 1:
-        raise InputError(f"--coreml-compress measures the one-step Core ML package, but this eval samples {steps} steps",
-                         "pass --steps 1 (a one-step model: a distilled student or a 2-rectified flow)")
-    import torch
-
-    if pipe.dtype != torch.float32:
-        raise InputError("--coreml-compress compresses float32 weights", "drop --dtype (float32 is the default)")
-    t, device = time.perf_counter(), pipe.device
-    pipe, reports = coreml_scheme.compressed_pipeline(pipe.to("cpu"), config.coreml_compress, config.target_bits)
-    pipe.to(device)
-    return pipe, {"scheme": config.coreml_compress.value, "target_bits": config.target_bits,
-                  "seconds": round(time.perf_counter() - t, 2), "components": reports}
 
 
 def _write_json(config: EvalConfig, result: dict) -> None:
