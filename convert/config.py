@@ -23,7 +23,15 @@ from ..quantize.schemes import (
     OnnxScheme,
     QuantEngine,
 )
-from ..validators import boolean, choice, flag, integer, number, optional_choice, optional_integer
+from ..validators import (
+    boolean,
+    choice,
+    flag,
+    integer,
+    number,
+    optional_choice,
+    optional_integer,
+)
 
 MIN_OPSET, MAX_OPSET = 14, 20  # 14: the attention ops; 20: the TorchScript exporter's last opset
 INC_MIN_OPSET = 18  # --engine inc exports with the dynamo exporter, whose floor this is

@@ -7,11 +7,11 @@ its graph is the one onnxruntime's transformer optimizer was written against. Wi
 cpu`` fuses the SD1.5 UNet's 16 self- and 16 cross-attention blocks (``Attention`` and
 ``MultiHeadAttention``, which have CPU kernels), 48 LayerNorms and the text encoder's SkipLayerNorms
 (measured: see the manifest's ``optimize.fused_ops``); on the tiny preset's 2-block UNet the attention
-pattern is not matched and only the norms/GELUs fuse. The dynamo export fused no attention (STACK.md).
+pattern is not matched and only the norms/GELUs fuse. The dynamo export fused no attention.
 On CPU the fused self-attention ``Attention`` nodes are then rewritten as Q/K/V MatMuls +
 ``MultiHeadAttention`` (:func:`attention_to_mha`), whose CPU kernel is faster.
 
-Folder layout (optimum's ONNX diffusion layout, DESIGN.md)::
+Folder layout (optimum's ONNX diffusion layout, docs/DESIGN.md)::
 
     text_encoder/model.onnx  unet/model.onnx  vae_decoder/model.onnx  [generator/model.onnx]
     [unet_velocity/model.onnx]  tokenizer/  scheduler/  model_index.json  manifest.json

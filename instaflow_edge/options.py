@@ -26,3 +26,10 @@ class Backend(str, enum.Enum):
     torch = "torch"
     onnx = "onnx"
     coreml = "coreml"
+
+
+class EvalBackend(str, enum.Enum):
+    """What ``eval`` runs: PyTorch, or onnxruntime on an ONNX export (``convert --target onnx`` / ``quantize``)."""
+
+    torch = "torch"
+    onnx = "onnx"

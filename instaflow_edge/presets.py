@@ -20,9 +20,9 @@ from .artifacts import (
     write_manifest,
 )
 from .errors import InputError
-from .validators import boolean, integer
 from .pipeline import ModelInfo, Pipeline, quiet_libraries
 from .tokenizer import PROMPT_WORDS, build_tokenizer
+from .validators import boolean, integer
 
 # build(seed, progress=True, **options) -> Pipeline, or Built when it adds manifest fields; ``progress``
 # shows bars for builds that train something (digits), others ignore it

@@ -214,7 +214,7 @@ def _prune(module, sparsity: float | None = None, n_m: tuple[int, int] | None = 
         MagnitudePrunerConfig,
     )
 
-    g: dict = {"scheduler": {"update_steps": [1]}}  # [0] prunes nothing (STACK.md)
+    g: dict = {"scheduler": {"update_steps": [1]}}  # [0] prunes nothing, silently (coremltools 9.0)
     g.update({"n_m_ratio": list(n_m)} if n_m else {"target_sparsity": sparsity})
     model = copy.deepcopy(module)
     cfg = MagnitudePrunerConfig.from_dict({"global_config": g, "module_name_configs": {n: None for n in skip}})

@@ -6,7 +6,7 @@ Schemes (``SCHEMES``, filled by ``@scheme``, keyed by ``schemes.OnnxScheme``; a 
 - ``fp16``: onnxruntime's float16 converter, fp32 inputs/outputs (``keep_io_types``) and a block list of
   overflow-prone ops kept fp32 (normalizations, their Pow/ReduceMean/Sqrt pieces, Exp/Softmax). NaN/Inf
   is caught by the parity check. (onnxconverter-common's converter breaks the TorchScript export's
-  time-projection cast: STACK.md.)
+  time-projection cast.)
 - ``int8-dynamic``: weight-only-at-rest int8 for MatMul/Gemm, activations quantized at run time.
   Convolutions are left fp32: dynamic Conv becomes ConvInteger, which has no fast CPU kernel.
 - ``int8-static``: QDQ, per-channel symmetric int8 weights, uint8 activations (the CPU/VNNI pairing
@@ -48,9 +48,9 @@ CALIBRATION_PROMPTS = [
 ]
 
 # Default gates (dB) against the PyTorch fp32 reference, per scheme (fp32 60 and fp16 35 from parity.py).
-# int8, measured here (the digits preset had not landed; random weights): int8-static text encoder /
+# int8, measured on random-weight presets: int8-static text encoder /
 # UNet / end to end = 45.3-48.6 / 42.3-44.9 / 44.4-46.1 dB on tiny (onnxruntime and INC), 40.1 / 47.1 /
-# 46.3 dB on sd15 (8 calibration prompts); int8-dynamic 47.8 / 62.9 / 62.4 dB on tiny. STACK.md saw
+# 46.3 dB on sd15 (8 calibration prompts); int8-dynamic 47.8 / 62.9 / 62.4 dB on tiny. An earlier run saw
 # 29.4 dB on the sd15 UNet with only 3 calibration inputs. 25 dB (rms error 5.6 % of the reference's
 # peak) sits 15 dB under everything measured here and 4 dB under that weakest run: a gate that a sound
 # calibration clears and a broken one (wrong ranges, an unquantizable op quantized) does not.

@@ -139,6 +139,7 @@ def test_every_target_is_tested():
 def test_every_target_dispatches_and_fails_cleanly(tmp_path, name):
     """``export`` reaches the target's exporter, which refuses a folder that is not a pipeline, writing nothing."""
     from instaflow_edge.convert import ConvertConfig, Target, export
+
     from instaflow_edge.errors import InstaflowError
 
     (tmp_path / "empty").mkdir()
@@ -150,9 +151,21 @@ def test_every_target_dispatches_and_fails_cleanly(tmp_path, name):
 
 
 def test_config_is_normalized_once_when_made():
-    from instaflow_edge.convert.config import ConvertConfig, CoreMLAttention, Optimize, Precision, Target
+    from instaflow_edge.convert.config import (
+        ConvertConfig,
+        CoreMLAttention,
+        Optimize,
+        Precision,
+        Target,
+    )
+    from instaflow_edge.quantize.schemes import (
+        CoreMLCompression,
+        MinTarget,
+        OnnxScheme,
+        QuantEngine,
+    )
+
     from instaflow_edge.errors import InputError
-    from instaflow_edge.quantize.schemes import CoreMLCompression, MinTarget, OnnxScheme, QuantEngine
 
     cfg = ConvertConfig(model="m", output="o", target="coreml", min_target="iOS18", precision="fp32",
                         attention="split-einsum", compress="prune-50+palettize-4")

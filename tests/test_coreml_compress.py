@@ -15,11 +15,11 @@ from instaflow_edge.convert import coreml as cm  # noqa: E402
 from instaflow_edge.convert import coreml_check as cc  # noqa: E402
 from instaflow_edge.convert.config import ConvertConfig  # noqa: E402
 from instaflow_edge.quantize import coreml as cq  # noqa: E402
+from instaflow_edge.quantize.schemes import CoreMLCompression  # noqa: E402
 
 from instaflow_edge.components import COMPONENTS, Sizes  # noqa: E402
 from instaflow_edge.errors import InputError, ModelError, ParityError  # noqa: E402
 from instaflow_edge.parity import psnr  # noqa: E402
-from instaflow_edge.quantize.schemes import CoreMLCompression  # noqa: E402
 
 # every Core ML compression and the ops its package must hold: the tests below run each one
 

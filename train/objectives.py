@@ -10,7 +10,7 @@ samples of a global batch get the same noise and time whatever the number of pro
 * reflow (2-rectified flow): the same objective on fixed (z, x1) pairs (the batch carries ``z``);
 * distill: ``s = 0`` and a loss on the one-step output ``z + v(z)`` — :class:`OneStepObjective`.
 
-The math is flow.py's (DESIGN.md): ``x_s = s·x1 + (1 − s)·z``, target ``x1 − z``, UNet at
+The math is flow.py's (docs/DESIGN.md): ``x_s = s·x1 + (1 − s)·z``, target ``x1 − z``, UNet at
 ``τ = 1000·(1 − s)``.
 """
 
@@ -57,7 +57,7 @@ def l2_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class OneStepObjective:
     """Distillation at ``s = 0``: ``distance(z + v(z, τ=1000), x1)`` on fixed (z, x1) pairs; the
-    distance is pluggable (L2 here; issue 4 adds pseudo-Huber and LPIPS)."""
+    distance is pluggable (L2, pseudo-Huber or LPIPS: losses.py)."""
 
     def __init__(self, distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = l2_distance):
         self.distance = distance

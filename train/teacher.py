@@ -24,8 +24,8 @@ from ..artifacts import (
 from ..errors import InputError
 from ..pipeline import ModelInfo, load_pipeline
 from ..presets import count_params
-from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from ..validators import boolean, integer, number
+from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from .config import TrainConfig
 
 DIGITS = "digits"

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import InputError
-from ..options import Device, DType
+from ..options import Device, DType, EvalBackend
 from ..quantize.schemes import CoreMLCompression, listing
 
 
@@ -26,7 +26,7 @@ def eval_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     coreml_compress: Optional[str] = typer.Option(None, "--coreml-compress", help=f"Score a one-step model with a Core ML compression scheme applied in PyTorch, exactly as `convert --target coreml --compress` ships it ({listing(CoreMLCompression, '|')})."),
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="With --coreml-compress mixed-bit: average bits per weight."),
-    backend: str = typer.Option("torch", "--backend", help="torch, or onnx: MODEL is an ONNX export (convert --target onnx / quantize), run by onnxruntime on the CPU, e.g. to score an int8 export."),
+    backend: EvalBackend = typer.Option(EvalBackend.torch, "--backend", help="torch, or onnx: MODEL is an ONNX export (convert --target onnx / quantize), run by onnxruntime on the CPU, e.g. to score an int8 export."),
 ) -> None:
     """Generate the fixed digit prompt set with fixed seeds and score it with the digits judge."""
     from ..digits.evaluate import EvalConfig, evaluate

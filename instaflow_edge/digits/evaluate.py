@@ -24,7 +24,6 @@ two validation halves 8.4 against each other (seed 0). The latter is reported as
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import time
 from pathlib import Path
@@ -32,17 +31,10 @@ from typing import Protocol
 
 from ..artifacts import atomic_write_text, make_manifest
 from ..errors import InputError, NumericsError
-from ..options import Device, DType
+from ..options import Device, DType, EvalBackend
 from ..pipeline import load_pipeline, resolve_device
 from ..runtime.onnx import open_export, read_scheme, sample
 from ..validators import boolean, choice, integer, optional_integer
-
-
-class EvalBackend(str, enum.Enum):
-    """What runs the model: PyTorch, or onnxruntime on an ONNX export (``convert --target onnx`` / ``quantize``)."""
-
-    torch = "torch"
-    onnx = "onnx"
 
 
 @dataclasses.dataclass
