@@ -1,7 +1,7 @@
 """One-step latency: torch eager fp32 vs ONNX Runtime exports (fp32 optimized, fp16, int8-static…).
 
     python -m instaflow_edge.bench.onnx_latency MODEL --export fp32=DIR --export int8-static=DIR \
-        [--threads 1] [--warmup 1] [--repeats 5] [--device cpu|cuda] [--sequential] [-o bench/results/NAME.json]
+        [--threads 1] [--warmup 1] [--repeats 5] [--device cpu|cuda] [--sequential] [-o NAME.json]
 
 Each run is the whole one-step image (text encoder → one-step UNet → VAE decoder) with a clock
 between the stages, so per-component and end-to-end figures come from the same runs; the fused
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the README table of a saved report and exit (no timing)")
     ap.add_argument("--sequential", action="store_true",
                     help="load and time one runtime at a time (less memory; ratios of medians instead of paired per-round ratios)")
-    ap.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: bench/results/<model>-<device>.json)")
+    ap.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: <model>-<device>.json here)")
     a = ap.parse_args(argv)
     if a.markdown:
         print(markdown(json.loads(a.markdown.read_text())))
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--device cuda: no CUDA GPU is visible here")
     report = bench(a.model, exports, a.threads, a.warmup, a.repeats, a.device, interleave=not a.sequential)
     print(table(report))
-    out = save_json(a.output or Path(__file__).parent / "results" / f"{Path(a.model).name}-{a.device}.json", report)
+    out = save_json(a.output or Path(f"{Path(a.model).name}-{a.device}.json"), report)
     print(f"wrote {out}")
     return 0
 
