@@ -108,19 +108,20 @@ class Pipeline:
 
     def save(self, folder: str | os.PathLike, info: ModelInfo | None = None) -> None:
         """Write the diffusers layout (safetensors) into ``folder`` (which the caller made atomic)."""
-        from diffusers import StableDiffusionPipeline
+        with quiet_libraries():  # the pipeline class's import advice and the shard-writing bar
+            from diffusers import StableDiffusionPipeline
 
-        sd = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        sd.save_pretrained(folder, safe_serialization=True)
+            sd = StableDiffusionPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                unet=self.unet,
+                scheduler=self.scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            sd.save_pretrained(folder, safe_serialization=True)
         _write_slow_tokenizer_files(self.tokenizer, Path(folder) / "tokenizer")
 
 

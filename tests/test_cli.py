@@ -139,6 +139,8 @@ def test_real_subprocess_end_to_end(tmp_path):
     exe = [sys.executable, "-m", "instaflow_edge.cli"]
     r = subprocess.run([*exe, "init", "tiny", str(tmp_path / "m")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # what it builds and where it wrote: no library chatter (warnings, shard-writing bars) around it
+    assert len(r.stdout.strip().splitlines()) == 2 and r.stderr.strip() == "", (r.stdout, r.stderr)
     r = subprocess.run([*exe, "generate", str(tmp_path / "m"), "a red fox", "-o", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
