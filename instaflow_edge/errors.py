@@ -34,6 +34,10 @@ class OutputExistsError(InstaflowError):
     """The output path exists and ``--force`` was not given."""
 
 
+class OutputBusyError(InstaflowError):
+    """Another process is writing the same output (or training in the same work dir)."""
+
+
 class DeviceError(InstaflowError):
     """The requested device or dtype is not available here."""
 
