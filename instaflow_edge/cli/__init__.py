@@ -7,9 +7,11 @@ as one line and exit non-zero (``--debug`` shows the traceback). This package is
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import typer
 from typer.core import TyperGroup
@@ -22,17 +24,57 @@ except ImportError:  # pragma: no cover
 from ..errors import InstaflowError
 
 
+class _Interrupted(BaseException):
+    """A KeyboardInterrupt on its way out of the command: typer turns a KeyboardInterrupt into a silent
+    exit code 130, so the group re-raises it as this (not a KeyboardInterrupt) and ``main`` reports it."""
+
+
+_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "interrupted by SIGTERM"}
+
+
+@contextlib.contextmanager
+def _interrupts_raise(received: list[int]) -> Iterator[None]:
+    """While the command runs, SIGINT and SIGTERM raise KeyboardInterrupt (so every ``atomic_dir`` and
+    lock is unwound: no temporary folder stays behind) and are noted in ``received``; the previous
+    handlers come back afterwards. Outside the main thread (signals cannot be handled there) nothing
+    changes."""
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {}
+    try:
+        for sig in _SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 class _OneLineErrors(TyperGroup):
     """Runs click in non-standalone mode and turns every error into a single ``error:`` line."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted() from e
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv or bool(os.environ.get("INSTAFLOW_EDGE_DEBUG"))
         code = 0
+        received: list[int] = []
         try:
-            rv = super().main(args=argv, prog_name=prog_name or "instaflow-edge", complete_var=complete_var,
-                              standalone_mode=False, **extra)
+            with _interrupts_raise(received):
+                rv = super().main(args=argv, prog_name=prog_name or "instaflow-edge", complete_var=complete_var,
+                                  standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
         except InstaflowError as e:
             if debug:
@@ -50,9 +92,11 @@ class _OneLineErrors(TyperGroup):
                 raise
             typer.echo(f"error: {e.format_message()}", err=True)
             code = e.exit_code
-        except (KeyboardInterrupt, typer.Abort):
-            typer.echo("interrupted: nothing was written", err=True)
-            code = 130
+        except (_Interrupted, KeyboardInterrupt, typer.Abort):
+            # Ctrl-C exits 130, SIGTERM 143 (128 + the signal's number, as shells report a killed process)
+            sig = received[0] if received else signal.SIGINT
+            typer.echo(f"{_SIGNALS.get(sig, 'interrupted')}: nothing was written", err=True)
+            code = 128 + int(sig)
         if not standalone_mode:
             return code
         sys.exit(code)
