@@ -101,7 +101,7 @@ def export_coreml(config: ConvertConfig) -> dict:
     from ..parity import check_all
 
     p = plan(config)
-    check_output(config.output, config.force)  # before minutes of work
+    check_output(config.output, config.force, (config.model, config.calibration_prompts))  # before minutes of work
     require("coremltools", "coreml")
 
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def export_coreml(config: ConvertConfig) -> dict:
     shapes = _image_sizes(config, pipe)
     names = ["text_encoder", "unet", "vae_decoder"] + (["generator"] if config.fused else [])
     components: dict[str, dict] = {}
-    with atomic_dir(config.output, config.force) as tmp:
+    with atomic_dir(config.output, config.force, (config.model, config.calibration_prompts)) as tmp:
         chain = _start_chain(pipe, shapes[0])
         measured: list = []  # every figure gated so far (Parity), the end-to-end image as it comes
         for name in names:

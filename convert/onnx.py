@@ -283,7 +283,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
     from ..quantize.onnx import CALIBRATION_PROMPTS, DEFAULT_COMPONENTS
 
     check_environment(cfg)
-    check_output(cfg.output, cfg.force)
+    check_output(cfg.output, cfg.force, (cfg.model, cfg.calibration_prompts))  # --force never replaces an input
     src = Path(cfg.model)
     if not src.is_dir():
         raise ModelError(f"model path {src} is not a folder", "pass a local pipeline folder (instaflow-edge init / train output)")
@@ -295,7 +295,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
     source_manifest = read_manifest(src) or {}
     prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
     timings: dict[str, float] = {}
-    with atomic_dir(cfg.output, cfg.force) as tmp:
+    with atomic_dir(cfg.output, cfg.force, (cfg.model, cfg.calibration_prompts)) as tmp:
         refs, inc_done = {}, []
         for name in names:
             spec = onnx_spec(name)

@@ -145,11 +145,12 @@ def generate(config: GenerateConfig, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
 
-    check_output(config.output, config.force)
+    inputs = (config.model,)  # --force replaces a previous output, never the model
+    check_output(config.output, config.force, inputs)
     jobs = plan(config)
     info: dict = {}
     records, seconds = [], []
-    with atomic_dir(config.output, config.force) as tmp:
+    with atomic_dir(config.output, config.force, inputs) as tmp:  # locked: one writer per output
         render = BACKENDS[config.backend.value](config, info)
         bar = tqdm(jobs, desc="generating", unit="img", disable=not progress or len(jobs) < 2)
         for job in bar:

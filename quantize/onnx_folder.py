@@ -16,6 +16,7 @@ from ..artifacts import (
     MANIFEST,
     atomic_dir,
     check_output,
+    check_overlap,
     make_manifest,
     read_manifest,
     write_manifest,
@@ -65,6 +66,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
         default_gate,
     )
 
+    check_overlap(cfg.output, (cfg.source, cfg.calibration_prompts))  # --force never replaces an input
     src = Path(cfg.source)
     if not src.is_dir():
         raise ModelError(f"{src} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
@@ -81,10 +83,10 @@ def quantize(cfg: QuantizeConfig) -> dict:
                              "quantize the fp32 export instead")
     for n in meta["components"]:
         onnx_io.session(src / n / onnx_io.MODEL_FILE)  # a corrupt model fails here, before any work
-    check_output(cfg.output, cfg.force)
+    check_output(cfg.output, cfg.force, (cfg.source, cfg.calibration_prompts))
     prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
     gate = cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.scheme)
-    with atomic_dir(cfg.output, cfg.force) as tmp:
+    with atomic_dir(cfg.output, cfg.force, (cfg.source, cfg.calibration_prompts)) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST, ".*"))
         write_manifest(tmp, {"kind": "onnx-export-partial", "onnx": meta})  # calibration reads it
         apply_scheme(tmp, cfg.scheme, names, prompts)

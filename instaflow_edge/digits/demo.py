@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..artifacts import atomic_write_text, make_manifest
+from ..artifacts import atomic_write_text, check_output, make_manifest, output_lock
 from ..errors import InputError
 from ..presets import InitConfig, init
 from ..train.reflow import DistillConfig, ReflowConfig, train_distill, train_reflow
@@ -89,12 +89,20 @@ def _complete(folder: Path) -> bool:
 
 
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the demo; returns the results written to OUT/results.json."""
+    """Run (or resume) the demo; returns the results written to OUT/results.json. The demo folder is
+    locked while the demo runs (a second demo into it is refused)."""
+    config.validate()
+    # it resumes into OUT, and --force deletes OUT: never the folder the user works in, or one holding it
+    check_output(config.output, config.force, exists_ok=True)
+    with output_lock(config.output, what="demo folder"):
+        return _run_demo(config, log)
+
+
+def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> dict:
     import shutil
 
     from ..train.reflow_data import ReflowDataConfig, make_reflow_data
 
-    config.validate()
     P = config.profile
     out = Path(config.output)
     if config.force and out.exists():

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from ..artifacts import atomic_write_text, make_manifest
+from ..artifacts import atomic_write_text, check_overlap, make_manifest
 from ..errors import InputError, NumericsError
 from ..options import Device, DType, EvalBackend
 from ..pipeline import load_pipeline, resolve_device
@@ -81,6 +81,7 @@ class EvalConfig:
             path = Path(self.json)
             if path.is_dir() or not path.parent.is_dir():
                 raise InputError(f"cannot write --json {path}", "pass a file path inside an existing folder")
+            check_overlap(path, (self.model,), what="--json file")  # never a file of the model
         if self.backend is EvalBackend.onnx:
             if self.real_only:
                 raise InputError("--backend onnx scores an ONNX export; --real does not apply",
