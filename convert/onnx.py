@@ -17,6 +17,8 @@ Folder layout (optimum's ONNX diffusion layout, docs/DESIGN.md)::
     [unet_velocity/model.onnx]  tokenizer/  scheduler/  model_index.json  manifest.json
 
 each component folder with the source's ``config.json``; weights over 2 GB in ``model.onnx_data``.
+``scheduler/`` is not the source's: it is :data:`PIPELINE_SCHEDULER`, under which diffusers'/optimum's
+``StableDiffusionPipeline`` reproduces the one-step image (docs/optimum.md).
 """
 
 from __future__ import annotations
@@ -57,6 +59,48 @@ _MODEL_TYPE = {"text_encoder": "clip", "unet": "unet", "unet_velocity": "unet", 
 # fusions whose ops have no CPU kernel (GroupNorm, NhwcConv, BiasSplitGelu, BiasAdd, packed QKV/KV)
 _CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
                       "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
+
+
+# The scheduler an export ships for diffusers'/optimum's StableDiffusionPipeline (docs/optimum.md), so that
+# ``pipe(prompt, num_inference_steps=1, guidance_scale<=1, latents=z)`` gives generate --backend onnx's image.
+# What that call does with it (diffusers 0.39 = optimum 2.1's, and 0.42 alike; DDIMScheduler is the same file):
+# - latents = z * init_noise_sigma, which DDIM sets to 1.0; scale_model_input returns the sample unchanged;
+# - trailing spacing: round(arange(num_train_timesteps, 0, -num_train_timesteps / 1)) - 1 = [1000] with 1001
+#   train timesteps (1000 of them would give 999); optimum casts it to the UNet's float32 input: 1000.0;
+# - the UNet graph returns z + v(z, 1000), the final latent: prediction_type "sample" takes it as x0, with
+#   clip_sample off (DDIM's default clamps x0 to [-1, 1]) and no thresholding;
+# - prev_timestep = 1000 - 1001 // 1 < 0, so alpha_prev = final_alpha_cumprod = 1 (set_alpha_to_one) and
+#   prev = 1 ** 0.5 * x0 + (1 - 1) ** 0.5 * eps = x0 exactly (eta 0: no noise; eps is finite, so 0 * eps = 0);
+# - vae.decode(latents / vae.config.scaling_factor): our vae_decoder/config.json carries the model's factor.
+# The betas only enter eps (times 0); SD's are kept. steps_offset is unused by trailing spacing; 1 keeps
+# diffusers from rewriting the config with a deprecation warning.
+PIPELINE_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1001,
+    "timestep_spacing": "trailing",
+    "prediction_type": "sample",
+    "set_alpha_to_one": True,
+    "clip_sample": False,
+    "thresholding": False,
+    "steps_offset": 1,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+}
+
+
+def pipeline_scheduler_record(one_step: bool) -> dict:
+    """What the manifest says about the shipped scheduler: which diffusers/optimum calls reproduce which
+    ``generate --backend onnx`` run. The UNet graph is the one-step generator, so only one step does:
+    no scheduler turns ``z + v`` into the Euler rule's later steps (docs/optimum.md)."""
+    return {
+        "class": PIPELINE_SCHEDULER["_class_name"],
+        "config": "scheduler/scheduler_config.json",
+        "reproduces": {"num_inference_steps": 1, "guidance_scale": "<= 1 (no guidance)",
+                       "generate": "--backend onnx --steps 1"},
+        "other_steps": None if one_step else
+        "not reproduced by the pipeline: generate --backend onnx --steps N runs unet_velocity with the Euler rule",
+    }
 
 
 class _OneStepUnet:
@@ -263,10 +307,12 @@ def attention_to_mha(model) -> int:
 
 
 def _copy_pipeline_files(src: Path, dst: Path, names: list[str]) -> None:
-    for sub in ("tokenizer", "scheduler"):
-        shutil.copytree(src / sub, dst / sub)
+    shutil.copytree(src / "tokenizer", dst / "tokenizer")
+    (dst / "scheduler").mkdir()
+    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(PIPELINE_SCHEDULER, indent=2) + "\n")
     index = json.loads((src / "model_index.json").read_text())
     index.pop("vae", None)
+    index["scheduler"] = ["diffusers", PIPELINE_SCHEDULER["_class_name"]]
     for name in names:
         index.setdefault(name, ["diffusers" if name != "text_encoder" else "transformers", "OnnxRuntimeModel"])
     (dst / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -320,7 +366,8 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         meta = {"latent_shape": [sizes.latent_channels, sizes.latent_height, sizes.latent_width],
                 "height": sizes.height, "width": sizes.width, "scaling_factor": pipe.scaling_factor,
                 "flow": pipe.info.flow, "default_steps": pipe.info.default_steps, "exporter": EXPORTER,
-                "opset": cfg.opset, "components": names, "size_multiple": pipe.size_multiple}
+                "opset": cfg.opset, "components": names, "size_multiple": pipe.size_multiple,
+                "pipeline_scheduler": pipeline_scheduler_record(pipe.info.one_step)}
         _copy_pipeline_files(src, tmp, names)
         del pipe
         gc.collect()  # the torch model is not needed past here (SD1.5: 4.3 GB)

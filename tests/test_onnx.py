@@ -99,6 +99,46 @@ def test_fp32_export_dynamic_batch_matches_torch(fp32_export, tiny_pipe):
         assert compare(name, ref, out).psnr > 60
 
 
+def test_export_ships_the_one_step_pipeline_scheduler(fp32_export):
+    """scheduler/ is the DDIM config under which diffusers'/optimum's StableDiffusionPipeline reproduces the
+    one-step image (docs/optimum.md). Here with our own diffusers: the config loads, one step is τ = 1000,
+    and the pipeline's arithmetic on our sessions (init_noise_sigma, scale_model_input, float32 timestep,
+    step, ÷ the VAE config's scaling_factor) gives run_one_step's image bitwise. tests/test_optimum.py
+    (slow) runs optimum's own pipeline."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from instaflow_edge.generator import make_noise
+    from instaflow_edge.runtime import onnx_io
+    from instaflow_edge.runtime.onnx import export_meta, run_one_step, tokenize
+
+    cfg = json.loads((fp32_export / "scheduler" / "scheduler_config.json").read_text())
+    chosen = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1001, "timestep_spacing": "trailing",
+              "prediction_type": "sample", "set_alpha_to_one": True, "clip_sample": False, "thresholding": False}
+    assert {k: cfg.get(k) for k in chosen} == chosen
+    assert json.loads((fp32_export / "model_index.json").read_text())["scheduler"] == ["diffusers", "DDIMScheduler"]
+    record = manifest(fp32_export)["onnx"]["pipeline_scheduler"]
+    assert record["class"] == "DDIMScheduler" and record["reproduces"]["num_inference_steps"] == 1
+    assert record["other_steps"] is None  # a one-step model: nothing else to reproduce
+
+    sched = DDIMScheduler.from_pretrained(fp32_export / "scheduler")
+    sched.set_timesteps(1)
+    assert sched.timesteps.tolist() == [1000] and sched.init_noise_sigma == 1.0
+    meta = export_meta(fp32_export)
+    ids = tokenize(fp32_export, ["a red fox in snow"])
+    noise = make_noise([0], tuple(meta["latent_shape"])).numpy()
+    s = {n: onnx_io.session(fp32_export / n / "model.onnx") for n in ("text_encoder", "unet", "vae_decoder")}
+    ehs = s["text_encoder"].run(None, {"input_ids": ids})[0]
+    t = sched.timesteps[0]
+    z = sched.scale_model_input(torch.from_numpy(noise) * sched.init_noise_sigma, t)
+    out = s["unet"].run(None, {"sample": z.numpy(), "timestep": np.array([t], np.float32), "encoder_hidden_states": ehs})[0]
+    latents = sched.step(torch.from_numpy(out), t, z, return_dict=False)[0]
+    assert torch.equal(latents, torch.from_numpy(out))  # the DDIM step returns the x0 prediction, bit for bit
+    factor = json.loads((fp32_export / "vae_decoder" / "config.json").read_text())["scaling_factor"]
+    img = s["vae_decoder"].run(None, {"latent_sample": (latents / factor).numpy()})[0]
+    np.testing.assert_array_equal(np.clip(img / 2 + 0.5, 0, 1), run_one_step(fp32_export, ids, noise, meta))
+
+
 def test_convert_int8_static(int8_export):
     m = manifest(int8_export)
     assert m["quantize"]["scheme"] == "int8-static" and m["quantize"]["components"] == ["text_encoder", "unet"]
@@ -304,6 +344,7 @@ def test_multi_step_flow_exports_velocity_unet(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert manifest(out)["onnx"]["components"][-1] == "unet_velocity"
     assert any(p["component"] == "unet_velocity" and p["psnr"] >= 60 for p in manifest(out)["parity"])
+    assert manifest(out)["onnx"]["pipeline_scheduler"]["other_steps"]  # the manifest says optimum does 1 step only
     imgs = {}
     for backend, model in (("torch", src), ("onnx", out)):
         r = run("generate", model, "a red fox in snow", "--backend", backend, "-o", tmp_path / backend)
