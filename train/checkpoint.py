@@ -10,7 +10,11 @@ A checkpoint is a folder ``WORK/checkpoint-0000500`` holding
 
 It is built in a hidden temporary sibling and renamed into place (``artifacts.atomic_dir``), so a crash
 mid-write leaves the previous checkpoint as the latest one; ``latest`` ignores hidden folders and
-folders without ``trainer_state.json``. Only the main process writes.
+folders without ``trainer_state.json``, and the next run in the work dir removes them
+(:func:`remove_stale`, under the work dir's lock). Only the main process writes.
+
+A resumed run must keep the settings that fix the data order and the noise (:data:`ORDER_SETTINGS`,
+stored in ``trainer_state.json``): :func:`check_settings` refuses a different value.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from ..errors import InputError
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_STALE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)-[A-Za-z0-9_]+$")  # atomic_dir's temporary folders
+# every random draw is a function of (seed, step) and the data order of (seed, batch_size): change one and
+# a resumed run no longer continues the one it resumes
+ORDER_SETTINGS = ("batch_size", "seed")
 STATE = "trainer_state.json"
 FILES = ("model.safetensors", "optimizer.pt", "rng_state.json", STATE)
 
@@ -46,6 +54,32 @@ def list_checkpoints(work: Path) -> list[Path]:
         if m and p.is_dir() and (p / STATE).is_file():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def remove_stale(work: Path) -> list[Path]:
+    """Remove the temporary checkpoint folders (``.checkpoint-N.tmp-*``, ``.checkpoint-N.old-*``) a killed
+    run left in ``work``. Call it only while holding the work dir's lock (then no live run writes them)."""
+    if not work.is_dir():
+        return []
+    stale = sorted(p for p in work.iterdir() if _STALE.match(p.name) and p.is_dir() and not p.is_symlink())
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def check_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume from checkpoint ``path`` with other ``settings`` (``{name: value}``, see
+    :data:`ORDER_SETTINGS`) than it was made with; a checkpoint that did not record one is not checked."""
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError):
+        return  # load_checkpoint reports an unreadable checkpoint, with its fix
+    for name, value in settings.items():
+        if isinstance(state, dict) and name in state and state[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"checkpoint {path} was made with {flag} {state[name]}, this run has {flag} {value}",
+                             f"resume with {flag} {state[name]} (it fixes the data order and the noise), "
+                             "or drop --resume and pass --force to start over")
 
 
 def resolve_resume(resume: str | None, work: Path) -> Path | None:

@@ -16,6 +16,7 @@ random depends on state that a checkpoint does not hold.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..artifacts import claim_output, output_lock
 from ..errors import DeviceError, InputError, NumericsError, OutputExistsError
 from ..progress import say
 from . import checkpoint as ckpt
@@ -131,13 +133,31 @@ class FitResult:
     ema: bool  # the returned model holds the EMA weights
 
 
+def claimed(config: TrainConfig, accelerator) -> contextlib.AbstractContextManager:
+    """The output's lock (``artifacts.claim_output``) for a whole run, held by the main process: the
+    other processes write nothing."""
+    if accelerator.is_main_process:
+        return claim_output(config.output, config.force, config.inputs())
+    return contextlib.nullcontext()
+
+
 def fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: BatchSource, objective,
         describe: str = "training") -> tuple[torch.nn.Module, FitResult]:
     """Train ``model`` on ``source`` with ``objective`` for ``config.max_steps`` optimizer steps.
 
     Returns the unwrapped model holding the weights to save (EMA when on) and a summary. Checkpoints and
-    the metrics log go to ``config.work_path`` (main process only).
+    the metrics log go to ``config.work_path`` (main process only), whose lock the main process holds
+    while it trains: a second run in the same work dir is refused.
     """
+    config.check_work_dir()
+    with contextlib.ExitStack() as held:
+        if accelerator.is_main_process:
+            held.enter_context(output_lock(config.work_path, what="work dir"))
+        return _fit(config, accelerator, model, source, objective, describe)
+
+
+def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: BatchSource, objective,
+         describe: str) -> tuple[torch.nn.Module, FitResult]:
     from torch.optim.lr_scheduler import LambdaLR
     from tqdm.auto import tqdm
 
@@ -274,6 +294,8 @@ def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | No
     import shutil
 
     resume_path = ckpt.resolve_resume(config.resume, work)
+    if resume_path is not None:
+        ckpt.check_settings(resume_path, {name: getattr(config, name) for name in ckpt.ORDER_SETTINGS})
     existing = ckpt.list_checkpoints(work)
     if config.resume is None and existing and not config.force:
         raise OutputExistsError(f"work dir {work} holds checkpoints of an earlier run",
@@ -282,6 +304,7 @@ def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | No
         say("train", f"no checkpoint in {work} yet: starting from step 0")
     accelerator.wait_for_everyone()  # every process has read the folder before the main one edits it
     if accelerator.is_main_process:
+        ckpt.remove_stale(work)  # temporary checkpoint folders of a killed run (we hold the work dir's lock)
         if config.resume is None and config.force:
             for old in existing:
                 shutil.rmtree(old, ignore_errors=True)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ..artifacts import (
     atomic_dir,
-    check_output,
     make_manifest,
     sha256_tree,
     write_manifest,
@@ -50,6 +49,9 @@ class PairsTrainConfig(TrainConfig):
         optional_integer("max_pairs", self.max_pairs, 1)
         boolean("allow_pickle", self.allow_pickle)
 
+    def inputs(self) -> tuple[str, ...]:
+        return (self.model, self.pairs)
+
 
 @dataclasses.dataclass(kw_only=True)
 class ReflowConfig(PairsTrainConfig):
@@ -79,6 +81,9 @@ class DistillConfig(PairsTrainConfig):
         if self.loss is DistillLoss.lpips and not self.lpips_weights:
             raise InputError("--loss lpips needs LPIPS weights, which cannot be downloaded here",
                              "pass --lpips-weights FILE (lpips.LPIPS(net='vgg').state_dict()), or use --loss l2")
+
+    def inputs(self) -> tuple[str, ...]:
+        return (*super().inputs(), *((self.lpips_weights,) if self.lpips_weights else ()))
 
 
 class PairsSource:
@@ -126,7 +131,7 @@ def _save(cfg, accelerator, pipe, unet, result, info, stage: str, pairs, extra: 
 
     if accelerator.is_main_process:
         pipe.unet = unet.eval().requires_grad_(False)
-        with atomic_dir(cfg.output, cfg.force) as tmp:
+        with atomic_dir(cfg.output, cfg.force, cfg.inputs()) as tmp:
             pipe.save(tmp, info)
             write_manifest(tmp, make_manifest(
                 "pipeline", cfg, model=dataclasses.asdict(info), stage=stage, base_model=cfg.model,
@@ -136,37 +141,40 @@ def _save(cfg, accelerator, pipe, unet, result, info, stage: str, pairs, extra: 
                 content_sha256=sha256_tree(tmp), **extra,
             ))
     accelerator.wait_for_everyone()
-    _end_distributed()
 
 
 def train_reflow(config: ReflowConfig) -> str:
     """Train a 2-rectified flow on fixed teacher pairs; returns the output folder."""
-    from .engine import fit, make_accelerator
+    from .engine import claimed, fit, make_accelerator
     from .objectives import RectifiedFlowObjective
 
-    check_output(config.output, config.force)
+    config.check_paths()  # before minutes of training: no overlap with an input, no existing output
     accelerator = make_accelerator(config)
-    pipe, pairs = _load(config, accelerator)
-    source = PairsSource(pairs, pipe, config.cfg_dropout)
-    unet, result = fit(config, accelerator, pipe.unet, source, RectifiedFlowObjective(), describe="train reflow")
-    info = ModelInfo(flow="rectified_flow", default_steps=config.default_steps, source=config.model)
-    _save(config, accelerator, pipe, unet, result, info, "reflow", pairs, {})
+    with claimed(config, accelerator):  # the main process holds the output's lock for the whole run
+        pipe, pairs = _load(config, accelerator)
+        source = PairsSource(pairs, pipe, config.cfg_dropout)
+        unet, result = fit(config, accelerator, pipe.unet, source, RectifiedFlowObjective(), describe="train reflow")
+        info = ModelInfo(flow="rectified_flow", default_steps=config.default_steps, source=config.model)
+        _save(config, accelerator, pipe, unet, result, info, "reflow", pairs, {})
+    _end_distributed()
     return os.fspath(config.output)
 
 
 def train_distill(config: DistillConfig) -> str:
     """Distil MODEL into a one-step generator on fixed teacher pairs; returns the output folder."""
-    from .engine import fit, make_accelerator
+    from .engine import claimed, fit, make_accelerator
     from .losses import make_distance
     from .objectives import OneStepObjective
 
-    check_output(config.output, config.force)
+    config.check_paths()  # before minutes of training: no overlap with an input, no existing output
     accelerator = make_accelerator(config)
-    pipe, pairs = _load(config, accelerator)
-    distance = make_distance(config.loss, pipe, config.lpips_weights, config.allow_pickle)
-    source = PairsSource(pairs, pipe)
-    unet, result = fit(config, accelerator, pipe.unet, source, OneStepObjective(distance), describe="train distill")
-    info = ModelInfo(flow="rectified_flow", default_steps=1, source=config.model)
-    _save(config, accelerator, pipe, unet, result, info, "distill", pairs, {"one_step": True, "loss": config.loss.value})
+    with claimed(config, accelerator):  # the main process holds the output's lock for the whole run
+        pipe, pairs = _load(config, accelerator)
+        distance = make_distance(config.loss, pipe, config.lpips_weights, config.allow_pickle)
+        source = PairsSource(pairs, pipe)
+        unet, result = fit(config, accelerator, pipe.unet, source, OneStepObjective(distance), describe="train distill")
+        info = ModelInfo(flow="rectified_flow", default_steps=1, source=config.model)
+        _save(config, accelerator, pipe, unet, result, info, "distill", pairs, {"one_step": True, "loss": config.loss.value})
+    _end_distributed()
     return os.fspath(config.output)
 

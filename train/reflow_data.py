@@ -15,10 +15,12 @@ shards k with k % world_size == r.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -28,7 +30,9 @@ import numpy as np
 
 from ..artifacts import (
     atomic_write_text,
+    check_output,
     make_manifest,
+    output_lock,
     read_manifest,
     sha256_file,
     write_manifest,
@@ -36,7 +40,7 @@ from ..artifacts import (
 from ..errors import InputError, NumericsError, OutputExistsError
 from ..options import Device, DType
 from ..pipeline import load_pipeline, resolve_device
-from ..validators import boolean, choice, integer, number, optional_integer, prompt_file
+from ..validators import boolean, choice, image_side, integer, number, prompt_file, seed
 
 FORMAT = "instaflow-edge/reflow-data/1"
 
@@ -84,9 +88,9 @@ class ReflowDataConfig:
             raise InputError("give exactly one prompt source", "pass --prompts FILE or --data digits|FOLDER")
         for name in ("num_pairs", "shard_size", "steps", "batch_size"):
             integer(name, getattr(self, name), 1)
-        integer("seed", self.seed, 0)
-        optional_integer("height", self.height, 1)
-        optional_integer("width", self.width, 1)
+        seed("seed", self.seed)
+        image_side("height", self.height)
+        image_side("width", self.width)
         self.guidance = number("guidance", self.guidance, 0.0)
         if not isinstance(self.negative_prompt, str):
             raise InputError(f"negative_prompt must be text, got {self.negative_prompt!r}", "fix --negative-prompt")
@@ -95,6 +99,11 @@ class ReflowDataConfig:
         self.dtype = choice("dtype", self.dtype, DType)
         boolean("allow_pickle", self.allow_pickle)
         boolean("force", self.force)
+
+    def inputs(self) -> tuple[str, ...]:
+        """The paths this run reads: the output may not be, contain or lie inside one of them."""
+        data = (self.data,) if self.data not in (None, "digits") else ()
+        return (self.teacher, *data, *(p for p in (self.prompts, self.captions) if p))
 
 
 def pair_seed(seed: int, index: int) -> int:
@@ -143,10 +152,10 @@ def verify_shard(folder: Path, k: int, expect: dict | None = None) -> dict | Non
     if not (data.is_file() and side.is_file()):
         return None
     try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads(side.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):  # not UTF-8, not JSON: a corrupt shard, made again
         return None
-    if meta.get("sha256") != sha256_file(data):
+    if not isinstance(meta, dict) or meta.get("sha256") != sha256_file(data):
         return None
     if expect is not None and any(meta.get(key) != value for key, value in expect.items()):
         return None
@@ -169,12 +178,21 @@ def _write_shard(folder: Path, k: int, tensors: dict, meta: dict) -> None:
     atomic_write_text(side, json.dumps(meta, indent=1) + "\n")  # the sidecar commits the shard
 
 
+# temporary files of _write_shard and atomic_write_text (tempfile's random 8-character suffix)
+_STALE = re.compile(r"^\.(shard-\d+\.(safetensors|json)|manifest\.json)\.[A-Za-z0-9_]+$")
+
+
 def _prepare_output(config: ReflowDataConfig, identity: dict) -> Path:
+    """Run by rank 0 while it holds the output's lock."""
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} is a file", "choose a folder")
     if out.exists() and config.force:
         shutil.rmtree(out)
+    if out.is_dir():  # temporary files a killed run left (no live run writes here: we hold the lock)
+        for p in out.iterdir():
+            if _STALE.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
     if out.exists():
         m = read_manifest(out)
         known = (m or {}).get("identity")
@@ -189,14 +207,21 @@ def _prepare_output(config: ReflowDataConfig, identity: dict) -> Path:
 
 
 def make_reflow_data(config: ReflowDataConfig, progress: bool = True) -> dict:
-    """Generate (or finish) the reflow data of ``config``; returns the dataset manifest."""
+    """Generate (or finish) the reflow data of ``config``; returns the dataset manifest. Rank 0 holds
+    the output's lock throughout (one run per output; a second is refused)."""
+    check_output(config.output, config.force, config.inputs(), exists_ok=True)  # it resumes; never an input
+    state = _dist_state(cpu=config.device is Device.cpu)
+    with output_lock(config.output) if state["rank"] == 0 else contextlib.nullcontext():
+        return _make_reflow_data(config, state, progress)
+
+
+def _make_reflow_data(config: ReflowDataConfig, state: dict, progress: bool) -> dict:
     import torch
     from tqdm.auto import tqdm
 
     from ..generator import generate_latents, make_noise
 
     prompts = load_prompts(config)
-    state = _dist_state(cpu=config.device is Device.cpu)
     device = state["device"] if state["world"] > 1 else resolve_device(config.device.value)
     pipe = load_pipeline(config.teacher, str(device) if device.type == "cuda" else device.type, config.dtype.value,
                          config.allow_pickle)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ..artifacts import (
     atomic_dir,
-    check_output,
     make_manifest,
     sha256_tree,
     write_manifest,
@@ -24,7 +23,7 @@ from ..artifacts import (
 from ..errors import InputError
 from ..pipeline import ModelInfo, load_pipeline
 from ..presets import count_params
-from ..validators import boolean, integer, number
+from ..validators import boolean, integer, number, short
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from .config import TrainConfig
 
@@ -51,11 +50,17 @@ class TeacherConfig(TrainConfig):
         if self.data != DIGITS and not Path(self.data).is_dir():
             raise InputError(f"data folder {self.data} does not exist or is not a folder",
                              "pass --data digits, or a folder of images with captions.jsonl/captions.csv")
+        if self.captions is not None and (not isinstance(self.captions, str) or not self.captions):
+            raise InputError(f"captions must be the path of a captions file, got {short(self.captions)}",
+                             "pass --captions FILE (or set captions to a path in the config file)")
         if self.captions is not None and self.data == DIGITS:
             raise InputError("--captions applies to a data folder, not to --data digits", "drop --captions")
         self.cfg_dropout = number("cfg_dropout", self.cfg_dropout, 0.0, 1.0, open_high=True)
         integer("default_steps", self.default_steps, 1)
         boolean("allow_pickle", self.allow_pickle)
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.model, *((self.data,) if self.data != DIGITS else ()), *((self.captions,) if self.captions else ()))
 
 
 class TeacherSource:
@@ -106,37 +111,38 @@ def cache_latents(pipe, dataset, batch_size: int = 64, progress: bool = True):
 
 def train_teacher(config: TeacherConfig) -> str:
     """Train a 1-rectified flow on ``config.data`` from ``config.model``; returns the output folder."""
-    from .engine import fit, make_accelerator, training_summary
+    from .engine import claimed, fit, make_accelerator, training_summary
     from .objectives import RectifiedFlowObjective
 
-    check_output(config.output, config.force)  # before minutes of training
+    config.check_paths()  # before minutes of training: no overlap with an input, no existing output
     accelerator = make_accelerator(config)
-    main = accelerator.is_main_process
-    dev = accelerator.device
-    pipe = load_pipeline(config.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
-                         allow_pickle=config.allow_pickle)
-    dataset = load_dataset(config, pipe.default_size)
-    latents, prompt_index, prompts = cache_latents(pipe, dataset, progress=config.progress and main)
-    source = TeacherSource(latents, prompt_index, prompts, pipe, config.cfg_dropout)
-    unet, result = fit(config, accelerator, pipe.unet, source, RectifiedFlowObjective(), describe="train teacher")
+    with claimed(config, accelerator):  # the main process holds the output's lock for the whole run
+        main = accelerator.is_main_process
+        dev = accelerator.device
+        pipe = load_pipeline(config.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
+                             allow_pickle=config.allow_pickle)
+        dataset = load_dataset(config, pipe.default_size)
+        latents, prompt_index, prompts = cache_latents(pipe, dataset, progress=config.progress and main)
+        source = TeacherSource(latents, prompt_index, prompts, pipe, config.cfg_dropout)
+        unet, result = fit(config, accelerator, pipe.unet, source, RectifiedFlowObjective(), describe="train teacher")
 
-    if main:
-        pipe.unet = unet.eval().requires_grad_(False)
-        info = ModelInfo(flow="rectified_flow", default_steps=config.default_steps, source=config.model)
-        with atomic_dir(config.output, config.force) as tmp:
-            pipe.save(tmp, info)
-            write_manifest(tmp, make_manifest(
-                "pipeline", config,
-                model=dataclasses.asdict(info),
-                stage="teacher",
-                base_model=config.model,
-                data={"source": config.data, "samples": len(dataset), "unique_prompts": len(prompts),
-                      "latent_shape": list(latents.shape[1:])},
-                training=training_summary(config, result, accelerator),
-                params={k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")},
-                content_sha256=sha256_tree(tmp),
-            ))
-    accelerator.wait_for_everyone()
+        if main:
+            pipe.unet = unet.eval().requires_grad_(False)
+            info = ModelInfo(flow="rectified_flow", default_steps=config.default_steps, source=config.model)
+            with atomic_dir(config.output, config.force, config.inputs()) as tmp:
+                pipe.save(tmp, info)
+                write_manifest(tmp, make_manifest(
+                    "pipeline", config,
+                    model=dataclasses.asdict(info),
+                    stage="teacher",
+                    base_model=config.model,
+                    data={"source": config.data, "samples": len(dataset), "unique_prompts": len(prompts),
+                          "latent_shape": list(latents.shape[1:])},
+                    training=training_summary(config, result, accelerator),
+                    params={k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")},
+                    content_sha256=sha256_tree(tmp),
+                ))
+        accelerator.wait_for_everyone()
     _end_distributed()
     return os.fspath(config.output)
 
