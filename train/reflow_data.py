@@ -40,7 +40,7 @@ from ..artifacts import (
 from ..errors import InputError, NumericsError, OutputExistsError
 from ..options import Device, DType
 from ..pipeline import load_pipeline, resolve_device
-from ..validators import boolean, choice, image_side, integer, number, prompt_file, seed
+from ..validators import boolean, choice, integer, number, optional_integer, prompt_file
 
 FORMAT = "instaflow-edge/reflow-data/1"
 
@@ -88,9 +88,9 @@ class ReflowDataConfig:
             raise InputError("give exactly one prompt source", "pass --prompts FILE or --data digits|FOLDER")
         for name in ("num_pairs", "shard_size", "steps", "batch_size"):
             integer(name, getattr(self, name), 1)
-        seed("seed", self.seed)
-        image_side("height", self.height)
-        image_side("width", self.width)
+        integer("seed", self.seed, 0)
+        optional_integer("height", self.height, 1)
+        optional_integer("width", self.width, 1)
         self.guidance = number("guidance", self.guidance, 0.0)
         if not isinstance(self.negative_prompt, str):
             raise InputError(f"negative_prompt must be text, got {self.negative_prompt!r}", "fix --negative-prompt")
@@ -152,10 +152,10 @@ def verify_shard(folder: Path, k: int, expect: dict | None = None) -> dict | Non
     if not (data.is_file() and side.is_file()):
         return None
     try:
-        meta = json.loads(side.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):  # not UTF-8, not JSON: a corrupt shard, made again
+        meta = json.loads(side.read_text())
+    except json.JSONDecodeError:
         return None
-    if not isinstance(meta, dict) or meta.get("sha256") != sha256_file(data):
+    if meta.get("sha256") != sha256_file(data):
         return None
     if expect is not None and any(meta.get(key) != value for key, value in expect.items()):
         return None
