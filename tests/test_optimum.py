@@ -32,7 +32,7 @@ pytest.importorskip("onnxruntime")
 
 # optimum's venv, in install order: one pip call per group
 OPTIMUM_PINS = (
-    ("torch==2.13.0",),  # alone and first: the CPU build; later groups then find torch installed
+    ("torch==2.13.0",),  # alone and first, as make setup does: anything else pulls a multi-GB CUDA build
     ("optimum==2.1.0", "optimum-onnx==0.1.0", "diffusers==0.39.0", "transformers==4.57.6",
      "onnxruntime==1.32.0", "huggingface_hub==0.36.2", "numpy<2.4", "pillow"),
 )
