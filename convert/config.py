@@ -64,11 +64,23 @@ class CoreMLAttention(str, enum.Enum):
 ATTENTION_FOR = {CoreMLAttention.original: "GPU", CoreMLAttention.split_einsum: "Neural Engine"}
 
 
+class CoreMLLayout(str, enum.Enum):
+    """Which program the Core ML packages are for: Apple's Swift ``StableDiffusionPipeline`` (its names,
+    shapes and dtypes; the Unet answers its DPM-Solver++ with ε) or our own one-step chain."""
+
+    apple = "apple"
+    native = "native"
+
+
+LAYOUT_FOR = {CoreMLLayout.apple: "Apple's Swift StableDiffusion pipeline, --scheduler dpmpp --step-count 1",
+              CoreMLLayout.native: "our one-step chain: Unet output is the final latent; generate --backend coreml"}
+
+
 @dataclasses.dataclass
 class ConvertConfig:
     """Options of ``instaflow-edge convert``. ONNX-only: opset, optimize, quantize, engine,
-    calibration_prompts, quantize_components. Core ML-only: min_target, precision, attention, compress,
-    target_bits, sizes."""
+    calibration_prompts, quantize_components. Core ML-only: layout, min_target, precision, attention,
+    compress, target_bits, sizes."""
 
     model: str
     output: str
@@ -87,6 +99,7 @@ class ConvertConfig:
     calibration_prompts: str | None = None
     quantize_components: list[str] | None = None  # None: the scheme's defaults (text encoder and UNet)
     # Core ML
+    layout: CoreMLLayout = CoreMLLayout.apple
     min_target: MinTarget = MinTarget.iOS17
     precision: Precision = Precision.fp16
     attention: CoreMLAttention = CoreMLAttention.original
@@ -96,7 +109,7 @@ class ConvertConfig:
 
     _ONNX_ONLY: ClassVar[dict] = {"opset": 18, "optimize": Optimize.cpu, "quantize": None, "engine": QuantEngine.ort,
                                   "calibration_prompts": None, "quantize_components": None}
-    _COREML_ONLY: ClassVar[dict] = {"min_target": MinTarget.iOS17, "precision": Precision.fp16,
+    _COREML_ONLY: ClassVar[dict] = {"layout": CoreMLLayout.apple, "min_target": MinTarget.iOS17, "precision": Precision.fp16,
                                     "attention": CoreMLAttention.original, "compress": None, "target_bits": None,
                                     "sizes": None}
 
@@ -114,6 +127,7 @@ class ConvertConfig:
         self.engine = choice("engine", self.engine, QuantEngine)
         if self.quantize_components is not None:
             self.quantize_components = list(self.quantize_components)
+        self.layout = choice("layout", self.layout, CoreMLLayout)
         self.min_target = choice("min_target", self.min_target, MinTarget)
         self.precision = choice("precision", self.precision, Precision)
         self.attention = choice("attention", self.attention, CoreMLAttention)
@@ -150,6 +164,10 @@ class ConvertConfig:
             raise InputError("--calibration-prompts applies only to --quantize int8-static", "drop it or add --quantize int8-static")
 
     def _check_coreml(self) -> None:
+        if self.layout is CoreMLLayout.apple and self.fused:
+            raise InputError("--fused adds Generator.mlpackage, which Apple's Swift pipeline never loads (it runs "
+                             "TextEncoder, Unet and VAEDecoder); --layout apple does not take it",
+                             "drop --fused, or pass --layout native --fused for the fused generator")
         cq.validate(self.compress, self.min_target, self.target_bits)
         if self.sizes is not None:
             parse_sizes(self.sizes)

@@ -2,9 +2,15 @@
 
 One converter per component (``specs.ONE_STEP``, plus the fused ``generator`` with ``--fused``), as
 Apple's ``torch2coreml`` has, written with the resource names its Swift ``StableDiffusion`` package
-expects: ``TextEncoder.mlpackage``, ``Unet.mlpackage`` (here the one-step denoiser: UNet at τ = 1000
-plus the Euler step, so its output is the final latent), ``VAEDecoder.mlpackage`` (input already
-÷ scaling_factor), ``vocab.json``, ``merges.txt``, and ``manifest.json``.
+expects: ``TextEncoder.mlpackage``, ``Unet.mlpackage``, ``VAEDecoder.mlpackage``, ``vocab.json``,
+``merges.txt``, and ``manifest.json``. Two layouts (``--layout``):
+
+* ``apple`` (default): Apple's names, shapes and dtypes, and a Unet that answers its DPM-Solver++ at
+  ``--step-count 1`` with an ε whose x0 is our one-step latent (``coreml_apple.py``), so Apple's Swift
+  ``StableDiffusionPipeline`` runs the folder unchanged;
+* ``native``: our own chain: the Unet is the one-step denoiser (UNet at τ = 1000 plus the Euler step, so
+  its output is the final latent), the VAEDecoder takes latents already ÷ scaling_factor
+  (``generate --backend coreml`` runs either).
 
 Per component: (optional) compression on the PyTorch side (``quantize/coreml.py``) → ``torch.jit.trace``
 → ``ct.convert`` (mlprogram, ``--min-target``, ``--precision``) → descriptions and metadata → save →
@@ -40,11 +46,12 @@ from ..artifacts import (
     write_manifest,
 )
 from ..errors import InputError, require
-from ..pipeline import _write_slow_tokenizer_files, load_pipeline
+from ..pipeline import _write_slow_tokenizer_files, detect_info, load_pipeline
 from ..progress import say
 from ..quantize import coreml as cq
 from ..quantize.coreml import compressed_layers
-from .config import ConvertConfig, Precision, Target, parse_sizes, target
+from . import coreml_apple as apple
+from .config import ConvertConfig, CoreMLLayout, Precision, Target, parse_sizes, target
 from .coreml_check import report_rows
 
 NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "generator": "Generator"}
@@ -94,18 +101,36 @@ def _image_sizes(config: ConvertConfig, pipe) -> list:
     return [Sizes.of(pipe, batch=1, height=h, width=w) for h, w in hw]
 
 
+def _check_layout_before_loading(config: ConvertConfig) -> None:
+    """``--layout apple`` needs a one-step rectified flow: read from the folder's manifest or
+    model_index.json before the weights load (a hub id is checked once loaded)."""
+    folder = Path(config.model)
+    if config.layout is not CoreMLLayout.apple or not (folder / "model_index.json").is_file():
+        return
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # load_pipeline says what is wrong with the folder
+    apple.check_model(detect_info(config.model, folder, index), config.model)
+
+
 @target(Target.coreml)
-def export_coreml(config: ConvertConfig) -> dict:
+def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
     """Convert ``config.model`` into Core ML packages in ``config.output``; returns the manifest (its
-    ``report`` is the table to show). Every miss of the gate is raised at once, as one PsnrError."""
+    ``report`` is the table to show). Every miss of the gate is raised at once, as one PsnrError.
+    ``traced``, when given, receives each component's module exactly as it was traced and converted
+    (compression applied, float32: the package's ``--precision`` is applied by Core ML)."""
     from ..parity import check_all
 
     p = plan(config)
     check_output(config.output, config.force, (config.model, config.calibration_prompts))  # before minutes of work
+    _check_layout_before_loading(config)
     require("coremltools", "coreml")
 
     t0 = time.perf_counter()
     pipe = load_pipeline(config.model, "cpu", "float32", config.allow_pickle)
+    if config.layout is CoreMLLayout.apple:
+        apple.check_model(pipe.info, config.model)
     shapes = _image_sizes(config, pipe)
     names = ["text_encoder", "unet", "vae_decoder"] + (["generator"] if config.fused else [])
     components: dict[str, dict] = {}
@@ -113,7 +138,7 @@ def export_coreml(config: ConvertConfig) -> dict:
         chain = _start_chain(pipe, shapes[0])
         measured: list = []  # every figure gated so far (Parity), the end-to-end image as it comes
         for name in names:
-            components[name] = _convert_one(config, p, pipe, name, shapes, chain, tmp, measured)
+            components[name] = _convert_one(config, p, pipe, name, shapes, chain, tmp, measured, traced)
             gc.collect()
         check_all(measured, p.gate, against="fp32", source=p.gate_source, fix=GATE_FIX)
         end_to_end = chain["parity"]
@@ -127,6 +152,7 @@ def export_coreml(config: ConvertConfig) -> dict:
             files={n: NAMES[n] + ".mlpackage" for n in names} | {"vocab": "vocab.json", "merges": "merges.txt"},
             image_sizes=[[s.height, s.width] for s in shapes],
             latent={"channels": shapes[0].latent_channels, "vae_scale_factor": pipe.vae_scale_factor},
+            layout=config.layout.value, scheduler=_scheduler(config, pipe),
             quality_batch=int(chain["ref"]["input_ids"].shape[0]),
             gate={"min_psnr": p.gate, "source": p.gate_source, "applies_to": "every component and the end-to-end image, as shipped vs fp32 PyTorch"},
             components=components, end_to_end=end_to_end, report=rows,
@@ -153,7 +179,17 @@ def _start_chain(pipe, sizes) -> dict:
             "scaling_factor": pipe.scaling_factor}
 
 
-def _inputs(name: str, state: dict, sf: float) -> tuple:
+def _scheduler(config: ConvertConfig, pipe) -> dict:
+    """What the packages were built to be run by."""
+    if config.layout is CoreMLLayout.apple:
+        return apple.manifest_block(pipe.scaling_factor)
+    return {"program": "instaflow-edge generate --backend coreml (or an app doing the same)", "scheduler": None,
+            "note": "no scheduler: the Unet's out_sample is the final latent; divide by scaling_factor and decode"}
+
+
+def _inputs(name: str, state: dict, sf: float, layout: CoreMLLayout = CoreMLLayout.native) -> tuple:
+    if layout is CoreMLLayout.apple:
+        return apple.inputs(name, state)
     if name == "text_encoder":
         return (state["input_ids"],)
     if name == "unet":
@@ -163,19 +199,57 @@ def _inputs(name: str, state: dict, sf: float) -> tuple:
     return (state["input_ids"], state["noise"])
 
 
+def _observed(name: str, out, ins: tuple, layout: CoreMLLayout):
+    """The quantity measured and handed on: the output itself, or (Apple layout) what the Swift pipeline
+    makes of it (the hidden states, the scheduler's x0, the image)."""
+    return apple.observed(name, out, ins) if layout is CoreMLLayout.apple else out
+
+
 def _store(name: str, state: dict, out) -> None:
     key = {"text_encoder": "hidden", "unet": "latents", "vae_decoder": "image", "generator": "fused_image"}[name]
     state[key] = out.float()
 
 
-def _as_shipped(module, precision: Precision):
+def specs(layout: CoreMLLayout) -> dict:
+    """The component specs of a layout (names, dims, dtypes of each package's I/O)."""
+    from ..components import COMPONENTS
+
+    return apple.SPECS if CoreMLLayout(layout) is CoreMLLayout.apple else COMPONENTS
+
+
+def as_shipped(module, precision: Precision):
+    """``(module, cast)`` as the package computes: a float16 copy for ``--precision fp16``, whose float
+    inputs are cast to float16 unless the module casts them itself (``keeps_input_dtype``: the Apple Unet's
+    ε̂ tail reads the float32 sample, as the package's fp32 ops do; float token ids stay exact)."""
     if precision is Precision.fp32:
         return module, lambda xs: xs
     half = copy.deepcopy(module).half()
+    if getattr(module, "keeps_input_dtype", False):
+        return half, lambda xs: xs
     return half, lambda xs: tuple(x.half() if x.is_floating_point() else x for x in xs)
 
 
-def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tmp: Path, measured: list) -> dict:
+def _fp16_tail_figure(shipped, ins: tuple, ref_x0) -> float:
+    """x0's PSNR (vs fp32) if the ε̂ tail of the Apple Unet were computed in fp16 like the rest: the
+    figure that keeping those ops fp32 avoids. Reruns nothing but the tail (the UNet's v is hooked)."""
+    import torch
+
+    from ..parity import psnr
+
+    got: list = []
+    h = shipped.unet.register_forward_hook(lambda m, i, o: got.append(o[0]))
+    try:
+        with torch.no_grad():
+            shipped(*ins)
+    finally:
+        h.remove()
+    x16 = ins[0].half()
+    eps16 = apple.eps_hat(x16, got[0].half(), shipped.alpha, shipped.sigma)
+    return psnr(ref_x0, apple.x0_from_eps(ins[0], eps16.float()))
+
+
+def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tmp: Path, measured: list,
+                 traced: dict | None = None) -> dict:
     """Measure component ``name`` as shipped (its figures go to ``measured``), then convert, save and
     validate it, unless a figure in ``measured`` already misses the gate: then it is only measured."""
     import torch
@@ -185,15 +259,16 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
     from ..parity import compare
     from .coreml_attention import attention_implementation
 
-    spec = COMPONENTS[name]
+    layout = config.layout
+    spec = COMPONENTS[name] if name == "generator" else specs(layout)[name]
     sf = chain["scaling_factor"]
     info: dict = {"file": NAMES[name] + ".mlpackage"}
     timing: dict = {}
     with attention_implementation(pipe.unet, config.attention):
         module = spec.module(pipe)
-        ref_in = _inputs(name, chain["ref"], sf)
+        ref_in = _inputs(name, chain["ref"], sf, layout)
         with torch.no_grad():
-            ref_out = module(*ref_in)
+            ref_out = _observed(name, module(*ref_in), ref_in, layout)
         shipped_fp32 = module
         if p.scheme is not None:
             _say(f"{NAMES[name]}: compressing ({p.scheme.name.value})")
@@ -202,15 +277,23 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
             timing["compress_s"] = round(time.perf_counter() - t, 2)
             info["compression"] = {"scheme": p.scheme.name.value, **rep}
             with torch.no_grad():
-                info["parity_compression_fp32"] = compare(name, ref_out, shipped_fp32(*ref_in)).as_dict()
-        shipped, cast = _as_shipped(shipped_fp32, config.precision)
+                info["parity_compression_fp32"] = compare(
+                    name, ref_out, _observed(name, shipped_fp32(*ref_in), ref_in, layout)).as_dict()
+        shipped, cast = as_shipped(shipped_fp32, config.precision)
         with torch.no_grad():
-            par = compare(name, ref_out, shipped(*cast(ref_in)).float())
+            par = compare(name, ref_out, _observed(name, shipped(*cast(ref_in)), ref_in, layout).float())
             info["parity"] = par.as_dict()
+            if layout is CoreMLLayout.apple and name == "unet":
+                info["parity"]["measured_on"] = "x0 = (sample − σ·noise_pred)/α, the latent Apple's DPM-Solver++ decodes"
+                if config.precision is Precision.fp16:
+                    info["fp16_tail"] = {"x0_psnr_tail_fp32": par.psnr,
+                                         "x0_psnr_tail_fp16": _fp16_tail_figure(shipped, ref_in, ref_out),
+                                         "shipped": "fp32 (the ops after the UNet's last layer)"}
             measured.append(par)
             if name != "generator":
                 _store(name, chain["ref"], ref_out)
-                _store(name, chain["ship"], shipped(*cast(_inputs(name, chain["ship"], sf))))
+                ship_in = _inputs(name, chain["ship"], sf, layout)
+                _store(name, chain["ship"], _observed(name, shipped(*cast(ship_in)), ship_in, layout))
         del shipped
         if name == "vae_decoder":
             image = compare("image", to_unit_range(chain["ref"]["image"]), to_unit_range(chain["ship"]["image"]))
@@ -221,6 +304,8 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
             _say(f"{NAMES[name]}: measured; a figure misses the {p.gate:.1f} dB gate, so nothing more is converted")
             return info
         _say(f"{NAMES[name]}: tracing and converting")
+        if traced is not None:
+            traced[name] = _traceable(spec, shipped_fp32)
         t = time.perf_counter()
         ml = _to_coreml(config, spec, shipped_fp32, shapes)
         timing["convert_s"] = round(time.perf_counter() - t, 2)
@@ -285,6 +370,11 @@ def _lean_lut_indices():
         ou.find_indices_for_lut = original
 
 
+def _traceable(spec, module):
+    """The module as traced: int64 token ids (the native layout's modules) behind the float32 boundary."""
+    return _wrap_float_ids(module) if spec.inputs[0].name == "input_ids" and spec.inputs[0].dtype == "int64" else module
+
+
 def _to_coreml(config, spec, module, shapes: list):
     import coremltools as ct
     import numpy as np
@@ -294,7 +384,7 @@ def _to_coreml(config, spec, module, shapes: list):
     for t in spec.inputs:
         shape = shapes[0].shape(t)
         ex.append(torch.zeros(shape, dtype=torch.float32) if t.name == "input_ids" else torch.randn(shape))
-    m = _wrap_float_ids(module) if spec.inputs[0].name == "input_ids" else module
+    m = _traceable(spec, module)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts frozen at the traced size: intended
         traced = torch.jit.trace(m.eval(), tuple(ex), check_trace=False)
@@ -305,6 +395,8 @@ def _to_coreml(config, spec, module, shapes: list):
         inputs.append(ct.TensorType(name=t.name, shape=shape, dtype=np.float32))
     target = getattr(ct.target, config.min_target.value)
     precision = ct.precision.FLOAT16 if config.precision is Precision.fp16 else ct.precision.FLOAT32
+    if config.precision is Precision.fp16 and spec is apple.SPECS["unet"]:
+        precision = ct.transform.FP16ComputePrecision(op_selector=apple.fp32_tail())  # ε̂ stays fp32
     with _lean_lut_indices():
         return ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=o.name, dtype=np.float32) for o in spec.outputs],
                           convert_to="mlprogram", minimum_deployment_target=target, compute_precision=precision,
@@ -317,23 +409,31 @@ def _describe(ml, config, name: str, spec, pipe) -> None:
     ml.author = "instaflow-edge"
     ml.license = _license(config.model)
     ml.version = v.get("instaflow-edge") or ""
-    ml.short_description = {
+    is_apple = config.layout is CoreMLLayout.apple and name != "generator"
+    ml.short_description = apple.SHORT[name] if is_apple else {
         "text_encoder": "CLIP text encoder of a one-step InstaFlow generator",
         "unet": "One-step rectified-flow denoiser: x = z + v(z, τ=1000, text) (UNet plus one Euler step)",
         "vae_decoder": "VAE decoder: latents ÷ scaling_factor → image",
         "generator": "Fused one-step generator: token ids + noise → image",
     }[name]
     for t in spec.inputs:
-        ml.input_description[t.name] = DESCRIPTIONS[t.name]
+        ml.input_description[t.name] = apple.DESCRIPTIONS[name][t.name] if is_apple else DESCRIPTIONS[t.name]
     for t in spec.outputs:
-        ml.output_description[t.name] = DESCRIPTIONS_OUT.get((name, t.name)) or DESCRIPTIONS[t.name]
+        ml.output_description[t.name] = (apple.DESCRIPTIONS[name][t.name] if is_apple else
+                                         DESCRIPTIONS_OUT.get((name, t.name)) or DESCRIPTIONS[t.name])
     meta = {
         "source": config.model, "component": name, "flow": pipe.info.flow, "timestep": "1000",
         "scaling_factor": str(pipe.scaling_factor), "min_target": config.min_target.value,
         "precision": config.precision.value, "attention": config.attention.value,
         "compression": config.compress.value if config.compress else "none", "target_bits": "" if config.target_bits is None else str(config.target_bits),
+        "layout": config.layout.value,
         **{f"version.{k}": str(val) for k, val in v.items() if val},
     }
+    if config.layout is CoreMLLayout.apple:
+        meta.update({"scheduler": apple.SCHEDULER, "step_count": str(apple.STEP_COUNT),
+                     "timestep": str(apple.ONE_STEP["timestep"]), "velocity_timestep": "1000",
+                     "alpha": repr(float(apple.ONE_STEP["alpha"])), "sigma": repr(float(apple.ONE_STEP["sigma"])),
+                     "decoder_scale_factor": repr(float(apple.DECODER_SCALE_FACTOR))})
     ml.user_defined_metadata.update(meta)
 
 
@@ -393,6 +493,8 @@ def _validate(name: str, path: Path, spec, shapes: list, module, params: int) ->
 
     ml = cc.load(path)
     out = {"io": cc.check_io(name, ml, spec, shapes), "ops": cc.op_census(ml)}
+    if spec is apple.SPECS["unet"]:
+        out["output_tail"] = cc.output_tail(ml)
     out.update(cc.sizes(path, params))
     out["weights_match"] = cc.check_weights(name, ml, module, sorted(compressed_layers(module)))
     return out

@@ -82,6 +82,28 @@ def op_census(ml) -> dict[str, int]:
     return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def output_tail(ml, output: str | None = None) -> list[dict]:
+    """The elementwise ops (and casts) that compute ``output`` (default: the first output), walked back
+    from it to the first other op, each with its result dtype: shows where an fp16 program returns to
+    fp32 (the Apple Unet keeps its ε̂ arithmetic fp32)."""
+    from coremltools.proto import MIL_pb2
+
+    spec = ml.get_spec()
+    fn = spec.mlProgram.functions["main"]
+    ops = fn.block_specializations[fn.opset].operations
+    producer = {o.name: op for op in ops for o in op.outputs}
+    name = output or spec.description.output[0].name
+    out, stack, seen = [], [name], set()
+    while stack:
+        op = producer.get(stack.pop())
+        if op is None or id(op) in seen or op.type not in ("add", "sub", "mul", "real_div", "cast"):
+            continue
+        seen.add(id(op))
+        out.append({"op": op.type, "dtype": MIL_pb2.DataType.Name(op.outputs[0].type.tensorType.dataType)})
+        stack.extend(a.name for arg in op.inputs.values() for a in arg.arguments if a.name)
+    return out
+
+
 def sizes(path: str | Path, params: int) -> dict:
     """Package bytes, weight-file bytes, and effective bits per weight (weight file bits ÷ the
     component's parameter count: LUTs, masks, scales and uncompressed tensors included)."""

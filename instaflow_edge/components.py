@@ -44,6 +44,7 @@ class Sizes:
     height: int
     width: int
     image_channels: int = 3
+    one: int = 1  # a literal 1: Apple's hidden states are (batch, hidden, 1, sequence)
 
     @classmethod
     def of(cls, pipe, batch: int = 1, height: int | None = None, width: int | None = None) -> "Sizes":

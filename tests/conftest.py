@@ -38,3 +38,29 @@ def tiny_pipe(tiny_dir):
     from instaflow_edge.pipeline import load_pipeline
 
     return load_pipeline(tiny_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def coreml_run(tmp_path_factory, tiny_dir):
+    """The session's Core ML export through the CLI with the defaults (Apple layout, fp16) plus
+    split-einsum and two sizes: ``(folder, CLI output, {component: module as traced})``. The traced modules
+    are kept by wrapping the registered exporter for the duration of the run."""
+    pytest.importorskip("coremltools")
+    import functools
+
+    from typer.testing import CliRunner
+
+    from instaflow_edge.cli import app
+    from instaflow_edge.convert import TARGETS, Target
+    from instaflow_edge.convert.coreml import export_coreml
+
+    out = tmp_path_factory.mktemp("coreml") / "fp16"
+    traced: dict = {}
+    TARGETS[Target.coreml] = functools.partial(export_coreml, traced=traced)
+    try:
+        r = CliRunner().invoke(app, ["convert", str(tiny_dir), "--target", "coreml", "-o", str(out),
+                                     "--attention", "split-einsum", "--sizes", "64x64,96x64"])
+    finally:
+        TARGETS[Target.coreml] = export_coreml
+    assert r.exit_code == 0, r.output
+    return out, r.output, traced

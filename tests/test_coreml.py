@@ -1,8 +1,10 @@
 """convert --target coreml on the tiny preset: packages, I/O, metadata, sizes, bad input, the Linux backend.
 
-One full export (fp16, split-einsum, two enumerated sizes) is shared by the session (--fused is slow); every
-compression scheme runs through the real converter on the text encoder in test_coreml_compress.py, and
-through the whole CLI in the slow tests there.
+One full export with the defaults (Apple layout, fp16) plus split-einsum and two enumerated sizes is shared
+by the session (``coreml_run`` in conftest.py; --fused is slow); one native-layout export keeps today's
+packages covered. Apple's pipeline itself is in test_coreml_apple.py. Every compression scheme runs through
+the real converter on the text encoder in test_coreml_compress.py, and through the whole CLI in the slow
+tests there.
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="session")
-def coreml_run(tmp_path_factory, tiny_dir):
-    out = tmp_path_factory.mktemp("coreml") / "fp16"
-    r = run("convert", tiny_dir, "--target", "coreml", "-o", out, "--attention", "split-einsum", "--sizes", "64x64,96x64")
-    assert r.exit_code == 0, r.output
-    return out, r.output
-
-
 @pytest.fixture
 def coreml_export(coreml_run):
     return coreml_run[0]
+
+
+@pytest.fixture(scope="session")
+def native_export(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("coreml-native") / "fp32"
+    r = run("convert", tiny_dir, "--target", "coreml", "-o", out, "--layout", "native", "--precision", "fp32")
+    assert r.exit_code == 0, r.output
+    return out
 
 
 def test_export_layout_and_manifest(coreml_export, tiny_dir):
@@ -43,6 +45,7 @@ def test_export_layout_and_manifest(coreml_export, tiny_dir):
     assert (coreml_export / "vocab.json").read_bytes() == (tiny_dir / "tokenizer" / "vocab.json").read_bytes()
     m = json.loads((coreml_export / "manifest.json").read_text())
     assert m["kind"] == "coreml" and m["config"]["precision"] == "fp16" and m["config"]["attention"] == "split-einsum"
+    assert m["layout"] == "apple" and m["scheduler"]["scheduler"] == "dpmpp"
     assert m["image_sizes"] == [[64, 64], [96, 64]]
     assert m["gate"]["min_psnr"] == 35.0
     for name in ("text_encoder", "unet", "vae_decoder"):
@@ -54,28 +57,42 @@ def test_export_layout_and_manifest(coreml_export, tiny_dir):
     assert [r["component"] for r in m["report"]][-1] == "image (end to end)"
 
 
-def test_packages_declare_the_specs_io(coreml_export, tiny_pipe):
+@pytest.mark.parametrize("layout", ["apple", "native"])
+def test_packages_declare_the_specs_io(request, layout, tiny_pipe):
+    from instaflow_edge.convert import coreml as cm
     from instaflow_edge.convert import coreml_check as cc
 
-    from instaflow_edge.components import COMPONENTS, Sizes
+    from instaflow_edge.components import Sizes
 
+    export = request.getfixturevalue("coreml_export" if layout == "apple" else "native_export")
+    precision = "fp16" if layout == "apple" else "fp32"
     default, taller = Sizes.of(tiny_pipe, 1), Sizes.of(tiny_pipe, 1, height=96, width=64)
     for file, name in (("TextEncoder", "text_encoder"), ("Unet", "unet"), ("VAEDecoder", "vae_decoder")):
-        ml = cc.load(coreml_export / f"{file}.mlpackage")
+        ml = cc.load(export / f"{file}.mlpackage")
         got = cc.io(ml)
-        spec = COMPONENTS[name]
+        spec = cm.specs(layout)[name]
         assert [f["name"] for f in got["inputs"]] == [t.name for t in spec.inputs]
         assert [f["name"] for f in got["outputs"]] == [t.name for t in spec.outputs]
         for f, t in zip(got["inputs"], spec.inputs):
             assert f["shape"] == list(default.shape(t)) and f["dtype"] == "FLOAT32" and f["description"]
-            if default.shape(t) != taller.shape(t):
+            if layout == "apple" and default.shape(t) != taller.shape(t):
                 assert sorted(map(tuple, f["enumerated"])) == sorted({default.shape(t), taller.shape(t)})
         assert all(f["dtype"] == "FLOAT32" and f["description"] for f in got["outputs"])
         meta = ml.user_defined_metadata
-        assert meta["component"] == name and meta["precision"] == "fp16" and meta["version.coremltools"]
+        assert meta["component"] == name and meta["precision"] == precision and meta["version.coremltools"]
+        assert meta["layout"] == layout
         assert ml.license and ml.short_description and ml.author == "instaflow-edge"
-    unet = cc.io(cc.load(coreml_export / "Unet.mlpackage"))["inputs"][0]
-    assert sorted(unet["enumerated"]) == [[1, 4, 8, 8], [1, 4, 12, 8]]
+    if layout == "apple":
+        unet = cc.io(cc.load(export / "Unet.mlpackage"))["inputs"][0]
+        assert sorted(unet["enumerated"]) == [[1, 4, 8, 8], [1, 4, 12, 8]]
+
+
+def test_native_layout_keeps_todays_packages(native_export):
+    m = json.loads((native_export / "manifest.json").read_text())
+    assert m["layout"] == "native" and m["scheduler"]["scheduler"] is None
+    assert m["components"]["unet"]["io"]["outputs"][0]["name"] == "out_sample"
+    assert m["components"]["vae_decoder"]["io"]["inputs"][0]["name"] == "latent_sample"
+    assert m["end_to_end"]["psnr"] is None or m["end_to_end"]["psnr"] >= 60
 
 
 def test_op_census_shows_fp16_compute_and_no_compression(coreml_export):
@@ -83,11 +100,12 @@ def test_op_census_shows_fp16_compute_and_no_compression(coreml_export):
     ops = m["components"]["unet"]["ops"]
     assert ops.get("conv", 0) > 0 and not any(k.startswith("constexpr") for k in ops)
     assert ops.get("einsum", 0) > 0 and "matmul" not in ops  # split-einsum attention: per-head einsums
-    assert m["components"]["unet"]["io"]["inputs"][1]["name"] == "encoder_hidden_states"
+    assert m["components"]["unet"]["io"]["inputs"][2]["name"] == "encoder_hidden_states"
+    assert m["components"]["unet"]["io"]["inputs"][2]["shape"] == [1, 32, 1, 77]  # Apple's (B, C, 1, 77)
 
 
 def test_report_is_printed(coreml_run):
-    out, output = coreml_run
+    out, output, _ = coreml_run
     assert "PSNR vs fp32" in output and "image (end to end)" in output and "bits/w" in output
     m = json.loads((out / "manifest.json").read_text())
     for row in m["report"]:
@@ -113,6 +131,8 @@ def _one_line_error(r, *needles):
     (["--sizes", "64by64"], ["--sizes"]),
     (["--sizes", "60x64"], ["multiple of 16"]),
     (["--quantize", "int8-dynamic"], ["--quantize", "coreml"]),
+    (["--layout", "ios"], ["unknown --layout 'ios'", "apple", "native"]),
+    (["--fused"], ["--fused", "Apple's Swift pipeline", "--layout native --fused"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_dir, extra, needles):
     before = set(tmp_path.iterdir())
@@ -154,6 +174,7 @@ def test_config_is_normalized_once_when_made():
     from instaflow_edge.convert.config import (
         ConvertConfig,
         CoreMLAttention,
+        CoreMLLayout,
         Optimize,
         Precision,
         Target,
@@ -168,9 +189,11 @@ def test_config_is_normalized_once_when_made():
     from instaflow_edge.errors import InputError
 
     cfg = ConvertConfig(model="m", output="o", target="coreml", min_target="iOS18", precision="fp32",
-                        attention="split-einsum", compress="prune-50+palettize-4")
-    assert (cfg.target, cfg.min_target, cfg.precision, cfg.attention, cfg.compress) == (
-        Target.coreml, MinTarget.iOS18, Precision.fp32, CoreMLAttention.split_einsum, CoreMLCompression.prune_50_palettize_4)
+                        attention="split-einsum", compress="prune-50+palettize-4", layout="native")
+    assert (cfg.target, cfg.min_target, cfg.precision, cfg.attention, cfg.compress, cfg.layout) == (
+        Target.coreml, MinTarget.iOS18, Precision.fp32, CoreMLAttention.split_einsum, CoreMLCompression.prune_50_palettize_4,
+        CoreMLLayout.native)
+    assert ConvertConfig(model="m", output="o", target="coreml").layout is CoreMLLayout.apple
     assert all(type(v) is not str for v in (cfg.target, cfg.min_target, cfg.compress))
     cfg = ConvertConfig(model="m", output="o", optimize="none", quantize="int8-static", engine="ort")
     assert (cfg.optimize, cfg.quantize, cfg.engine) == (Optimize.none, OnnxScheme.int8_static, QuantEngine.ort)
@@ -181,6 +204,8 @@ def test_config_is_normalized_once_when_made():
         ({"target": "coreml", "compress": "palettize-3"}, "unknown --compress 'palettize-3'"),
         ({"target": "coreml", "target_bits": "4"}, "target_bits must be a finite number"),
         ({"opset": 9}, "--opset 9 is not supported"),
+        ({"layout": "native"}, "--layout does not apply to --target onnx"),
+        ({"target": "coreml", "layout": "apple", "fused": True}, "--layout apple does not take it"),
     ]:
         with pytest.raises(InputError, match=needle):
             ConvertConfig(model="m", output="o", **kwargs)
@@ -223,8 +248,9 @@ def test_generate_coreml_on_linux_is_one_line(tmp_path, coreml_export):
 
 @pytest.mark.macos
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")
-def test_macos_predict_parity(coreml_export, tiny_pipe):
-    """Real MLModel.predict of every package against the PyTorch fp32 reference, at the fp16 gate."""
+def test_macos_predict_parity(native_export, tiny_pipe):
+    """Real MLModel.predict of every native-layout package against the PyTorch fp32 reference, at the fp16
+    gate (the Apple layout's packages run under Apple's pipeline in test_coreml_apple.py)."""
     import coremltools as ct
     import numpy as np
 
@@ -236,7 +262,7 @@ def test_macos_predict_parity(coreml_export, tiny_pipe):
         spec = COMPONENTS[name]
         inputs = spec.example_inputs(tiny_pipe, sizes)
         ref = spec.module(tiny_pipe)(*inputs).detach().numpy()
-        ml = ct.models.MLModel(str(coreml_export / f"{file}.mlpackage"))
+        ml = ct.models.MLModel(str(native_export / f"{file}.mlpackage"))
         feed = {t.name: x.numpy().astype(np.float32) for t, x in zip(spec.inputs, inputs)}
         out = ml.predict(feed)[spec.outputs[0].name]
         check(compare(name, ref, out), 35.0)
@@ -249,7 +275,7 @@ def test_fused_generator_package(tmp_path, tiny_dir, tiny_pipe):
     from instaflow_edge.components import COMPONENTS, Sizes
 
     out = tmp_path / "fused"
-    r = run("convert", tiny_dir, "--target", "coreml", "-o", out, "--fused", "--precision", "fp32")
+    r = run("convert", tiny_dir, "--target", "coreml", "-o", out, "--fused", "--precision", "fp32", "--layout", "native")
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["files"]["generator"] == "Generator.mlpackage"

@@ -7,7 +7,15 @@ from typing import List, Optional
 
 import typer
 
-from ..convert.config import ATTENTION_FOR, CoreMLAttention, Optimize, Precision, Target
+from ..convert.config import (
+    ATTENTION_FOR,
+    LAYOUT_FOR,
+    CoreMLAttention,
+    CoreMLLayout,
+    Optimize,
+    Precision,
+    Target,
+)
 from ..quantize.schemes import (
     ENGINE_NAMES,
     QUANTIZABLE_COMPONENTS,
@@ -20,6 +28,7 @@ from ..quantize.schemes import (
 
 _ENGINES = " or ".join(f"{e.value} ({ENGINE_NAMES[e]})" for e in QuantEngine)
 _ATTENTIONS = " or ".join(f"{a.value} ({ATTENTION_FOR[a]})" for a in CoreMLAttention)
+_LAYOUTS = "; ".join(f"{a.value}: {LAYOUT_FOR[a]}" for a in CoreMLLayout)
 
 
 def convert_command(
@@ -38,6 +47,7 @@ def convert_command(
     quantize_components: Optional[List[str]] = typer.Option(None, "--quantize-component", help=f"ONNX: a component to quantize (repeatable: {', '.join(QUANTIZABLE_COMPONENTS)}; default: text_encoder and unet — the VAE decoder stays fp32 unless named)."),
     engine: str = typer.Option(QuantEngine.ort.value, "--engine", help=f"ONNX: quantization engine, {_ENGINES}."),
     calibration_prompts: Optional[Path] = typer.Option(None, "--calibration-prompts", help="ONNX int8-static: a text file, one prompt per line (default: the model's prompt set)."),
+    layout: str = typer.Option(CoreMLLayout.apple.value, "--layout", help=f"Core ML: which program the packages are for ({_LAYOUTS})."),
     min_target: str = typer.Option(MinTarget.iOS17.value, "--min-target", help=f"Core ML: minimum deployment target ({listing(MinTarget, ', ')})."),
     precision: Precision = typer.Option(Precision.fp16, "--precision", help="Core ML: compute precision."),
     attention: CoreMLAttention = typer.Option(CoreMLAttention.original, "--attention", help=f"Core ML: {_ATTENTIONS}."),
@@ -54,7 +64,7 @@ def convert_command(
         min_psnr=min_psnr, allow_pickle=allow_pickle, opset=opset, optimize=optimize, quantize=quantize,
         quantize_components=list(quantize_components) if quantize_components else None,
         engine=engine, calibration_prompts=str(calibration_prompts) if calibration_prompts else None,
-        min_target=min_target, precision=precision, attention=attention, compress=compress, target_bits=target_bits, sizes=sizes,
+        layout=layout, min_target=min_target, precision=precision, attention=attention, compress=compress, target_bits=target_bits, sizes=sizes,
     )
     try:
         manifest = export(cfg)

@@ -1,8 +1,14 @@
 """``generate --backend coreml``: run a ``convert --target coreml`` folder with Core ML (macOS only).
 
-The one-step path an app runs, in Python: tokenize (CLIP BPE from ``vocab.json``/``merges.txt``),
-``TextEncoder`` → ``Unet`` (x = z + v(z, τ=1000, text); no scheduler, no guidance) → ÷ scaling_factor →
-``VAEDecoder`` → image. Core ML prediction exists only on macOS; elsewhere this fails in one line.
+The one-step path an app runs, in Python: tokenize (CLIP BPE from ``vocab.json``/``merges.txt``), then
+
+* ``--layout native``: ``TextEncoder`` → ``Unet`` (x = z + v(z, τ=1000, text); no scheduler, no
+  guidance) → ÷ scaling_factor → ``VAEDecoder`` → image;
+* ``--layout apple``: what Apple's Swift pipeline does with DPM-Solver++ at one step: hidden states
+  transposed to (1, C, 1, 77), ``Unet`` at timestep 999 → x0 = (x − σ·noise_pred)/α (α, σ from the
+  manifest) → ÷ 0.18215 → ``VAEDecoder`` → image.
+
+Core ML prediction exists only on macOS; elsewhere this fails in one line.
 """
 
 from __future__ import annotations
@@ -61,7 +67,13 @@ def coreml_backend(config, info: dict):
                         bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
     units = ct.ComputeUnit.ALL
     te, unet, vae = (ct.models.MLModel(str(folder / f"{n}.mlpackage"), compute_units=units) for n in PACKAGES)
-    sf = float(vae.user_defined_metadata["scaling_factor"])
+    apple = manifest.get("layout") == "apple"
+    if apple:
+        sch = manifest["scheduler"]
+        t, alpha, sigma = int(sch["timestep"]), np.float32(sch["alpha"]), np.float32(sch["sigma"])
+        sf = np.float32(sch["decoder_scale_factor"])
+    else:
+        sf = float(vae.user_defined_metadata["scaling_factor"])
     latent = manifest.get("latent")
     if not isinstance(latent, dict):
         raise InputError(f"{folder} was converted by an older instaflow-edge (its manifest has no latent shape)",
@@ -74,8 +86,15 @@ def coreml_backend(config, info: dict):
         ids = tok([job.prompt], padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
         hidden = te.predict({"input_ids": ids.astype(np.float32)})["last_hidden_state"]
         noise = make_noise([job.seed], shape).numpy()
-        latents = unet.predict({"sample": noise, "encoder_hidden_states": hidden})["out_sample"]
-        image = vae.predict({"latent_sample": latents / sf})["sample"]
+        if apple:
+            states = np.ascontiguousarray(hidden.transpose(0, 2, 1)[:, :, None, :], dtype=np.float32)
+            eps = unet.predict({"sample": noise, "timestep": np.array([t], dtype=np.float32),
+                                "encoder_hidden_states": states})["noise_pred"].astype(np.float32)
+            x0 = (noise - eps * sigma) / alpha
+            image = vae.predict({"z": (x0 / sf).astype(np.float32)})["image"]
+        else:
+            latents = unet.predict({"sample": noise, "encoder_hidden_states": hidden})["out_sample"]
+            image = vae.predict({"latent_sample": latents / sf})["sample"]
         image = np.clip(image[0] / 2 + 0.5, 0, 1).transpose(1, 2, 0)
         return (image * 255).round().astype("uint8")
 
