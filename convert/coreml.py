@@ -229,23 +229,21 @@ def as_shipped(module, precision: Precision):
     return half, lambda xs: tuple(x.half() if x.is_floating_point() else x for x in xs)
 
 
-def _fp16_tail_figure(shipped, ins: tuple, ref_x0) -> float:
-    """x0's PSNR (vs fp32) if the ε̂ tail of the Apple Unet were computed in fp16 like the rest: the
-    figure that keeping those ops fp32 avoids. Reruns nothing but the tail (the UNet's v is hooked)."""
-    import torch
-
+@contextlib.contextmanager
+def _fp16_tail_figure(shipped, ins: tuple, ref_x0, into: dict):
+    """Within the block (where the fp16 Apple Unet runs once on ``ins``), hook the UNet's v; after it,
+    ``into["x0_psnr_tail_fp16"]``: x0's PSNR (vs fp32) had the ε̂ tail been computed in fp16 like the
+    rest, the figure that keeping those ops fp32 avoids. No extra UNet pass."""
     from ..parity import psnr
 
     got: list = []
     h = shipped.unet.register_forward_hook(lambda m, i, o: got.append(o[0]))
     try:
-        with torch.no_grad():
-            shipped(*ins)
+        yield
     finally:
         h.remove()
-    x16 = ins[0].half()
-    eps16 = apple.eps_hat(x16, got[0].half(), shipped.alpha, shipped.sigma)
-    return psnr(ref_x0, apple.x0_from_eps(ins[0], eps16.float()))
+    eps16 = apple.eps_hat(ins[0].half(), got[0].half(), shipped.alpha, shipped.sigma)
+    into["x0_psnr_tail_fp16"] = psnr(ref_x0, apple.x0_from_eps(ins[0], eps16.float()))
 
 
 def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tmp: Path, measured: list,
@@ -280,15 +278,18 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
                 info["parity_compression_fp32"] = compare(
                     name, ref_out, _observed(name, shipped_fp32(*ref_in), ref_in, layout)).as_dict()
         shipped, cast = as_shipped(shipped_fp32, config.precision)
+        tail: dict = {}
+        apple_unet = layout is CoreMLLayout.apple and name == "unet"
         with torch.no_grad():
-            par = compare(name, ref_out, _observed(name, shipped(*cast(ref_in)), ref_in, layout).float())
+            with (_fp16_tail_figure(shipped, ref_in, ref_out, tail) if apple_unet and config.precision is Precision.fp16
+                  else contextlib.nullcontext()):
+                par = compare(name, ref_out, _observed(name, shipped(*cast(ref_in)), ref_in, layout).float())
             info["parity"] = par.as_dict()
-            if layout is CoreMLLayout.apple and name == "unet":
+            if apple_unet:
                 info["parity"]["measured_on"] = "x0 = (sample − σ·noise_pred)/α, the latent Apple's DPM-Solver++ decodes"
-                if config.precision is Precision.fp16:
-                    info["fp16_tail"] = {"x0_psnr_tail_fp32": par.psnr,
-                                         "x0_psnr_tail_fp16": _fp16_tail_figure(shipped, ref_in, ref_out),
-                                         "shipped": "fp32 (the ops after the UNet's last layer)"}
+            if tail:
+                info["fp16_tail"] = {"x0_psnr_tail_fp32": par.psnr, **tail,
+                                     "shipped": "fp32 (the ops after the UNet's last layer)"}
             measured.append(par)
             if name != "generator":
                 _store(name, chain["ref"], ref_out)
