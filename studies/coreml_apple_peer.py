@@ -6,8 +6,11 @@ Rows, each the Swift chain's PNG vs ``generate --backend torch`` (fp32) for the 
 * ``fp32``: the modules in float32 (what ``--precision fp32`` packages compute);
 * ``fp16``: the modules in float16 as shipped, the ε̂ tail after the UNet in float32 (what
   ``--precision fp16`` packages compute: ``coreml_apple.fp32_tail``);
-* ``fp16, fp16 tail``: the same with the tail in float16 too (Core ML's default fp16 program): the cost of
-  the division by α ≈ 0.068 that keeping the tail fp32 avoids.
+* ``fp16-tail16``: the same with the tail in float16 too (Core ML's default fp16 program): the cost of
+  the division by α ≈ 0.068 that keeping the tail fp32 avoids;
+* ``fp32-tail16``: float32 modules with only the tail in float16: that cost alone, and cheap to measure
+  where float16 itself is not (PyTorch's CPU float16 convolutions are ~300× slower than float32 here,
+  which puts a float16 SD1.5 UNet + VAE decoder out of reach on a CPU).
 
 The modules are the converter's (``coreml_apple.SPECS``; with no ``--compress`` they are what it traces, and
 its ``weights_match`` checks the packages hold their weights). Core ML itself cannot run here (Linux).
@@ -34,11 +37,9 @@ def _predict(module, outputs: list[str], inputs: list[str], half: bool, tail_hal
 
     from instaflow_edge.convert import coreml_apple as apple
 
-    m = module
-    if half:
-        m = copy.deepcopy(module).half()
-        if tail_half and isinstance(module, apple.AppleUnet):
-            m = _HalfTail(m)
+    m = copy.deepcopy(module).half() if half else module
+    if tail_half and isinstance(module, apple.AppleUnet):
+        m = _HalfTail(m)
 
     def predict(feed: dict) -> dict:
         xs = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in inputs]
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("model", help="a one-step pipeline folder")
     ap.add_argument("--prompt", action="append", help="repeatable (default: two prompts of the tiny/sd15 vocabulary)")
     ap.add_argument("--seed", type=int, action="append", help="repeatable, one per prompt (default 0, 1, …)")
-    ap.add_argument("--rows", default="fp32,fp16,fp16-tail16")
+    ap.add_argument("--rows", default="fp32,fp32-tail16,fp16,fp16-tail16")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     prompts = args.prompt or ["a red fox in snow", "a lighthouse at night"]
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"generate {p!r} seed {s}: {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for row in args.rows.split(","):
-        half, tail_half = row.startswith("fp16"), row == "fp16-tail16"
+        half, tail_half = row.startswith("fp16"), row.endswith("tail16")
         models = {n: _predict(modules[n], outputs[n], inputs[n], half, tail_half) for n in modules}
         figures, ids_equal = [], []
         t0 = time.perf_counter()
