@@ -24,13 +24,14 @@ from ..quantize.schemes import (
     QuantEngine,
 )
 from ..validators import (
+    MAX_IMAGE_SIDE,
     boolean,
     choice,
     flag,
+    image_side,
     integer,
     number,
     optional_choice,
-    optional_integer,
 )
 
 MIN_OPSET, MAX_OPSET = 14, 20  # 14: the attention ops; 20: the TorchScript exporter's last opset
@@ -118,9 +119,9 @@ class ConvertConfig:
         for name in ("force", "fused", "allow_pickle"):
             setattr(self, name, boolean(name, getattr(self, name)))
         for name in ("height", "width"):
-            setattr(self, name, optional_integer(name, getattr(self, name), 1))
-        if self.min_psnr is not None:
-            self.min_psnr = number("min_psnr", self.min_psnr)
+            setattr(self, name, image_side(name, getattr(self, name)))
+        if self.min_psnr is not None:  # a negative gate would switch every gate off
+            self.min_psnr = number("min_psnr", self.min_psnr, low=0.0)
         self.opset = integer("opset", self.opset, 1)
         self.optimize = choice("optimize", self.optimize, Optimize)
         self.quantize = optional_choice("quantize", self.quantize, OnnxScheme)
@@ -180,7 +181,10 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
         m = _SIZE.match(part)
         if not m:
             raise InputError(f"--sizes: {part.strip()!r} is not HEIGHTxWIDTH", "pass e.g. --sizes 512x512,768x512")
-        out.append((int(m.group(1)), int(m.group(2))))
+        h, w = int(m.group(1)), int(m.group(2))
+        if not (0 < h <= MAX_IMAGE_SIDE and 0 < w <= MAX_IMAGE_SIDE):
+            raise InputError(f"--sizes: {part.strip()!r} is not 1 to {MAX_IMAGE_SIDE} pixels a side", "pass e.g. --sizes 512x512,768x512")
+        out.append((h, w))
     return out
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .artifacts import (
     atomic_dir,
@@ -17,10 +17,10 @@ from .artifacts import (
 )
 from .errors import InputError, NumericsError
 from .options import Backend, Device, DType
-from .pipeline import load_pipeline, resolve_device
+from .pipeline import load_pipeline
 from .runtime.coreml import coreml_backend
 from .runtime.onnx import onnx_backend
-from .validators import boolean, choice, integer, number, optional_integer
+from .validators import boolean, choice, image_count, image_side, number, optional_integer, seed
 
 
 @dataclasses.dataclass
@@ -51,12 +51,12 @@ class GenerateConfig:
         for p in self.prompts:
             if not isinstance(p, str) or not p.strip():
                 raise InputError("empty prompt", "every prompt needs some text")
-        integer("seed", self.seed, 0)
-        integer("num_images", self.num_images, 1)
+        image_count("num_images", self.num_images, len(self.prompts))
+        seed("seed", self.seed, self.num_images)  # image k of a prompt uses seed + k
         optional_integer("steps", self.steps, 1)
         number("guidance", self.guidance, low=0.0)
-        optional_integer("height", self.height, 1)
-        optional_integer("width", self.width, 1)
+        image_side("height", self.height)
+        image_side("width", self.width)
         boolean("allow_pickle", self.allow_pickle)
         boolean("force", self.force)
         self.device = choice("device", self.device, Device)
@@ -76,13 +76,14 @@ class Job:
         return f"{self.index:04d}-{slug}-seed{self.seed}.png"
 
 
-def plan(config: GenerateConfig) -> list[Job]:
-    """Image k of every prompt uses seed ``seed + k``: the same seed shows each prompt from the same noise."""
-    jobs = []
+def plan(config: GenerateConfig) -> Iterator[Job]:
+    """Image k of every prompt uses seed ``seed + k``: the same seed shows each prompt from the same noise.
+    Made lazily, one job at a time (``len(config.prompts) * config.num_images`` of them)."""
+    index = 0
     for p in config.prompts:
         for k in range(config.num_images):
-            jobs.append(Job(len(jobs), p, config.seed + k))
-    return jobs
+            yield Job(index, p, config.seed + k)
+            index += 1
 
 
 # A backend is ``load(config, info) -> render(job) -> HxWx3 uint8 array``: loading happens once, before
@@ -100,12 +101,13 @@ def backend(name: str):
 
 @backend("torch")
 def _torch_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
+    # a bad model folder fails before torch is imported, a missing GPU before the weights load (load_pipeline)
+    pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
+
     import torch
 
     from .generator import decode_latents, generate_latents, make_noise
 
-    resolve_device(config.device.value)  # a missing GPU fails before the model loads
-    pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
     steps = config.steps or pipe.info.default_steps
     h, w = pipe.image_size(config.height, config.width)
     shape = pipe.latent_shape(h, w)
@@ -152,7 +154,8 @@ def generate(config: GenerateConfig, progress: bool = True) -> dict:
     records, seconds = [], []
     with atomic_dir(config.output, config.force, inputs) as tmp:  # locked: one writer per output
         render = BACKENDS[config.backend.value](config, info)
-        bar = tqdm(jobs, desc="generating", unit="img", disable=not progress or len(jobs) < 2)
+        total = len(config.prompts) * config.num_images
+        bar = tqdm(jobs, total=total, desc="generating", unit="img", disable=not progress or total < 2)
         for job in bar:
             t0 = time.perf_counter()
             arr = render(job)

@@ -22,7 +22,7 @@ from .artifacts import (
 from .errors import InputError
 from .pipeline import ModelInfo, Pipeline, quiet_libraries
 from .tokenizer import PROMPT_WORDS, build_tokenizer
-from .validators import boolean, integer
+from .validators import boolean, seed
 
 # build(seed, progress=True, **options) -> Pipeline, or Built when it adds manifest fields; ``progress``
 # shows bars for builds that train something (digits), others ignore it
@@ -166,7 +166,7 @@ class InitConfig:
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
-        integer("seed", self.seed, 0)
+        seed("seed", self.seed, 5, "a preset seeds its parts with seed … seed + 4")
         boolean("force", self.force)
 
 

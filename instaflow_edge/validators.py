@@ -1,5 +1,6 @@
-"""Checks of user-supplied values, one home each: integers, numbers, enum choices, image sizes and
-prompt files. Every failure is an :class:`InputError` naming the option (``--max-steps``) and the fix.
+"""Checks of user-supplied values, one home each: integers, numbers, seeds, enum choices, image sizes,
+image counts and prompt files. Every failure is an :class:`InputError` naming the option
+(``--max-steps``) and the fix, and quoting at most a short excerpt of the bad value (:func:`_short`).
 
 Configs call these from ``__post_init__`` so a config is checked (and its choices turned into enums)
 exactly once, when it is made. This module is imported by ``--help``: keep it free of heavy imports.
@@ -15,6 +16,17 @@ from typing import Any, TypeVar
 from .errors import InputError
 
 E = TypeVar("E", bound=enum.Enum)
+
+# torch.manual_seed and numpy take seeds that fit an int64; a run that uses seeds seed … seed + n − 1
+# (one per image) must keep the last one below 2**63 too
+MAX_SEED = 2**63 - 1
+# the largest image side: SD's VAE decoder at 4096² already needs tens of GB; beyond it a typo
+# (--height 100000) would compute for minutes before running out of memory
+MAX_IMAGE_SIDE = 4096
+# images one command makes: each keeps a record in the manifest (held in memory until it is written)
+MAX_IMAGES = 1_000_000
+# text files read whole (prompt lists, config files): a bigger file is a mistake, not a prompt list
+MAX_TEXT_BYTES = 64 * 2**20
 
 
 def flag(name: str) -> str:
@@ -32,6 +44,41 @@ def integer(name: str, v: Any, low: int = 0) -> int:
 
 def optional_integer(name: str, v: Any, low: int = 0) -> int | None:
     return None if v is None else integer(name, v, low)
+
+
+def seed(name: str, v: Any, count: int = 1, why: str = "image k uses seed + k") -> int:
+    """``v`` must be a seed ≥ 0 such that ``v + count − 1`` (the last seed the command derives from it:
+    ``why``) stays below 2**63, the range torch and numpy take."""
+    integer(name, v, 0)
+    if v + count - 1 > MAX_SEED:
+        if count == 1:
+            raise InputError(f"{name} {_short(v, 30)} is too large: seeds must be below 2**63",
+                             f"pass {flag(name)} {MAX_SEED} or less")
+        raise InputError(f"{name} {_short(v, 30)} is too large: {why}, and seed + {count - 1:,} must stay below 2**63",
+                         f"pass {flag(name)} {MAX_SEED - count + 1} or less")
+    return v
+
+
+def image_side(name: str, v: Any) -> int | None:
+    """An optional image height or width: ``None`` (the model's) or an int from 1 to MAX_IMAGE_SIDE."""
+    if v is None:
+        return None
+    integer(name, v, 1)
+    if v > MAX_IMAGE_SIDE:
+        raise InputError(f"{name} {v} is larger than {MAX_IMAGE_SIDE} pixels, the largest image side supported",
+                         f"pass {flag(name)} {MAX_IMAGE_SIDE} or less")
+    return v
+
+
+def image_count(name: str, v: Any, prompts: int = 1) -> int:
+    """``v`` images for each of ``prompts`` prompts: at least one, and at most MAX_IMAGES in all (each
+    image keeps a record in memory until the manifest is written)."""
+    integer(name, v, 1)
+    if v * prompts > MAX_IMAGES:
+        total = f" × {prompts} prompts = {v * prompts:,} images" if prompts > 1 else " images"
+        raise InputError(f"{flag(name)} {v:,}{total} is more than one command makes (at most {MAX_IMAGES:,})",
+                         "split the work into several runs (with different --seed)")
+    return v
 
 
 def number(name: str, v: Any, low: float | None = None, high: float | None = None, open_low: bool = False,
@@ -77,10 +124,12 @@ def size_multiple(vae_scale_factor: int, unet_levels: int) -> int:
 
 
 def image_size(name: str, v: int, multiple: int) -> int:
-    """``v`` must be a positive multiple of ``multiple`` (see :func:`size_multiple`)."""
+    """``v`` must be a positive multiple of ``multiple`` (see :func:`size_multiple`), at most
+    MAX_IMAGE_SIDE."""
     if isinstance(v, bool) or not isinstance(v, int) or v < multiple or v % multiple:
         raise InputError(f"{name} {_short(v)} is not a positive multiple of {multiple} for this model",
-                         f"pass {flag(name)} {max(multiple, (v if isinstance(v, int) else 0) // multiple * multiple)}")
+                         f"pass {flag(name)} {max(multiple, min(MAX_IMAGE_SIDE, (v if isinstance(v, int) else 0)) // multiple * multiple)}")
+    image_side(name, v)
     return v
 
 
@@ -91,17 +140,29 @@ def prompt_file(path: str | Path | None, default: list[str], what: str = "prompt
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{what} file {p} does not exist", "pass a text file with one prompt per line")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{what} file {p} is not UTF-8 text ({e.reason})", "save it as UTF-8") from e
+    text = text_file(p, f"{what} file", "save it as UTF-8 text, one prompt per line")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"{what} file {p} has no prompts", "put one prompt per line")
     return prompts
 
 
-def _short(v: Any, limit: int = 60) -> str:
+def text_file(path: Path, what: str, fix: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of ``path`` (at most ``limit`` bytes); a binary or huge file is a one-line error."""
+    size = path.stat().st_size
+    if size > limit:
+        raise InputError(f"{what} {path} is too large ({size:,} bytes; at most {limit:,})", fix)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})", fix) from e
+
+
+def short(v: Any, limit: int = 60) -> str:
     """``repr(v)`` cut to ``limit`` characters: a bad value in an error message stays one short line."""
     r = repr(v)
     return r if len(r) <= limit else r[: limit - 1] + "…"
+
+
+_short = short

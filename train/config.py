@@ -15,7 +15,7 @@ from typing import Any
 
 from ..artifacts import check_output, check_overlap
 from ..errors import InputError
-from ..validators import boolean, choice, integer, number
+from ..validators import boolean, choice, integer, number, seed, short, text_file
 
 
 class MixedPrecision(str, enum.Enum):
@@ -83,8 +83,9 @@ class TrainConfig:
             raise InputError("no output folder given", "pass -o OUT (or set output in the config file)")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every"):
             integer(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every"):
             integer(name, getattr(self, name), 0)
+        seed("seed", self.seed)
         self.learning_rate = number("learning_rate", self.learning_rate, 0.0, open_low=True)
         self.weight_decay = number("weight_decay", self.weight_decay, 0.0)
         self.max_grad_norm = number("max_grad_norm", self.max_grad_norm, 0.0)
@@ -99,9 +100,9 @@ class TrainConfig:
                 f"batch_size {self.batch_size} is not a multiple of gradient_accumulation_steps "
                 f"{self.gradient_accumulation_steps}", "batch_size is the global batch: make it divisible")
         if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
-            raise InputError(f"resume must be 'latest' or a checkpoint folder, got {self.resume!r}", "pass --resume latest")
+            raise InputError(f"resume must be 'latest' or a checkpoint folder, got {short(self.resume)}", "pass --resume latest")
         if self.work_dir is not None and not isinstance(self.work_dir, str):
-            raise InputError(f"work_dir must be a path, got {self.work_dir!r}", "pass --work-dir DIR")
+            raise InputError(f"work_dir must be a path, got {short(self.work_dir)}", "pass --work-dir DIR")
 
     @property
     def work_path(self) -> Path:
@@ -135,30 +136,47 @@ def config_keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.name not in ("progress",)]
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; anything this big is a mistake
+
+
+def _refuse_yaml_aliases(text: str, path: Path) -> None:
+    """YAML anchors and aliases (``&a`` / ``*a``) are refused: a few hundred bytes of nested aliases expand
+    to gigabytes (the "billion laughs"), and a config file has no use for them."""
+    import yaml
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise InputError(f"config file {path} uses a YAML anchor or alias (line {event.start_mark.line + 1}), "
+                             "which config files may not", "write each value out in full")
+
+
 def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     """A TOML (tomllib) or YAML file of ``{option: value}``; keys are option names (``max-steps`` or
-    ``max_steps``). An unknown key is a one-line error that lists the valid ones."""
+    ``max_steps``). An unknown key is a one-line error that lists the valid ones. The file must be UTF-8,
+    at most MAX_CONFIG_BYTES, and (YAML) free of anchors and aliases; errors quote at most a short
+    excerpt of a bad key or value."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist", "pass a TOML or YAML file")
-    text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise InputError(f"config file {path} is neither .toml nor .yaml", "use a .toml or .yaml file")
+    text = text_file(path, "config file", "save it as UTF-8 TOML or YAML", limit=MAX_CONFIG_BYTES)
     try:
         if suffix == ".toml":
             import tomllib
 
             data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
+        else:
             import yaml
 
+            _refuse_yaml_aliases(text, path)
             data = yaml.safe_load(text) or {}
-        else:
-            raise InputError(f"config file {path} is neither .toml nor .yaml", "use a .toml or .yaml file")
     except InputError:
         raise
     except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot parse config file {path}: {first}", "fix its syntax") from e
+        raise InputError(f"cannot parse config file {path}: {first[:150]}", "fix its syntax") from e
     if not isinstance(data, dict):
         raise InputError(f"config file {path} is not a table of option = value", "write one option per line")
     valid = config_keys(cls)
@@ -166,7 +184,7 @@ def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in valid:
-            raise InputError(f"unknown key {key!r} in {path}",
+            raise InputError(f"unknown key {short(key, 40)} in {path}",
                              "valid keys: " + ", ".join(k.replace("_", "-") for k in valid))
         out[name] = value
     return out

@@ -23,7 +23,7 @@ from ..artifacts import (
 from ..errors import InputError
 from ..pipeline import ModelInfo, load_pipeline
 from ..presets import count_params
-from ..validators import boolean, integer, number
+from ..validators import boolean, integer, number, short
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from .config import TrainConfig
 
@@ -50,6 +50,9 @@ class TeacherConfig(TrainConfig):
         if self.data != DIGITS and not Path(self.data).is_dir():
             raise InputError(f"data folder {self.data} does not exist or is not a folder",
                              "pass --data digits, or a folder of images with captions.jsonl/captions.csv")
+        if self.captions is not None and (not isinstance(self.captions, str) or not self.captions):
+            raise InputError(f"captions must be the path of a captions file, got {short(self.captions)}",
+                             "pass --captions FILE (or set captions to a path in the config file)")
         if self.captions is not None and self.data == DIGITS:
             raise InputError("--captions applies to a data folder, not to --data digits", "drop --captions")
         self.cfg_dropout = number("cfg_dropout", self.cfg_dropout, 0.0, 1.0, open_high=True)

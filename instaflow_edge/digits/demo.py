@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..presets import InitConfig, init
 from ..train.reflow import DistillConfig, ReflowConfig, train_distill, train_reflow
 from ..train.teacher import TeacherConfig, train_teacher
+from ..validators import seed
 from .evaluate import EvalConfig, evaluate
 
 
@@ -65,8 +66,9 @@ class DemoConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}", "pass --seed 0 or larger")
+        seed("seed", self.seed, 3, "the stages use seed … seed + 2")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise InputError(f"demo folder {self.output} is a file, not a folder", "pass -o with a folder (new or a demo's)")
 
     @property
     def profile(self) -> Profile:

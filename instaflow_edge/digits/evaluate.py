@@ -34,7 +34,7 @@ from ..errors import InputError, NumericsError
 from ..options import Device, DType, EvalBackend
 from ..pipeline import load_pipeline, resolve_device
 from ..runtime.onnx import open_export, read_scheme, sample
-from ..validators import boolean, choice, integer, optional_integer
+from ..validators import boolean, choice, image_count, integer, optional_integer, seed
 
 
 @dataclasses.dataclass
@@ -70,11 +70,11 @@ class EvalConfig:
         self.steps = optional_integer("steps", self.steps, 1)
         if not (isinstance(self.guidance, (int, float)) and self.guidance >= 0.0):  # also refuses NaN
             raise InputError(f"guidance must be ≥ 0, got {self.guidance}", "use 1.0 for no guidance")
-        integer("num_images", self.num_images, 1)
+        image_count("num_images", self.num_images)
         if self.num_images % 10 or self.num_images < 20:
             raise InputError(f"num_images must be a multiple of 10 and ≥ 20, got {self.num_images}",
                              "pass --num-images 1000 (100 per digit) for a trustworthy FID")
-        integer("seed", self.seed, 0)
+        seed("seed", self.seed, self.num_images)  # image j uses seed + j
         integer("batch_size", self.batch_size, 1)
         integer("data_seed", self.data_seed, 0)
         if self.json is not None:
