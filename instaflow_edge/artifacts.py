@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import InputError, OutputBusyError, OutputExistsError
+from .errors import InputError, OutputBusyError, OutputExistsError, writing_to
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("torch", "diffusers", "transformers", "numpy", "onnx", "onnxruntime", "coremltools", "accelerate")
@@ -247,7 +247,8 @@ def atomic_dir(target: str | os.PathLike, force: bool = False,
         # absolute: writers may run tools inside a scratch working directory (onnxruntime's optimizer)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent.resolve()))
         try:
-            yield tmp
+            with writing_to(target):  # a full disk or a permission names the output, not a temp file
+                yield tmp
             if target.exists():  # force: move the old one aside first so the swap is short
                 trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
                 os.replace(target, trash / "old")
@@ -354,6 +355,9 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON ({e})", "restore or delete the manifest") from e
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path} is not valid JSON ({str(e)[:100]})", "restore or delete the manifest") from e
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path} is not a JSON object (it is a {type(manifest).__name__})", "restore or delete the manifest")
+    return manifest

@@ -201,8 +201,10 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.float32)
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, e) from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"cannot read image {path} ({type(e).__name__}: {e})", "replace or remove it from the captions file") from e
+        raise InputError(f"cannot read image {path} ({type(e).__name__}: {str(e)[:150]})", "replace or remove it from the captions file") from e
     return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
 
 
@@ -234,10 +236,18 @@ def folder_dataset(folder: str | Path, captions: str | Path | None = None, size:
         try:
             with Image.open(p) as im:
                 im.size  # header read: not an image → fails here
+        except Image.DecompressionBombError as e:  # not an OSError: PIL refuses to decode that many pixels
+            raise _too_large(p, e) from e
         except (UnidentifiedImageError, OSError) as e:
             raise InputError(f"cannot read image {p} ({type(e).__name__})", "replace or remove it from the captions file") from e
         paths.append(p)
     return TextImageDataset([t for _, t in rows], [-1] * len(rows), _FolderImages(paths, size), size, f"folder:{folder}")
+
+
+def _too_large(path: Path, e: Exception) -> InputError:
+    """PIL's decompression-bomb guard: an image whose header claims more pixels than PIL will decode."""
+    return InputError(f"image {path} is too large to decode safely ({str(e)[:120]})",
+                      "replace it by a smaller image, or remove it from the captions file")
 
 
 class _FolderImages:

@@ -7,6 +7,12 @@ Subclasses let a caller decide what is fatal (a parity miss may be tolerable, a 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import re
+from typing import Iterator
+
 
 class InstaflowError(Exception):
     """A problem the user can fix. ``fix`` says how."""
@@ -81,3 +87,25 @@ def require(module: str, extra: str):
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+# how the Rust and C++ writers (safetensors, torch.save) report a full disk: in the message, not an OSError
+_NO_SPACE = re.compile(r"No space left on device|os error 28|StorageFull")
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+@contextlib.contextmanager
+def writing_to(path: str | os.PathLike) -> Iterator[None]:
+    """Inside, a full-disk (or read-only disk) error that does not say which file failed (PIL, onnx, and the
+    Rust/C++ writers of safetensors and torch) is raised again as an ``OSError`` naming ``path``, the
+    output being written, so the CLI's one error line can name it."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno in _WRITE_ERRNOS:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), os.fspath(path)) from e
+        raise
+    except Exception as e:
+        if _NO_SPACE.search(str(e)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path)) from e
+        raise

@@ -24,7 +24,7 @@ from ..artifacts import (
 from ..errors import InputError, ModelError
 from ..progress import say
 from ..runtime import onnx_io
-from ..runtime.onnx import export_meta, run_one_step, tokenize
+from ..runtime.onnx import export_meta, open_component, run_one_step, tokenize
 from ..validators import boolean, choice, number, prompt_file
 from .schemes import OnnxScheme, listing
 
@@ -46,8 +46,8 @@ class QuantizeConfig:
         if self.scheme is None:
             raise InputError("no --scheme given", f"pass --scheme {listing(OnnxScheme, ', ')}")
         self.scheme = choice("scheme", self.scheme, OnnxScheme)
-        if self.min_psnr is not None:
-            self.min_psnr = number("min_psnr", self.min_psnr)
+        if self.min_psnr is not None:  # a negative gate would switch every gate off
+            self.min_psnr = number("min_psnr", self.min_psnr, low=0.0)
         self.force = boolean("force", self.force)
 
 
@@ -82,7 +82,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
             raise InputError(f"{n} in {src} is already quantized ({source_manifest['quantize']['scheme']})",
                              "quantize the fp32 export instead")
     for n in meta["components"]:
-        onnx_io.session(src / n / onnx_io.MODEL_FILE)  # a corrupt model fails here, before any work
+        open_component(src, n)  # a corrupt model, or a graph not its component's, fails here, before any work
     check_output(cfg.output, cfg.force, (cfg.source, cfg.calibration_prompts))
     prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
     gate = cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.scheme)

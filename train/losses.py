@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..pipeline import check_plain_tensors, check_safetensors
 from ..validators import choice
 from .config import DistillLoss
 
@@ -82,11 +83,16 @@ class LPIPS(nn.Module):
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
+            check_safetensors(path)
             sd = load_file(path)
         elif allow_pickle:
+            check_plain_tensors(path)  # torch's safe loader, with a one-line error for anything else
             sd = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise InputError(f"LPIPS weights {path} are not safetensors", "convert them, or pass --allow-pickle")
+        if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
+            raise InputError(f"LPIPS weights {path} are not a state dict (names → tensors)",
+                             "save lpips.LPIPS(net='vgg').state_dict()")
         model = cls()
         mapped = {}
         for k, v in sd.items():  # the lpips package's names → ours

@@ -37,10 +37,10 @@ from ..artifacts import (
     sha256_file,
     write_manifest,
 )
-from ..errors import InputError, NumericsError, OutputExistsError
+from ..errors import InputError, NumericsError, OutputExistsError, writing_to
 from ..options import Device, DType
 from ..pipeline import load_pipeline, resolve_device
-from ..validators import boolean, choice, integer, number, optional_integer, prompt_file
+from ..validators import boolean, choice, image_side, integer, number, prompt_file, seed
 
 FORMAT = "instaflow-edge/reflow-data/1"
 
@@ -88,9 +88,9 @@ class ReflowDataConfig:
             raise InputError("give exactly one prompt source", "pass --prompts FILE or --data digits|FOLDER")
         for name in ("num_pairs", "shard_size", "steps", "batch_size"):
             integer(name, getattr(self, name), 1)
-        integer("seed", self.seed, 0)
-        optional_integer("height", self.height, 1)
-        optional_integer("width", self.width, 1)
+        seed("seed", self.seed)
+        image_side("height", self.height)
+        image_side("width", self.width)
         self.guidance = number("guidance", self.guidance, 0.0)
         if not isinstance(self.negative_prompt, str):
             raise InputError(f"negative_prompt must be text, got {self.negative_prompt!r}", "fix --negative-prompt")
@@ -152,10 +152,10 @@ def verify_shard(folder: Path, k: int, expect: dict | None = None) -> dict | Non
     if not (data.is_file() and side.is_file()):
         return None
     try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads(side.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):  # not UTF-8, not JSON: a corrupt shard, made again
         return None
-    if meta.get("sha256") != sha256_file(data):
+    if not isinstance(meta, dict) or meta.get("sha256") != sha256_file(data):
         return None
     if expect is not None and any(meta.get(key) != value for key, value in expect.items()):
         return None
@@ -265,7 +265,8 @@ def _make_reflow_data(config: ReflowDataConfig, state: dict, progress: bool) -> 
                    "seeds": torch.tensor(seeds, dtype=torch.int64), "input_ids": pipe.tokenize(texts)}
         meta = {"format": FORMAT, "count": len(idx), "indices": [start, end], "seeds": seeds, "prompts": texts,
                 "identity": identity, "made_by_rank": state["rank"]}
-        _write_shard(out, k, tensors, meta)
+        with writing_to(out):  # a full disk names the output folder
+            _write_shard(out, k, tensors, meta)
     bar.close()
     elapsed = time.perf_counter() - t0
     state["barrier"]()

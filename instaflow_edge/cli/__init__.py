@@ -97,9 +97,42 @@ class _OneLineErrors(TyperGroup):
             sig = received[0] if received else signal.SIGINT
             typer.echo(f"{_SIGNALS.get(sig, 'interrupted')}: nothing was written", err=True)
             code = 128 + int(sig)
+        except Exception as e:  # a full disk, a read-only one, a permission: one line naming the path
+            line = os_error_line(e)
+            if debug or line is None:
+                raise
+            typer.echo(f"error: {line}", err=True)
+            code = 1
         if not standalone_mode:
             return code
         sys.exit(code)
+
+
+def os_error_line(e: BaseException) -> str | None:
+    """The one-line message for an error the machine caused (a full or read-only disk, a permission) —
+    an ``OSError`` in ``e``'s chain, or a library's flattened "No space left on device" — naming the
+    path and the fix; None for anything else (a bug: its traceback is shown)."""
+    import errno
+
+    fixes = {
+        errno.ENOSPC: ("no space left on the device", "free some space, or write to another disk (-o, --work-dir)"),
+        errno.EDQUOT: ("disk quota exceeded", "free some space, or write to another disk (-o, --work-dir)"),
+        errno.EFBIG: ("file too large for the file system", "write to another disk (-o, --work-dir)"),
+        errno.EROFS: ("read-only file system", "write to a writable disk (-o, --work-dir)"),
+        errno.EACCES: ("permission denied", "make it readable/writable for this user (chmod, chown), or choose another path"),
+        errno.EPERM: ("operation not permitted", "make it writable for this user (chmod, chown), or choose another path"),
+    }
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in fixes:
+            what, fix = fixes[e.errno]
+            paths = " → ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+            return f"{what}{': ' + paths if paths else ''} — {fix}"
+        if "No space left on device" in str(e) or "os error 28" in str(e):  # Rust/C++ writers (safetensors, torch)
+            return f"{fixes[errno.ENOSPC][0]} (while {type(e).__name__} wrote a file) — {fixes[errno.ENOSPC][1]}"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 app = typer.Typer(

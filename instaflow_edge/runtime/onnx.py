@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..artifacts import read_manifest
 from ..errors import DeviceError, InputError, ModelError, NumericsError
-from ..validators import image_size, size_multiple
+from ..validators import image_size, short, size_multiple
 from . import onnx_io
 
 
@@ -70,8 +70,51 @@ def open_export(folder: Path, steps: int | None, guidance: float, providers: lis
     check_sampling(meta, steps, guidance)
     onnx_io.check_folder(folder)
     names = ["text_encoder", "unet", "vae_decoder"] + (["unet_velocity"] if steps > 1 else [])
-    sessions = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, providers=providers) for n in names}
+    sessions = {n: open_component(folder, n, providers) for n in names}
     return meta, steps, sessions, tokenizer_for(folder)
+
+
+# inputs an export may lack: exports made before the one-step UNet took optimum's timestep input
+_OPTIONAL_INPUTS = {"unet": {"timestep"}}
+# inputs an export may add to its spec: the one-step UNet has optimum's timestep (convert/onnx.py's onnx_spec)
+_EXTRA_INPUTS = {"unet": {"timestep"}}
+
+
+def open_component(folder: Path, name: str, providers: list[str] | None = None):
+    """An onnxruntime session for component ``name`` of an export folder, after checking that its graph's
+    inputs and outputs are the component's spec (``components.COMPONENTS``): names and ranks. A graph in
+    the wrong folder (the text encoder's in ``unet/``) fails here, in one line, before any image."""
+    path = Path(folder) / name / onnx_io.MODEL_FILE
+    sess = onnx_io.session(path, providers=providers)
+    check_io(sess, name, path)
+    return sess
+
+
+def check_io(sess, name: str, path: Path) -> None:
+    from ..components import COMPONENTS
+
+    spec = COMPONENTS.get(name)
+    if spec is None:
+        raise ModelError(f"{path}: {name!r} is not a component this tool exports", "re-export the model")
+    want_in = {t.name: len(t.dims) for t in spec.inputs}
+    want_out = {t.name: len(t.dims) for t in spec.outputs}
+    got_in = {i.name: len(i.shape) for i in sess.get_inputs()}
+    got_out = {o.name: len(o.shape) for o in sess.get_outputs()}
+    if "timestep" in got_in and name in _EXTRA_INPUTS:
+        want_in.setdefault("timestep", 1)
+    missing_ok = _OPTIONAL_INPUTS.get(name, set())
+    bad_in = (set(got_in) != set(want_in) and set(got_in) != set(want_in) - missing_ok) or \
+        any(got_in[k] != want_in[k] for k in set(got_in) & set(want_in))
+    bad_out = set(got_out) != set(want_out) or any(got_out[k] != want_out[k] for k in got_out)
+
+    def fmt(d):
+        return ", ".join(f"{k} (rank {v})" for k, v in d.items())
+
+    if bad_in or bad_out:
+        what = "inputs" if bad_in else "outputs"
+        got, want = (got_in, want_in) if bad_in else (got_out, want_out)
+        raise ModelError(f"{path}: the graph's {what} [{fmt(got)}] are not the {name} component's [{fmt(want)}]",
+                         "the folder mixes up components; re-export it with `instaflow-edge convert --target onnx`")
 
 
 def sample(sessions: dict, input_ids, noise, meta: dict, steps: int):
@@ -107,7 +150,7 @@ def run_one_step(folder: Path, input_ids, noise, meta: dict, sessions: dict | No
     """Text encoder → one-step UNet → VAE decoder through onnxruntime; image in [0, 1]."""
     import numpy as np
 
-    s = sessions or {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE) for n in ("text_encoder", "unet", "vae_decoder")}
+    s = sessions or {n: open_component(folder, n) for n in ("text_encoder", "unet", "vae_decoder")}
     ehs = s["text_encoder"].run(None, {"input_ids": input_ids})[0]
     lat = s["unet"].run(None, unet_feed(s["unet"], noise, ehs))[0]
     img = s["vae_decoder"].run(None, {"latent_sample": (lat / meta["scaling_factor"]).astype(np.float32)})[0]
@@ -153,7 +196,38 @@ def export_meta(folder: Path) -> dict:
     meta = m.get("onnx")
     if not isinstance(meta, dict) or "latent_shape" not in meta:
         raise ModelError(f"{folder} has no ONNX export manifest", "pass a folder written by `instaflow-edge convert --target onnx`")
+    check_meta(meta, Path(folder) / "manifest.json")
     return meta
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_meta(meta: dict, where: Path) -> None:
+    """The manifest's ``onnx`` facts have the types the runtime computes with (a hand-edited manifest with
+    ``"latent_shape": [4, "8", 8]`` is a one-line error, not a traceback mid-run)."""
+    import math
+
+    problems = []
+    shape = meta.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_positive_int(d) for d in shape)):
+        problems.append(f"latent_shape must be 3 positive integers, got {short(shape, 40)}")
+    for key in ("height", "width", "default_steps"):
+        if not _positive_int(meta.get(key)):
+            problems.append(f"{key} must be a positive integer, got {short(meta.get(key), 40)}")
+    if "size_multiple" in meta and not _positive_int(meta["size_multiple"]):
+        problems.append(f"size_multiple must be a positive integer, got {short(meta['size_multiple'], 40)}")
+    sf = meta.get("scaling_factor")
+    if not (isinstance(sf, (int, float)) and not isinstance(sf, bool) and math.isfinite(sf) and sf > 0):
+        problems.append(f"scaling_factor must be a positive number, got {short(sf, 40)}")
+    if meta.get("flow") not in ("rectified_flow", "diffusion"):
+        problems.append(f"flow must be rectified_flow or diffusion, got {short(meta.get('flow'), 40)}")
+    comps = meta.get("components")
+    if not (isinstance(comps, list) and comps and all(isinstance(c, str) for c in comps)):
+        problems.append(f"components must be a list of names, got {short(comps, 40)}")
+    if problems:
+        raise ModelError(f"{where}: onnx.{problems[0]}", "restore the manifest, or re-export the model")
 
 
 def tokenizer_for(folder: Path):
