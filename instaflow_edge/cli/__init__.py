@@ -85,7 +85,8 @@ class _OneLineErrors(TyperGroup):
             if debug:
                 raise
             cmd = e.ctx.command_path if e.ctx else "instaflow-edge"
-            typer.echo(f"error: {e.format_message()} — see `{cmd} --help`", err=True)
+            if e.format_message():  # no arguments: click printed the help, there is no error to add
+                typer.echo(f"error: {e.format_message()} — see `{cmd} --help`", err=True)
             code = 2
         except _cx.ClickException as e:
             if debug:
