@@ -101,11 +101,11 @@ def writing_to(path: str | os.PathLike) -> Iterator[None]:
     output being written, so the CLI's one error line can name it."""
     try:
         yield
-    except OSError as e:
-        if e.filename is None and e.errno in _WRITE_ERRNOS:
-            raise OSError(e.errno, e.strerror or os.strerror(e.errno), os.fspath(path)) from e
-        raise
     except Exception as e:
-        if _NO_SPACE.search(str(e)):
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror or os.strerror(e.errno), os.fspath(path)) from e
+            raise
+        if _NO_SPACE.search(str(e)):  # also shutil.Error (an OSError without errno) listing copytree's failures
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path)) from e
         raise
