@@ -108,15 +108,15 @@ class PairsSource:
 
 
 def _load(cfg, accelerator):
-    dev = accelerator.device
-    pipe = load_pipeline(cfg.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
-                         allow_pickle=cfg.allow_pickle)
-    pairs = PairsDataset(cfg.pairs)
+    pairs = PairsDataset(cfg.pairs)  # verified first: a corrupt shard fails before the model loads
     if cfg.max_pairs is not None:
         if cfg.max_pairs > len(pairs):
             raise InputError(f"--max-pairs {cfg.max_pairs} but {cfg.pairs} holds {len(pairs)} pairs",
                              f"pass --max-pairs {len(pairs)} or less, or make more pairs")
         pairs.truncate(cfg.max_pairs)
+    dev = accelerator.device
+    pipe = load_pipeline(cfg.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
+                         allow_pickle=cfg.allow_pickle)
     shape = tuple(pairs.noise.shape[1:])
     want = (pipe.unet.config.in_channels, pipe.default_size // pipe.vae_scale_factor,
             pipe.default_size // pipe.vae_scale_factor)
