@@ -238,8 +238,9 @@ def test_failed_gate_leaves_nothing(fp32_export, tiny_dir, tmp_path):
 
 
 def test_bad_inputs(tiny_dir, fp32_export, tmp_path):
-    out = tmp_path / "o"
-    assert_one_line_error(run("convert", tmp_path, "--target", "onnx", "-o", out), 2, "model_index.json", nothing_at=out)
+    out, empty = tmp_path / "o", tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run("convert", empty, "--target", "onnx", "-o", out), 2, "model_index.json", nothing_at=out)
     r = run("convert", tiny_dir, "--target", "onnx", "--quantize", "int4", "-o", out)
     assert_one_line_error(r, 2, "int4", "fp16, int8-dynamic, int8-static", nothing_at=out)
     assert_one_line_error(run("convert", tiny_dir, "--target", "onnx", "--opset", "9", "-o", out), 2, "opset", nothing_at=out)
