@@ -47,3 +47,13 @@ def test_markdown_table_from_a_report():
     rows = markdown(report).splitlines()
     assert len(rows) == 4 and rows[0].startswith("| runtime |")
     assert "| ort fp32 | 1 s | 1 s (50%) | 1 s | 1 s / 1.1 s | 2.00 (1.80–2.20) |" in rows[3]
+
+
+def test_thread_policy_environments_and_table():
+    from instaflow_edge.bench import threads
+
+    env = threads._env({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None})
+    assert env["OMP_NUM_THREADS"] == "1" and "OMP_WAIT_POLICY" not in env
+    result = {"results": {"torch default": {"quiet_steps_per_s": 2.0, "busy_steps_per_s": 0.5, "busy_slowdown": 4.0,
+                                            "quiet_vs_first_policy": 1.0}}}
+    assert "| torch default | 2.00 | 0.50 | 4.00× | 1.00 |" in threads.markdown(result)
