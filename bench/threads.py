@@ -112,7 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.steps <= a.skip + 1:
         ap.error("--steps must exceed --skip + 1")
-    result = bench(a.base, a.policy or list(POLICIES), a.steps, a.skip, a.rounds)
+    if not (Path(a.base) / "model_index.json").is_file():
+        ap.error(f"{a.base} is not a pipeline folder: make one with `instaflow-edge init digits {a.base}`")
+    try:
+        result = bench(a.base, a.policy or list(POLICIES), a.steps, a.skip, a.rounds)
+    except RuntimeError as e:  # a training run failed: its last error line says why
+        ap.exit(2, f"error: {e}\n")
     print(markdown(result))
     if a.output:
         save_result(a.output, "threads", result)
