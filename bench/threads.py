@@ -6,7 +6,8 @@
 BASE is a digits base pipeline (``instaflow-edge init digits BASE``). For every policy, ``train
 teacher`` runs ``--steps`` steps in a fresh process (OpenMP reads its settings when torch loads) twice:
 on the quiet machine, and beside one busy core (a pure-Python spin loop pinned to nothing, as another
-program would be). Steps/s come from the run's own ``metrics.jsonl`` (one record per step), after
+program would be). "torch default" fixes one thread per core (``--threads N``), "auto" is ``train``'s
+default (the count follows the other processes' CPU use). Steps/s come from the run's own ``metrics.jsonl`` (one record per step), after
 the first ``--skip`` steps (warm-up). Rounds interleave the policies and both conditions, so a slow
 phase of the machine hits all of them. The result: steps/s per policy and condition (median over
 rounds), and each policy's busy/quiet slow-down and its quiet speed relative to torch's default.
@@ -26,12 +27,15 @@ from pathlib import Path
 
 from .common import machine, save_result
 
-# name -> the OpenMP environment of the training process (None: unset, so the library default applies)
+# name -> the environment of the training process (None: unset, so the library default applies).
+# "auto" is the default of `train` (instaflow_edge/threads.py); the others fix the count at start.
+_CORES = str(os.cpu_count() or 1)
 POLICIES: dict[str, dict[str, str | None]] = {
-    "torch default": {"OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None},
-    "1 thread": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None},
-    "passive wait": {"OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
-    "short spin (10k)": {"OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"},
+    "torch default": {"INSTAFLOW_EDGE_THREADS": _CORES, "OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None},
+    "auto (default)": {"INSTAFLOW_EDGE_THREADS": "auto", "OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None},
+    "1 thread": {"INSTAFLOW_EDGE_THREADS": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None},
+    "passive wait": {"INSTAFLOW_EDGE_THREADS": _CORES, "OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
+    "short spin (10k)": {"INSTAFLOW_EDGE_THREADS": _CORES, "OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"},
 }
 
 BUSY_LOOP = "import time\nt = time.time()\nwhile True:\n    pass\n"

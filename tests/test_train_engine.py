@@ -50,7 +50,8 @@ class SyntheticSource:
 
 def cfg(tmp_path, **kw) -> TrainConfig:
     base = dict(output=str(tmp_path / "out"), max_steps=6, batch_size=8, learning_rate=1e-3, warmup_steps=2,
-                checkpoint_every=3, log_every=1, progress=False, ema_decay=0.9)
+                checkpoint_every=3, log_every=1, progress=False, ema_decay=0.9,
+                threads=1)  # bit-identical reruns need a fixed thread count
     base.update(kw)
     return TrainConfig(**base)
 

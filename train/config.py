@@ -15,6 +15,7 @@ from typing import Any
 
 from ..artifacts import check_output, check_overlap
 from ..errors import InputError
+from ..threads import threads_setting
 from ..validators import boolean, choice, integer, number, seed, short, text_file
 
 
@@ -75,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     cpu: bool = False
+    threads: str | int = "auto"  # CPU threads: follow the machine's load, or a fixed count (bit-exact reruns)
     force: bool = False
     progress: bool = True
 
@@ -95,6 +97,7 @@ class TrainConfig:
         self.mixed_precision = choice("mixed_precision", self.mixed_precision, MixedPrecision)
         self.lr_schedule = choice("lr_schedule", self.lr_schedule, LRSchedule)
         self.attention = choice("attention", self.attention, AttentionKernel)
+        self.threads = threads_setting("threads", self.threads)
         if self.batch_size % self.gradient_accumulation_steps:
             raise InputError(
                 f"batch_size {self.batch_size} is not a multiple of gradient_accumulation_steps "

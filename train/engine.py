@@ -30,6 +30,7 @@ import torch
 from ..artifacts import claim_output, output_lock
 from ..errors import DeviceError, InputError, NumericsError, OutputExistsError
 from ..progress import say
+from ..threads import Governor
 from . import checkpoint as ckpt
 from .config import AttentionKernel, TrainConfig
 from .streams import EpochSampler, StepRandom, derive_seed  # noqa: F401  (part of the engine's API)
@@ -215,8 +216,11 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     grad_norm = None
+    # CPU threads follow the machine's load (--threads auto) or stay fixed; a GPU run leaves them alone
+    governor = Governor(config.threads if accelerator.device.type == "cpu" else torch.get_num_threads()).__enter__()
     try:
         while step < config.max_steps:
+            governor.tick()
             indices = sampler.take(config.batch_size)  # every process draws the same global batch
             step_loss = 0.0
             for j in range(k):
@@ -255,13 +259,15 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
                     "lr": scheduler.get_last_lr()[0],
                     **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                     "samples_per_s": steps_since_log * config.batch_size / max(now - t_log, 1e-9),
+                    "threads": governor.current,
                 })
                 window, steps_since_log, t_log = [], 0, now
             if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.max_steps):
                 _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step, work)
-    finally:  # a crash or a NaN stop still flushes the log and the bar
+    finally:  # a crash or a NaN stop still flushes the log and the bar, and gives back torch's thread count
         bar.close()
         log.close()
+        governor.__exit__(None, None, None)
     if ema is not None:
         ema.copy_to(raw)
     if sharded:

@@ -54,6 +54,7 @@ class EngineOptions:
     seed = typer.Option(_D("seed"), "--seed", help="Seed of data order, noise, times and prompt dropout.")
     log_every = typer.Option(_D("log_every"), "--log-every", help="Write metrics every N steps.")
     cpu = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is visible.")
+    threads = typer.Option(str(_D("threads")), "--threads", envvar="INSTAFLOW_EDGE_THREADS", help="CPU threads: 'auto' uses the cores other programs leave free (re-checked every second), N fixes the count (for bit-identical reruns and resumes).")
     force = typer.Option(False, "--force", help="Overwrite OUTPUT, and start over in a work dir that has checkpoints.")
     progress = typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")
 
@@ -108,6 +109,7 @@ def teacher_command(
     seed: int = EngineOptions.seed,
     log_every: int = EngineOptions.log_every,
     cpu: bool = EngineOptions.cpu,
+    threads: str = EngineOptions.threads,
     force: bool = EngineOptions.force,
     progress: bool = EngineOptions.progress,
 ) -> None:

@@ -85,6 +85,7 @@ def reflow_command(
     seed: int = EngineOptions.seed,
     log_every: int = EngineOptions.log_every,
     cpu: bool = EngineOptions.cpu,
+    threads: str = EngineOptions.threads,
     force: bool = EngineOptions.force,
     progress: bool = EngineOptions.progress,
 ) -> None:
@@ -123,6 +124,7 @@ def distill_command(
     seed: int = EngineOptions.seed,
     log_every: int = EngineOptions.log_every,
     cpu: bool = EngineOptions.cpu,
+    threads: str = EngineOptions.threads,
     force: bool = EngineOptions.force,
     progress: bool = EngineOptions.progress,
 ) -> None:
