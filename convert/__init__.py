@@ -11,7 +11,8 @@ import importlib
 
 from .config import TARGETS, ConvertConfig, Target, target  # noqa: F401
 
-_TARGET_MODULES = {Target.onnx: "instaflow_edge.convert.onnx", Target.coreml: "instaflow_edge.convert.coreml"}
+_TARGET_MODULES = {Target.onnx: "instaflow_edge.convert.onnx", Target.coreml: "instaflow_edge.convert.coreml",
+                   Target.openvino: "instaflow_edge.convert.openvino"}
 
 
 def export(config: ConvertConfig) -> dict:

@@ -16,6 +16,7 @@ from typing import Callable, ClassVar
 
 from ..errors import InputError
 from ..quantize import coreml as cq
+from ..quantize.openvino import OvScheme
 from ..quantize.schemes import (
     QUANTIZABLE_COMPONENTS,
     CoreMLCompression,
@@ -33,6 +34,7 @@ from ..validators import (
     number,
     optional_choice,
 )
+from ..runtime.openvino import OvPrecision
 
 MIN_OPSET, MAX_OPSET = 14, 20  # 14: the attention ops; 20: the TorchScript exporter's last opset
 INC_MIN_OPSET = 18  # --engine inc exports with the dynamo exporter, whose floor this is
@@ -42,6 +44,7 @@ _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 class Target(str, enum.Enum):
     onnx = "onnx"
     coreml = "coreml"
+    openvino = "openvino"
 
 
 class Optimize(str, enum.Enum):
@@ -107,12 +110,16 @@ class ConvertConfig:
     compress: CoreMLCompression | None = None
     target_bits: float | None = None
     sizes: str | None = None  # Core ML: extra enumerated image sizes, "HxW,HxW"
+    # OpenVINO (the CLI's --precision and --quantize; calibration_prompts is shared with ONNX int8-static)
+    ov_precision: OvPrecision = OvPrecision.auto
+    ov_quantize: OvScheme | None = None
 
     _ONNX_ONLY: ClassVar[dict] = {"opset": 18, "optimize": Optimize.cpu, "quantize": None, "engine": QuantEngine.ort,
                                   "calibration_prompts": None, "quantize_components": None}
     _COREML_ONLY: ClassVar[dict] = {"layout": CoreMLLayout.apple, "min_target": MinTarget.iOS17, "precision": Precision.fp16,
                                     "attention": CoreMLAttention.original, "compress": None, "target_bits": None,
                                     "sizes": None}
+    _OPENVINO_ONLY: ClassVar[dict] = {"ov_precision": OvPrecision.auto, "ov_quantize": None}
 
     def __post_init__(self) -> None:
         self.target = choice("target", self.target, Target)
@@ -135,15 +142,22 @@ class ConvertConfig:
         self.compress = optional_choice("compress", self.compress, CoreMLCompression)
         if self.target_bits is not None:
             self.target_bits = number("target_bits", self.target_bits)
-        foreign = self._COREML_ONLY if self.target is Target.onnx else self._ONNX_ONLY
+        self.ov_precision = choice("precision", self.ov_precision, OvPrecision)
+        self.ov_quantize = optional_choice("quantize", self.ov_quantize, OvScheme)
+        foreign = {Target.onnx: {**self._COREML_ONLY, **self._OPENVINO_ONLY},
+                   Target.coreml: {**self._ONNX_ONLY, **self._OPENVINO_ONLY},
+                   Target.openvino: {**{k: v for k, v in self._ONNX_ONLY.items() if k != "calibration_prompts"},
+                                     **self._COREML_ONLY}}[self.target]
         for name, default in foreign.items():
             if getattr(self, name) != default:
                 raise InputError(f"{flag(name)} does not apply to --target {self.target.value}",
                                  "drop the option or change --target")
         if self.target is Target.onnx:
             self._check_onnx()
-        else:
+        elif self.target is Target.coreml:
             self._check_coreml()
+        else:
+            self._check_openvino()
 
     def _check_onnx(self) -> None:
         if not (MIN_OPSET <= self.opset <= MAX_OPSET):
@@ -163,6 +177,13 @@ class ConvertConfig:
                 raise InputError(f"unknown --quantize-component {bad[0]!r}", f"choose from: {', '.join(QUANTIZABLE_COMPONENTS)}")
         if self.calibration_prompts and self.quantize is not OnnxScheme.int8_static:
             raise InputError("--calibration-prompts applies only to --quantize int8-static", "drop it or add --quantize int8-static")
+
+    def _check_openvino(self) -> None:
+        if self.fused:
+            raise InputError("--fused does not apply to --target openvino", "drop --fused")
+        if self.calibration_prompts and self.ov_quantize not in (OvScheme.int8, OvScheme.int8_hybrid):
+            raise InputError("--calibration-prompts applies only to --quantize int8 or int8-hybrid",
+                             "drop it or add --quantize int8")
 
     def _check_coreml(self) -> None:
         if self.layout is CoreMLLayout.apple and self.fused:

@@ -20,6 +20,7 @@ from .options import Backend, Device, DType
 from .pipeline import load_pipeline
 from .runtime.coreml import coreml_backend
 from .runtime.onnx import onnx_backend
+from .runtime.openvino import openvino_backend
 from .validators import boolean, choice, image_count, image_side, number, optional_integer, seed
 
 
@@ -132,6 +133,13 @@ def _onnx_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object
     """An ONNX export folder (``convert --target onnx``) run with onnxruntime."""
 
     return onnx_backend(config, info)
+
+
+@backend("openvino")
+def _openvino_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
+    """An OpenVINO export folder (``convert --target openvino``) run by OpenVINO on the CPU."""
+
+    return openvino_backend(config, info)
 
 
 @backend("coreml")

@@ -26,10 +26,13 @@ class Backend(str, enum.Enum):
     torch = "torch"
     onnx = "onnx"
     coreml = "coreml"
+    openvino = "openvino"
 
 
 class EvalBackend(str, enum.Enum):
-    """What ``eval`` runs: PyTorch, or onnxruntime on an ONNX export (``convert --target onnx`` / ``quantize``)."""
+    """What ``eval`` runs: PyTorch, onnxruntime on an ONNX export (``convert --target onnx`` / ``quantize``), or
+    OpenVINO on an OpenVINO export (``convert --target openvino``)."""
 
     torch = "torch"
     onnx = "onnx"
+    openvino = "openvino"

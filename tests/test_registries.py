@@ -19,6 +19,7 @@ TESTS = Path(__file__).resolve().parent
 def _targets():
     import instaflow_edge.convert.coreml  # noqa: F401  (targets register when their module loads)
     import instaflow_edge.convert.onnx  # noqa: F401
+    import instaflow_edge.convert.openvino  # noqa: F401
     from instaflow_edge.convert import TARGETS
 
     return TARGETS
@@ -61,6 +62,7 @@ COVERAGE = {
     "convert targets": (_targets, {
         "onnx": "test_onnx.py::test_fp32_export_layout_and_gates",
         "coreml": "test_coreml.py::test_export_layout_and_manifest",
+        "openvino": "test_openvino.py::test_convert_f32_layout_parity_and_manifest",
     }),
     "ONNX quantization schemes": (_onnx_schemes, {
         "fp16": "test_onnx.py::test_standalone_quantize",
@@ -82,6 +84,7 @@ COVERAGE = {
         "torch": "test_cli.py::test_init_and_generate",
         "onnx": "test_onnx.py::test_generate_onnx_matches_torch",
         "coreml": "test_coreml.py::test_generate_coreml_on_linux_is_one_line",
+        "openvino": "test_openvino.py::test_generate_openvino_matches_torch",
     }),
 }
 

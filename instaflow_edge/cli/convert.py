@@ -1,4 +1,4 @@
-"""``instaflow-edge convert MODEL --target onnx|coreml -o OUT``."""
+"""``instaflow-edge convert MODEL --target onnx|coreml|openvino|web -o OUT``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ..convert.config import (
     Precision,
     Target,
 )
+from ..quantize.openvino import OvScheme
 from ..quantize.schemes import (
     ENGINE_NAMES,
     QUANTIZABLE_COMPONENTS,
@@ -25,6 +26,7 @@ from ..quantize.schemes import (
     QuantEngine,
     listing,
 )
+from ..runtime.openvino import OvPrecision
 
 _ENGINES = " or ".join(f"{e.value} ({ENGINE_NAMES[e]})" for e in QuantEngine)
 _ATTENTIONS = " or ".join(f"{a.value} ({ATTENTION_FOR[a]})" for a in CoreMLAttention)
@@ -43,17 +45,18 @@ def convert_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     opset: int = typer.Option(18, "--opset", help="ONNX: opset version."),
     optimize: Optimize = typer.Option(Optimize.cpu, "--optimize", help="ONNX: ONNX Runtime graph optimization for this provider."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help=f"ONNX: {listing(OnnxScheme)}."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=f"ONNX: {listing(OnnxScheme)}; OpenVINO: {listing(OvScheme)}."),
     quantize_components: Optional[List[str]] = typer.Option(None, "--quantize-component", help=f"ONNX: a component to quantize (repeatable: {', '.join(QUANTIZABLE_COMPONENTS)}; default: text_encoder and unet — the VAE decoder stays fp32 unless named)."),
     engine: str = typer.Option(QuantEngine.ort.value, "--engine", help=f"ONNX: quantization engine, {_ENGINES}."),
-    calibration_prompts: Optional[Path] = typer.Option(None, "--calibration-prompts", help="ONNX int8-static: a text file, one prompt per line (default: the model's prompt set)."),
+    calibration_prompts: Optional[Path] = typer.Option(None, "--calibration-prompts", help="ONNX int8-static, OpenVINO int8/int8-hybrid: a text file, one prompt per line (default: the model's prompt set)."),
     layout: str = typer.Option(CoreMLLayout.apple.value, "--layout", help=f"Core ML: which program the packages are for ({_LAYOUTS})."),
     min_target: str = typer.Option(MinTarget.iOS17.value, "--min-target", help=f"Core ML: minimum deployment target ({listing(MinTarget, ', ')})."),
-    precision: Precision = typer.Option(Precision.fp16, "--precision", help="Core ML: compute precision."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=f"Core ML: compute precision, {listing(Precision)} (default fp16); OpenVINO: {listing(OvPrecision)} (default auto: the CPU's default, bf16 where it has bf16 units)."),
     attention: CoreMLAttention = typer.Option(CoreMLAttention.original, "--attention", help=f"Core ML: {_ATTENTIONS}."),
     compress: Optional[str] = typer.Option(None, "--compress", help=f"Core ML: {listing(CoreMLCompression, '|')}."),
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="Core ML mixed-bit: average bits per weight to reach."),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Core ML: more image sizes the models accept (enumerated shapes), e.g. 512x512,768x512."),
+    parity_size: Optional[int] = typer.Option(None, "--parity-size", help="Core ML: image side of the PyTorch parity chain (default: the conversion size; 128 for fp16 packages of a full-size UNet, as PyTorch's CPU float16 is slow)."),
 ) -> None:
     """Export the one-step generator (text encoder, UNet+Euler step, VAE decoder) with parity gates."""
     from ..convert import ConvertConfig, export
@@ -61,19 +64,25 @@ def convert_command(
 
     cfg = ConvertConfig(
         model=model, output=str(output), target=target, force=force, fused=fused, height=height, width=width,
-        min_psnr=min_psnr, allow_pickle=allow_pickle, opset=opset, optimize=optimize, quantize=quantize,
+        min_psnr=min_psnr, allow_pickle=allow_pickle, opset=opset, optimize=optimize,
+        quantize=None if target is Target.openvino else quantize, ov_quantize=quantize if target is Target.openvino else None,
         quantize_components=list(quantize_components) if quantize_components else None,
         engine=engine, calibration_prompts=str(calibration_prompts) if calibration_prompts else None,
-        layout=layout, min_target=min_target, precision=precision, attention=attention, compress=compress, target_bits=target_bits, sizes=sizes,
+        layout=layout, min_target=min_target, attention=attention,
+        precision=Precision.fp16 if precision is None or target is Target.openvino else precision,
+        ov_precision=(precision or OvPrecision.auto) if target is Target.openvino else OvPrecision.auto, compress=compress, target_bits=target_bits, sizes=sizes,
+        parity_size=parity_size,
     )
     try:
         manifest = export(cfg)
     except PsnrError as e:
-        if cfg.target is Target.onnx and e.rows:  # the whole table, then the one-line error naming every miss
+        if cfg.target in (Target.onnx, Target.openvino, Target.web) and e.rows:  # the whole table, then the one-line error naming every miss
             typer.echo(format_table(e.rows, e.gates))
         raise
-    if cfg.target is Target.onnx:
+    if cfg.target in (Target.onnx, Target.openvino, Target.web):
         typer.echo(format_table(manifest["parity"], manifest["gates"]))
+        if cfg.target is Target.web:
+            typer.echo(f"open it: instaflow-edge serve {output}", err=True)
     else:
         from ..convert.coreml_check import format_report
 

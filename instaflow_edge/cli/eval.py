@@ -26,7 +26,7 @@ def eval_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     coreml_compress: Optional[str] = typer.Option(None, "--coreml-compress", help=f"Score a one-step model with a Core ML compression scheme applied in PyTorch, exactly as `convert --target coreml --compress` ships it ({listing(CoreMLCompression, '|')})."),
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="With --coreml-compress mixed-bit: average bits per weight."),
-    backend: EvalBackend = typer.Option(EvalBackend.torch, "--backend", help="torch, or onnx: MODEL is an ONNX export (convert --target onnx / quantize), run by onnxruntime on the CPU, e.g. to score an int8 export."),
+    backend: EvalBackend = typer.Option(EvalBackend.torch, "--backend", help="torch; onnx: MODEL is an ONNX export (convert --target onnx / quantize), run by onnxruntime on the CPU, e.g. to score an int8 export; openvino: MODEL is an OpenVINO export (convert --target openvino)."),
 ) -> None:
     """Generate the fixed digit prompt set with fixed seeds and score it with the digits judge."""
     from ..digits.evaluate import EvalConfig, evaluate
@@ -59,6 +59,8 @@ def print_table(result: dict) -> None:
         tag = f", Core ML {comp['scheme']}" if comp else ""
         if s.get("backend") == "onnx":
             tag += f", onnxruntime {s['export_precision']}"
+        elif s.get("backend") == "openvino":
+            tag += f", OpenVINO {s['export_precision']}"
         rows.append((f"{result['model']} ({s['steps']} step{'s' * (s['steps'] != 1)}, guidance {s['guidance']:g}{tag})",
                      result["generated"], result["generated"]["n"]))
     real = result["real"]

@@ -33,6 +33,7 @@ from ..artifacts import atomic_write_text, check_overlap, make_manifest
 from ..errors import InputError, NumericsError
 from ..options import Device, DType, EvalBackend
 from ..pipeline import load_pipeline, resolve_device
+from ..runtime import openvino as ov_runtime
 from ..runtime.onnx import open_export, read_scheme, sample
 from ..validators import boolean, choice, image_count, integer, optional_integer, seed
 
@@ -82,13 +83,14 @@ class EvalConfig:
             if path.is_dir() or not path.parent.is_dir():
                 raise InputError(f"cannot write --json {path}", "pass a file path inside an existing folder")
             check_overlap(path, (self.model,), what="--json file")  # never a file of the model
-        if self.backend is EvalBackend.onnx:
+        if self.backend in (EvalBackend.onnx, EvalBackend.openvino):
+            b = self.backend.value
             if self.real_only:
-                raise InputError("--backend onnx scores an ONNX export; --real does not apply",
+                raise InputError(f"--backend {b} scores an {b} export; --real does not apply",
                                  "drop --real, or use --backend torch")
             if self.dtype is not DType.float32 or self.device not in (Device.auto, Device.cpu):
-                raise InputError("--backend onnx runs the export on onnxruntime's CPU provider at its exported precision",
-                                 "drop --dtype/--device (quantize the export for other precisions)")
+                raise InputError(f"--backend {b} runs the export on the CPU at its exported precision",
+                                 "drop --dtype/--device (convert or quantize the export for other precisions)")
 
 
 def _accuracy(judge, images, labels) -> dict:
@@ -176,10 +178,11 @@ def generate_eval_images(pipe, config: EvalConfig, progress: bool = True):
     return torch.cat(out), [d for _, d in prompts], info
 
 
-def generate_eval_images_onnx(export, config: EvalConfig, progress: bool = True):
+def generate_eval_images_onnx(export, config: EvalConfig, progress: bool = True, backend: str = "onnx"):
     """``generate_eval_images`` for an ONNX export opened by ``convert.onnx_runtime.open_export``
     (``export`` is what it returns), run by onnxruntime in batches: same prompts, same seeds, same noise,
-    so the figures compare with the PyTorch model's."""
+    so the figures compare with the PyTorch model's. ``backend="openvino"``: an OpenVINO export opened
+    by ``runtime.openvino.open_export``, one image at a time (it is compiled for batch 1)."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -191,21 +194,24 @@ def generate_eval_images_onnx(export, config: EvalConfig, progress: bool = True)
     prompts = eval_prompts(config.num_images // 10)
     shape = tuple(meta["latent_shape"])
     out = []
-    bar = tqdm(total=len(prompts), desc=f"generating with onnxruntime ({steps} step{'s' * (steps != 1)})", unit="img",
+    runtime = "onnxruntime" if backend == "onnx" else "OpenVINO"
+    bar = tqdm(total=len(prompts), desc=f"generating with {runtime} ({steps} step{'s' * (steps != 1)})", unit="img",
                disable=not progress)
-    for i in range(0, len(prompts), config.batch_size):
-        chunk = prompts[i:i + config.batch_size]
+    batch = config.batch_size if backend == "onnx" else 1
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
         noise = make_noise([config.seed + i + k for k in range(len(chunk))], shape).numpy()
         images = sample(sessions, tokenize([p for p, _ in chunk]), noise, meta, steps)
         if not np.isfinite(images).all():
-            raise NumericsError(f"NaN/Inf in generated images (batch starting at prompt {i}, onnx)",
+            raise NumericsError(f"NaN/Inf in generated images (batch starting at prompt {i}, {backend})",
                                 "an fp16 export overflowed: use the fp32 or int8 export")
         out.append(torch.from_numpy(images) * 2 - 1)
         bar.update(len(chunk))
     bar.close()
     info = {"steps": steps, "guidance": config.guidance, "flow": meta["flow"], "size": meta["height"],
-            "device": "cpu", "dtype": "float32", "backend": "onnx",
-            "export_precision": read_scheme(Path(config.model)) or "fp32"}
+            "device": "cpu", "dtype": "float32", "backend": backend,
+            "export_precision": (read_scheme(Path(config.model)) or "fp32") if backend == "onnx" else
+            meta["precision"] + (f"+{meta['quantize']}" if meta.get("quantize") else "")}
     return torch.cat(out), [d for _, d in prompts], info
 
 
@@ -230,6 +236,8 @@ def evaluate(config: EvalConfig, progress: bool = True, transform: PipelineTrans
     if config.backend is EvalBackend.onnx:  # a bad export fails before the judge is built
 
         export = open_export(Path(config.model), config.steps, config.guidance)
+    elif config.backend is EvalBackend.openvino:
+        export = ov_runtime.open_export(Path(config.model), config.steps, config.guidance)
     elif not config.real_only:  # a bad model path fails before the judge is built
 
         resolve_device(config.device.value)
@@ -238,7 +246,7 @@ def evaluate(config: EvalConfig, progress: bool = True, transform: PipelineTrans
     if transform is not None:
         if pipe is None:
             raise InputError(f"{transform.result_key.replace('_', ' ')} needs a PyTorch model, "
-                             "but --real or --backend onnx was given", "drop one of them")
+                             "but --real or --backend onnx/openvino was given", "drop one of them")
         pipe, report = transform(pipe, config.steps or pipe.info.default_steps)
     t0 = time.perf_counter()
     judge = load_judge(JudgeConfig(data_seed=config.data_seed), progress=progress)
@@ -251,7 +259,7 @@ def evaluate(config: EvalConfig, progress: bool = True, transform: PipelineTrans
     t_gen = 0.0
     if pipe is not None or export is not None:
         t1 = time.perf_counter()
-        images, labels, info = (generate_eval_images_onnx(export, config, progress) if export is not None
+        images, labels, info = (generate_eval_images_onnx(export, config, progress, config.backend.value) if export is not None
                                 else generate_eval_images(pipe, config, progress))
         t_gen = time.perf_counter() - t1
         result["sampling"] = info
