@@ -170,6 +170,7 @@ def _register() -> None:
     from . import eval as eval_cmd
     from . import generate as generate_cmd
     from . import init as init_cmd
+    from . import prune as prune_cmd
     from . import quantize as quantize_cmd
     from . import train as train_cmd
 
@@ -180,6 +181,7 @@ def _register() -> None:
     app.command("env")(env_cmd.env_command)
     app.command("eval")(eval_cmd.eval_command)
     app.command("quantize")(quantize_cmd.quantize_command)
+    app.command("prune")(prune_cmd.prune_command)
     from . import train_recipe
 
     train_recipe.register(train_cmd.train_app)
