@@ -222,3 +222,28 @@ def test_bad_openvino_folders_are_one_line(ov_f32, tiny_dir, tmp_path):
     (swapped / "manifest.json").write_text(json.dumps(m))
     r = run("generate", swapped, "a fox", "--backend", "openvino", "-o", tmp_path / "f")
     assert_one_line_error(r, 2, "openvino.precision must be one of", nothing_at=tmp_path / "f")
+
+
+def test_cpu_paths_ratios_and_table_from_a_report():
+    from instaflow_edge.bench import cpu_paths as cp
+
+    assert cp._paired([2.0, 3.0, 4.0], [1.0, 2.0, 1.0]) == {"median": 2.0, "min": 1.5, "max": 4.0}
+
+    def comp(times, prec="fp32", psnr=50.0):
+        return {"median_s": sorted(times)[1], "times_s": times, "precision": prec, "psnr_db": psnr}
+
+    res = {cp.BASE: {c: comp([2.0, 2.0, 2.0]) for c in cp.COMPONENTS},
+           cp.PEER: {c: comp([1.0, 1.0, 3.0], "bf16") for c in cp.COMPONENTS}}
+    for r in res.values():
+        r["end_to_end"] = {"median_s": 0, "times_s": [sum(r[c]["times_s"][k] for c in cp.COMPONENTS) for k in range(3)],
+                           "psnr_db": None}
+    peaks = {"peaks": {"fp32": {"gops": 100.0, "via": "torch"}, "bf16": {"gops": 200.0, "via": "torch"}}}
+    flops = {c: 100e9 for c in cp.COMPONENTS}
+    cp.derive(res, flops, peaks)
+    assert res[cp.PEER]["unet"]["vs_ort_fp32"] == {"median": 2.0, "min": 0.667, "max": 2.0}
+    assert res[cp.BASE]["unet"]["pct_of_peak"] == 50.0  # 100 GFLOP in 2 s at a 100 GOP/s fp32 peak
+    assert res[cp.PEER]["unet"]["pct_of_peak"] == 50.0  # 100 GFLOP in 1 s at the 200 GOP/s bf16 peak
+    report = {"image": [64, 64], "rounds": 3, "by_threads": {"1": {"results": res}}}
+    rows = cp.markdown(report).splitlines()
+    assert rows[2].startswith("| runtime | UNet s |")
+    assert f"| {cp.PEER} | 1 | 2.00 (0.67–2.00) | 1.00 (1.00–1.00) | 50.0 dB | 50% bf16 |" in rows[5]
