@@ -66,3 +66,57 @@ class OneStepObjective:
         z, x1, cond = batch["z"], batch["x1"], batch["cond"]
         tau = z.new_full((z.shape[0],), float(tau_from_s(0.0)))
         return self.distance(one_step(z, unet_velocity(model, z, tau, cond)), x1)
+
+
+def _blocks(unet) -> dict:
+    """The UNet's blocks whose outputs BK-SDM's feature loss compares: every down and up stage and the
+    mid-block (where there is one)."""
+    out = {f"down_blocks.{i}": b for i, b in enumerate(unet.down_blocks)}
+    if unet.mid_block is not None:
+        out["mid_block"] = unet.mid_block
+    out.update({f"up_blocks.{i}": b for i, b in enumerate(unet.up_blocks)})
+    return out
+
+
+def _capture(blocks: dict, store: dict) -> list:
+    def hook(name):
+        def fn(module, args, output):
+            store[name] = output[0] if isinstance(output, tuple) else output
+        return fn
+
+    return [b.register_forward_hook(hook(n)) for n, b in blocks.items()]
+
+
+class TeacherDistillObjective:
+    """Recovery of a pruned student, as BK-SDM trains it: the task loss ``distance(z + v_s(z), x1)`` on the
+    pairs, plus the output loss ``mse(z + v_s(z), z + v_t(z))`` against the unpruned teacher, plus
+    ``feature_weight × Σ mse(f_s, f_t)`` over the outputs of the blocks both UNets have (the stages and,
+    where the student kept it, the mid-block). The teacher is frozen."""
+
+    def __init__(self, teacher: torch.nn.Module, distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = l2_distance,
+                 feature_weight: float = 0.0, output_weight: float = 1.0):
+        self.teacher, self.distance = teacher.eval().requires_grad_(False), distance
+        self.feature_weight, self.output_weight = float(feature_weight), float(output_weight)
+
+    def __call__(self, model, batch: dict, rnd) -> torch.Tensor:
+        z, x1, cond = batch["z"], batch["x1"], batch["cond"]
+        tau = z.new_full((z.shape[0],), float(tau_from_s(0.0)))
+        student = getattr(model, "module", model)  # DDP wraps it; the blocks are the inner module's
+        fs: dict = {}
+        ft: dict = {}
+        names = list(_blocks(student)) if self.feature_weight > 0 else []
+        t_blocks = _blocks(self.teacher)
+        hooks = _capture({n: b for n, b in _blocks(student).items() if n in names}, fs)
+        hooks += _capture({n: t_blocks[n] for n in names if n in t_blocks}, ft)
+        try:
+            x = one_step(z, unet_velocity(model, z, tau, cond))
+            with torch.no_grad():
+                x_t = one_step(z, unet_velocity(self.teacher, z, tau, cond))
+        finally:
+            for h in hooks:
+                h.remove()
+        loss = self.distance(x, x1) + self.output_weight * F.mse_loss(x.float(), x_t.float())
+        if self.feature_weight > 0:
+            feat = sum(F.mse_loss(fs[n].float(), ft[n].float()) for n in fs if n in ft)
+            loss = loss + self.feature_weight * feat
+        return loss

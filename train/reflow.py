@@ -72,10 +72,18 @@ class DistillConfig(PairsTrainConfig):
 
     loss: DistillLoss = DistillLoss.l2
     lpips_weights: str | None = None
+    teacher: str | None = None  # recovery of a pruned MODEL: the unpruned one-step model (output loss)
+    feature_weight: float = 0.0  # BK-SDM's feature loss at the surviving block outputs (needs teacher)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.loss = choice("loss", self.loss, DistillLoss)
+        if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher):
+            raise InputError(f"teacher must be a pipeline folder, got {self.teacher!r}", "pass --teacher MODEL")
+        self.feature_weight = number("feature_weight", self.feature_weight, 0.0)
+        if self.feature_weight > 0 and self.teacher is None:
+            raise InputError("--feature-weight needs the unpruned model's block outputs",
+                             "pass --teacher MODEL (the model you pruned), or --feature-weight 0")
         if self.lpips_weights is not None and not isinstance(self.lpips_weights, str):
             raise InputError(f"lpips_weights must be a path, got {self.lpips_weights!r}", "pass --lpips-weights FILE")
         if self.loss is DistillLoss.lpips and not self.lpips_weights:
@@ -83,7 +91,8 @@ class DistillConfig(PairsTrainConfig):
                              "pass --lpips-weights FILE (lpips.LPIPS(net='vgg').state_dict()), or use --loss l2")
 
     def inputs(self) -> tuple[str, ...]:
-        return (*super().inputs(), *((self.lpips_weights,) if self.lpips_weights else ()))
+        return (*super().inputs(), *((self.lpips_weights,) if self.lpips_weights else ()),
+                *((self.teacher,) if self.teacher else ()))
 
 
 class PairsSource:
@@ -143,6 +152,22 @@ def _save(cfg, accelerator, pipe, unet, result, info, stage: str, pairs, extra: 
     accelerator.wait_for_everyone()
 
 
+def _teacher_unet(config: DistillConfig, pipe):
+    """The unpruned teacher's UNet, checked against the student: same latent and text spaces, and for the
+    feature loss the same stage widths (block pruning keeps them; channel pruning does not)."""
+    t = load_pipeline(config.teacher, device=str(pipe.device), dtype="float32", allow_pickle=config.allow_pickle).unet
+    s = pipe.unet
+    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        if t.config[key] != s.config[key]:
+            raise InputError(f"teacher {config.teacher} has {key} {t.config[key]}, {config.model} has {s.config[key]}",
+                             "pass the model that MODEL was pruned from as --teacher")
+    if config.feature_weight > 0 and list(t.config.block_out_channels) != list(s.config.block_out_channels):
+        raise InputError(f"the feature loss compares block outputs, but {config.model}'s stage widths "
+                         f"{list(s.config.block_out_channels)} differ from the teacher's {list(t.config.block_out_channels)}",
+                         "use --feature-weight 0 for channel-pruned models")
+    return t
+
+
 def train_reflow(config: ReflowConfig) -> str:
     """Train a 2-rectified flow on fixed teacher pairs; returns the output folder."""
     from .engine import claimed, fit, make_accelerator
@@ -164,7 +189,7 @@ def train_distill(config: DistillConfig) -> str:
     """Distil MODEL into a one-step generator on fixed teacher pairs; returns the output folder."""
     from .engine import claimed, fit, make_accelerator
     from .losses import make_distance
-    from .objectives import OneStepObjective
+    from .objectives import OneStepObjective, TeacherDistillObjective
 
     config.check_paths()  # before minutes of training: no overlap with an input, no existing output
     accelerator = make_accelerator(config)
@@ -172,9 +197,15 @@ def train_distill(config: DistillConfig) -> str:
         pipe, pairs = _load(config, accelerator)
         distance = make_distance(config.loss, pipe, config.lpips_weights, config.allow_pickle)
         source = PairsSource(pairs, pipe)
-        unet, result = fit(config, accelerator, pipe.unet, source, OneStepObjective(distance), describe="train distill")
+        if config.teacher:
+            objective = TeacherDistillObjective(_teacher_unet(config, pipe), distance, config.feature_weight)
+        else:
+            objective = OneStepObjective(distance)
+        unet, result = fit(config, accelerator, pipe.unet, source, objective, describe="train distill")
         info = ModelInfo(flow="rectified_flow", default_steps=1, source=config.model)
-        _save(config, accelerator, pipe, unet, result, info, "distill", pairs, {"one_step": True, "loss": config.loss.value})
+        extra = {"teacher": config.teacher, "feature_weight": config.feature_weight} if config.teacher else {}
+        _save(config, accelerator, pipe, unet, result, info, "distill", pairs,
+              {"one_step": True, "loss": config.loss.value, **extra})
     _end_distributed()
     return os.fspath(config.output)
 

@@ -102,6 +102,8 @@ def distill_command(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output one-step pipeline folder."),
     loss: str = typer.Option(field_default(DistillConfig, "loss").value, "--loss", help="l2 | pseudo-huber | lpips (image space, needs --lpips-weights)."),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="File with lpips.LPIPS(net='vgg').state_dict() (safetensors)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Recovery of a pruned MODEL: the unpruned one-step model (adds the loss to its one-step output)."),
+    feature_weight: float = typer.Option(field_default(DistillConfig, "feature_weight"), "--feature-weight", help="BK-SDM's feature loss at the block outputs both UNets have (needs --teacher; 0: off)."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Train on the first N pairs only (default: all)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (MODEL, LPIPS)."),
     config: Optional[Path] = EngineOptions.config,
