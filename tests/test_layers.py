@@ -8,7 +8,7 @@ Floors only look down::
     stages   quantize/*  →  convert/*   (convert may import quantize, never the reverse)
              train/*                    (train and convert never import each other)
     digits   digits/*
-    entry    cli/*  bench/*
+    entry    cli/*  bench/*  report/*
 
 An internal import sits at its module's top, unless it is *heavy* (the imported module pulls torch,
 numpy, onnx… at import time) or it is made by an entry module (the CLI loads a command's verb only when
@@ -51,7 +51,7 @@ def place(module: str) -> tuple[int, str]:
         return 4, head
     if head == "digits":
         return 5, "digits"
-    if head in ("cli", "bench"):
+    if head in ("cli", "bench", "report"):
         return 6, "entry"
     raise AssertionError(f"module {module} has no floor: add it to tests/test_layers.py (and docs/DESIGN.md)")
 

@@ -164,6 +164,7 @@ def _root(
 
 
 def _register() -> None:
+    from . import bench as bench_cmd
     from . import convert as convert_cmd
     from . import demo as demo_cmd
     from . import env as env_cmd
@@ -172,6 +173,8 @@ def _register() -> None:
     from . import init as init_cmd
     from . import prune as prune_cmd
     from . import quantize as quantize_cmd
+    from . import report as report_cmd
+    from . import serve as serve_cmd
     from . import train as train_cmd
 
     app.command("init")(init_cmd.init_command)
@@ -182,6 +185,9 @@ def _register() -> None:
     app.command("eval")(eval_cmd.eval_command)
     app.command("quantize")(quantize_cmd.quantize_command)
     app.command("prune")(prune_cmd.prune_command)
+    app.command("serve")(serve_cmd.serve_command)
+    app.command("bench")(bench_cmd.bench_command)
+    app.command("report")(report_cmd.report_command)
     from . import train_recipe
 
     train_recipe.register(train_cmd.train_app)

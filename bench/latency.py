@@ -1,0 +1,651 @@
+"""``instaflow-edge bench``: one-step latency of the PyTorch reference and every export given.
+
+Each run is the whole one-step image (text encoder → one-step UNet → VAE decoder) with a clock between
+the stages, so per-component and end-to-end figures come from the same runs; the fused generator
+(``generator/model.onnx``, when exported with its precision) is timed as its own run. Warm-up runs are
+discarded; median and p90 are reported; threads are pinned (torch and ORT intra-op) and stated.
+
+Runtimes are interleaved: every round runs each once (order rotated), and a speed-up is the median of
+the per-round ratios (with their min–max), so a slow phase of a shared machine hits both sides of a
+ratio; ``sequential=True`` times one runtime after another instead (less memory: at SD1.5 the
+interleaved run holds torch and every export at once). Ratios are vs the torch row and vs the first
+ONNX export given.
+
+Also recorded: the peak RSS of each runtime (the RSS its loading added, and the most one run added on
+top: Linux's high-water mark, reset before every run through ``/proc/self/clear_refs``), the machine's
+measured matmul peaks (``bench/peaks.py``: fp32, bf16, int8) and each stage's % of the peak of the
+precision it ran in (FLOPs counted with torch's FlopCounterMode on the torch modules), the runtime
+versions, and with ``device=cuda`` the GPU's name (torch fp16 eager, ``torch.compile``, ORT's CUDA
+provider when installed). Core ML packages are timed through ``predict`` on macOS; elsewhere their row
+says why it is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from ..artifacts import atomic_write_text, claim_output, make_manifest, read_manifest, to_jsonable
+from ..errors import DeviceError, InputError
+from ..progress import say
+from ..validators import boolean, choice, integer
+
+STAGES = ("text_encoder", "unet", "vae_decoder")
+
+
+class BenchDevice(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Options of ``instaflow-edge bench``. ``exports``: export folders (ONNX or Core ML), each optionally
+    ``LABEL=DIR``; without a label the row is named from the export's manifest (``ort int8-static``)."""
+
+    model: str
+    exports: list[str] = dataclasses.field(default_factory=list)
+    output: str = "bench.json"
+    threads: int = 1
+    device: BenchDevice = BenchDevice.cpu
+    warmup: int = 1
+    repeats: int = 5
+    sequential: bool = False
+    note: str | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        self.device = choice("device", self.device, BenchDevice)
+        integer("threads", self.threads, 1)
+        integer("warmup", self.warmup, 0)
+        integer("repeats", self.repeats, 1)
+        boolean("sequential", self.sequential)
+        boolean("force", self.force)
+        if isinstance(self.exports, str):
+            self.exports = [self.exports]
+        self.exports = list(self.exports)
+        if not str(self.output).endswith(".json"):
+            raise InputError(f"-o {self.output}: the bench result is a JSON file", "pass -o NAME.json")
+        model = Path(self.model)
+        if not (model / "model_index.json").is_file():
+            raise InputError(f"{self.model} is not a pipeline folder (no model_index.json)",
+                             "pass the pipeline folder the exports were made from (the torch reference)")
+
+
+def export_kind(folder: Path) -> str:
+    """``onnx`` or ``coreml``, from the folder's manifest; a one-line error for anything else."""
+    m = read_manifest(folder) if folder.is_dir() else None
+    kind = (m or {}).get("kind")
+    if kind == "onnx-export":
+        return "onnx"
+    if kind == "coreml":
+        return "coreml"
+    raise InputError(f"{folder} is not an export folder (no manifest.json of kind onnx-export or coreml)",
+                     "pass folders written by `instaflow-edge convert` or `instaflow-edge quantize`")
+
+
+def export_label(folder: Path) -> str:
+    """A short name for an export from its manifest: ``ort fp32``, ``ort int8-static``, ``coreml palettize-6``."""
+    m = read_manifest(folder) or {}
+    if export_kind(folder) == "onnx":
+        return f"ort {((m.get('quantize') or {}).get('scheme')) or 'fp32'}"
+    cfg = m.get("config") or {}
+    comp = cfg.get("compress")
+    if comp == "mixed-bit" and cfg.get("target_bits"):
+        comp = f"mixed-bit {cfg['target_bits']:g}"
+    return f"coreml {comp or cfg.get('precision') or 'fp16'}"
+
+
+def parse_exports(items: list[str]) -> dict[str, Path]:
+    """``[DIR | LABEL=DIR]`` → ``{label: folder}``; labels made unique with the folder's name."""
+    out: dict[str, Path] = {}
+    for item in items:
+        label, sep, d = str(item).partition("=")
+        folder = Path(d if sep and not Path(item).exists() else item)
+        if not folder.is_dir():
+            raise InputError(f"export {item}: no such folder", "pass an export folder (or LABEL=DIR)")
+        kind = export_kind(folder)
+        name = label if sep and not Path(item).exists() else export_label(folder)
+        if kind == "onnx" and not name.startswith("ort "):
+            name = f"ort {name}"
+        if name in out:
+            name = f"{name} ({folder.name})"
+        if name in out:
+            raise InputError(f"export {folder} is given twice", "pass each export once")
+        out[name] = folder
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# statistics and interleaving
+
+
+def _stats(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    p90 = xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
+    return {"median_s": statistics.median(xs), "p90_s": p90, "n": len(xs)}
+
+
+class Rss:
+    """The process's resident memory (Linux ``/proc/self/status``): now, and the high-water mark since
+    the last :meth:`reset` (``/proc/self/clear_refs`` ← 5). Elsewhere every figure is None."""
+
+    def __init__(self) -> None:
+        self.ok = sys.platform.startswith("linux") and self.now_mib() is not None and self.reset()
+
+    @staticmethod
+    def _field(name: str) -> float | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(name + ":"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def now_mib(self) -> float | None:
+        return self._field("VmRSS")
+
+    def peak_mib(self) -> float | None:
+        return self._field("VmHWM")
+
+    @staticmethod
+    def reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+
+def _time_runs(run_once, warmup: int, repeats: int, rss: Rss | None = None, memory: dict | None = None) -> dict:
+    """``run_once()`` returns {stage: seconds}; returns {stage: stats} plus end_to_end."""
+    mem: dict = {}
+    out = _time_interleaved({"x": run_once}, warmup, repeats, rss, mem)["x"]
+    if memory is not None and "x" in mem:
+        memory.update(mem["x"])
+    return out
+
+
+def _time_interleaved(runners: dict, warmup: int, repeats: int, rss: Rss | None = None,
+                      memory: dict | None = None) -> dict:
+    """Rounds of one run of every runner, the order rotated each round, so slow phases of a noisy
+    machine hit every runner alike. Returns {label: {stage: stats}}; each stage's raw times are kept
+    in ``times_s`` so ratios can be paired by round (``_paired``). With ``rss`` (and a ``memory`` dict),
+    ``memory[label]["run_peak_mib"]`` is the most RSS one run of that runner added."""
+    labels = list(runners)
+
+    def call(k):
+        if rss is None or not rss.ok:
+            return runners[k]()
+        before = rss.now_mib()
+        rss.reset()
+        t = runners[k]()
+        extra = max(0.0, rss.peak_mib() - before)
+        m = memory.setdefault(k, {}) if memory is not None else {}
+        m["run_peak_mib"] = round(max(m.get("run_peak_mib", 0.0), extra), 1)
+        return t
+
+    for _ in range(warmup):
+        for k in labels:
+            call(k)
+    per: dict[str, dict[str, list[float]]] = {k: {} for k in labels}
+    for r in range(repeats):
+        for k in labels[r % len(labels):] + labels[:r % len(labels)]:
+            t = call(k)
+            if len(t) > 1:
+                t["end_to_end"] = sum(t.values())
+            for stage, v in t.items():
+                per[k].setdefault(stage, []).append(v)
+    return {k: {stage: {**_stats(v), "times_s": [round(x, 6) for x in v]} for stage, v in st.items()}
+            for k, st in per.items()}
+
+
+def _paired(ref: list[float], other: list[float]) -> dict:
+    """Speed-up of ``other`` over ``ref`` per round (ref ÷ other): median, min, max."""
+    rs = sorted(a / b for a, b in zip(ref, other))
+    return {"median": round(statistics.median(rs), 3), "min": round(rs[0], 3), "max": round(rs[-1], 3)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# runners: () -> {stage: seconds}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def matmul_peak(threads: int, device: str, n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 (fp16 on cuda) GEMM GFLOP/s of an n×n×n matmul through torch."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = torch.float16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    best = float("inf")
+    for _ in range(reps + 1):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def torch_runner(pipe, inputs: dict, device: str, dtype, compile_: bool = False):
+    import torch
+
+    from ..components import COMPONENTS
+
+    mods = {n: COMPONENTS[n].module(pipe).to(device, dtype) for n in STAGES}
+    if compile_:
+        mods = {n: torch.compile(m) for n, m in mods.items()}
+    ids = torch.from_numpy(inputs["input_ids"]).to(device)
+    noise = torch.from_numpy(inputs["noise"]).to(device, dtype)
+
+    @torch.no_grad()
+    def once():
+        t = {}
+        t0 = time.perf_counter()
+        ehs = mods["text_encoder"](ids)
+        _sync(device)
+        t["text_encoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lat = mods["unet"](noise, ehs)
+        _sync(device)
+        t["unet"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        mods["vae_decoder"](lat / pipe.scaling_factor)
+        _sync(device)
+        t["vae_decoder"] = time.perf_counter() - t0
+        return t
+
+    return once
+
+
+def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
+    from ..runtime import onnx_io
+    from ..runtime.onnx import unet_feed
+
+    s = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, threads=threads, providers=providers) for n in STAGES}
+    scale = json.loads((folder / "manifest.json").read_text())["onnx"]["scaling_factor"]
+
+    def once():
+        t = {}
+        t0 = time.perf_counter()
+        ehs = s["text_encoder"].run(None, {"input_ids": inputs["input_ids"]})[0]
+        t["text_encoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lat = s["unet"].run(None, unet_feed(s["unet"], inputs["noise"], ehs))[0]
+        t["unet"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s["vae_decoder"].run(None, {"latent_sample": lat / scale})
+        t["vae_decoder"] = time.perf_counter() - t0
+        return t
+
+    return once
+
+
+def ort_fused_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
+    from ..runtime import onnx_io
+
+    s = onnx_io.session(folder / "generator" / onnx_io.MODEL_FILE, threads=threads, providers=providers)
+
+    def once():
+        t0 = time.perf_counter()
+        s.run(None, {"input_ids": inputs["input_ids"], "noise": inputs["noise"]})
+        return {"generator": time.perf_counter() - t0}
+
+    return once
+
+
+def coreml_runner(folder: Path, inputs: dict):  # pragma: no cover - macOS only
+    """The packages through ``MLModel.predict`` (macOS), as ``generate --backend coreml`` runs them."""
+    import numpy as np
+
+    from ..errors import require
+    from ..runtime.coreml import PACKAGES, check_platform, load_folder
+
+    check_platform()
+    ct = require("coremltools", "coreml")
+    manifest = load_folder(folder)
+    te, unet, vae = (ct.models.MLModel(str(folder / f"{n}.mlpackage"), compute_units=ct.ComputeUnit.ALL) for n in PACKAGES)
+    ids = inputs["input_ids"].astype(np.float32)
+    noise = inputs["noise"]
+    apple = manifest.get("layout") == "apple"
+    if apple:
+        sch = manifest["scheduler"]
+        t_, alpha, sigma = int(sch["timestep"]), np.float32(sch["alpha"]), np.float32(sch["sigma"])
+        sf = np.float32(sch["decoder_scale_factor"])
+    else:
+        sf = float(vae.user_defined_metadata["scaling_factor"])
+
+    def once():
+        t = {}
+        t0 = time.perf_counter()
+        hidden = te.predict({"input_ids": ids})["last_hidden_state"]
+        t["text_encoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if apple:
+            states = np.ascontiguousarray(hidden.transpose(0, 2, 1)[:, :, None, :], dtype=np.float32)
+            eps = unet.predict({"sample": noise, "timestep": np.array([t_], dtype=np.float32),
+                                "encoder_hidden_states": states})["noise_pred"].astype(np.float32)
+            lat = (noise - eps * sigma) / alpha
+            t["unet"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            vae.predict({"z": (lat / sf).astype(np.float32)})
+        else:
+            lat = unet.predict({"sample": noise, "encoder_hidden_states": hidden})["out_sample"]
+            t["unet"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            vae.predict({"latent_sample": lat / sf})
+        t["vae_decoder"] = time.perf_counter() - t0
+        return t
+
+    return once
+
+
+def count_flops(pipe, inputs: dict) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..components import COMPONENTS
+
+    ids, noise = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["noise"])
+    flops = {}
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            ehs = COMPONENTS["text_encoder"].module(pipe)(ids)
+        flops["text_encoder"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            lat = COMPONENTS["unet"].module(pipe)(noise, ehs)
+        flops["unet"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            COMPONENTS["vae_decoder"].module(pipe)(lat / pipe.scaling_factor)
+        flops["vae_decoder"] = fc.get_total_flops()
+    flops["end_to_end"] = sum(flops.values())
+    flops["generator"] = flops["end_to_end"]
+    return flops
+
+
+def stage_precisions(folder: Path | None, device: str) -> dict[str, str]:
+    """The precision each stage of a runtime computes in, for its % of peak: ``fp32`` for torch on the
+    CPU and unquantized components, ``int8`` for components an int8 scheme quantized, ``fp16`` for fp16
+    ones (and torch on CUDA). End to end and the fused generator: the UNet's."""
+    if folder is None:
+        p = "fp16" if device == "cuda" else "fp32"
+        return {s: p for s in (*STAGES, "end_to_end", "generator")}
+    q = (read_manifest(folder) or {}).get("quantize") or {}
+    scheme, comps = q.get("scheme"), q.get("components") or []
+    prec = "int8" if scheme and scheme.startswith("int8") else ("fp16" if scheme == "fp16" else "fp32")
+    out = {s: (prec if s in comps else "fp32") for s in STAGES}
+    out["end_to_end"] = out["generator"] = out["unet"]
+    return out
+
+
+def runtime_versions() -> dict:
+    from ..artifacts import package_versions
+
+    v = {k: val for k, val in package_versions(("torch", "onnxruntime", "coremltools", "numpy")).items()}
+    try:
+        import onnxruntime as ort
+
+        v["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    return v
+
+
+def _gpu() -> dict:
+    import torch
+
+    return {"name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+            "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+
+
+def check_device(device: BenchDevice) -> None:
+    """``--device cuda`` without a CUDA GPU visible to torch is a one-line error, before any model loads."""
+    if device is BenchDevice.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda: torch sees no CUDA GPU here (torch "
+                              f"{torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'})",
+                              "run the GPU reference on a machine with a CUDA GPU and a CUDA build of torch, or use --device cpu")
+
+
+def bench(config: BenchConfig, progress: bool = True) -> dict:
+    """Time the torch reference and every export of ``config``; write the JSON to ``config.output``
+    (atomically) and return it."""
+    exports = parse_exports(config.exports)
+    check_device(config.device)
+    inputs_ = (config.model, *exports.values())
+    with claim_output(config.output, config.force, inputs_, what="bench result") as out:
+        result = measure(config.model, exports, config.threads, config.warmup, config.repeats, config.device.value,
+                         interleave=not config.sequential, progress=progress)
+        result["note"] = config.note
+        manifest = make_manifest("bench", config, **result)
+        atomic_write_text(out, json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, repeats: int, device: str,
+            interleave: bool = True, progress: bool = True) -> dict:
+    """The timing itself (no output written): see the module docstring."""
+    import gc
+
+    import torch
+
+    from ..components import EXAMPLE_PROMPTS, Sizes
+    from ..envinfo import collect
+    from ..generator import make_noise
+    from ..pipeline import load_pipeline
+    from .peaks import measure_peaks
+
+    def note(msg):
+        if progress:
+            say("bench", msg)
+
+    rss = Rss()
+    torch.set_num_threads(threads)
+    rss0 = rss.now_mib()
+    pipe = load_pipeline(model, "cpu", "float32", local_files_only=True)
+    pipe_mib = (rss.now_mib() - rss0) if rss.ok else None
+    sizes = Sizes.of(pipe)
+    inputs = {"input_ids": pipe.tokenize(EXAMPLE_PROMPTS[:1]).numpy(),
+              "noise": make_noise([0], (sizes.latent_channels, sizes.latent_height, sizes.latent_width)).numpy()}
+    note(f"measuring the matmul peaks ({threads} thread{'s' * (threads != 1)})")
+    peaks = measure_peaks(threads)
+    if device == "cuda":
+        peaks["peaks"]["fp16"] = {"gops": round(matmul_peak(threads, "cuda"), 1), "via": "torch cuda"}
+    flops = count_flops(pipe, inputs)
+    makers: dict[str, object] = {}  # label -> () -> runner, built lazily so the sequential mode holds one
+    folders: dict[str, Path | None] = {}
+    skipped: dict[str, str] = {}
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        makers["torch fp16 eager"] = lambda: torch_runner(pipe, inputs, "cuda", torch.float16)
+        makers["torch fp16 compile"] = lambda: torch_runner(pipe, inputs, "cuda", torch.float16, True)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        import onnxruntime as ort
+
+        if any(export_kind(f) == "onnx" for f in exports.values()) and \
+                "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise DeviceError("ONNX exports were given with --device cuda, but onnxruntime has no CUDAExecutionProvider here",
+                              "install onnxruntime-gpu, or drop the exports to time the torch rows only")
+    else:
+        makers["torch eager fp32"] = lambda: torch_runner(pipe, inputs, "cpu", torch.float32)
+    for k in makers:
+        folders[k] = None
+    for label, folder in exports.items():
+        if export_kind(folder) == "coreml":
+            if sys.platform != "darwin":
+                skipped[label] = f"Core ML prediction needs macOS (this machine runs {sys.platform})"
+                continue
+            makers[label] = lambda folder=folder: coreml_runner(folder, inputs)
+            folders[label] = folder
+            continue
+        makers[label] = lambda folder=folder: ort_runner(folder, inputs, threads, providers)
+        folders[label] = folder
+        q = (read_manifest(folder) or {}).get("quantize") or {}
+        # the fused generator is timed where it carries the export's precision (schemes leave it fp32)
+        if (folder / "generator" / "model.onnx").is_file() and (not q.get("scheme") or "generator" in q.get("components", [])):
+            makers[f"{label} fused"] = lambda folder=folder: ort_fused_runner(folder, inputs, threads, providers)
+            folders[f"{label} fused"] = folder
+    # torch.compile needs its own warm-up (compilation) beyond the others'
+    extra = {k: 2 for k in makers if "compile" in k}
+    memory: dict[str, dict] = {}
+
+    def build(k, make):
+        gc.collect()
+        before = rss.now_mib()
+        r = make()
+        if rss.ok:
+            load = rss.now_mib() - before + (pipe_mib if k.startswith("torch") else 0.0)
+            memory.setdefault(k, {})["load_mib"] = round(load, 1)
+        return r
+
+    note(f"timing {len(makers)} runtime{'s' * (len(makers) != 1)}: {', '.join(makers)} "
+         f"({warmup} warm-up, {repeats} rounds, {'interleaved' if interleave else 'one after another'})")
+    if interleave:
+        runners = {k: build(k, make) for k, make in makers.items()}
+        for k, n in extra.items():
+            for _ in range(n):
+                runners[k]()
+        results = _time_interleaved(runners, warmup, repeats, rss, memory)
+        del runners
+    else:
+        results = {}
+        torch_labels = [k for k in makers if k.startswith("torch")]
+        for k, make in makers.items():
+            mem: dict = {}
+            results[k] = _time_runs(build(k, make), warmup + extra.get(k, 0), repeats, rss, mem)
+            memory.setdefault(k, {}).update(mem)
+            if k == torch_labels[-1]:
+                pipe = None  # every torch runtime timed: free the pipeline before ORT loads
+            gc.collect()
+    process_peak = rss.peak_mib()
+    del pipe
+    gc.collect()
+    for k, m in memory.items():
+        if "load_mib" in m and "run_peak_mib" in m:
+            m["peak_rss_mib"] = round(m["load_mib"] + m["run_peak_mib"], 1)
+    base = next(iter(results))
+    first_ort = next((k for k in results if k.startswith("ort ") and not k.endswith("fused")), None)
+    refs = [base] + ([first_ort] if first_ort else [])
+    for k, r in results.items():
+        prec = stage_precisions(folders.get(k), device)
+        for stage, st in r.items():
+            p = peaks["peaks"].get(prec[stage]) or peaks["peaks"].get("fp32")
+            st["peak_precision"] = prec[stage] if prec[stage] in peaks["peaks"] else "fp32"
+            st["pct_of_peak"] = round(100 * flops[stage] / st["median_s"] / 1e9 / p["gops"], 2) if st["median_s"] and p else None
+            ref_stage = "end_to_end" if stage == "generator" else stage
+            for ref in refs:
+                key = "speedup_vs_" + ref.replace(" ", "_")
+                ref_st = results[ref][ref_stage]
+                if interleave:
+                    paired = _paired(ref_st["times_s"], st["times_s"])
+                    st[key], st[key + "_range"] = paired["median"], [paired["min"], paired["max"]]
+                else:
+                    st[key] = round(ref_st["median_s"] / st["median_s"], 3)
+    machine = collect()
+    return {"model": model, "device": device, "threads": threads, "warmup": warmup, "repeats": repeats,
+            "interleaved": interleave, "image": [sizes.height, sizes.width], "batch": 1,
+            "cpu_cores": os.cpu_count(),
+            "gpu": _gpu() if device == "cuda" else None,
+            "matmul_peak_gflops": peaks["peaks"]["fp32"]["gops"] if "fp32" in peaks["peaks"] else None,
+            "peaks": peaks, "gflop": {k: round(v / 1e9, 4) for k, v in flops.items()},
+            "exports": {k: str(v) for k, v in exports.items()}, "skipped": skipped,
+            "results": results, "memory": memory,
+            "process_peak_rss_mib": round(process_peak, 1) if process_peak else None,
+            "runtime_versions": runtime_versions(), "machine": to_jsonable(machine)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# tables
+
+
+def _refs(res: dict) -> tuple[str, str | None]:
+    base = next(iter(res))
+    first_ort = next((k for k in res if k.startswith("ort ") and not k.endswith("fused")), None)
+    return base, first_ort
+
+
+def table(report: dict) -> str:
+    """The result as a plain-text table (what the command prints)."""
+    res = report["results"]
+    base, first_ort = _refs(res)
+    head = (f"{'runtime':<24} {'stage':<13} {'median s':>10} {'p90 s':>10} {'% peak':>7} "
+            f"{'× ' + base[:12]:>16} {'× ' + (first_ort or '')[:12]:>16}")
+    gpu = report.get("gpu") or {}
+    lines = [f"{report['model']}  {report['device']}{' ' + gpu['name'] if gpu else ''}  threads={report['threads']}  "
+             f"fp32 matmul peak {report.get('matmul_peak_gflops')} GFLOP/s", head, "-" * len(head)]
+    for k, r in res.items():
+        for stage, st in r.items():
+            if "median_s" not in st:
+                continue
+            sb = st.get("speedup_vs_" + base.replace(" ", "_"))
+            so = st.get("speedup_vs_" + first_ort.replace(" ", "_")) if first_ort else None
+            sr = st.get("speedup_vs_" + first_ort.replace(" ", "_") + "_range") if first_ort else None
+            lines.append(f"{k:<24} {stage:<13} {st['median_s']:>10.4f} {st['p90_s']:>10.4f} {st.get('pct_of_peak') or 0:>7.1f} "
+                         f"{(f'{sb:.2f}×' if sb else '-'):>16} {(f'{so:.2f}×' if so else '-'):>16}"
+                         + (f"  ({sr[0]:.2f}–{sr[1]:.2f})" if sr and k != first_ort else ""))
+    mem = report.get("memory") or {}
+    if mem:
+        lines.append("peak RSS (MiB, load + one run): " + ", ".join(
+            f"{k} {m['peak_rss_mib']:.0f}" for k, m in mem.items() if m.get("peak_rss_mib") is not None))
+    for k, why in (report.get("skipped") or {}).items():
+        lines.append(f"{k}: not timed — {why}")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    """The result as the README's table: one row per runtime, stages in columns, speed-ups of the UNet
+    and end to end vs torch and vs the first ORT export (paired per-round min–max where interleaved)."""
+    res = report["results"]
+    base, first_ort = _refs(res)
+    unit, scale = ("ms", 1e3) if res[base]["end_to_end"]["median_s"] < 1 else ("s", 1.0)
+    mem = report.get("memory") or {}
+
+    def t(st):
+        return f"{st['median_s'] * scale:.3g} {unit}"
+
+    def x(st, ref):
+        if not ref:
+            return "–"
+        v, r = st.get("speedup_vs_" + ref.replace(" ", "_")), st.get("speedup_vs_" + ref.replace(" ", "_") + "_range")
+        if v is None:
+            return "–"
+        return f"{v:.2f}" + (f" ({r[0]:.2f}–{r[1]:.2f})" if r and r[0] != r[1] else "")
+
+    def m(k):
+        v = (mem.get(k) or {}).get("peak_rss_mib")
+        return "–" if v is None else f"{v:.0f}"
+
+    with_mem = bool(mem)
+    lines = [f"| runtime | text encoder | UNet (% of peak) | VAE decoder | end to end (median / p90) | "
+             f"UNet × {base} | end to end × {base} | UNet × {first_ort or '–'} | end to end × {first_ort or '–'} |"
+             + (" peak RSS MiB |" if with_mem else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_mem else "")]
+    for k, r in res.items():
+        tail = f" {m(k)} |" if with_mem else ""
+        if "generator" in r:
+            g = r["generator"]
+            lines.append(f"| {k} | | | | {t(g)} / {g['p90_s'] * scale:.3g} {unit} | | {x(g, base)} | | {x(g, first_ort)} |" + tail)
+            continue
+        e = r["end_to_end"]
+        lines.append(f"| {k} | {t(r['text_encoder'])} | {t(r['unet'])} ({r['unet']['pct_of_peak']:.0f}%) | "
+                     f"{t(r['vae_decoder'])} | {t(e)} / {e['p90_s'] * scale:.3g} {unit} | {x(r['unet'], base)} | "
+                     f"{x(e, base)} | {x(r['unet'], first_ort)} | {x(e, first_ort)} |" + tail)
+    return "\n".join(lines)

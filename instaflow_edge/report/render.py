@@ -1,0 +1,179 @@
+"""``report.json`` → ``report.html`` (self-contained, readable on a phone) and ``report.md``.
+
+Every figure on the page comes from ``report.json``; each table cell that shows one carries its place
+in the JSON (``data-path``), so a test can check that the page says what the JSON says.
+"""
+
+from __future__ import annotations
+
+import base64
+import html as _html
+import json
+from pathlib import Path
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "end_to_end")
+
+
+def _psnr(v):
+    return "inf" if v is None else f"{v:.2f}"
+
+
+def _g(v, spec=".3g"):
+    return "–" if v is None else format(v, spec)
+
+
+def _ms(v):
+    return "–" if v is None else f"{v * 1e3:.4g}"
+
+
+def _pass(v):
+    return "–" if v is None else ("pass" if v else "FAIL")
+
+
+def _rows(report: dict):
+    """The tables as (title, header, rows); a row is a list of (text, json path or None)."""
+    tables = []
+    rows = []
+    for label, comps in report["parity"].items():
+        for c in COMPONENTS:
+            r = comps[c]
+            p = ["parity", label, c]
+            rows.append([(label, None), (c, None), (_psnr(r["psnr"]), p + ["psnr"]), (_g(r["max_abs"]), p + ["max_abs"]),
+                         (f"{r['cosine']:.6f}", p + ["cosine"]), (_g(r["gate"], "g"), p + ["gate"]),
+                         (_pass(r["pass"]), None)])
+    tables.append(("parity", "Parity vs the PyTorch fp32 reference (same prompts and seeds)",
+                   ["export", "component", "PSNR dB", "max abs", "cosine", "gate dB", ""], rows))
+    rows = []
+    for label, rt in report["runtimes"].items():
+        for c, s in rt["sizes"].items():
+            p = ["runtimes", label, "sizes", c]
+            rows.append([(label, None), (c, None), (_g(s["bytes"] / 1e6 if s["bytes"] else None, ".4g"), None),
+                         (_g(s["params"], ","), p + ["params"]), (_g(s["bits_per_weight"], ".2f"), p + ["bits_per_weight"])])
+    tables.append(("sizes", "Sizes", ["runtime", "component", "MB", "parameters", "bits / weight"], rows))
+    d = report.get("digits")
+    if d:
+        rows = [[(label, None), (f"{r['accuracy']:.3f}", ["digits", "runtimes", label, "accuracy"]),
+                 (f"{r['fid']:.2f}", ["digits", "runtimes", label, "fid"])] for label, r in d["runtimes"].items()]
+        rows.append([("real digits (ceiling)", None), (f"{d['real']['accuracy']:.3f}", ["digits", "real", "accuracy"]),
+                     (f"{d['real']['fid']:.2f}", ["digits", "real", "fid"])])
+        tables.append(("digits", f"Digits judge: prompt accuracy and digits-FID ({d['num_images']} images per runtime)",
+                       ["runtime", "prompt accuracy", "digits-FID"], rows))
+    lat = report.get("latency") or {}
+    if lat.get("rows") or lat.get("missing"):
+        rows = []
+        for i, r in enumerate(lat["rows"]):
+            p = ["latency", "rows", i]
+            rows.append([(r["runtime"], None), (r["device"], None), (r["hardware"], None), (_g(r["threads"], "d"), None),
+                         (_ms(r["text_encoder_s"]), p + ["text_encoder_s"]), (_ms(r["unet_s"]), p + ["unet_s"]),
+                         (_ms(r["vae_decoder_s"]), p + ["vae_decoder_s"]), (_ms(r["end_to_end_s"]), p + ["end_to_end_s"]),
+                         (_ms(r["end_to_end_p90_s"]), p + ["end_to_end_p90_s"]),
+                         (_g(r["unet_pct_of_peak"], ".1f"), p + ["unet_pct_of_peak"]),
+                         (_g(r["speedup_vs_first"], ".2f"), p + ["speedup_vs_first"]),
+                         (_g(r["peak_rss_mib"], ".0f"), p + ["peak_rss_mib"])])
+        for m in lat["missing"] + lat["skipped"]:
+            rows.append([(m["runtime"], None), (m["device"], None), (f"missing: {m['why']}", None)] + [("–", None)] * 9)
+        tables.append(("latency", "Latency, one image (ms; from the bench results given)",
+                       ["runtime", "device", "hardware", "threads", "text encoder", "UNet", "VAE decoder",
+                        "end to end (median)", "p90", "UNet % of peak", "× first row", "peak RSS MiB"], rows))
+    return tables
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{_html.escape(alt)}">'
+
+
+CSS = """
+body{font:15px/1.45 -apple-system,system-ui,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:12px;color:#222}
+h1{font-size:1.4em;margin:.2em 0}h2{font-size:1.15em;margin:1.2em 0 .4em;border-bottom:1px solid #ddd}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
+table{border-collapse:collapse;font-size:13px;white-space:nowrap}
+th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
+td:first-child,td:nth-child(2),th:first-child{text-align:left}
+img{max-width:100%;height:auto;image-rendering:pixelated}
+.pass{color:#176b2c;font-weight:600}.fail{color:#b00020;font-weight:600}.na{color:#777}
+.meta{color:#555;font-size:13px}li{margin:.25em 0}
+"""
+
+
+def html(report: dict, folder: Path) -> str:
+    """The page, every image inline (data URIs), no script, no network."""
+    e = _html.escape
+    out = ["<!doctype html><html lang=en><head><meta charset=utf-8>",
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f"<title>instaflow-edge report: {e(report['model'])}</title><style>{CSS}</style></head><body>",
+           f"<h1>Parity report: {e(report['model'])}</h1>",
+           f"<p class=meta>{e(report['created'])} · {len(report['prompts'])} prompts, seeds "
+           f"{report['seeds'][0]}–{report['seeds'][-1]} · image {report['image_size'][0]}×{report['image_size'][1]} · "
+           f"instaflow-edge {e(str(report['versions'].get('instaflow-edge')))}, torch {e(str(report['versions'].get('torch')))}, "
+           f"onnxruntime {e(str(report['versions'].get('onnxruntime')))}</p>",
+           "<h2>Verdicts</h2><ul>"]
+    for label, v in report["verdicts"].items():
+        cls = "na" if v["pass"] is None else ("pass" if v["pass"] else "fail")
+        out.append(f"<li class={cls} data-verdict='{e(label)}'>{e(v['line'])}</li>")
+    if not report["verdicts"]:
+        out.append("<li class=na>no exports given: the reference alone</li>")
+    out.append("</ul><h2>How each runtime ran</h2><ul>")
+    for label, rt in report["runtimes"].items():
+        out.append(f"<li><b>{e(label)}</b>: {e(rt['how'])}" + (f" <span class=meta>({e(rt['folder'])})</span>" if rt["folder"] else "") + "</li>")
+    out.append("</ul>")
+    files = report["files"]
+    out.append("<h2>Images</h2><p class=meta>Rows: prompts; columns: the reference, then each export.</p>")
+    out.append(_img(folder / files["grid"], "image grid"))
+    tables = _rows(report)
+    for key, title, head, rows in tables:
+        if key == "latency" and files.get("chart"):
+            out.append(f"<h2>{e(title)}</h2>")
+            out.append(_img(folder / files["chart"], "latency chart"))
+            title = ""
+        elif key == "parity":
+            out.append(f"<h2>{e(title)}</h2>")
+            title = ""
+        else:
+            out.append(f"<h2>{e(title)}</h2>")
+        out.append(f"<div class=scroll><table id='{key}'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>")
+        for row in rows:
+            cells = []
+            for text, path in row:
+                cls = " class=pass" if text == "pass" else (" class=fail" if text == "FAIL" else "")
+                attr = f" data-path='{e(json.dumps(path))}'" if path else ""
+                cells.append(f"<td{cls}{attr}>{e(str(text))}</td>")
+            out.append("<tr>" + "".join(cells) + "</tr>")
+        out.append("</tbody></table></div>")
+        if key == "parity" and files.get("heatmaps"):
+            out.append("<h2>Difference heat maps</h2>")
+            for label, name in files["heatmaps"].items():
+                out.append(_img(folder / name, f"difference heat map of {label}"))
+    d = report.get("digits")
+    if d:
+        out.append(f"<p class=meta>Judge validation accuracy {d['judge_val_accuracy']:.3f}; the ceiling is real digits "
+                   f"(FID of {d['real']['fid_n']} real images vs the validation set, the same N).</p>")
+    lat = report.get("latency") or {}
+    if lat.get("gpu_missing"):
+        out.append("<p class=meta>GPU rows are missing: no <code>instaflow-edge bench --device cuda</code> result was given.</p>")
+    out.append(f"<p class=meta>Made by <code>{e(' '.join(report['command']))}</code> in {report['seconds']} s.</p></body></html>\n")
+    return "\n".join(out)
+
+
+def markdown(report: dict) -> str:
+    """The report for a pull request or a model card (images referenced as the folder's files)."""
+    out = [f"# Parity report: {report['model']}", "",
+           f"{len(report['prompts'])} prompts, seeds {report['seeds'][0]}–{report['seeds'][-1]}, "
+           f"image {report['image_size'][0]}×{report['image_size'][1]}; {report['created']}.", "", "## Verdicts", ""]
+    out += [f"- {v['line']}" for v in report["verdicts"].values()] or ["- no exports given"]
+    out += ["", "## How each runtime ran", ""]
+    out += [f"- **{k}**: {rt['how']}" for k, rt in report["runtimes"].items()]
+    out += ["", "## Images", "", f"![image grid]({report['files']['grid']})", ""]
+    for key, title, head, rows in _rows(report):
+        if key == "latency" and report["files"].get("chart"):
+            out += [f"## {title}", "", f"![latency]({report['files']['chart']})", ""]
+        else:
+            out += [f"## {title}", ""]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        out += ["| " + " | ".join(str(t) for t, _ in row) + " |" for row in rows]
+        out.append("")
+        if key == "parity":
+            for label, name in report["files"].get("heatmaps", {}).items():
+                out += [f"![{label} difference]({name})", ""]
+    return "\n".join(out)
