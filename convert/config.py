@@ -146,7 +146,7 @@ class ConvertConfig:
         self.ov_quantize = optional_choice("quantize", self.ov_quantize, OvScheme)
         foreign = {Target.onnx: {**self._COREML_ONLY, **self._OPENVINO_ONLY},
                    Target.coreml: {**self._ONNX_ONLY, **self._OPENVINO_ONLY},
-                   Target.openvino: {**{k: v for k, v in self._ONNX_ONLY.items() if k != "calibration_prompts"},
+                   Target.openvino: {**{k: v for k, v in self._ONNX_ONLY.items() if k not in ("calibration_prompts", "quantize_components")},
                                      **self._COREML_ONLY}}[self.target]
         for name, default in foreign.items():
             if getattr(self, name) != default:
@@ -184,6 +184,12 @@ class ConvertConfig:
         if self.calibration_prompts and self.ov_quantize not in (OvScheme.int8, OvScheme.int8_hybrid):
             raise InputError("--calibration-prompts applies only to --quantize int8 or int8-hybrid",
                              "drop it or add --quantize int8")
+        if self.quantize_components:
+            if self.ov_quantize is None:
+                raise InputError("--quantize-component needs --quantize", "add --quantize int8, or drop --quantize-component")
+            bad = [c for c in self.quantize_components if c not in QUANTIZABLE_COMPONENTS]
+            if bad:
+                raise InputError(f"unknown --quantize-component {bad[0]!r}", f"choose from: {', '.join(QUANTIZABLE_COMPONENTS)}")
 
     def _check_coreml(self) -> None:
         if self.layout is CoreMLLayout.apple and self.fused:

@@ -83,7 +83,8 @@ def export_openvino(cfg: ConvertConfig) -> dict:
     height, width = pipe.image_size(cfg.height, cfg.width)
     sizes = Sizes.of(pipe, batch=1, height=height, width=width)
     names = components_for(pipe, False)
-    quantized = [n for n in names if scheme and n in oq.DEFAULT_COMPONENTS]
+    wanted = cfg.quantize_components or oq.DEFAULT_COMPONENTS
+    quantized = [n for n in names if scheme and (n in wanted or (n == "unet_velocity" and "unet" in wanted))]
     source_manifest = read_manifest(src) or {}
     prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
     timings: dict[str, float] = {}

@@ -182,6 +182,8 @@ def test_failed_gate_writes_nothing(tiny_dir, tmp_path):
     (("--calibration-prompts", "p.txt"), ("--calibration-prompts applies only to --quantize int8",)),
     (("--opset", "17"), ("--opset does not apply to --target openvino",)),
     (("--layout", "native"), ("--layout does not apply to --target openvino",)),
+    (("--quantize-component", "unet"), ("--quantize-component needs --quantize",)),
+    (("--quantize", "int8", "--quantize-component", "generator"), ("unknown --quantize-component 'generator'",)),
 ])
 def test_bad_convert_options_are_one_line(tiny_dir, tmp_path, args, words):
     out = tmp_path / "ov"

@@ -46,7 +46,7 @@ def convert_command(
     opset: int = typer.Option(18, "--opset", help="ONNX: opset version."),
     optimize: Optimize = typer.Option(Optimize.cpu, "--optimize", help="ONNX: ONNX Runtime graph optimization for this provider."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=f"ONNX: {listing(OnnxScheme)}; OpenVINO: {listing(OvScheme)}."),
-    quantize_components: Optional[List[str]] = typer.Option(None, "--quantize-component", help=f"ONNX: a component to quantize (repeatable: {', '.join(QUANTIZABLE_COMPONENTS)}; default: text_encoder and unet — the VAE decoder stays fp32 unless named)."),
+    quantize_components: Optional[List[str]] = typer.Option(None, "--quantize-component", help=f"ONNX, OpenVINO: a component to quantize (repeatable: {', '.join(QUANTIZABLE_COMPONENTS)}; default: text_encoder and unet — the VAE decoder stays float unless named)."),
     engine: str = typer.Option(QuantEngine.ort.value, "--engine", help=f"ONNX: quantization engine, {_ENGINES}."),
     calibration_prompts: Optional[Path] = typer.Option(None, "--calibration-prompts", help="ONNX int8-static, OpenVINO int8/int8-hybrid: a text file, one prompt per line (default: the model's prompt set)."),
     layout: str = typer.Option(CoreMLLayout.apple.value, "--layout", help=f"Core ML: which program the packages are for ({_LAYOUTS})."),
