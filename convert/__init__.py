@@ -12,7 +12,7 @@ import importlib
 from .config import TARGETS, ConvertConfig, Target, target  # noqa: F401
 
 _TARGET_MODULES = {Target.onnx: "instaflow_edge.convert.onnx", Target.coreml: "instaflow_edge.convert.coreml",
-                   Target.openvino: "instaflow_edge.convert.openvino"}
+                   Target.openvino: "instaflow_edge.convert.openvino", Target.web: "instaflow_edge.convert.web"}
 
 
 def export(config: ConvertConfig) -> dict:

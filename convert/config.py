@@ -45,6 +45,7 @@ class Target(str, enum.Enum):
     onnx = "onnx"
     coreml = "coreml"
     openvino = "openvino"
+    web = "web"  # a static page running the ONNX export with onnxruntime-web (convert/web.py)
 
 
 class Optimize(str, enum.Enum):
@@ -147,12 +148,16 @@ class ConvertConfig:
         foreign = {Target.onnx: {**self._COREML_ONLY, **self._OPENVINO_ONLY},
                    Target.coreml: {**self._ONNX_ONLY, **self._OPENVINO_ONLY},
                    Target.openvino: {**{k: v for k, v in self._ONNX_ONLY.items() if k not in ("calibration_prompts", "quantize_components")},
-                                     **self._COREML_ONLY}}[self.target]
+                                     **self._COREML_ONLY},
+                   Target.web: {**self._COREML_ONLY, **self._OPENVINO_ONLY}}[self.target]
         for name, default in foreign.items():
             if getattr(self, name) != default:
                 raise InputError(f"{flag(name)} does not apply to --target {self.target.value}",
                                  "drop the option or change --target")
-        if self.target is Target.onnx:
+        if self.target is Target.web and self.fused:
+            raise InputError("--fused does not apply to --target web: the page runs the three components to time each",
+                             "drop --fused")
+        if self.target in (Target.onnx, Target.web):
             self._check_onnx()
         elif self.target is Target.coreml:
             self._check_coreml()

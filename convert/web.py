@@ -31,10 +31,11 @@ from pathlib import Path
 
 from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, sha256_tree, write_manifest
 from ..errors import InputError, MissingDependencyError, ModelError
-from ..pipeline import detect_info
+from ..pipeline import _write_slow_tokenizer_files, detect_info
 from ..progress import say
 from ..runtime import onnx_io
 from ..runtime.onnx import export_meta
+from ..validators import integer
 from .config import ConvertConfig, Target, target
 from .onnx import export_onnx
 
@@ -142,8 +143,6 @@ def tokenizer_facts(folder: Path) -> dict:
     tokens and the length, read from the export's tokenizer with transformers; refuses a tokenizer whose
     pipeline is not CLIP's (the port would tokenize differently)."""
     from transformers import CLIPTokenizer
-
-    from ..pipeline import _write_slow_tokenizer_files
 
     try:
         tok = CLIPTokenizer.from_pretrained(str(folder))
@@ -263,8 +262,6 @@ def site_server(site: str | os.PathLike, port: int = 8000, quiet: bool = False):
     needs. Only 127.0.0.1: the page is for this machine."""
     import functools
     import http.server
-
-    from ..validators import integer
 
     folder = check_site(site).resolve()
     port = integer("port", port, 0)

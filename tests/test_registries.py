@@ -20,6 +20,7 @@ def _targets():
     import instaflow_edge.convert.coreml  # noqa: F401  (targets register when their module loads)
     import instaflow_edge.convert.onnx  # noqa: F401
     import instaflow_edge.convert.openvino  # noqa: F401
+    import instaflow_edge.convert.web  # noqa: F401
     from instaflow_edge.convert import TARGETS
 
     return TARGETS
@@ -63,6 +64,7 @@ COVERAGE = {
         "onnx": "test_onnx.py::test_fp32_export_layout_and_gates",
         "coreml": "test_coreml.py::test_export_layout_and_manifest",
         "openvino": "test_openvino.py::test_convert_f32_layout_parity_and_manifest",
+        "web": "test_web.py::test_page_matches_generate_tiny_fp32",
     }),
     "ONNX quantization schemes": (_onnx_schemes, {
         "fp16": "test_onnx.py::test_standalone_quantize",
