@@ -19,6 +19,7 @@ from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, 
 from ..errors import InputError
 from ..progress import say
 from ..validators import boolean, integer, prompt_file, seed
+from ..bench.latency import export_kind
 from .runtimes import COMPONENT_ORDER, Runtime, open_exports, reference, used_params
 
 DEFAULT_PROMPTS = ["a red fox in snow", "a lighthouse at night", "a cat wearing a hat", "a castle on a mountain"]
@@ -52,6 +53,12 @@ class ReportConfig:
         if not (Path(self.model) / "model_index.json").is_file():
             raise InputError(f"{self.model} is not a pipeline folder (no model_index.json)",
                              "pass the pipeline folder the exports were made from (the PyTorch reference)")
+        for item in self.exports:  # every export is recognized before any model loads
+            label, sep, d = str(item).partition("=")
+            folder = Path(d if sep and not Path(item).exists() else item)
+            if not folder.is_dir():
+                raise InputError(f"export {item}: no such folder", "pass an export folder (or LABEL=DIR)")
+            export_kind(folder)
         for b in self.bench:
             p = Path(b)
             if not p.is_file():

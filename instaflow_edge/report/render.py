@@ -64,9 +64,9 @@ def _rows(report: dict):
         for i, r in enumerate(lat["rows"]):
             p = ["latency", "rows", i]
             rows.append([(r["runtime"], None), (r["device"], None), (r["hardware"], None), (_g(r["threads"], "d"), None),
-                         (_ms(r["text_encoder_s"]), p + ["text_encoder_s"]), (_ms(r["unet_s"]), p + ["unet_s"]),
-                         (_ms(r["vae_decoder_s"]), p + ["vae_decoder_s"]), (_ms(r["end_to_end_s"]), p + ["end_to_end_s"]),
-                         (_ms(r["end_to_end_p90_s"]), p + ["end_to_end_p90_s"]),
+                         (_ms(r["text_encoder_s"]), p + ["text_encoder_s"], 1e3), (_ms(r["unet_s"]), p + ["unet_s"], 1e3),
+                         (_ms(r["vae_decoder_s"]), p + ["vae_decoder_s"], 1e3), (_ms(r["end_to_end_s"]), p + ["end_to_end_s"], 1e3),
+                         (_ms(r["end_to_end_p90_s"]), p + ["end_to_end_p90_s"], 1e3),
                          (_g(r["unet_pct_of_peak"], ".1f"), p + ["unet_pct_of_peak"]),
                          (_g(r["speedup_vs_first"], ".2f"), p + ["speedup_vs_first"]),
                          (_g(r["peak_rss_mib"], ".0f"), p + ["peak_rss_mib"])])
@@ -134,9 +134,10 @@ def html(report: dict, folder: Path) -> str:
         out.append(f"<div class=scroll><table id='{key}'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>")
         for row in rows:
             cells = []
-            for text, path in row:
+            for text, path, *scale in row:
                 cls = " class=pass" if text == "pass" else (" class=fail" if text == "FAIL" else "")
                 attr = f" data-path='{e(json.dumps(path))}'" if path else ""
+                attr += f" data-scale='{scale[0]:g}'" if scale else ""
                 cells.append(f"<td{cls}{attr}>{e(str(text))}</td>")
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</tbody></table></div>")
@@ -171,7 +172,7 @@ def markdown(report: dict) -> str:
             out += [f"## {title}", ""]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
-        out += ["| " + " | ".join(str(t) for t, _ in row) + " |" for row in rows]
+        out += ["| " + " | ".join(str(cell[0]) for cell in row) + " |" for row in rows]
         out.append("")
         if key == "parity":
             for label, name in report["files"].get("heatmaps", {}).items():

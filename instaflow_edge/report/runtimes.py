@@ -138,7 +138,10 @@ def _coreml(label: str, folder: Path, pipe) -> Runtime:
 def _coreml_as_pytorch(pipe, scheme: str | None, bits: float | None, precision: str) -> tuple[dict, str]:
     """Linux: the PyTorch modules as the converter compressed them (same compressor, same example inputs)."""
     if scheme:
+        from ..errors import require
         from ..quantize.coreml import compressed_pipeline
+
+        require("coremltools", "coreml")  # its import-time chatter silenced
 
         out, _ = compressed_pipeline(pipe, scheme, bits)
         what = f"compressed with {scheme}{f' at {bits:g} bits' if bits else ''} exactly as converted"

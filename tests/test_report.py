@@ -1,0 +1,206 @@
+"""``instaflow-edge report``: a report over tiny with ONNX exports (and, slow, int8 and a Core ML
+palettize-6 export), opened in headless Chromium (Debian's package, driven by Playwright through
+``executable_path``; never a browser download): no console errors, no request leaves the page, every
+image decodes, every figure in the tables equals report.json's; a screenshot is saved as an artifact
+(``$INSTAFLOW_EDGE_ARTIFACTS`` or the test's temporary folder)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from instaflow_edge.cli import app
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _artifacts(tmp_path: Path) -> Path:
+    d = Path(os.environ.get("INSTAFLOW_EDGE_ARTIFACTS") or tmp_path / "artifacts")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _walk(obj, path):
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
+def _matches(text: str, value, scale: float = 1.0) -> bool:
+    """Whether the page's ``text`` shows the JSON's ``value`` at the precision the text has."""
+    text = text.strip()
+    if value is None:
+        return text in ("inf", "–")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return text == str(value)
+    shown = float(text.replace(",", ""))
+    v = value * scale
+    m = re.search(r"\.(\d+)", text.split("e")[0])
+    decimals = len(m.group(1)) if m else 0
+    if "e" in text:  # 1.43e-06: three significant figures
+        return math.isclose(shown, v, rel_tol=6e-3)
+    return abs(shown - v) <= 0.51 * 10 ** -decimals + 5e-4 * abs(v)
+
+
+def check_in_browser(folder: Path, shot: Path, n_images: int) -> dict:
+    """Open ``folder/report.html`` in headless Chromium and check it; returns what was seen."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip extra 'browser')")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (.ci/run does, as root)")
+    report = json.loads((folder / "report.json").read_text())
+    errors, requests = [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((folder / "report.html").resolve().as_uri())
+            page.wait_for_load_state("load")
+            widths = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+            cells = page.eval_on_selector_all("td[data-path]", "els => els.map(e => [e.dataset.path, e.dataset.scale || '1', e.textContent])")
+            verdicts = page.eval_on_selector_all("li[data-verdict]", "els => els.map(e => e.textContent)")
+            # the page fits a phone: nothing but the tables' own scrollers is wider than the screen
+            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests  # self-contained
+    assert len(widths) == n_images and all(c and w > 0 for c, w in widths), widths
+    assert overflow <= 0
+    assert len(cells) > 20
+    bad = [(p, t, _walk(report, json.loads(p))) for p, s, t in cells if not _matches(t, _walk(report, json.loads(p)), float(s))]
+    assert bad == []
+    assert verdicts == [v["line"] for v in report["verdicts"].values()]
+    assert shot.stat().st_size > 10_000
+    return report
+
+
+def _bench_json(path: Path, labels: list[str]) -> Path:
+    """A CPU bench result shaped as `instaflow-edge bench` writes it (figures made up: this tests the
+    table and the chart, not a machine)."""
+    res = {}
+    for i, k in enumerate(labels):
+        st = {s: {"median_s": 0.01 * (i + 1), "p90_s": 0.012 * (i + 1), "n": 3, "pct_of_peak": 10.0 + i,
+                  "speedup_vs_" + labels[0].replace(" ", "_"): round(1 / (i + 1), 3)}
+              for s in ("text_encoder", "unet", "vae_decoder")}
+        st["end_to_end"] = {"median_s": 0.03 * (i + 1), "p90_s": 0.036 * (i + 1), "n": 3, "pct_of_peak": 12.0,
+                            "speedup_vs_" + labels[0].replace(" ", "_"): round(1 / (i + 1), 3)}
+        res[k] = st
+    data = {"kind": "bench", "device": "cpu", "threads": 1, "cpu_cores": 2, "gpu": None, "results": res,
+            "memory": {k: {"load_mib": 10.0, "run_peak_mib": 5.0, "peak_rss_mib": 15.0} for k in labels},
+            "skipped": {}, "machine": {"cpu": {"logical_cores": 2}}}
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tiny_dir, tmp_path_factory):
+    from instaflow_edge.convert import ConvertConfig, export
+
+    root = tmp_path_factory.mktemp("report-exports")
+    export(ConvertConfig(model=str(tiny_dir), output=str(root / "onnx-fp32"), target="onnx", optimize="none"))
+    return root
+
+
+def test_report_tiny_onnx_in_chromium(tiny_dir, tiny_exports, tmp_path):
+    out = tmp_path / "rep"
+    bench = _bench_json(tmp_path / "bench.json", ["torch eager fp32", "ort fp32"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\na blue house\n")
+    r = CliRunner().invoke(app, ["report", str(tiny_dir), str(tiny_exports / "onnx-fp32"), "-o", str(out),
+                                 "--bench", str(bench), "--prompts", str(prompts)])
+    assert r.exit_code == 0, r.output
+    assert "ort fp32: PASS" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "heatmap-ort-fp32.png", "latency.png", "report.html",
+                                                      "report.json", "report.md"]
+    report = check_in_browser(out, _artifacts(tmp_path) / "report-tiny-onnx.png", n_images=3)
+    assert report["prompts"] == ["a red fox in snow", "a blue house"] and report["seeds"] == [0, 1]
+    par = report["parity"]["ort fp32"]
+    assert set(par) == {"text_encoder", "unet", "vae_decoder", "end_to_end"}
+    assert all(row["gate"] == 60.0 and row["pass"] and row["psnr"] > 60 for row in par.values())
+    assert report["verdicts"]["ort fp32"]["pass"] is True
+    sizes = report["runtimes"]["ort fp32"]["sizes"]["unet"]
+    assert sizes["params"] > 0 and 30 < sizes["bits_per_weight"] < 40  # fp32 weights + the graph
+    lat = report["latency"]
+    assert [r["runtime"] for r in lat["rows"]] == ["torch eager fp32", "ort fp32"]
+    assert lat["gpu_missing"] and [m["runtime"] for m in lat["missing"]] == ["torch fp16 eager", "torch fp16 compile",
+                                                                            "ort fp32 (CUDA provider)"]
+    assert report["digits"] is None  # tiny is not a digits model
+    md = (out / "report.md").read_text()
+    assert "ort fp32: PASS" in md and "![image grid](grid.png)" in md
+    from instaflow_edge.bench.tables import tables
+
+    rows = tables(report).splitlines()
+    assert rows[0].startswith("| runtime | size MB") and rows[3].startswith("| ort fp32 |") and "| pass |" in rows[3]
+    assert "missing" in rows[3]  # no GPU result
+    # an existing report is replaced only with --force
+    r = CliRunner().invoke(app, ["report", str(tiny_dir), "-o", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+@pytest.mark.slow
+def test_report_tiny_onnx_int8_and_coreml_palettize6(tiny_dir, tiny_exports, tmp_path):
+    """The issue's case: ONNX fp32 + int8 and a Core ML palettize-6 export of tiny, in Chromium."""
+    pytest.importorskip("coremltools")
+    from instaflow_edge.convert import ConvertConfig, export
+    from instaflow_edge.quantize.onnx_folder import QuantizeConfig, quantize
+
+    int8 = tmp_path / "onnx-int8"
+    quantize(QuantizeConfig(source=str(tiny_exports / "onnx-fp32"), output=str(int8), scheme="int8-static"))
+    cm = tmp_path / "coreml-p6"
+    export(ConvertConfig(model=str(tiny_dir), output=str(cm), target="coreml", compress="palettize-6"))
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(app, ["report", str(tiny_dir), str(tiny_exports / "onnx-fp32"), str(int8), str(cm), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    report = check_in_browser(out, _artifacts(tmp_path) / "report-tiny.png", n_images=4)
+    assert list(report["verdicts"]) == ["ort fp32", "ort int8-static", "coreml palettize-6"]
+    assert all(v["pass"] for v in report["verdicts"].values())
+    q = report["parity"]["ort int8-static"]
+    assert q["unet"]["gate"] == 25.0 and q["vae_decoder"]["gate"] is None and 25 < q["end_to_end"]["psnr"] < 100
+    c = report["runtimes"]["coreml palettize-6"]
+    assert "exactly as converted" in c["how"] and "Core ML cannot predict" in c["how"]
+    assert all(row["gate"] == 20.0 for row in report["parity"]["coreml palettize-6"].values())
+    assert 6 <= c["sizes"]["unet"]["bits_per_weight"] < 10  # 6-bit palettes (+ lookup tables, unpalettized layers)
+    # the figures agree with what the converter measured on the same modules (different prompts: loosely)
+    conv = json.loads((cm / "manifest.json").read_text())["end_to_end"]["psnr"]
+    assert abs(report["parity"]["coreml palettize-6"]["end_to_end"]["psnr"] - conv) < 10
+
+
+def test_report_refusals_are_one_line(tiny_dir, tmp_path):
+    bad_bench = tmp_path / "b.json"
+    bad_bench.write_text('{"x": 1}')
+    cases = [
+        ([str(tmp_path), "-o", str(tmp_path / "r")], "not a pipeline folder"),
+        ([str(tiny_dir), str(tmp_path), "-o", str(tmp_path / "r")], "not an export folder"),
+        ([str(tiny_dir), "-o", str(tmp_path / "r"), "--bench", str(bad_bench)], "not a bench result"),
+        ([str(tiny_dir), "-o", str(tmp_path / "r"), "--bench", str(tmp_path / "none.json")], "no such file"),
+        ([str(tiny_dir), "-o", str(tmp_path / "r"), "--digits-images", "15"], "--digits-images"),
+        ([str(tiny_dir), "-o", str(tiny_dir / "r")], "inside the input"),
+    ]
+    for args, words in cases:
+        r = CliRunner().invoke(app, ["report", *args])
+        errs = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+        assert r.exit_code == 2 and len(errs) == 1 and words in errs[0], (args, r.output)
+        assert not (tmp_path / "r").exists() and not (tiny_dir / "r").exists()
+
+
+def test_digits_models_are_recognized_by_their_manifest_chain(tmp_path):
+    from instaflow_edge.report.build import is_digits_model
+
+    base, student, other = tmp_path / "base", tmp_path / "student", tmp_path / "other"
+    for d in (base, student, other):
+        d.mkdir()
+    (base / "manifest.json").write_text(json.dumps({"kind": "pipeline", "preset": "digits", "model": {"source": "preset:digits"}}))
+    (student / "manifest.json").write_text(json.dumps({"kind": "pipeline", "base_model": str(base)}))
+    (other / "manifest.json").write_text(json.dumps({"kind": "pipeline", "model": {"source": "preset:tiny"}}))
+    assert is_digits_model(student) and is_digits_model(base)
+    assert not is_digits_model(other) and not is_digits_model(tmp_path / "missing")
