@@ -30,9 +30,36 @@ def _pass(v):
     return "–" if v is None else ("pass" if v else "FAIL")
 
 
+def _summary(report: dict):
+    """One row per runtime: size, the UNet's bits per weight, end-to-end parity and its gate, digits
+    accuracy/FID where measured, the verdict."""
+    d = (report.get("digits") or {}).get("runtimes") or {}
+    head = ["runtime", "size MB", "UNet bits / weight", "end-to-end PSNR dB", "gate dB"]
+    head += ["digits accuracy", "digits-FID"] if d else []
+    head.append("verdict")
+    rows = []
+    for label, rt in report["runtimes"].items():
+        par = (report["parity"].get(label) or {}).get("end_to_end")
+        u = rt["sizes"].get("unet") or {}
+        row = [(label, None), (_g(rt["total_bytes"] / 1e6 if rt.get("total_bytes") else None, ".4g"), None),
+               (_g(u.get("bits_per_weight"), ".2f"), ["runtimes", label, "sizes", "unet", "bits_per_weight"])]
+        if par is None:
+            row += [("reference", None), ("–", None)]
+        else:
+            row += [(_psnr(par["psnr"]), ["parity", label, "end_to_end", "psnr"]), (_g(par["gate"], "g"), ["parity", label, "end_to_end", "gate"])]
+        if d:
+            r = d.get(label)
+            row += [(f"{r['accuracy']:.3f}", ["digits", "runtimes", label, "accuracy"]) if r else ("–", None),
+                    (f"{r['fid']:.2f}", ["digits", "runtimes", label, "fid"]) if r else ("–", None)]
+        v = report["verdicts"].get(label)
+        row.append(("reference" if v is None else _pass(v["pass"]), None))
+        rows.append(row)
+    return ("summary", "Summary", head, rows)
+
+
 def _rows(report: dict):
-    """The tables as (title, header, rows); a row is a list of (text, json path or None)."""
-    tables = []
+    """The tables as (title, header, rows); a row is a list of (text, json path or None[, scale])."""
+    tables = [_summary(report)]
     rows = []
     for label, comps in report["parity"].items():
         for c in COMPONENTS:
@@ -96,6 +123,22 @@ img{max-width:100%;height:auto;image-rendering:pixelated}
 """
 
 
+def _table(key: str, title: str, head: list, rows: list) -> str:
+    e = _html.escape
+    out = [f"<h2>{e(title)}</h2>"] if title else []
+    out.append(f"<div class=scroll><table id='{key}'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>")
+    for row in rows:
+        cells = []
+        for text, path, *scale in row:
+            cls = " class=pass" if text == "pass" else (" class=fail" if text == "FAIL" else "")
+            attr = f" data-path='{e(json.dumps(path))}'" if path else ""
+            attr += f" data-scale='{scale[0]:g}'" if scale else ""
+            cells.append(f"<td{cls}{attr}>{e(str(text))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table></div>")
+    return "\n".join(out)
+
+
 def html(report: dict, folder: Path) -> str:
     """The page, every image inline (data URIs), no script, no network."""
     e = _html.escape
@@ -113,34 +156,23 @@ def html(report: dict, folder: Path) -> str:
         out.append(f"<li class={cls} data-verdict='{e(label)}'>{e(v['line'])}</li>")
     if not report["verdicts"]:
         out.append("<li class=na>no exports given: the reference alone</li>")
-    out.append("</ul><h2>How each runtime ran</h2><ul>")
+    out.append("</ul>")
+    tables = _rows(report)
+    out.append(_table(*tables[0]))
+    out.append("<h2>How each runtime ran</h2><ul>")
     for label, rt in report["runtimes"].items():
         out.append(f"<li><b>{e(label)}</b>: {e(rt['how'])}" + (f" <span class=meta>({e(rt['folder'])})</span>" if rt["folder"] else "") + "</li>")
     out.append("</ul>")
     files = report["files"]
     out.append("<h2>Images</h2><p class=meta>Rows: prompts; columns: the reference, then each export.</p>")
     out.append(_img(folder / files["grid"], "image grid"))
-    tables = _rows(report)
     for key, title, head, rows in tables:
+        if key == "summary":
+            continue
+        out.append(f"<h2>{e(title)}</h2>")
         if key == "latency" and files.get("chart"):
-            out.append(f"<h2>{e(title)}</h2>")
             out.append(_img(folder / files["chart"], "latency chart"))
-            title = ""
-        elif key == "parity":
-            out.append(f"<h2>{e(title)}</h2>")
-            title = ""
-        else:
-            out.append(f"<h2>{e(title)}</h2>")
-        out.append(f"<div class=scroll><table id='{key}'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>")
-        for row in rows:
-            cells = []
-            for text, path, *scale in row:
-                cls = " class=pass" if text == "pass" else (" class=fail" if text == "FAIL" else "")
-                attr = f" data-path='{e(json.dumps(path))}'" if path else ""
-                attr += f" data-scale='{scale[0]:g}'" if scale else ""
-                cells.append(f"<td{cls}{attr}>{e(str(text))}</td>")
-            out.append("<tr>" + "".join(cells) + "</tr>")
-        out.append("</tbody></table></div>")
+        out.append(_table(key, "", head, rows))
         if key == "parity" and files.get("heatmaps"):
             out.append("<h2>Difference heat maps</h2>")
             for label, name in files["heatmaps"].items():
