@@ -69,6 +69,27 @@ def check_overlap(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
                                      if other == "input" else f"put the {what} and the {other} apart")
 
 
+def _made_by_us(file: Path) -> bool:
+    try:
+        data = json.loads(file.read_bytes()[:1 << 20].decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("versions"), dict) and "instaflow-edge" in data["versions"]
+
+
+def previous_output(path: str | os.PathLike) -> bool:
+    """Whether ``--force`` may replace the existing ``path``: a file (the user named it as the output), an
+    empty folder, or a folder this tool wrote — its ``manifest.json`` (or a demo folder's
+    ``results.json`` or ``base/manifest.json``) records instaflow-edge's version. A model downloaded from
+    elsewhere, a home folder or a project folder is none of these."""
+    path = Path(path)
+    if not path.is_dir():
+        return True
+    if not any(path.iterdir()):
+        return True
+    return any(_made_by_us(path / name) for name in (MANIFEST, "results.json", f"base/{MANIFEST}"))
+
+
 def check_output(path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = (),
                  exists_ok: bool = False) -> Path:
     """Refuse an output that overlaps an input of the command (``inputs``) or is (or contains) the current
@@ -82,6 +103,9 @@ def check_output(path: str | os.PathLike, force: bool, inputs: Iterable[str | os
                          "choose an output folder inside or beside it: --force never replaces the folder you work in")
     if path.exists() and not (force or exists_ok):
         raise OutputExistsError(f"output {path} already exists", "pass --force to overwrite it, or choose another path")
+    if path.exists() and force and not previous_output(path):
+        raise InputError(f"output {path} exists and is not an instaflow-edge output (no manifest.json of ours in it)",
+                         "--force only replaces a previous output: choose another path, or delete it yourself")
     if path.parent.exists() and not path.parent.is_dir():
         raise InputError(f"cannot create {path}: {path.parent} is a file", "choose an output inside a folder")
     return path

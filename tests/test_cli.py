@@ -96,7 +96,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_dir, args, need
 
 def test_existing_output_needs_force(tmp_path, tiny_dir):
     out = tmp_path / "o"
-    out.mkdir()
+    assert run("generate", tiny_dir, "a fox", "-o", out).exit_code == 0  # a previous output of ours
     (out / "keep.txt").write_text("mine")
     _one_line_error(run("generate", tiny_dir, "a fox", "-o", out), "already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"

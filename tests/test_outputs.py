@@ -261,3 +261,41 @@ def test_sigterm_and_ctrl_c_leave_no_temp_folder_and_say_so(tmp_path, tiny_dir):
         assert err.strip().splitlines()[-1].endswith("nothing was written"), err
     assert leftovers(tmp_path) == []
     assert not (tmp_path / "term").exists() and not (tmp_path / "int").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# --force replaces a previous output only; the --config file is an input
+
+
+def test_force_never_replaces_a_folder_we_did_not_write(tmp_path, model):
+    mine = tmp_path / "project"
+    (mine / "src").mkdir(parents=True)
+    (mine / "src" / "main.py").write_text("print('my work')\n")
+    before = snapshot(mine)
+    r = cli("generate", model, "a fox", "-o", mine, "--force", "--steps", 1)
+    line = one_error_line(r.output)
+    assert r.exit_code != 0 and "is not an instaflow-edge output" in line and "--force only replaces" in line
+    assert snapshot(mine) == before and leftovers(tmp_path) == []
+    # a previous output of ours (and an empty folder) is replaced
+    r = cli("generate", model, "a fox", "-o", tmp_path / "imgs", "--steps", 1)
+    assert r.exit_code == 0, r.output
+    r = cli("generate", model, "a fox", "-o", tmp_path / "imgs", "--force", "--steps", 1, "--seed", 3)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "imgs" / "manifest.json").read_text())["kind"]
+    (tmp_path / "empty").mkdir()
+    r = cli("generate", model, "a fox", "-o", tmp_path / "empty", "--force", "--steps", 1)
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("where", ["inside the output", "inside the work dir"])
+def test_train_config_file_is_an_input(tmp_path, model, where):
+    out = tmp_path / "T"
+    holder = out if where == "inside the output" else tmp_path / "T.train"
+    holder.mkdir()
+    (holder / "manifest.json").write_text(json.dumps({"kind": "pipeline", "versions": {"instaflow-edge": "0"}}))
+    conf = holder / "t.toml"
+    conf.write_text("max-steps = 1\nbatch-size = 4\n")
+    r = cli("train", "teacher", model, "--data", "digits", "--config", conf, "-o", out, "--force", "--no-progress")
+    line = one_error_line(r.output)
+    assert r.exit_code != 0 and str(conf) in line, line
+    assert conf.read_text() == "max-steps = 1\nbatch-size = 4\n"

@@ -76,7 +76,13 @@ def resolve_config(ctx: typer.Context, cls: type, config_file: Optional[Path]) -
     explicit = {k: v for k, v in params.items() if _given(ctx, k)}
     file_values = read_config_file(config_file, cls) if config_file is not None else {}
     defaults = {k: v for k, v in params.items() if k not in explicit}
-    return merge_config(cls, defaults, file_values, explicit)
+    cfg = merge_config(cls, defaults, file_values, explicit)
+    if config_file is not None:  # the config file is an input too: --force must never replace it
+        from ..artifacts import check_overlap
+
+        check_overlap(cfg.output, (config_file,))
+        check_overlap(cfg.work_path, (config_file,), what="work dir")
+    return cfg
 
 
 @train_app.command("teacher")
