@@ -111,6 +111,7 @@ class ConvertConfig:
     compress: CoreMLCompression | None = None
     target_bits: float | None = None
     sizes: str | None = None  # Core ML: extra enumerated image sizes, "HxW,HxW"
+    parity_size: int | None = None  # Core ML: image side of the PyTorch quality chain (None: coreml.quality_size)
     # OpenVINO (the CLI's --precision and --quantize; calibration_prompts is shared with ONNX int8-static)
     ov_precision: OvPrecision = OvPrecision.auto
     ov_quantize: OvScheme | None = None
@@ -119,14 +120,14 @@ class ConvertConfig:
                                   "calibration_prompts": None, "quantize_components": None}
     _COREML_ONLY: ClassVar[dict] = {"layout": CoreMLLayout.apple, "min_target": MinTarget.iOS17, "precision": Precision.fp16,
                                     "attention": CoreMLAttention.original, "compress": None, "target_bits": None,
-                                    "sizes": None}
+                                    "sizes": None, "parity_size": None}
     _OPENVINO_ONLY: ClassVar[dict] = {"ov_precision": OvPrecision.auto, "ov_quantize": None}
 
     def __post_init__(self) -> None:
         self.target = choice("target", self.target, Target)
         for name in ("force", "fused", "allow_pickle"):
             setattr(self, name, boolean(name, getattr(self, name)))
-        for name in ("height", "width"):
+        for name in ("height", "width", "parity_size"):
             setattr(self, name, image_side(name, getattr(self, name)))
         if self.min_psnr is not None:  # a negative gate would switch every gate off
             self.min_psnr = number("min_psnr", self.min_psnr, low=0.0)

@@ -46,6 +46,7 @@ from ..artifacts import (
     write_manifest,
 )
 from ..errors import InputError, require
+from ..validators import image_size
 from ..pipeline import _write_slow_tokenizer_files, detect_info, load_pipeline
 from ..progress import say
 from ..quantize import coreml as cq
@@ -134,8 +135,9 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
     shapes = _image_sizes(config, pipe)
     names = ["text_encoder", "unet", "vae_decoder"] + (["generator"] if config.fused else [])
     components: dict[str, dict] = {}
+    quality = quality_size(config, pipe, shapes[0])
     with atomic_dir(config.output, config.force, (config.model, config.calibration_prompts)) as tmp:
-        chain = _start_chain(pipe, shapes[0])
+        chain = _start_chain(pipe, quality)
         measured: list = []  # every figure gated so far (Parity), the end-to-end image as it comes
         for name in names:
             components[name] = _convert_one(config, p, pipe, name, shapes, chain, tmp, measured, traced)
@@ -154,6 +156,7 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
             latent={"channels": shapes[0].latent_channels, "vae_scale_factor": pipe.vae_scale_factor},
             layout=config.layout.value, scheduler=_scheduler(config, pipe),
             quality_batch=int(chain["ref"]["input_ids"].shape[0]),
+            quality_image_size=[quality.height, quality.width],
             gate={"min_psnr": p.gate, "source": p.gate_source, "applies_to": "every component and the end-to-end image, as shipped vs fp32 PyTorch"},
             components=components, end_to_end=end_to_end, report=rows,
             seconds=round(time.perf_counter() - t0, 2),
@@ -166,13 +169,36 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
 # quality in PyTorch: the fp32 reference chain and the shipped chain, one component at a time
 
 
+BIG_UNET = 100_000_000  # parameters: a full-size UNet (SD1.5: 860 M), where each CPU pass costs seconds to minutes
+FP16_QUALITY_SIDE = 128
+
+
+def quality_size(config: ConvertConfig, pipe, full):
+    """The sizes the PyTorch quality chain runs at: ``--parity-size``; else the (first) conversion size,
+    except for ``--precision fp16`` packages of a full-size UNet: PyTorch's float16 kernels on a CPU are
+    two orders of magnitude slower than its float32 ones (an SD1.5 chain at 512² takes hours), so there
+    the chain runs at 128² (the modules are convolutional: the packages still take the conversion size).
+    The manifest records the size as ``quality_image_size``."""
+    from ..components import Sizes
+
+    side = config.parity_size
+    if side is None:
+        big = sum(p.numel() for p in pipe.unet.parameters()) > BIG_UNET
+        if not (big and config.precision is Precision.fp16 and min(full.height, full.width) > FP16_QUALITY_SIDE):
+            return full
+        side = FP16_QUALITY_SIDE
+        _say(f"fp16 quality chain at {side}×{side} (PyTorch's CPU float16 kernels are slow); --parity-size N changes it")
+    side = image_size("parity_size", side, pipe.size_multiple)
+    return Sizes.of(pipe, batch=1, height=side, width=side)
+
+
 def _start_chain(pipe, sizes) -> dict:
     """Inputs of the chain: real prompts' token ids and seeded noise; two prompts, or one for a
     full-size UNet (> 100 M parameters), where every forward pass costs seconds to minutes on a CPU."""
     from ..components import EXAMPLE_PROMPTS
     from ..generator import make_noise
 
-    n = 1 if sum(p.numel() for p in pipe.unet.parameters()) > 100_000_000 else 2
+    n = 1 if sum(p.numel() for p in pipe.unet.parameters()) > BIG_UNET else 2
     ids = pipe.tokenize(EXAMPLE_PROMPTS[:n])
     noise = make_noise(list(range(n)), (sizes.latent_channels, sizes.latent_height, sizes.latent_width))
     return {"ref": {"input_ids": ids, "noise": noise}, "ship": {"input_ids": ids, "noise": noise}, "parity": None,

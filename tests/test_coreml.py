@@ -33,7 +33,8 @@ def coreml_export(coreml_run):
 @pytest.fixture(scope="session")
 def native_export(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("coreml-native") / "fp32"
-    r = run("convert", tiny_dir, "--target", "coreml", "-o", out, "--layout", "native", "--precision", "fp32")
+    r = run("convert", tiny_dir, "--target", "coreml", "-o", out, "--layout", "native", "--precision", "fp32",
+            "--parity-size", 32)
     assert r.exit_code == 0, r.output
     return out
 
@@ -87,6 +88,40 @@ def test_packages_declare_the_specs_io(request, layout, tiny_pipe):
         assert sorted(unet["enumerated"]) == [[1, 4, 8, 8], [1, 4, 12, 8]]
 
 
+def test_parity_chain_size_is_its_own_and_recorded(native_export, coreml_export):
+    m = json.loads((native_export / "manifest.json").read_text())
+    assert m["image_sizes"] == [[64, 64]] and m["quality_image_size"] == [32, 32]  # --parity-size 32
+    assert m["end_to_end"]["psnr"] is None or m["end_to_end"]["psnr"] >= 60  # None: identical
+    assert json.loads((coreml_export / "manifest.json").read_text())["quality_image_size"] == [64, 64]
+
+
+def test_fp16_quality_chain_of_a_full_size_unet_runs_small(tiny_pipe):
+    """PyTorch's CPU float16 is slow: an SD-size fp16 chain runs at 128² unless --parity-size says otherwise."""
+    import types
+
+    import torch
+
+    from instaflow_edge.convert import ConvertConfig
+    from instaflow_edge.convert.coreml import quality_size
+
+    class Big:  # the tiny pipeline, but its UNet counts 200 M parameters (on the meta device: no memory)
+        unet = types.SimpleNamespace(parameters=lambda: [torch.empty(200_000_000, device="meta")],
+                                     config=tiny_pipe.unet.config)
+
+        def __getattr__(self, name):
+            return getattr(tiny_pipe, name)
+
+    big = Big()
+    full = types.SimpleNamespace(height=512, width=512)
+    cfg = lambda **kw: ConvertConfig(model="m", output="o", target="coreml", **kw)  # noqa: E731
+    assert quality_size(cfg(precision="fp32"), big, full) is full
+    assert quality_size(cfg(), tiny_pipe, full) is full  # a small UNet: the conversion size
+    small = quality_size(cfg(), big, full)
+    assert (small.height, small.width) == (128, 128)
+    chosen = quality_size(cfg(parity_size=256), big, full)
+    assert (chosen.height, chosen.width) == (256, 256)
+
+
 def test_native_layout_keeps_todays_packages(native_export):
     m = json.loads((native_export / "manifest.json").read_text())
     assert m["layout"] == "native" and m["scheduler"]["scheduler"] is None
@@ -132,6 +167,7 @@ def _one_line_error(r, *needles):
     (["--sizes", "60x64"], ["multiple of 16"]),
     (["--quantize", "int8-dynamic"], ["--quantize", "coreml"]),
     (["--layout", "ios"], ["unknown --layout 'ios'", "apple", "native"]),
+    (["--parity-size", "40"], ["parity_size", "multiple of 16"]),
     (["--fused"], ["--fused", "Apple's Swift pipeline", "--layout native --fused"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_dir, extra, needles):
