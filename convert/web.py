@@ -207,7 +207,7 @@ def export_web(cfg: ConvertConfig) -> dict:
         source_manifest = onnx_manifest.get("source") or {}
         prompts = (read_manifest(src) or {}).get("prompts") if not is_export else None
         web = {
-            "title": Path(str(source_manifest.get("model") or cfg.model)).name,
+            "title": "/".join(Path(str(source_manifest.get("model") or cfg.model)).parts[-2:]),
             "example_prompt": (prompts or ["a red fox in snow"])[0] if isinstance(prompts, list) and prompts else "a red fox in snow",
             "latent_shape": meta["latent_shape"], "height": meta["height"], "width": meta["width"],
             "scaling_factor": meta["scaling_factor"],

@@ -1,0 +1,225 @@
+"""In-browser latency of ``convert --target web`` sites, beside onnxruntime's Python CPU session on the
+same export, in the same run.
+
+For each site: the page is served on 127.0.0.1 (``site_server``: cross-origin isolated, so WASM threads
+work), opened in Debian's headless Chromium through Playwright (``executable_path``, no browser
+download) with ``?backend=wasm&threads=N``; the prompt and seed are typed and Generate clicked
+``--warmup`` + ``--repeats`` times; the page's own per-component timings (``performance.now()`` around
+each ``session.run``) are collected. Then the site's ``model/`` export runs in onnxruntime (Python, CPU
+provider, ``intra_op_num_threads = N``) on the same token ids and noise, timed the same way. The JSON has
+median and p90 per component for both, their ratio, model load time, the page image's PSNR against
+onnxruntime's, the thread count, the machine, and the versions. A site that cannot load in the browser
+(a model past WASM's 4 GB memory) is recorded with the page's error.
+
+    python -m instaflow_edge.bench.web_latency SITE [SITE ...] --threads 2 -o bench/results/web_latency.json \\
+        [--screenshot docs/images/web.png]
+
+Timings are only meaningful on a quiet machine: run it alone (the project runs heavy jobs under
+``flock /tmp/instaflow-heavy.lock``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..artifacts import read_manifest
+from ..convert.web import COMPONENTS, site_server
+from ..errors import InputError
+from .common import machine, save_result
+
+CHROMIUM = "/usr/bin/chromium"
+PAGE_STEPS = ("tokenizer", "noise", *COMPONENTS, "to_image", "total")
+
+
+def _stats(values: list[float]) -> dict:
+    values = sorted(values)
+    p90 = values[min(len(values) - 1, max(0, round(0.9 * (len(values) - 1))))]
+    return {"median_ms": round(statistics.median(values), 2), "p90_ms": round(p90, 2), "n": len(values),
+            "all_ms": [round(v, 2) for v in values]}
+
+
+@contextlib.contextmanager
+def _serving(site: Path):
+    server = site_server(site, 0, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def browser_latency(browser, site: Path, prompt: str, seed: int, threads: int, warmup: int, repeats: int,
+                    screenshot: Path | None, timeout_s: float) -> dict:
+    """The page's timings for ``warmup + repeats`` clicks of Generate (the warm-up ones dropped)."""
+    import numpy as np
+
+    out: dict = {}
+    with _serving(site) as url:
+        page = browser.new_page(viewport={"width": 1040, "height": 560})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("crash", lambda *_: errors.append("the page crashed (out of memory?)"))
+        try:
+            t0 = time.perf_counter()
+            page.goto(f"{url}?backend=wasm&threads={threads}")
+            page.wait_for_function("document.getElementById('status').dataset.state !== 'loading'", timeout=timeout_s * 1000)
+            state = page.get_attribute("#status", "data-state")
+            out["backend"] = page.text_content("#backend")
+            out["cross_origin_isolated"] = page.evaluate("crossOriginIsolated")
+            out["threads"] = page.evaluate("window.instaflow.threads")
+            if state != "ready":
+                out["error"] = page.text_content("#status")
+                return out
+            out["load_ms"] = round(page.evaluate("window.instaflow.load_ms"), 1)
+            out["load_wall_s"] = round(time.perf_counter() - t0, 2)
+            runs = []
+            for k in range(warmup + repeats):
+                page.fill("#prompt", prompt)
+                page.fill("#seed", str(seed))
+                page.click("#generate")
+                page.wait_for_function(f"window.instaflow.runs === {k + 1} || "
+                                       "document.getElementById('status').dataset.state === 'error'", timeout=timeout_s * 1000)
+                if page.get_attribute("#status", "data-state") != "done":
+                    out["error"] = page.text_content("#status")
+                    return out
+                runs.append(page.evaluate("window.instaflow.last.ms"))
+            runs = runs[warmup:]
+            out["page_ms"] = {k: _stats([r[k] for r in runs]) for k in PAGE_STEPS}
+            w, h, data = page.evaluate("""() => { const c = document.getElementById('image');
+                return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]; }""")
+            out["image"] = np.asarray(data, dtype=np.uint8).reshape(h, w, 4)[..., :3]
+            if screenshot is not None:
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(screenshot))
+                out["screenshot"] = str(screenshot)
+        except Exception as e:  # a timeout or a crash while loading a big model: recorded, not fatal
+            out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        finally:
+            with contextlib.suppress(Exception):
+                page.close()
+            if errors and "error" not in out:
+                out["error"] = errors[0][:300]
+    return out
+
+
+def python_latency(export: Path, prompt: str, seed: int, threads: int, warmup: int, repeats: int) -> dict:
+    """onnxruntime (Python, CPU) on the same export, inputs and steps."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..generator import make_noise
+    from ..runtime import onnx_io
+    from ..runtime.onnx import export_meta, tokenizer_for, unet_feed
+
+    meta = export_meta(export)
+    t0 = time.perf_counter()
+    s = {n: onnx_io.session(export / n / onnx_io.MODEL_FILE, threads=threads) for n in COMPONENTS}
+    load_s = time.perf_counter() - t0
+    ids = tokenizer_for(export)([prompt])
+    noise = make_noise([seed], tuple(meta["latent_shape"])).numpy()
+    times: dict[str, list[float]] = {n: [] for n in (*COMPONENTS, "total")}
+    image = None
+    for k in range(warmup + repeats):
+        t = time.perf_counter()
+        start = t
+        lap = {}
+        ehs = s["text_encoder"].run(None, {"input_ids": ids})[0]
+        lap["text_encoder"], t = (time.perf_counter() - t) * 1000, time.perf_counter()
+        lat = s["unet"].run(None, unet_feed(s["unet"], noise, ehs))[0]
+        lap["unet"], t = (time.perf_counter() - t) * 1000, time.perf_counter()
+        img = s["vae_decoder"].run(None, {"latent_sample": (lat / meta["scaling_factor"]).astype(np.float32)})[0]
+        lap["vae_decoder"] = (time.perf_counter() - t) * 1000
+        lap["total"] = (time.perf_counter() - start) * 1000
+        if k >= warmup:
+            for n, v in lap.items():
+                times[n].append(v)
+        image = img
+    pixels = (np.clip(image[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+    return {"onnxruntime": ort.__version__, "threads": threads, "load_s": round(load_s, 2),
+            "ms": {n: _stats(v) for n, v in times.items()}, "image": pixels}
+
+
+def psnr8(a, b) -> float | None:
+    import numpy as np
+
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else round(10 * np.log10(255.0**2 / mse), 2)
+
+
+def web_latency(sites: list[str], prompt: str, seed: int, threads: int, warmup: int, repeats: int,
+                screenshot: str | None = None, timeout_s: float = 600) -> dict:
+    """Browser and onnxruntime-Python timings for each site (see the module docstring)."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        raise InputError(f"Debian's chromium is not installed at {CHROMIUM}", "apt-get install chromium")
+    rows = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        version = browser.version
+        for k, site in enumerate(sites):
+            site = Path(site)
+            m = read_manifest(site) or {}
+            print(f"[web_latency] {site}: browser", file=sys.stderr, flush=True)
+            shot = Path(screenshot) if (screenshot and k == 0) else None
+            page = browser_latency(browser, site, prompt, seed, threads, warmup, repeats, shot, timeout_s)
+            print(f"[web_latency] {site}: onnxruntime (Python)", file=sys.stderr, flush=True)
+            py = python_latency(site / "model", prompt, seed, threads, warmup, repeats)
+            row = {"site": str(site), "source": (m.get("source") or {}).get("model"),
+                   "scheme": (m.get("quantize") or {}).get("scheme") or "fp32", "latent_shape": m["web"]["latent_shape"],
+                   "image": [m["web"]["height"], m["web"]["width"]], "model_bytes": (m.get("sizes") or {}).get("model"),
+                   "browser": {k2: v for k2, v in page.items() if k2 != "image"},
+                   "python": {k2: v for k2, v in py.items() if k2 != "image"}}
+            if "page_ms" in page:
+                row["browser_over_python"] = {n: round(page["page_ms"][n]["median_ms"] / py["ms"][n]["median_ms"], 2)
+                                              for n in (*COMPONENTS,)}
+                row["browser_over_python"]["generate_total_vs_sum"] = round(
+                    page["page_ms"]["total"]["median_ms"] / py["ms"]["total"]["median_ms"], 2)
+                row["page_vs_python_psnr_db"] = psnr8(page.get("image"), py["image"])
+            rows.append(row)
+        browser.close()
+    return {"prompt": prompt, "seed": seed, "threads": threads, "warmup": warmup, "repeats": repeats,
+            "chromium": version, "machine": machine(),
+            "note": "2-core machine; the browser's WASM backend and onnxruntime's Python CPU session use the same "
+                    "thread count; each component timed around its session.run (the page with performance.now())",
+            "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sites", nargs="+", help="folders written by convert --target web")
+    ap.add_argument("--prompt", default="a handwritten seven")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=900, help="seconds for the page to load or generate")
+    ap.add_argument("--screenshot", default=None, help="save the first site's page here (PNG)")
+    ap.add_argument("-o", "--output", default="bench/results/web_latency.json")
+    a = ap.parse_args(argv)
+    result = web_latency(a.sites, a.prompt, a.seed, a.threads, a.warmup, a.repeats, a.screenshot, a.timeout)
+    for row in result["rows"]:
+        b = row["browser"]
+        if "page_ms" not in b:
+            print(f"{row['site']}: browser: {b.get('error')}")
+            continue
+        comp = " ".join(f"{n} {b['page_ms'][n]['median_ms']:.1f}/{row['python']['ms'][n]['median_ms']:.1f}" for n in COMPONENTS)
+        print(f"{row['site']} ({row['scheme']}): {b['backend']}; ms browser/python: {comp}; total "
+              f"{b['page_ms']['total']['median_ms']:.1f}/{row['python']['ms']['total']['median_ms']:.1f}; "
+              f"page vs python {row['page_vs_python_psnr_db']} dB")
+    path = save_result(a.output, "web_latency", result)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
