@@ -163,6 +163,13 @@ def tokenizer_facts(folder: Path) -> dict:
             "max_length": int(tok.model_max_length), "specials": specials}
 
 
+def _cpu_capability() -> str | None:
+    """torch's CPU kernel level here (the noise kernel the page reproduces is its AVX2/AVX-512 one)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _component_files(site: Path, name: str) -> dict:
     folder = site / "model" / name
     extra = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.startswith(onnx_io.MODEL_FILE)
@@ -215,7 +222,9 @@ def export_web(cfg: ConvertConfig) -> dict:
             "tokenizer": {"vocab": "model/tokenizer/vocab.json", "merges": "model/tokenizer/merges.txt",
                           **tokenizer_facts(model_dir / "tokenizer")},
             "noise": "torch.randn(latent_shape, generator=torch.Generator('cpu').manual_seed(seed)), float32, "
-                     "ported in torch_randn.mjs",
+                     "ported in torch_randn.mjs: torch's AVX2/AVX-512 CPU kernel (without AVX2 torch uses libm and "
+                     "differs in the last bit of some values)",
+            "torch_cpu_capability": _cpu_capability(),
             "onnxruntime_web": {"version": version, "files": [f"ort/{f}" for f in ORT_FILES]},
             "same_image_as": "instaflow-edge generate SITE/model PROMPT --seed SEED --backend onnx",
         }
