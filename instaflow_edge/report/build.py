@@ -23,13 +23,12 @@ from ..bench.latency import export_kind
 from .runtimes import COMPONENT_ORDER, Runtime, open_exports, reference, used_params
 
 DEFAULT_PROMPTS = ["a red fox in snow", "a lighthouse at night", "a cat wearing a hat", "a castle on a mountain"]
-DIGITS_PROMPTS = ["a handwritten three", "a handwritten seven", "the digit zero", "a handwritten digit eight"]
 
 
 @dataclasses.dataclass
 class ReportConfig:
     """Options of ``instaflow-edge report``. ``prompts``: a text file, one prompt per line (default: four
-    fixed prompts; digit prompts for a digits model). ``digits_images``: images per runtime for the
+    fixed prompts; six prompts of the digits eval set for a digits model). ``digits_images``: images per runtime for the
     digits judge's accuracy and FID (digits models only; 0 skips it)."""
 
     model: str
@@ -69,6 +68,13 @@ class ReportConfig:
                 raise InputError(f"--bench {b} is not JSON ({str(e)[:80]})", "pass a file written by `instaflow-edge bench`") from e
             if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or data.get("kind") not in ("bench", None):
                 raise InputError(f"--bench {b} is not a bench result (no 'results')", "pass a file written by `instaflow-edge bench`")
+
+
+def digits_prompts(n: int = 6) -> list[str]:
+    """The first ``n`` prompts of the digits eval set (digits 0, 1, 2…, each in another template)."""
+    from ..data import eval_prompts
+
+    return [p for p, _ in eval_prompts(1)[:n]]
 
 
 def is_digits_model(model: str | Path, hops: int = 12) -> bool:
@@ -180,7 +186,7 @@ def make_report(config: ReportConfig, progress: bool = True) -> dict:
               *config.bench, config.prompts)
     check_output(config.output, config.force, inputs)
     digits = is_digits_model(config.model)
-    prompts = prompt_file(config.prompts, DIGITS_PROMPTS if digits else DEFAULT_PROMPTS)
+    prompts = prompt_file(config.prompts, digits_prompts() if digits else DEFAULT_PROMPTS)
     pipe = load_pipeline(config.model, "cpu", "float32", local_files_only=True)
     params = used_params(pipe)
     ref_rt = reference(config.model, pipe, params)
