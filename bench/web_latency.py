@@ -195,9 +195,103 @@ def web_latency(sites: list[str], prompt: str, seed: int, threads: int, warmup: 
             "rows": rows}
 
 
+_PROBE_PAGE = """<!doctype html><meta charset="utf-8"><body><pre id="out">loading</pre><script type="module">
+import * as ort from "./ort/ort.min.mjs";
+ort.env.wasm.wasmPaths = new URL("./ort/", import.meta.url).href;
+ort.env.wasm.numThreads = 1;
+const out = document.getElementById("out");
+const t0 = performance.now();
+try {
+  const s = await ort.InferenceSession.create("model.onnx", {executionProviders: ["wasm"]});
+  const x = new ort.Tensor("float32", new Float32Array(%(k)d).fill(1), [1, %(k)d]);
+  await s.run({x});
+  out.dataset.state = "ok"; out.textContent = String(performance.now() - t0);
+} catch (e) { out.dataset.state = "error"; out.textContent = String(e && e.message || e).slice(0, 300); }
+</script>"""
+
+
+def _probe_model(path: Path, mib: int, k: int = 1024) -> None:
+    """A chain of MatMuls whose float32 weights total ``mib`` MiB (blocks of at most 256 MiB)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, prev = [], [], "x"
+    left, i = mib, 0
+    while left > 0:
+        block = min(left, 256)
+        n = block * 2**20 // 4 // k
+        w = np.full((k, n), 1e-3, np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]))
+        # back to k columns with a tiny reduction so the chain continues
+        nodes.append(helper.make_node("ReduceSum", [f"h{i}"], [f"r{i}"], keepdims=1))
+        nodes.append(helper.make_node("Expand", [f"r{i}", "shape"], [f"e{i}"]))
+        prev, left, i = f"e{i}", left - block, i + 1
+    inits.append(numpy_helper.from_array(np.array([1, k], np.int64), "shape"))
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, k])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    external = mib * 2**20 > 1_900_000_000
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location="model.onnx_data")
+
+
+def wasm_capacity(sizes_mib: list[int], timeout_s: float = 600) -> dict:
+    """Which model sizes onnxruntime-web's WASM backend loads and runs in this Chromium: synthetic
+    float32 MatMul chains of ``sizes_mib`` MiB of weights, each served as a one-file page."""
+    import json
+    import shutil
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    from ..convert.web import ORT_FILES, find_ort_web
+
+    dist, version = find_ort_web()
+    rows = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        for mib in sizes_mib:
+            with tempfile.TemporaryDirectory(prefix="wasm-probe-") as d:
+                site = Path(d)
+                (site / "ort").mkdir()
+                for f in ORT_FILES:
+                    shutil.copyfile(dist / f, site / "ort" / f)
+                _probe_model(site / "model.onnx", mib)
+                page_text = _PROBE_PAGE % {"k": 1024}
+                if (site / "model.onnx_data").exists():  # external weights: tell the session where they are
+                    page_text = page_text.replace('{executionProviders: ["wasm"]}',
+                                                  '{executionProviders: ["wasm"], externalData: '
+                                                  '[{path: "model.onnx_data", data: "model.onnx_data"}]}')
+                (site / "index.html").write_text(page_text)
+                (site / "manifest.json").write_text(json.dumps({"kind": "web-site"}))
+                print(f"[web_latency] capacity: {mib} MiB", file=sys.stderr, flush=True)
+                page = browser.new_page()
+                crashed: list[str] = []
+                page.on("crash", lambda *_: crashed.append("crash"))
+                row = {"weights_mib": mib}
+                try:
+                    with _serving(site) as url:
+                        page.goto(url)
+                        page.wait_for_function("document.getElementById('out').dataset.state", timeout=timeout_s * 1000)
+                        state = page.get_attribute("#out", "data-state")
+                        text = page.text_content("#out")
+                        row.update(loaded=state == "ok", **({"load_run_ms": round(float(text), 1)} if state == "ok" else {"error": text}))
+                except Exception as e:
+                    row.update(loaded=False, error=("page crashed: " if crashed else "") + f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                finally:
+                    with contextlib.suppress(Exception):
+                        page.close()
+                rows.append(row)
+        browser.close()
+    return {"onnxruntime_web": version, "backend": "wasm, 1 thread", "model": "float32 MatMul chain, blocks <= 256 MiB",
+            "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sites", nargs="+", help="folders written by convert --target web")
+    ap.add_argument("sites", nargs="*", help="folders written by convert --target web")
     ap.add_argument("--prompt", default="a handwritten seven")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -205,8 +299,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=900, help="seconds for the page to load or generate")
     ap.add_argument("--screenshot", default=None, help="save the first site's page here (PNG)")
+    ap.add_argument("--capacity", default=None,
+                    help="instead: probe which model sizes (MiB of float32 weights, comma-separated) WASM loads; SITES ignored")
     ap.add_argument("-o", "--output", default="bench/results/web_latency.json")
     a = ap.parse_args(argv)
+    if a.capacity:
+        result = wasm_capacity([int(x) for x in a.capacity.split(",")], a.timeout)
+        result["chromium_path"], result["machine"] = CHROMIUM, machine()
+        for row in result["rows"]:
+            print(f"{row['weights_mib']:>6} MiB: " + (f"loaded and ran in {row['load_run_ms']} ms" if row["loaded"] else f"failed: {row['error']}"))
+        print(f"saved {save_result(a.output, 'wasm_capacity', result)}")
+        return
     result = web_latency(a.sites, a.prompt, a.seed, a.threads, a.warmup, a.repeats, a.screenshot, a.timeout)
     for row in result["rows"]:
         b = row["browser"]
