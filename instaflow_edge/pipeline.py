@@ -435,7 +435,7 @@ def _hub_index(source: str, local_files_only: bool) -> tuple[dict, bool]:
 
 def _load_pipeline(source: str, folder: Path | None, index: dict | None, info: ModelInfo | None, device: str,
                    dtype: str, allow_pickle: bool, local_files_only: bool) -> Pipeline:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     dev = resolve_device(device)
@@ -444,12 +444,13 @@ def _load_pipeline(source: str, folder: Path | None, index: dict | None, info: M
         index, cached = _hub_index(source, local_files_only)
         local_files_only = local_files_only or cached
     common = dict(use_safetensors=None if allow_pickle else True, local_files_only=local_files_only, torch_dtype=dt)
+    vae_class = _vae_class(index)
     loaders = {  # the cheap ones first: a bad scheduler or tokenizer fails before the weights load
         "scheduler": lambda: _load_scheduler(source, index, local_files_only),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_files_only),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common),
         "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common),
-        "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", **common),
+        "vae": lambda: vae_class.from_pretrained(source, subfolder="vae", **common),
     }
     parts = {}
     for name, load in loaders.items():
@@ -471,6 +472,21 @@ def _load_pipeline(source: str, folder: Path | None, index: dict | None, info: M
     pipe = Pipeline(parts["tokenizer"], parts["text_encoder"], parts["unet"], parts["vae"], parts["scheduler"],
                     info or detect_info(source, folder, index))
     return pipe.to(dev).eval()
+
+
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")  # the full VAE, or the tiny one `train decoder` distils
+
+
+def _vae_class(index: dict | None):
+    """The diffusers class of the pipeline's vae, from model_index.json (AutoencoderKL when unnamed)."""
+    import diffusers
+
+    entry = (index or {}).get("vae")
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else "AutoencoderKL"
+    if name not in VAE_CLASSES:
+        raise ModelError(f"the pipeline's vae is a {short(name, 40)}, not one of {', '.join(VAE_CLASSES)}",
+                         "use a Stable Diffusion-style pipeline (or one made by `instaflow-edge train decoder`)")
+    return getattr(diffusers, name)
 
 
 @contextlib.contextmanager

@@ -147,7 +147,37 @@ def _train(ctx: typer.Context, cls: type, verb: Callable, config_file: Optional[
         typer.echo(f"wrote {what}{out} ({cfg.max_steps} steps) in {time.perf_counter() - t0:.1f} s")
 
 
+def decoder_command(
+    model: str = typer.Argument(..., help="Pipeline whose AutoencoderKL to distil (e.g. the one-step student)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output pipeline folder (MODEL with the tiny VAE)."),
+    data: str = typer.Option("digits", "--data", help="'digits' or a folder of images (their latents are training inputs)."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Captions file of a data folder (its prompts drive the one-step latents)."),
+    channels: Optional[str] = typer.Option(None, "--channels", help="Tiny decoder width per stage, e.g. 64,64,64,64 (TAESD, the default)."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Tiny decoder blocks per stage, e.g. 3,3,3,1 (TAESD, the default)."),
+    one_step_latents: int = typer.Option(512, "--one-step-latents", help="MODEL's own one-step outputs added to the training latents."),
+    max_steps: int = typer.Option(2000, "--max-steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Latents per step."),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate", "--lr", help="Adam peak learning rate (warm-up, cosine)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the init, the one-step noise and the batches."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights in MODEL."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Distil a tiny VAE (AutoencoderTiny, TAESD's architecture) from MODEL's VAE; write MODEL with it."""
+    from ..train.decoder import DecoderConfig, train_decoder
+
+    cfg = DecoderConfig(model=model, output=str(output), data=data, captions=str(captions) if captions else None,
+                        channels=channels, blocks=blocks, one_step_latents=one_step_latents, max_steps=max_steps,
+                        batch_size=batch_size, learning_rate=learning_rate, seed=seed, allow_pickle=allow_pickle,
+                        force=force, progress=progress)
+    d = train_decoder(cfg)["decoder"]
+    typer.echo(f"wrote {output}: decoder {d['before']['macs_per_image'] / 1e6:,.1f} → {d['after']['macs_per_image'] / 1e6:,.2f} "
+               f"M MACs/image ({d['macs_ratio']:g}× fewer), held-out PSNR vs the full decoder {d['held_out_psnr_db']:.1f} dB, "
+               f"{d['steps']} steps in {d['seconds']:.0f} s")
+
+
 def register(train_app: typer.Typer) -> None:
     train_app.command("reflow-data")(reflow_data_command)
     train_app.command("reflow")(reflow_command)
     train_app.command("distill")(distill_command)
+    train_app.command("decoder")(decoder_command)
