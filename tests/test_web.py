@@ -337,6 +337,23 @@ def test_page_matches_generate_tiny_fp32(browser, tiny_site, tmp_path):
     check_page_matches_generate(browser, site, "tiny", tmp_path)
 
 
+def test_page_refuses_a_bad_seed(browser, tiny_site):
+    site, _ = tiny_site
+    with serving(site) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url + "?backend=wasm")
+            page.wait_for_function("window.instaflow && window.instaflow.ready", timeout=180_000)
+            for seed, words in (("-1", "whole number"), ("abc", "whole number"), (str(2**63), "below 2^63")):
+                page.fill("#seed", seed)
+                page.click("#generate")
+                page.wait_for_function("document.getElementById('status').dataset.state === 'error'", timeout=60_000)
+                assert words in page.text_content("#status")
+                assert page.evaluate("window.instaflow.runs") == 0
+        finally:
+            page.close()
+
+
 @pytest.mark.slow
 def test_page_matches_generate_tiny_int8(browser, tiny_dir, tmp_path):
     ort_web_or_skip()
