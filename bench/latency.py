@@ -459,6 +459,9 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
 
     rss = Rss()
     torch.set_num_threads(threads)
+    import diffusers  # noqa: F401  (imported before the clock of the pipeline's memory: libraries are not weights)
+    import transformers  # noqa: F401
+
     rss0 = rss.now_mib()
     pipe = load_pipeline(model, "cpu", "float32", local_files_only=True)
     pipe_mib = (rss.now_mib() - rss0) if rss.ok else None
