@@ -57,6 +57,12 @@ def _backends():
     return BACKENDS
 
 
+def _prune_methods():
+    from instaflow_edge.train.prune import BlockVariant, PruneMethod
+
+    return [m.value for m in PruneMethod] + [f"blocks:{v.value}" for v in BlockVariant]
+
+
 _COREML_COMPRESS = "test_coreml_compress.py::test_scheme_in_pytorch_and_in_the_package"
 
 COVERAGE = {
@@ -87,6 +93,13 @@ COVERAGE = {
         "onnx": "test_onnx.py::test_generate_onnx_matches_torch",
         "coreml": "test_coreml.py::test_generate_coreml_on_linux_is_one_line",
         "openvino": "test_openvino.py::test_generate_openvino_matches_torch",
+    }),
+    "prune methods": (_prune_methods, {
+        "blocks": "test_prune.py::test_blocks_variants",
+        "channels": "test_prune.py::test_channels_narrows_by_importance",
+        "blocks:small": "test_prune.py::test_blocks_variants",
+        "blocks:base": "test_prune.py::test_blocks_variants",
+        "blocks:mid": "test_prune.py::test_blocks_variants",
     }),
 }
 
