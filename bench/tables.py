@@ -44,7 +44,7 @@ def summary(report: dict) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, rt in report["runtimes"].items():
         par = (report["parity"].get(label) or {}).get("end_to_end")
-        e2e = "reference" if par is None else (
+        e2e = "reference" if par is None else "error" if par.get("error") else (
             f"{'inf' if par['psnr'] is None else format(par['psnr'], '.1f')} ({'–' if par['gate'] is None else format(par['gate'], 'g')})")
         size = f"{rt['total_bytes'] / 1e6:.3g}" if rt.get("total_bytes") else "–"
         bpw = (rt["sizes"].get("unet") or {}).get("bits_per_weight")

@@ -204,3 +204,22 @@ def test_digits_models_are_recognized_by_their_manifest_chain(tmp_path):
     (other / "manifest.json").write_text(json.dumps({"kind": "pipeline", "model": {"source": "preset:tiny"}}))
     assert is_digits_model(student) and is_digits_model(base)
     assert not is_digits_model(other) and not is_digits_model(tmp_path / "missing")
+
+
+def test_nan_or_shape_mismatch_is_a_failed_row_not_a_crash():
+    import numpy as np
+
+    from instaflow_edge.report.build import _parity, verdict
+
+    ref = np.ones((1, 3, 4, 4))
+    out = ref.copy()
+    out[0, 0, 0, 0] = np.nan
+    nan = _parity("end_to_end", ref, out, 35.0)
+    assert nan["pass"] is False and "NaN" in nan["error"]
+    shape = _parity("unet", ref, ref[:, :2], 35.0)
+    assert shape["pass"] is False and "shape" in shape["error"]
+    ok = _parity("text_encoder", ref, ref, 35.0)
+    assert ok["pass"] is True and ok["psnr"] is None  # identical: inf, stored as null
+    v = verdict("x", {"text_encoder": ok, "unet": shape, "end_to_end": nan})
+    assert v["pass"] is False and v["failed"] == ["unet", "end_to_end"] and v["line"].startswith("x: FAIL")
+    assert verdict("y", {"unet": _parity("unet", ref, ref, None)})["pass"] is None  # no gate: not judged

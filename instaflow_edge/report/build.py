@@ -98,9 +98,16 @@ def _slug(label: str) -> str:
 
 
 def _parity(component: str, ref, out, gate: float | None) -> dict:
+    """PSNR, max abs, cosine and the gate's answer; a shape mismatch or NaN/Inf is a failed row (the
+    report goes on: it is the finding), with the reason in ``error``."""
+    from ..errors import ParityError
     from ..parity import compare
 
-    p = compare(component, ref, out).as_dict()
+    try:
+        p = compare(component, ref, out).as_dict()
+    except ParityError as e:
+        return {"psnr": None, "max_abs": None, "cosine": None, "shape": list(getattr(out, "shape", [])),
+                "gate": gate, "pass": False, "error": e.message}
     p.pop("component")
     p["max_abs"] = float(p["max_abs"])
     p["cosine"] = round(float(p["cosine"]), 6)
@@ -125,7 +132,7 @@ def run_all(rt: Runtime, ids_list, noise_list, ref: dict, sf: float) -> tuple[di
         lat = rt.calls["unet"](z, h)
         img = rt.calls["vae_decoder"](np.asarray(lat) / sf)
         comp["end_to_end"].append(img)
-        images.append(np.clip(np.asarray(img)[0] / 2 + 0.5, 0, 1).transpose(1, 2, 0))
+        images.append(np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)[0]) / 2 + 0.5, 0, 1).transpose(1, 2, 0))
     refs = {"text_encoder": ref["hidden"], "unet": ref["latents"], "vae_decoder": ref["image"], "end_to_end": ref["image"]}
     rows = {}
     for c in COMPONENT_ORDER:
@@ -138,6 +145,8 @@ def verdict(label: str, rows: dict) -> dict:
     failed = [c for c, r in gated.items() if not r["pass"]]
 
     def f(c, r):
+        if r.get("error"):
+            return f"{c} {r['error']}"
         return f"{c} {'inf' if r['psnr'] is None else format(r['psnr'], '.1f')} {'≥' if r['pass'] else '<'} {r['gate']:g} dB"
 
     if not gated:

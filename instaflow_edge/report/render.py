@@ -45,6 +45,8 @@ def _summary(report: dict):
                (_g(u.get("bits_per_weight"), ".2f"), ["runtimes", label, "sizes", "unet", "bits_per_weight"])]
         if par is None:
             row += [("reference", None), ("–", None)]
+        elif par.get("error"):
+            row += [("error", None), (_g(par["gate"], "g"), ["parity", label, "end_to_end", "gate"])]
         else:
             row += [(_psnr(par["psnr"]), ["parity", label, "end_to_end", "psnr"]), (_g(par["gate"], "g"), ["parity", label, "end_to_end", "gate"])]
         if d:
@@ -65,6 +67,10 @@ def _rows(report: dict):
         for c in COMPONENTS:
             r = comps[c]
             p = ["parity", label, c]
+            if r.get("error"):
+                rows.append([(label, None), (c, None), ("error", None), (r["error"], None), ("–", None),
+                             (_g(r["gate"], "g"), p + ["gate"]), (_pass(r["pass"]), None)])
+                continue
             rows.append([(label, None), (c, None), (_psnr(r["psnr"]), p + ["psnr"]), (_g(r["max_abs"]), p + ["max_abs"]),
                          (f"{r['cosine']:.6f}", p + ["cosine"]), (_g(r["gate"], "g"), p + ["gate"]),
                          (_pass(r["pass"]), None)])
