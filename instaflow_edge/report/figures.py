@@ -27,20 +27,25 @@ def grid(images: dict[str, list], prompts: list[str], path: Path, cell: int = 16
     from PIL import Image, ImageDraw
 
     labels = list(images)
-    head, side = 40, 170
+    head, side = 48, 210
     W, H = side + cell * len(labels), head + cell * len(prompts)
     out = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(out)
-    f = _font(13)
+    f = _font(16)
     for j, lab in enumerate(labels):
         words, lines = lab.split(), [""]
         for w in words:  # wrap the column label on two lines
-            if len(lines[-1]) + len(w) > 20 and lines[-1]:
+            if len(lines[-1]) + len(w) > 16 and lines[-1]:
                 lines.append("")
             lines[-1] = (lines[-1] + " " + w).strip()
         d.multiline_text((side + j * cell + 4, 3), "\n".join(lines[:2]), fill="black", font=f)
     for i, p in enumerate(prompts):
-        d.multiline_text((4, head + i * cell + cell // 2 - 8), p if len(p) <= 24 else p[:23] + "…", fill="black", font=f)
+        words, lines = p.split(), [""]
+        for w in words:  # the prompt on up to three lines
+            if len(lines[-1]) + len(w) > 22 and lines[-1]:
+                lines.append("")
+            lines[-1] = (lines[-1] + " " + w).strip()
+        d.multiline_text((4, head + i * cell + cell // 2 - 20), "\n".join(lines[:3]), fill="black", font=f)
         for j, lab in enumerate(labels):
             arr = (np.asarray(images[lab][i]) * 255).round().clip(0, 255).astype("uint8")
             im = Image.fromarray(arr).resize((cell - 6, cell - 6), Image.NEAREST)
