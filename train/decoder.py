@@ -60,6 +60,7 @@ class DecoderConfig:
     channels: list[int] | None = None  # decoder (and encoder) width per stage; default TAESD's 64s
     blocks: list[int] | None = None  # decoder blocks per stage; default TAESD's (3, 3, 3, 1)
     one_step_latents: int = 512  # one-step outputs of MODEL added to the image latents
+    held_out: int = 16  # more one-step latents, not trained on: the manifest's PSNR vs the full decoder
     max_steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -78,9 +79,14 @@ class DecoderConfig:
             raise InputError(f"data folder {self.data} does not exist", "pass --data digits or a folder of images")
         self.channels = _int_list("channels", self.channels)
         self.blocks = _int_list("blocks", self.blocks, 0)
+        if self.channels and len(set(self.channels)) != 1:
+            # DecoderTiny's stages hand their width on unchanged (TAESD is 64 throughout)
+            raise InputError(f"--channels {','.join(map(str, self.channels))}: AutoencoderTiny's stages must share one width",
+                             f"e.g. --channels {','.join([str(self.channels[0])] * len(self.channels))}")
         if self.channels and self.blocks and len(self.channels) != len(self.blocks):
             raise InputError(f"--channels has {len(self.channels)} stages, --blocks {len(self.blocks)}", "give both the same length")
         integer("one_step_latents", self.one_step_latents, 0)
+        integer("held_out", self.held_out, 1)
         integer("max_steps", self.max_steps, 1)
         integer("batch_size", self.batch_size, 1)
         self.learning_rate = number("learning_rate", self.learning_rate, 0.0, open_low=True)
@@ -124,7 +130,7 @@ def _latents(pipe, config: DecoderConfig, dataset, progress: bool):
 
     lat, _, _ = cache_latents(pipe, dataset, progress=progress)
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-    prompts = [dataset[i % len(dataset)]["prompt"] for i in range(config.one_step_latents + 16)]
+    prompts = [dataset[i % len(dataset)]["prompt"] for i in range(config.one_step_latents + config.held_out)]
     g = torch.Generator().manual_seed(config.seed)
     shape = pipe.latent_shape(pipe.default_size, pipe.default_size)
     outs = []
@@ -200,7 +206,8 @@ def train_decoder(config: DecoderConfig) -> dict:
                      "macs_ratio": round(before["macs_per_image"] / max(1, after["macs_per_image"]), 2),
                      "held_out_psnr_db": round(psnr, 2), "held_out_latents": len(held),
                      "image_latents": len(lat_img), "one_step_latents": len(lat_gen),
-                     "steps": config.max_steps, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+                     "steps": config.max_steps, "first_loss": losses[0],
+                     "final_loss": sum(losses[-50:]) / len(losses[-50:]),
                      "seconds": round(seconds, 1), "seconds_per_step": round(seconds / config.max_steps, 4)},
             one_step=pipe.info.one_step,
             params={k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")},

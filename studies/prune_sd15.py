@@ -1,0 +1,118 @@
+"""prune and train decoder at SD1.5 scale (the ``sd15`` preset: random weights, so speed and memory only).
+
+Each step runs in its own process, so its peak RSS is its own: ``prune --method blocks`` (BK-SDM small),
+a two-pair reflow-data set of the sd15 model (one Euler step: only its shape matters here), a few
+recovery steps of ``train distill --teacher SD15 --feature-weight 1`` on the pruned UNet (batch 1,
+gradient checkpointing), and a few steps of ``train decoder`` (TAESD's architecture) on two random
+512×512 images. Reported: seconds, seconds per training step, peak RSS, and the counted MACs per image
+of the UNet and of the decoder before and after::
+
+    flock /tmp/instaflow-heavy.lock python -m studies.prune_sd15 runs/sd15 --work runs/prune-sd15 \\
+        --json studies/results/prune_sd15.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_STEP = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+exec(sys.argv[1])
+print("STEP_RESULT " + json.dumps({"seconds": round(time.perf_counter() - t0, 1),
+      "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+"""
+
+
+def _run(code: str) -> dict:
+    p = subprocess.run([sys.executable, "-c", _STEP, code], capture_output=True, text=True)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("STEP_RESULT ")]
+    if p.returncode or not line:
+        raise SystemExit(f"step failed ({p.returncode}): {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
+    return json.loads(line[-1].split(" ", 1)[1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from instaflow_edge.bench.common import machine, save_result
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="the sd15 preset folder (instaflow-edge init sd15 DIR)")
+    ap.add_argument("--work", default="runs/prune-sd15")
+    ap.add_argument("--json", default="studies/results/prune_sd15.json")
+    ap.add_argument("--recovery-steps", type=int, default=2)
+    ap.add_argument("--decoder-steps", type=int, default=2)
+    args = ap.parse_args(argv)
+    model, work = Path(args.model).resolve(), Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    steps: dict[str, dict] = {}
+
+    pruned = work / "blocks-small"
+    if not (pruned / "manifest.json").is_file():
+        steps["prune"] = _run(f"from instaflow_edge.train.prune import PruneConfig, prune; "
+                              f"prune(PruneConfig(model={str(model)!r}, output={str(pruned)!r}))")
+    pairs = work / "pairs"
+    if not (pairs / "manifest.json").is_file():
+        (work / "prompts.txt").write_text("a red fox in snow\na lighthouse at dusk\n")
+        steps["pairs"] = _run(
+            "from instaflow_edge.train.reflow_data import ReflowDataConfig, make_reflow_data; "
+            f"make_reflow_data(ReflowDataConfig(teacher={str(model)!r}, output={str(pairs)!r}, "
+            f"prompts={str(work / 'prompts.txt')!r}, num_pairs=2, shard_size=2, steps=1, batch_size=1, device='cpu'), "
+            "progress=False)")
+    rec = work / "recovered"
+    if not (rec / "manifest.json").is_file():
+        steps["recovery"] = _run(
+            "from instaflow_edge.train.reflow import DistillConfig, train_distill; "
+            f"train_distill(DistillConfig(model={str(pruned)!r}, pairs={str(pairs)!r}, output={str(rec)!r}, "
+            f"teacher={str(model)!r}, feature_weight=1.0, max_steps={args.recovery_steps}, batch_size=1, "
+            "warmup_steps=1, gradient_checkpointing=True, ema_decay=0.0, checkpoint_every=0, cpu=True, "
+            "progress=False, force=True))")
+    images = work / "images"
+    if not (images / "captions.jsonl").is_file():
+        import numpy as np
+        from PIL import Image
+
+        images.mkdir(exist_ok=True)
+        rng = np.random.default_rng(0)
+        for i in range(2):
+            Image.fromarray((rng.random((512, 512, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
+        (images / "captions.jsonl").write_text('{"file": "0.png", "text": "a red fox"}\n{"file": "1.png", "text": "a cat"}\n')
+    dec = work / "tiny-decoder"
+    if not (dec / "manifest.json").is_file():
+        steps["decoder"] = _run(
+            "from instaflow_edge.train.decoder import DecoderConfig, train_decoder; "
+            f"train_decoder(DecoderConfig(model={str(model)!r}, output={str(dec)!r}, data={str(images)!r}, "
+            f"one_step_latents=1, held_out=1, max_steps={args.decoder_steps}, batch_size=1, progress=False, force=True))")
+
+    pm = json.loads((pruned / "manifest.json").read_text())["prune"]
+    rm = json.loads((rec / "manifest.json").read_text())["training"]
+    dm = json.loads((dec / "manifest.json").read_text())["decoder"]
+    unet_b, unet_a = pm["before"]["macs_per_image"], pm["after"]["macs_per_image"]
+    dec_b, dec_a = dm["before"]["macs_per_image"], dm["after"]["macs_per_image"]
+    result = {
+        "machine": {**machine(), "note": "2-core machine shared with other jobs; run under /tmp/instaflow-heavy.lock"},
+        "model": str(model), "steps": steps,
+        "unet": {"params_before": pm["before"]["params"], "params_after": pm["after"]["params"],
+                 "macs_before": unet_b, "macs_after": unet_a, "macs_reduction": pm["macs_reduction"]},
+        "recovery": {"steps": rm["steps"], "seconds": rm["seconds"], "seconds_per_step": round(rm["seconds"] / rm["steps"], 1),
+                     "batch_size": 1, "gradient_checkpointing": True, "feature_weight": 1.0},
+        "decoder": {"params_before": dm["before"]["params"], "params_after": dm["after"]["params"],
+                    "macs_before": dec_b, "macs_after": dec_a, "macs_ratio": dm["macs_ratio"],
+                    "steps": dm["steps"], "seconds_per_step": dm["seconds_per_step"]},
+        "one_step_image_macs": {"before": unet_b + dec_b, "after": unet_a + dec_a,
+                                "ratio": round((unet_b + dec_b) / (unet_a + dec_a), 2),
+                                "note": "UNet + VAE decoder, counted; the text encoder (~6 GMAC) is left out of both"},
+    }
+    save_result(args.json, "prune_sd15", result)
+    print(json.dumps({k: result[k] for k in ("steps", "unet", "recovery", "decoder", "one_step_image_macs")}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    t = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - t:.0f} s")
