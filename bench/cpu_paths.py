@@ -240,6 +240,41 @@ def measure(a, threads: int, rows: dict, feeds: dict, outs: dict, info: dict, no
 _CHAIN_KEYS = {"text_encoder": (), "unet": ("encoder_hidden_states",), "vae_decoder": ("latent_sample",)}
 
 
+def ov_profile(path: Path, threads: int, precision: str | None, feed: dict, top: int = 8) -> dict:
+    """OpenVINO's per-node counters for one call (after a warm-up): time by (op type, kernel), top ``top``."""
+    import collections
+
+    import openvino as ov
+
+    cfg = {"INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
+    if precision:
+        cfg["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(str(path), "CPU", cfg)
+    sess = ovrt.Session(compiled, path)
+    for _ in range(2):
+        sess.run(None, _feed(sess.get_inputs(), feed))
+    by = collections.Counter()
+    for p in sess._request.get_profiling_info():
+        by[f"{p.node_type} [{p.exec_type}]"] += p.real_time.total_seconds()
+    total = sum(by.values())
+    return {"total_s": round(total, 3), "ran_in": sess.precision,
+            "top": [{"op": k, "s": round(v, 3), "share": round(v / total, 3)} for k, v in by.most_common(top)]}
+
+
+def profiles(a, threads: int, feeds: dict, note) -> dict:
+    """Per-op profiles of the peer and of our openvino rows for ``a.profile`` components."""
+    out: dict = {}
+    for comp in a.profile or []:
+        out[comp] = {PEER: ov_profile(Path(a.plain) / comp / onnx_io.MODEL_FILE, threads, None, feeds[comp])}
+        for item in a.openvino or []:
+            name, _, folder = item.partition("=")
+            prec = ovrt.export_meta(Path(folder))["precision"]
+            out[comp][f"openvino {name} (ours)"] = ov_profile(Path(folder) / comp / ovrt.IR_FILE, threads,
+                                                               None if prec == "auto" else prec, feeds[comp])
+        note(f"{threads} thread(s), {comp}: profiled")
+    return out
+
+
 def derive(res: dict, flops: dict, peaks: dict) -> None:
     """Ratios vs ORT fp32 and vs the peer, per round; % of the peak of each row's precision."""
     from .peaks import pct_of_peak
@@ -284,6 +319,8 @@ def run(a) -> dict:
         res = measure(a, threads, rows, feeds, outs, info, note)
         derive(res, flops, peaks)
         report["by_threads"][str(threads)] = {"peaks": peaks, "results": res}
+        if a.profile and threads == a.threads[0]:
+            report["profiles"] = {"threads": threads, **profiles(a, threads, feeds, note)}
     report["peak_rss_mib"] = round(_rss_mib())
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
@@ -321,6 +358,12 @@ def markdown(report: dict) -> str:
                     cells.append("—" if y.get("pct_of_peak") is None else f"{y['pct_of_peak']:.0f}% {y['precision']}")
             lines.append(f"| {r} | " + " | ".join(cells) + " |")
         lines.append("")
+    for comp, rows in {k: v for k, v in report.get("profiles", {}).items() if k != "threads"}.items():
+        lines.append(f"**OpenVINO profile, {comp}, {report['profiles']['threads']} thread(s)** (one call; time by op [kernel])\n")
+        for r, p in rows.items():
+            top = "; ".join(f"{t['op']} {t['s']:.2f} s ({100 * t['share']:.0f}%)" for t in p["top"][:5])
+            lines.append(f"- {r}, ran {p['ran_in']}, {p['total_s']:.2f} s: {top}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -339,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--profile", nargs="+", choices=COMPONENTS, help="also record OpenVINO's per-op profile of the peer "
+                    "and of our openvino rows for these components (first thread count)")
     ap.add_argument("-o", "--output", help="save the report as JSON here")
     ap.add_argument("--markdown", metavar="REPORT.json", help="print the table of a saved report and exit")
     a = ap.parse_args(argv)
