@@ -175,7 +175,11 @@ def test_report_tiny_onnx_int8_and_coreml_palettize6(tiny_dir, tiny_exports, tmp
     assert abs(report["parity"]["coreml palettize-6"]["end_to_end"]["psnr"] - conv) < 10
 
 
-def test_report_refusals_are_one_line(tiny_dir, tmp_path):
+def test_report_refusals_are_one_line(tiny_dir, tiny_exports, tmp_path):
+    from instaflow_edge.presets import InitConfig, init
+
+    other = tmp_path / "other"
+    init(InitConfig(preset="tiny", output=str(other), seed=1))
     bad_bench = tmp_path / "b.json"
     bad_bench.write_text('{"x": 1}')
     cases = [
@@ -185,6 +189,7 @@ def test_report_refusals_are_one_line(tiny_dir, tmp_path):
         ([str(tiny_dir), "-o", str(tmp_path / "r"), "--bench", str(tmp_path / "none.json")], "no such file"),
         ([str(tiny_dir), "-o", str(tmp_path / "r"), "--digits-images", "15"], "--digits-images"),
         ([str(tiny_dir), "-o", str(tiny_dir / "r")], "inside the input"),
+        ([str(other), str(tiny_exports / "onnx-fp32"), "-o", str(tmp_path / "r")], "another model"),
     ]
     for args, words in cases:
         r = CliRunner().invoke(app, ["report", *args])

@@ -196,18 +196,20 @@ def make_report(config: ReportConfig, progress: bool = True) -> dict:
     check_output(config.output, config.force, inputs)
     digits = is_digits_model(config.model)
     prompts = prompt_file(config.prompts, digits_prompts() if digits else DEFAULT_PROMPTS)
+    model_hash = None
+    for item in config.exports:  # an export made from another model is refused (where its manifest says)
+        folder = Path(item.partition("=")[2] if "=" in item and not Path(item).exists() else item)
+        m = read_manifest(folder) or {}
+        want = ((m.get("model") if export_kind(folder) == "coreml" else m.get("source")) or {}).get("content_sha256")
+        if want:
+            model_hash = model_hash or sha256_tree(config.model)
+            if want != model_hash:
+                raise InputError(f"{folder} was converted from another model than {config.model} (content hashes differ)",
+                                 "pass the pipeline folder the export was converted from")
     pipe = load_pipeline(config.model, "cpu", "float32", local_files_only=True)
     params = used_params(pipe)
     ref_rt = reference(config.model, pipe, params)
     exports = open_exports(config.exports, pipe, params)
-    model_hash = None
-    for rt in exports:
-        want = ((read_manifest(rt.folder) or {}).get("model") or {}).get("content_sha256") if rt.kind == "coreml" else None
-        if want and sys_platform() != "darwin":
-            model_hash = model_hash or sha256_tree(config.model)
-            if want != model_hash:
-                raise InputError(f"{rt.folder} was converted from another model than {config.model} (content hashes differ)",
-                                 "pass the pipeline folder the Core ML export was converted from")
     sf = pipe.scaling_factor
     c, lh, lw = pipe.latent_shape(*pipe.image_size())
     ids_list = [pipe.tokenize([p]).numpy() for p in prompts]
