@@ -14,19 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .latency import (  # noqa: F401  (the old names, for callers and tests)
-    STAGES,
-    BenchConfig,
-    _paired,
-    _stats,
-    _time_interleaved,
-    _time_runs,
-    bench,
-    count_flops,
-    markdown,
-    matmul_peak,
-    table,
-)
+from .latency import BenchConfig, _paired, _stats, _time_interleaved, _time_runs, bench  # noqa: F401  (old names)
+from .runners import STAGES, count_flops, matmul_peak  # noqa: F401
+from .tables import markdown, table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,8 @@ def bench_command(
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
 ) -> None:
     """Time the one-step image through PyTorch and every export: per stage and end to end."""
-    from ..bench.latency import BenchConfig, bench, table
+    from ..bench.latency import BenchConfig, bench
+    from ..bench.tables import table
 
     cfg = BenchConfig(model=model, exports=list(exports or []), output=str(output), threads=threads, device=device,
                       warmup=warmup, repeats=repeats, sequential=sequential, note=note, force=force)
