@@ -37,6 +37,16 @@ CHROMIUM = "/usr/bin/chromium"
 PAGE_STEPS = ("tokenizer", "noise", *COMPONENTS, "to_image", "total")
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _stats(values: list[float]) -> dict:
     values = sorted(values)
     p90 = values[min(len(values) - 1, max(0, round(0.9 * (len(values) - 1))))]
@@ -189,7 +199,7 @@ def web_latency(sites: list[str], prompt: str, seed: int, threads: int, warmup: 
             rows.append(row)
         browser.close()
     return {"prompt": prompt, "seed": seed, "threads": threads, "warmup": warmup, "repeats": repeats,
-            "chromium": version, "machine": machine(),
+            "chromium": version, "machine": {**machine(), "cpu_model": _cpu_model()},
             "note": "2-core machine; the browser's WASM backend and onnxruntime's Python CPU session use the same "
                     "thread count; each component timed around its session.run (the page with performance.now())",
             "rows": rows}
@@ -305,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.capacity:
         result = wasm_capacity([int(x) for x in a.capacity.split(",")], a.timeout)
-        result["chromium_path"], result["machine"] = CHROMIUM, machine()
+        result["chromium_path"], result["machine"] = CHROMIUM, {**machine(), "cpu_model": _cpu_model()}
         for row in result["rows"]:
             print(f"{row['weights_mib']:>6} MiB: " + (f"loaded and ran in {row['load_run_ms']} ms" if row["loaded"] else f"failed: {row['error']}"))
         print(f"saved {save_result(a.output, 'wasm_capacity', result)}")
