@@ -228,3 +228,29 @@ def test_nan_or_shape_mismatch_is_a_failed_row_not_a_crash():
     v = verdict("x", {"text_encoder": ok, "unet": shape, "end_to_end": nan})
     assert v["pass"] is False and v["failed"] == ["unet", "end_to_end"] and v["line"].startswith("x: FAIL")
     assert verdict("y", {"unet": _parity("unet", ref, ref, None)})["pass"] is None  # no gate: not judged
+
+
+def test_summary_table_from_a_report_json():
+    from instaflow_edge.bench.tables import summary
+
+    par = {"end_to_end": {"psnr": 48.0, "max_abs": 0.1, "cosine": 0.99, "gate": 25.0, "pass": True}}
+    sizes = {"unet": {"bytes": 1000, "params": 1000, "bits_per_weight": 8.0}}
+    report = {
+        "kind": "report",
+        "runtimes": {"torch fp32 (reference)": {"total_bytes": 4_000_000, "sizes": {"unet": {"bits_per_weight": 32.0}}},
+                     "ort int8-static": {"total_bytes": 1_000_000, "sizes": sizes}},
+        "parity": {"ort int8-static": par},
+        "verdicts": {"ort int8-static": {"pass": True, "line": "x"}},
+        "digits": {"runtimes": {"torch fp32 (reference)": {"accuracy": 0.5, "fid": 10.0},
+                                "ort int8-static": {"accuracy": 0.49, "fid": 10.5}},
+                   "real": {"accuracy": 0.99, "fid": 2.0}},
+        "latency": {"rows": [{"runtime": "torch eager fp32", "device": "cpu", "end_to_end_s": 0.02, "speedup_vs_first": 1.0},
+                             {"runtime": "ort int8-static", "device": "cpu", "end_to_end_s": 0.01, "speedup_vs_first": 2.0},
+                             {"runtime": "torch fp16 eager", "device": "cuda", "end_to_end_s": 0.001, "speedup_vs_first": 1.0}]},
+    }
+    rows = summary(report).splitlines()
+    assert rows[0] == ("| runtime | size MB | bits / weight (UNet) | end-to-end PSNR dB (gate) | digits accuracy | "
+                       "digits-FID | CPU ms (× torch) | CUDA ms (× torch) | verdict |")
+    assert rows[2] == "| torch fp32 (reference) | 4 | 32.00 | reference | 0.500 | 10.00 | 20 (1.00×) | 1 (1.00×) | reference |"
+    assert rows[3] == "| ort int8-static | 1 | 8.00 | 48.0 (25) | 0.490 | 10.50 | 10 (2.00×) | – | pass |"
+    assert rows[4].startswith("| real digits (ceiling) |") and "0.990 | 2.00" in rows[4]
