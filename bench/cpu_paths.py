@@ -358,6 +358,7 @@ def markdown(report: dict) -> str:
                     cells.append("—" if y.get("pct_of_peak") is None else f"{y['pct_of_peak']:.0f}% {y['precision']}")
             lines.append(f"| {r} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _verdict_lines(report)
     for comp, rows in {k: v for k, v in report.get("profiles", {}).items() if k != "threads"}.items():
         lines.append(f"**OpenVINO profile, {comp}, {report['profiles']['threads']} thread(s)** (one call; time by op [kernel])\n")
         for r, p in rows.items():
@@ -365,6 +366,35 @@ def markdown(report: dict) -> str:
             lines.append(f"- {r}, ran {p['ran_in']}, {p['total_s']:.2f} s: {top}")
         lines.append("")
     return "\n".join(lines)
+
+
+TARGET_RATIO, TARGET_PSNR = 1.2, 40.0
+
+
+def verdict(report: dict) -> dict:
+    """Issue 15's target per thread count: among our rows with an end-to-end PSNR ≥ 40 dB, the best
+    paired speed-up over the peer per component and end to end, and whether each reaches 1.2×."""
+    out = {}
+    for threads, block in report["by_threads"].items():
+        ours = {r: x for r, x in block["results"].items() if r != PEER and not r.startswith("OpenVINO ")
+                and (x["end_to_end"]["psnr_db"] is None or x["end_to_end"]["psnr_db"] >= TARGET_PSNR)}
+        v = {}
+        for c in ("unet", "vae_decoder", "end_to_end"):
+            best = max(ours, key=lambda r: ours[r][c]["vs_peer"]["median"]) if ours else None
+            ratio = ours[best][c]["vs_peer"]["median"] if best else None
+            v[c] = {"row": best, "vs_peer": ratio, "met": bool(ratio and ratio >= TARGET_RATIO)}
+        out[threads] = v
+    return out
+
+
+def _verdict_lines(report: dict) -> list[str]:
+    lines = []
+    for threads, v in verdict(report).items():
+        parts = [f"{c}: {x['row']} {x['vs_peer']:.2f}× ({'met' if x['met'] else 'NOT met'})" if x["row"] else f"{c}: no row"
+                 for c, x in v.items()]
+        lines.append(f"- {threads} thread(s), fastest of ours at ≥ {TARGET_PSNR:.0f} dB end to end vs the peer "
+                     f"(target ≥ {TARGET_RATIO}×): " + "; ".join(parts))
+    return lines + [""]
 
 
 def _ratio(p: dict) -> str:

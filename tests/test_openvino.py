@@ -249,3 +249,7 @@ def test_cpu_paths_ratios_and_table_from_a_report():
     rows = cp.markdown(report).splitlines()
     assert rows[2].startswith("| runtime | UNet s |")
     assert f"| {cp.PEER} | 1 | 2.00 (0.67–2.00) | 1.00 (1.00–1.00) | 50.0 dB | 50% bf16 |" in rows[5]
+    # the target: ORT fp32 (our only row here, end-to-end PSNR unknown = exact) is 0.5× the peer per round
+    v = cp.verdict(report)["1"]
+    assert v["unet"] == {"row": cp.BASE, "vs_peer": 0.5, "met": False}
+    assert any("NOT met" in line for line in rows)
