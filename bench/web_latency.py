@@ -311,16 +311,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--screenshot", default=None, help="save the first site's page here (PNG)")
     ap.add_argument("--capacity", default=None,
                     help="instead: probe which model sizes (MiB of float32 weights, comma-separated) WASM loads; SITES ignored")
+    ap.add_argument("--note", default=None, help="a note stored in the JSON (how the run was made: under the heavy-job lock or not)")
     ap.add_argument("-o", "--output", default="bench/results/web_latency.json")
     a = ap.parse_args(argv)
     if a.capacity:
         result = wasm_capacity([int(x) for x in a.capacity.split(",")], a.timeout)
         result["chromium_path"], result["machine"] = CHROMIUM, {**machine(), "cpu_model": _cpu_model()}
+        result["run_note"] = a.note
         for row in result["rows"]:
             print(f"{row['weights_mib']:>6} MiB: " + (f"loaded and ran in {row['load_run_ms']} ms" if row["loaded"] else f"failed: {row['error']}"))
         print(f"saved {save_result(a.output, 'wasm_capacity', result)}")
         return
     result = web_latency(a.sites, a.prompt, a.seed, a.threads, a.warmup, a.repeats, a.screenshot, a.timeout)
+    result["run_note"] = a.note
     for row in result["rows"]:
         b = row["browser"]
         if "page_ms" not in b:
