@@ -125,7 +125,7 @@ def both_pruned(tmp_path_factory, tiny2_dir) -> Path:
     return root / "both"
 
 
-def test_pruned_model_converts_to_onnx_and_generates(tmp_path, both_pruned):
+def test_pruned_model_converts_to_onnx_quantizes_and_generates(tmp_path, both_pruned):
     from typer.testing import CliRunner
 
     from instaflow_edge.cli import app
@@ -135,10 +135,13 @@ def test_pruned_model_converts_to_onnx_and_generates(tmp_path, both_pruned):
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert m["end_to_end"]["psnr"] >= 60  # parity gated against the pruned PyTorch model
-    for backend, model in (("torch", both_pruned), ("onnx", tmp_path / "onnx")):
-        r = run("generate", model, "a red fox", "-o", tmp_path / f"g-{backend}", "--backend", backend)
+    r = run("quantize", tmp_path / "onnx", "--scheme", "fp16", "-o", tmp_path / "fp16")
+    assert r.exit_code == 0, r.output
+    for backend, model in (("torch", both_pruned), ("onnx", tmp_path / "onnx"), ("onnx", tmp_path / "fp16")):
+        out = tmp_path / f"g-{model.name}"
+        r = run("generate", model, "a red fox", "-o", out, "--backend", backend)
         assert r.exit_code == 0, r.output
-        assert len(list((tmp_path / f"g-{backend}").glob("*.png"))) == 1
+        assert len(list(out.glob("*.png"))) == 1
 
 
 def test_pruned_model_converts_to_coreml(tmp_path, both_pruned):
