@@ -15,14 +15,20 @@ def test_demo_quick_has_every_row(tmp_path):
     rows = [(row["model"], row["steps"]) for row in res["rows"]]
     assert rows == [
         ("1-RF teacher", 1), ("1-RF teacher", 4), ("2-RF (reflow)", 1), ("2-RF (reflow)", 4),
-        ("1-RF + distill", 1), ("2-RF + distill (InstaFlow)", 1), ("real validation digits (ceiling)", None),
+        ("1-RF + distill", 1), ("2-RF + distill (InstaFlow)", 1), ("InstaFlow, pruned + recovered", 1),
+        ("InstaFlow + tiny decoder", 1), ("real validation digits (ceiling)", None),
     ]
     for row in res["rows"]:
         assert 0.0 <= row["prompt_accuracy"] <= 1.0 and row["digits_fid"] >= 0.0
     assert res["rows"][-1]["prompt_accuracy"] > 0.9  # the judge reads real digits
-    for stage in ("base", "teacher-1rf", "pairs-1rf", "reflow-2rf", "pairs-2rf", "distill-1rf", "instaflow"):
+    for stage in ("base", "teacher-1rf", "pairs-1rf", "reflow-2rf", "pairs-2rf", "distill-1rf", "instaflow",
+                  "pruned-blocks", "pruned", "pruned-recovered", "tiny-decoder"):
         assert (out / stage / "manifest.json").is_file(), stage
     student = json.loads((out / "instaflow" / "manifest.json").read_text())
     assert student["one_step"] and student["base_model"] == str(out / "reflow-2rf")
     assert "| 2-RF + distill (InstaFlow) | 1 |" in (out / "results.md").read_text()
     assert "2-RF + distill (InstaFlow)" in r.output
+    pruned = json.loads((out / "pruned" / "manifest.json").read_text())["prune"]
+    assert pruned["method"] == "channels" and pruned["after"]["macs_per_image"] < pruned["before"]["macs_per_image"]
+    assert json.loads((out / "pruned-recovered" / "manifest.json").read_text())["teacher"] == str(out / "instaflow")
+    assert json.loads((out / "tiny-decoder" / "manifest.json").read_text())["decoder"]["macs_ratio"] > 10

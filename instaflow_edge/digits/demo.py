@@ -2,7 +2,9 @@
 
 init digits → train teacher (1-RF) → reflow-data from the 1-RF → train reflow (2-RF) → reflow-data from
 the 2-RF → distill the 2-RF (InstaFlow) — and, as InstaFlow's control, distill the 1-RF directly from its
-own pairs — then ``eval`` every model with the same fixed prompts and seeds, and print/save the table.
+own pairs — then the edge stages on the student: prune it (the mid-block, then every stage's channels)
+and recover it by distillation from the student on its pairs, and distil a tiny decoder from its VAE;
+then ``eval`` every model with the same fixed prompts and seeds, and print/save the table.
 
 Each stage writes its own folder under OUT with the library verbs (atomic, with manifests); a rerun
 skips the stages whose folder is complete, so an interrupted demo resumes where it stopped.
@@ -19,6 +21,8 @@ from typing import Callable
 from ..artifacts import atomic_write_text, check_output, make_manifest, output_lock
 from ..errors import InputError
 from ..presets import InitConfig, init
+from ..train.decoder import DecoderConfig, train_decoder
+from ..train.prune import PruneConfig, prune
 from ..train.reflow import DistillConfig, ReflowConfig, train_distill, train_reflow
 from ..train.teacher import TeacherConfig, train_teacher
 from ..validators import seed
@@ -42,16 +46,20 @@ class Profile:
     stage_batch: int
     eval_images: int  # images per eval (a multiple of 10: the fixed prompt set covers every digit equally)
     multi_steps: int  # the "many steps" rows (InstaFlow compares with 25–32)
+    decoder_steps: int  # the tiny decoder's training steps
     learning_rate: float = 1e-3
+    prune_ratio: float = 0.5  # channels pruned after the mid-block (digits: 1 pair per stage)
+    decoder_channels: str = "8,8,8"  # the tiny decoder: ~12× fewer MACs than the digits VAE decoder
+    decoder_blocks: str = "1,1,1"
 
 
 PROFILES = {
     "full": Profile(vae_steps=600, text_steps=300, teacher_steps=1100, teacher_batch=128, num_pairs=3000,
                     pair_steps=32, pair_guidance=1.0, reflow_steps=600, distill_steps=300, stage_batch=128,
-                    eval_images=1000, multi_steps=32),
+                    eval_images=1000, multi_steps=32, decoder_steps=1500),
     "quick": Profile(vae_steps=60, text_steps=40, teacher_steps=50, teacher_batch=64, num_pairs=128, pair_steps=4,
                      pair_guidance=1.5, reflow_steps=20, distill_steps=20, stage_batch=64, eval_images=50,
-                     multi_steps=4),
+                     multi_steps=4, decoder_steps=30),
 }
 
 
@@ -83,6 +91,9 @@ ROWS = [
     ("2-RF (reflow)", "reflow-2rf", "multi", "student", "after reflow, many Euler steps"),
     ("1-RF + distill", "distill-1rf", "one", "student", "one-step student distilled from the 1-RF directly"),
     ("2-RF + distill (InstaFlow)", "instaflow", "one", "student", "one-step student distilled from the 2-RF"),
+    ("InstaFlow, pruned + recovered", "pruned-recovered", "one", "student",
+     "the student without its mid-block and with half the channels, recovered by distillation from it"),
+    ("InstaFlow + tiny decoder", "tiny-decoder", "one", "student", "the student with a distilled AutoencoderTiny decoder"),
 ]
 
 
@@ -149,9 +160,18 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> dict:
     trained("distill-1rf", lambda o, resume: train_distill(DistillConfig(
         model=teacher, pairs=pairs1, output=o, max_steps=P.distill_steps, batch_size=P.stage_batch,
         resume=resume, **engine)))
-    trained("instaflow", lambda o, resume: train_distill(DistillConfig(
+    student = trained("instaflow", lambda o, resume: train_distill(DistillConfig(
         model=reflow, pairs=pairs2, output=o, max_steps=P.distill_steps, batch_size=P.stage_batch,
         resume=resume, **engine)))
+    # the edge stages: a pruned student recovered from the student on its pairs, and a tiny decoder
+    no_mid = stage("pruned-blocks", lambda o: prune(PruneConfig(model=student, output=o, method="blocks", variant="mid")))
+    pruned = stage("pruned", lambda o: prune(PruneConfig(model=no_mid, output=o, method="channels", ratio=P.prune_ratio)))
+    trained("pruned-recovered", lambda o, resume: train_distill(DistillConfig(
+        model=pruned, pairs=pairs2, output=o, teacher=student, max_steps=P.distill_steps, batch_size=P.stage_batch,
+        resume=resume, **engine)))
+    stage("tiny-decoder", lambda o: train_decoder(DecoderConfig(
+        model=student, output=o, channels=P.decoder_channels, blocks=P.decoder_blocks, max_steps=P.decoder_steps,
+        seed=config.seed, progress=config.progress)))
 
     rows = evaluate_rows(out, P, config, log)
     results = {
