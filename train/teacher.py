@@ -97,6 +97,9 @@ def cache_latents(pipe, dataset, batch_size: int = 64, progress: bool = True):
     import torch
     from tqdm.auto import tqdm
 
+    if type(pipe.vae).__name__ != "AutoencoderKL":  # a tiny VAE (train decoder) has no posterior to take the mean of
+        raise InputError(f"the model's vae is a {type(pipe.vae).__name__}; latents are the AutoencoderKL's posterior means",
+                         "train on the pipeline with the full VAE (the one `train decoder` started from)")
     prompts: dict[str, int] = {}
     index, chunks = [], []
     n = len(dataset)
