@@ -110,7 +110,11 @@ def latency_rows(benches: list[dict], report_labels: list[str]) -> dict:
     if rows and "cuda" not in devices:
         for k in (*GPU_ROWS, *[f"{k} (CUDA provider)" for k in onnx_rows]):
             missing.append({"runtime": k, "device": "cuda", "why": "no GPU result given (instaflow-edge bench --device cuda)"})
-    return {"rows": rows, "missing": missing, "skipped": skipped, "gpu_missing": bool(rows) and "cuda" not in devices}
+    sources = [{"bench": i, "device": b.get("device", "cpu"), "created": b.get("created"), "threads": b.get("threads"),
+                "repeats": b.get("repeats"), "interleaved": b.get("interleaved"), "note": b.get("note")}
+               for i, b in enumerate(benches)]
+    return {"rows": rows, "missing": missing, "skipped": skipped, "gpu_missing": bool(rows) and "cuda" not in devices,
+            "sources": sources}
 
 
 def _cpu_name(b: dict) -> str:

@@ -188,6 +188,10 @@ def html(report: dict, folder: Path) -> str:
         out.append(f"<p class=meta>Judge validation accuracy {d['judge_val_accuracy']:.3f}; the ceiling is real digits "
                    f"(FID of {d['real']['fid_n']} real images vs the validation set, the same N).</p>")
     lat = report.get("latency") or {}
+    for src in lat.get("sources", []):
+        out.append(f"<p class=meta>Bench result {src['bench']} ({e(str(src['device']))}, {e(str(src['created']))}, "
+                   f"{src['threads']} thread(s), {src['repeats']} rounds, {'interleaved' if src['interleaved'] else 'sequential'})"
+                   + (f": {e(str(src['note']))}" if src.get("note") else "") + "</p>")
     if lat.get("gpu_missing"):
         out.append("<p class=meta>GPU rows are missing: no <code>instaflow-edge bench --device cuda</code> result was given.</p>")
     out.append(f"<p class=meta>Made by <code>{e(' '.join(report['command']))}</code> in {report['seconds']} s.</p></body></html>\n")
@@ -215,4 +219,7 @@ def markdown(report: dict) -> str:
         if key == "parity":
             for label, name in report["files"].get("heatmaps", {}).items():
                 out += [f"![{label} difference]({name})", ""]
+        if key == "latency":
+            out += [f"- bench result {s['bench']} ({s['device']}, {s['created']}, {s['threads']} thread(s), {s['repeats']} rounds)"
+                    + (f": {s['note']}" if s.get("note") else "") for s in report["latency"].get("sources", [])] + [""]
     return "\n".join(out)
