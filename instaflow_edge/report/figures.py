@@ -138,9 +138,9 @@ def chart(latency: dict, path: Path) -> None:
     vals = [r["end_to_end_s"] * 1e3 for r in rows]
     errs = [max(0.0, (r["end_to_end_p90_s"] - r["end_to_end_s"]) * 1e3) for r in rows]
     colors = ["#3b7dd8" if r["device"] == "cpu" else "#2ca25f" for r in rows]
-    ax.barh(ys[:len(rows)], vals, xerr=errs, color=colors, capsize=3)
-    for y, v in zip(ys, vals):
-        ax.text(v, y, f" {v:.3g} ms", va="center", fontsize=8)
+    ax.barh(ys[:len(rows)], vals, xerr=[[0.0] * len(errs), errs], color=colors, capsize=3)  # whisker: up to p90
+    for y, v, err in zip(ys, vals, errs):
+        ax.text(v + err, y, f"  {v:.3g} ms", va="center", fontsize=8)
     for y in ys[len(rows):]:
         ax.text(0, y, " missing: no GPU result", va="center", fontsize=8, color="#a33")
     ax.set_yticks(ys)
