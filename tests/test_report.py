@@ -120,8 +120,8 @@ def test_report_tiny_onnx_in_chromium(tiny_dir, tiny_exports, tmp_path):
                                  "--bench", str(bench), "--prompts", str(prompts)])
     assert r.exit_code == 0, r.output
     assert "ort fp32: PASS" in r.output
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "heatmap-ort-fp32.png", "latency.png", "report.html",
-                                                      "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "heatmap-ort-fp32.png", "latency.png", "manifest.json",
+                                                      "report.html", "report.json", "report.md"]
     report = check_in_browser(out, _artifacts(tmp_path) / "report-tiny-onnx.png", n_images=3)
     assert report["prompts"] == ["a red fox in snow", "a blue house"] and report["seeds"] == [0, 1]
     par = report["parity"]["ort fp32"]
@@ -145,6 +145,9 @@ def test_report_tiny_onnx_in_chromium(tiny_dir, tiny_exports, tmp_path):
     # an existing report is replaced only with --force
     r = CliRunner().invoke(app, ["report", str(tiny_dir), "-o", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output
+    r = CliRunner().invoke(app, ["report", str(tiny_dir), "-o", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["verdicts"] == {}  # the reference alone now
 
 
 @pytest.mark.slow

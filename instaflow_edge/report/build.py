@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, sha256_tree
+from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, sha256_tree, write_manifest
 from ..errors import InputError
 from ..progress import say
 from ..validators import boolean, integer, prompt_file, seed
@@ -252,6 +252,8 @@ def make_report(config: ReportConfig, progress: bool = True) -> dict:
         report["files"] = files
         report["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        # the folder's manifest (what made it; --force replaces only folders that carry one of ours)
+        write_manifest(tmp, make_manifest("report", config, model=config.model, files={**files, "report": "report.json"}))
         (tmp / "report.md").write_text(render.markdown(report))
         (tmp / "report.html").write_text(render.html(report, tmp))
     return report
