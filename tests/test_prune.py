@@ -134,7 +134,8 @@ def test_pruned_model_converts_to_onnx_quantizes_and_generates(tmp_path, both_pr
     r = run("convert", both_pruned, "--target", "onnx", "-o", tmp_path / "onnx")
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
-    assert m["end_to_end"]["psnr"] >= 60  # parity gated against the pruned PyTorch model
+    parity = {row["component"]: row for row in m["parity"]}
+    assert parity["end_to_end"]["psnr"] >= 60 and parity["unet"]["psnr"] >= 60  # gated against the pruned PyTorch model
     r = run("quantize", tmp_path / "onnx", "--scheme", "fp16", "-o", tmp_path / "fp16")
     assert r.exit_code == 0, r.output
     for backend, model in (("torch", both_pruned), ("onnx", tmp_path / "onnx"), ("onnx", tmp_path / "fp16")):
