@@ -93,67 +93,80 @@ def main(argv: list[str] | None = None) -> dict:
     t_all = time.perf_counter()
     rows: list[dict] = []
 
+    def save(complete: bool) -> dict:
+        result = {"machine": {**machine(), "note": "2-core machine shared with other jobs; heavy steps run one at a "
+                              "time under /tmp/instaflow-heavy.lock"},
+                  "source": str(demo), "num_images": args.num_images, "steps": 1, "seeds": seeds,
+                  "recovery": {"steps": rec_steps, "batch_size": batch, "learning_rate": P.learning_rate,
+                               "teacher": str(student), "pairs": str(pairs)},
+                  "targets": {"unet_macs_reduction": 0.35, "decoder_macs_ratio": 10, "fid_ratio_max": 1.15,
+                              "accuracy_min": 0.95},
+                  "complete": complete, "rows": rows, "summary": _summary(rows, rows[0], seeds),
+                  "total_seconds": round(time.perf_counter() - t_all, 1)}
+        save_result(args.json, "prune_digits", result)  # after every row: an interrupted study keeps its figures
+        return result
+
     def row(name: str, model: Path, **extra) -> dict:
         ev = _eval(model, args.num_images, work / "evals" / f"{model.name}-{args.num_images}.json")
         r = {"name": name, "model": str(model), **_sizes(model), **ev, **extra}
         rows.append(r)
         print(f"[prune_digits] {name}: acc {r['accuracy']:.3f} FID {r['fid']:.2f} UNet MACs {r['unet_macs']:,} "
               f"decoder MACs {r['decoder_macs']:,}", flush=True)
+        save(False)
         return r
 
-    base = row("student (unpruned, full decoder)", student)
-
-    pruned = {"blocks-mid": dict(method="blocks", variant="mid")}
-    if "channels" not in skip:
-        pruned[f"channels-{args.ratio:g}"] = dict(method="channels", ratio=args.ratio)
-        pruned[f"blocks-mid+channels-{args.ratio:g}"] = dict(method="channels", ratio=args.ratio, _from="blocks-mid")
-    for name, kw in pruned.items():
+    def pruned(name: str, src: Path, **kw) -> Path:
         out = work / name
-        src = work / kw.pop("_from") if "_from" in kw else student
         if not _done(out):
             prune(PruneConfig(model=str(src), output=str(out), **kw))
         row(f"{name}, before recovery", out, pruned=name, recovery=None)
+        return out
 
-    recovered = {}
-    for name in pruned:
-        weights = [0.0] + ([1.0] if name.startswith("blocks") and "+" not in name and "feature" not in skip else [])
-        for w in weights:
-            for seed in seeds:
-                out = work / f"{name}-rec-f{w:g}-seed{seed}"
-                t0 = time.perf_counter()
-                if not _done(out):
-                    train_distill(DistillConfig(
-                        model=str(work / name), pairs=str(pairs), output=str(out), teacher=str(student), feature_weight=w,
-                        max_steps=rec_steps, batch_size=batch, learning_rate=P.learning_rate, seed=seed,
-                        cpu=True, checkpoint_every=100, resume="latest", progress=False))
-                secs = json.loads((out / "manifest.json").read_text())["training"]["seconds"]
-                row(f"{name}, recovered (feature loss {'on' if w else 'off'}), seed {seed}", out, pruned=name,
-                    recovery={"feature_weight": w, "seed": seed, "steps": rec_steps, "seconds": secs,
-                              "wall_seconds_this_run": round(time.perf_counter() - t0, 1)})
-                recovered.setdefault(name, out)
+    def recover(name: str, w: float, seed: int) -> Path:
+        out = work / f"{name}-rec-f{w:g}-seed{seed}"
+        t0 = time.perf_counter()
+        if not _done(out):
+            train_distill(DistillConfig(
+                model=str(work / name), pairs=str(pairs), output=str(out), teacher=str(student), feature_weight=w,
+                max_steps=rec_steps, batch_size=batch, learning_rate=P.learning_rate, seed=seed,
+                cpu=True, checkpoint_every=100, resume="latest", progress=False))
+        secs = json.loads((out / "manifest.json").read_text())["training"]["seconds"]
+        row(f"{name}, recovered (feature loss {'on' if w else 'off'}), seed {seed}", out, pruned=name,
+            recovery={"feature_weight": w, "seed": seed, "steps": rec_steps, "seconds": secs,
+                      "wall_seconds_this_run": round(time.perf_counter() - t0, 1)})
+        return out
 
-    decoders = []
-    if "decoder" not in skip:
-        decoders.append(("student + tiny decoder", student, work / "student-tiny-decoder"))
-    last = list(recovered)[-1] if recovered else None
-    if "pruned-decoder" not in skip and last:
-        decoders.append((f"{last} recovered + tiny decoder", recovered[last], work / f"{last}-rec-tiny-decoder"))
-    for name, src, out in decoders:
+    def decoder(name: str, src: Path, out: Path, seed: int = 0) -> None:
         if not _done(out):
             train_decoder(DecoderConfig(model=str(src), output=str(out), channels=args.decoder_channels,
-                                        blocks=args.decoder_blocks, max_steps=args.decoder_steps, progress=False))
+                                        blocks=args.decoder_blocks, max_steps=args.decoder_steps, seed=seed,
+                                        progress=False))
         d = json.loads((out / "manifest.json").read_text())["decoder"]
         row(name, out, decoder={k: d[k] for k in ("config", "held_out_psnr_db", "steps", "seconds", "macs_ratio")})
 
-    summary = _summary(rows, base, seeds)
-    result = {"machine": {**machine(), "note": "2-core machine shared with other jobs; heavy steps run one at a "
-                          "time under /tmp/instaflow-heavy.lock"},
-              "source": str(demo), "num_images": args.num_images, "steps": 1, "seeds": seeds,
-              "recovery": {"steps": rec_steps, "batch_size": batch, "learning_rate": P.learning_rate,
-                           "teacher": str(student), "pairs": str(pairs)},
-              "targets": {"unet_macs_reduction": 0.35, "decoder_macs_ratio": 10, "fid_ratio_max": 1.15, "accuracy_min": 0.95},
-              "rows": rows, "summary": summary, "total_seconds": round(time.perf_counter() - t_all, 1)}
-    save_result(args.json, "prune_digits", result)
+    # the headline rows first (a study cut short keeps them), then the comparisons
+    row("student (unpruned, full decoder)", student)
+    both = f"blocks-mid+channels-{args.ratio:g}"
+    pruned("blocks-mid", student, method="blocks", variant="mid")
+    if "channels" not in skip:
+        pruned(both, work / "blocks-mid", method="channels", ratio=args.ratio)
+        rec_both = recover(both, 0.0, seeds[0])
+    if "decoder" not in skip:
+        decoder("student + tiny decoder", student, work / "student-tiny-decoder")
+    recover("blocks-mid", 0.0, seeds[0])
+    if "feature" not in skip:
+        recover("blocks-mid", 1.0, seeds[0])
+    if "channels" not in skip:
+        pruned(f"channels-{args.ratio:g}", student, method="channels", ratio=args.ratio)
+        recover(f"channels-{args.ratio:g}", 0.0, seeds[0])
+        if "pruned-decoder" not in skip:
+            decoder(f"{both} recovered + tiny decoder", rec_both, work / f"{both}-rec-tiny-decoder")
+        for seed in seeds[1:]:  # more training seeds for the headline pruned student
+            recover(both, 0.0, seed)
+    if "decoder" not in skip:
+        for seed in seeds[1:]:
+            decoder(f"student + tiny decoder, seed {seed}", student, work / f"student-tiny-decoder-seed{seed}", seed)
+    result = save(True)
     print(markdown(result))
     return result
 

@@ -130,7 +130,7 @@ def plan_blocks(cfg: dict, variant: BlockVariant) -> dict:
 
 
 def stage_widths(cfg: dict, ratio: float) -> list[int]:
-    """Each stage's kept width: ``c × (1 − ratio)`` rounded down to a multiple of the norm groups and the
+    """Each stage's kept width: ``c × (1 − ratio)`` rounded to the nearest multiple of the norm groups and the
     attention heads (at least one multiple)."""
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim") or 1
     heads_list = heads if isinstance(heads, (list, tuple)) else [heads] * len(cfg["block_out_channels"])
@@ -138,7 +138,7 @@ def stage_widths(cfg: dict, ratio: float) -> list[int]:
     out = []
     for c, h in zip(cfg["block_out_channels"], heads_list):
         m = math.lcm(groups, int(h))
-        out.append(max(m, int(c * (1 - ratio)) // m * m))
+        out.append(max(m, round(c * (1 - ratio) / m) * m))
     return out
 
 
