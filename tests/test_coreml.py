@@ -178,14 +178,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_dir, extra, nee
 
 # every convert target and the session fixture that exports with it end to end (test_onnx.py::fp32_export,
 # coreml_run here); the test below dispatches each one cheaply
-TESTED_TARGETS = ["onnx", "coreml"]
+# (test_openvino.py and test_web.py export with theirs)
+TESTED_TARGETS = ["onnx", "coreml", "openvino", "web"]
 
 
 def test_every_target_is_tested():
     """Adding a target to the registry (or its enum) without adding it to TESTED_TARGETS fails here."""
-    import instaflow_edge.convert.coreml  # noqa: F401  (targets register when their module loads)
-    import instaflow_edge.convert.onnx  # noqa: F401
-    from instaflow_edge.convert import TARGETS, Target
+    import importlib
+
+    from instaflow_edge.convert import _TARGET_MODULES, TARGETS, Target
+
+    for module in _TARGET_MODULES.values():  # targets register when their module loads
+        importlib.import_module(module)
 
     assert {t.value for t in TARGETS} == set(TESTED_TARGETS)
     assert set(TARGETS) == set(Target)
