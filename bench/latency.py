@@ -77,6 +77,18 @@ class BenchConfig:
                              "pass the pipeline folder the exports were made from (the torch reference)")
 
 
+
+def _trim_heap() -> None:
+    """Return glibc's free heap pages to the OS (Linux; elsewhere nothing), so RSS differences measure loads."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
 def export_kind(folder: Path) -> str:
     """``onnx`` or ``coreml``, from the folder's manifest; a one-line error for anything else."""
     m = read_manifest(folder) if folder.is_dir() else None
@@ -347,11 +359,13 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
 
     def build(k, make):
         gc.collect()
+        _trim_heap()  # memory freed by earlier runtimes goes back to the OS first, so it cannot offset this load
         before = rss.now_mib()
         r = make()
         if rss.ok:
             load = rss.now_mib() - before + (pipe_mib if k.startswith("torch") else 0.0)
-            memory.setdefault(k, {})["load_mib"] = round(load, 1)
+            # what is left of freeing noise (a few MiB the allocator returns meanwhile) is not a negative load
+            memory.setdefault(k, {})["load_mib"] = round(max(0.0, load), 1)
         return r
 
     note(f"timing {len(makers)} runtime{'s' * (len(makers) != 1)}: {', '.join(makers)} "
