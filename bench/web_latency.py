@@ -14,8 +14,7 @@ onnxruntime's, the thread count, the machine, and the versions. A site that cann
     python -m instaflow_edge.bench.web_latency SITE [SITE ...] --threads 2 -o bench/results/web_latency.json \\
         [--screenshot docs/images/web.png]
 
-Timings are only meaningful on a quiet machine: run it alone (the project runs heavy jobs under
-``flock /tmp/instaflow-heavy.lock``).
+Timings are only meaningful on a quiet machine: run it alone.
 """
 
 from __future__ import annotations

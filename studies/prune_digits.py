@@ -15,7 +15,7 @@ From a folder holding the digits one-step student (``instaflow``) and the pairs 
 
 Every run is kept under WORK (its pipeline and eval JSON), so an interrupted study resumes::
 
-    flock /tmp/instaflow-heavy.lock python -m studies.prune_digits runs/prune-full --work runs/prune-full/study \\
+    python -m studies.prune_digits runs/prune-full --work runs/prune-full/study \\
         --json studies/results/prune_digits.json
 """
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save(complete: bool) -> dict:
         result = {"machine": {**machine(), "note": "2-core machine shared with other jobs; heavy steps run one at a "
-                              "time under /tmp/instaflow-heavy.lock"},
+                              "time"},
                   "source": str(demo), "num_images": args.num_images, "steps": 1, "seeds": seeds,
                   "recovery": {"steps": rec_steps, "batch_size": batch, "learning_rate": P.learning_rate,
                                "teacher": str(student), "pairs": str(pairs)},

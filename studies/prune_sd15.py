@@ -7,7 +7,7 @@ gradient checkpointing), and a few steps of ``train decoder`` (TAESD's architect
 512×512 images. Reported: seconds, seconds per training step, peak RSS, and the counted MACs per image
 of the UNet and of the decoder before and after::
 
-    flock /tmp/instaflow-heavy.lock python -m studies.prune_sd15 runs/sd15 --work runs/prune-sd15 \\
+    python -m studies.prune_sd15 runs/sd15 --work runs/prune-sd15 \\
         --json studies/results/prune_sd15.json
 """
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     unet_b, unet_a = pm["before"]["macs_per_image"], pm["after"]["macs_per_image"]
     dec_b, dec_a = dm["before"]["macs_per_image"], dm["after"]["macs_per_image"]
     result = {
-        "machine": {**machine(), "note": "2-core machine shared with other jobs; run under /tmp/instaflow-heavy.lock"},
+        "machine": {**machine(), "note": "2-core machine shared with other jobs, one heavy job at a time"},
         "model": str(model), "steps": steps,
         "unet": {"params_before": pm["before"]["params"], "params_after": pm["after"]["params"],
                  "macs_before": unet_b, "macs_after": unet_a, "macs_reduction": pm["macs_reduction"]},
