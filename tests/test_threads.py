@@ -118,7 +118,7 @@ def test_train_records_threads_and_refuses_a_bad_count(tmp_path, tiny_dir):
     r = runner.invoke(app, [*base, "-o", str(tmp_path / "a"), "--threads", "1"])
     assert r.exit_code == 0, r.output
     log = [json.loads(x) for x in (tmp_path / "a.train" / "metrics.jsonl").read_text().splitlines()]
-    assert [rec["threads"] for rec in log] == [1, 1]
+    assert [rec["threads"] for rec in log] == [1, 1] and all(type(rec["threads"]) is int for rec in log)  # a count, not 1.0
     r = runner.invoke(app, [*base, "-o", str(tmp_path / "b")], env={"INSTAFLOW_EDGE_THREADS": "0"})
     assert r.exit_code != 0 and "threads must be 'auto' or a thread count" in r.output
     assert not (tmp_path / "b").exists()

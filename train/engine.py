@@ -216,9 +216,12 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     grad_norm = None
-    # CPU threads follow the machine's load (--threads auto) or stay fixed; a GPU run leaves them alone
-    governor = Governor(config.threads if accelerator.device.type == "cpu" else torch.get_num_threads()).__enter__()
-    try:
+    # CPU threads follow the machine's load (--threads auto) or stay fixed; a GPU run leaves them alone.
+    # A crash or a NaN stop still closes the bar, flushes the log and gives back torch's thread count.
+    with contextlib.ExitStack() as stack:
+        governor = stack.enter_context(Governor(config.threads if accelerator.device.type == "cpu" else torch.get_num_threads()))
+        stack.callback(log.close)
+        stack.callback(bar.close)
         while step < config.max_steps:
             governor.tick()
             indices = sampler.take(config.batch_size)  # every process draws the same global batch
@@ -264,10 +267,6 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
                 window, steps_since_log, t_log = [], 0, now
             if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.max_steps):
                 _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step, work)
-    finally:  # a crash or a NaN stop still flushes the log and the bar, and gives back torch's thread count
-        bar.close()
-        log.close()
-        governor.__exit__(None, None, None)
     if ema is not None:
         ema.copy_to(raw)
     if sharded:

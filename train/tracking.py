@@ -33,10 +33,12 @@ class MetricsLog:
             accelerator.init_trackers("instaflow-edge")
         self.trackers = bool(accelerator.log_with)
 
-    def write(self, step: int, scalars: dict[str, float]) -> None:
+    def write(self, step: int, scalars: dict[str, float | int]) -> None:
         if not self.main:
             return
-        rec = {"step": step, **{k: float(v) for k, v in scalars.items()}, "time": round(time.time(), 3)}
+        # counts (threads) stay integers; tensors and numpy scalars become floats
+        rec = {"step": step, **{k: v if isinstance(v, int) else float(v) for k, v in scalars.items()},
+               "time": round(time.time(), 3)}
         self._f.write(json.dumps(rec) + "\n")
         if self.trackers:
             self.accelerator.log(scalars, step=step)
