@@ -16,8 +16,10 @@ top: Linux's high-water mark, reset before every run through ``/proc/self/clear_
 measured matmul peaks (``bench/peaks.py``: fp32, bf16, int8) and each stage's % of the peak of the
 precision it ran in (FLOPs counted with torch's FlopCounterMode on the torch modules), the runtime
 versions, and with ``device=cuda`` the GPU's name (torch fp16 eager, ``torch.compile``, ORT's CUDA
-provider when installed). Core ML packages are timed through ``predict`` on macOS; elsewhere their row
-says why it is absent.
+provider when installed). OpenVINO exports (``convert --target openvino``) are compiled for the CPU in
+their own precision (``auto``: the CPU's default, bf16 where it has bf16 units) with ``threads``, as
+``generate --backend openvino`` runs them. Core ML packages are timed through ``predict`` on macOS;
+elsewhere their row says why it is absent.
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ from ..artifacts import atomic_write_text, claim_output, make_manifest, read_man
 from ..errors import DeviceError, InputError
 from ..progress import say
 from ..validators import boolean, choice, integer
-from .runners import STAGES, coreml_runner, count_flops, matmul_peak, ort_fused_runner, ort_runner, torch_runner
+from .runners import (
+    STAGES,
+    coreml_runner,
+    count_flops,
+    matmul_peak,
+    openvino_runner,
+    ort_fused_runner,
+    ort_runner,
+    torch_runner,
+)
 
 
 class BenchDevice(str, enum.Enum):
@@ -90,22 +101,29 @@ def _trim_heap() -> None:
             pass
 
 def export_kind(folder: Path) -> str:
-    """``onnx`` or ``coreml``, from the folder's manifest; a one-line error for anything else."""
+    """``onnx``, ``openvino`` or ``coreml``, from the folder's manifest; a one-line error for anything else."""
     m = read_manifest(folder) if folder.is_dir() else None
     kind = (m or {}).get("kind")
     if kind == "onnx-export":
         return "onnx"
+    if kind == "openvino-export":
+        return "openvino"
     if kind == "coreml":
         return "coreml"
-    raise InputError(f"{folder} is not an export folder (no manifest.json of kind onnx-export or coreml)",
+    raise InputError(f"{folder} is not an export folder (no manifest.json of kind onnx-export, openvino-export or coreml)",
                      "pass folders written by `instaflow-edge convert` or `instaflow-edge quantize`")
 
 
 def export_label(folder: Path) -> str:
-    """A short name for an export from its manifest: ``ort fp32``, ``ort int8-static``, ``coreml palettize-6``."""
+    """A short name for an export from its manifest: ``ort fp32``, ``ort int8-static``, ``openvino auto``,
+    ``openvino int8``, ``coreml palettize-6``."""
     m = read_manifest(folder) or {}
-    if export_kind(folder) == "onnx":
+    kind = export_kind(folder)
+    if kind == "onnx":
         return f"ort {((m.get('quantize') or {}).get('scheme')) or 'fp32'}"
+    if kind == "openvino":
+        ov = m.get("openvino") or {}
+        return f"openvino {ov.get('quantize') or ov.get('precision') or 'auto'}"
     cfg = m.get("config") or {}
     comp = cfg.get("compress")
     if comp == "mixed-bit" and cfg.get("target_bits"):
@@ -233,10 +251,15 @@ def stage_precisions(folder: Path | None, device: str) -> dict[str, str]:
     if folder is None:
         p = "fp16" if device == "cuda" else "fp32"
         return {s: p for s in (*STAGES, "end_to_end", "generator")}
-    q = (read_manifest(folder) or {}).get("quantize") or {}
+    m = read_manifest(folder) or {}
+    q = m.get("quantize") or {}
     scheme, comps = q.get("scheme"), q.get("components") or []
-    prec = "int8" if scheme and scheme.startswith("int8") else ("fp16" if scheme == "fp16" else "fp32")
-    out = {s: (prec if s in comps else "fp32") for s in STAGES}
+    # OpenVINO: what each component ran in (bf16 on CPUs that have it) unless quantized; its weight-only
+    # schemes (int8-weights, int4-weights) still compute in that precision
+    ran = {k: {"f32": "fp32", "f16": "fp16"}.get(v, v) for k, v in (m.get("parity_ran_in") or {}).items()}
+    computes_int8 = bool(scheme) and scheme.startswith("int8") and not scheme.endswith("-weights")
+    prec = "int8" if computes_int8 else ("fp16" if scheme == "fp16" else None)
+    out = {s: (prec if prec and s in comps else ran.get(s, "fp32")) for s in STAGES}
     out["end_to_end"] = out["generator"] = out["unet"]
     return out
 
@@ -244,7 +267,7 @@ def stage_precisions(folder: Path | None, device: str) -> dict[str, str]:
 def runtime_versions() -> dict:
     from ..artifacts import package_versions
 
-    v = {k: val for k, val in package_versions(("torch", "onnxruntime", "coremltools", "numpy")).items()}
+    v = dict(package_versions(("torch", "onnxruntime", "openvino", "coremltools", "numpy")))
     try:
         import onnxruntime as ort
 
@@ -344,6 +367,13 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
                 skipped[label] = f"Core ML prediction needs macOS (this machine runs {sys.platform})"
                 continue
             makers[label] = lambda folder=folder: coreml_runner(folder, inputs)
+            folders[label] = folder
+            continue
+        if export_kind(folder) == "openvino":
+            if device == "cuda":
+                skipped[label] = "an OpenVINO export runs on the CPU (bench it without --device cuda)"
+                continue
+            makers[label] = lambda folder=folder: openvino_runner(folder, inputs, threads)
             folders[label] = folder
             continue
         makers[label] = lambda folder=folder: ort_runner(folder, inputs, threads, providers)

@@ -65,12 +65,9 @@ def torch_runner(pipe, inputs: dict, device: str, dtype, compile_: bool = False)
     return once
 
 
-def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
-    from ..runtime import onnx_io
+def _three_stages(s: dict, scale: float, inputs: dict):
+    """One timed call of text encoder → UNet → VAE decoder over sessions with ORT's ``run`` (ORT, OpenVINO)."""
     from ..runtime.onnx import unet_feed
-
-    s = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, threads=threads, providers=providers) for n in STAGES}
-    scale = json.loads((folder / "manifest.json").read_text())["onnx"]["scaling_factor"]
 
     def once():
         t = {}
@@ -86,6 +83,22 @@ def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
         return t
 
     return once
+
+
+def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
+    from ..runtime import onnx_io
+
+    s = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, threads=threads, providers=providers) for n in STAGES}
+    return _three_stages(s, json.loads((folder / "manifest.json").read_text())["onnx"]["scaling_factor"], inputs)
+
+
+def openvino_runner(folder: Path, inputs: dict, threads: int):
+    """An OpenVINO export compiled as ``generate --backend openvino`` compiles it (its precision, ``threads``)."""
+    from ..runtime import openvino as ov
+
+    meta = ov.export_meta(folder)
+    s = {n: ov.compile_model(folder / n / ov.IR_FILE, meta["precision"], threads) for n in STAGES}
+    return _three_stages(s, meta["scaling_factor"], inputs)
 
 
 def ort_fused_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):

@@ -113,6 +113,37 @@ def test_generate_openvino_matches_torch(ov_f32, tiny_dir, tmp_path):
     assert np.abs(outs["torch"] - outs["ov"]).max() <= 1.5 / 255
 
 
+def test_bench_times_an_openvino_export(ov_f32, tiny_dir, tmp_path, monkeypatch):
+    """``instaflow-edge bench`` takes an OpenVINO export beside the torch row: every stage timed, its
+    precision (what it ran in) used for the % of peak, the OpenVINO version recorded."""
+    from instaflow_edge.bench import peaks
+    from instaflow_edge.bench.latency import stage_precisions
+
+    monkeypatch.setattr(peaks, "measure_peaks", lambda threads: {  # measured in test_measure_peaks_*; fixed here
+        "threads": threads, "n": 0, "peaks": {"fp32": {"gops": 50.0, "via": "torch"}, "bf16": {"gops": 80.0, "via": "openvino"}},
+        "candidates": {}})
+    out = tmp_path / "bench.json"
+    r = run("bench", tiny_dir, ov_f32, "-o", out, "--repeats", "2", "--warmup", "1")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert list(data["results"]) == ["torch eager fp32", "openvino f32"]
+    for stage in ("text_encoder", "unet", "vae_decoder", "end_to_end"):
+        st = data["results"]["openvino f32"][stage]
+        assert st["n"] == 2 and 0 < st["median_s"] <= st["p90_s"] and st["peak_precision"] == "fp32"
+        assert st["speedup_vs_torch_eager_fp32"] > 0
+    assert data["runtime_versions"]["openvino"]
+    # an export that ran in bf16 is held against the bf16 peak; NNCF int8 against int8, weight-only not
+    m = manifest(ov_f32)
+    for ran, scheme, want in (("bf16", None, "bf16"), ("bf16", "int8", "int8"), ("bf16", "int8-weights", "bf16")):
+        m2 = {**m, "parity_ran_in": {k: ran for k in m["parity_ran_in"]},
+              "quantize": {"scheme": scheme, "components": ["text_encoder", "unet"] if scheme else []}}
+        d = tmp_path / f"m-{ran}-{scheme}"
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(m2))
+        p = stage_precisions(d, "cpu")
+        assert p["unet"] == want and p["vae_decoder"] == "bf16" and p["end_to_end"] == want
+
+
 def test_runtime_recompiles_in_each_precision_against_torch(ov_f32, tiny_pipe):
     """The f32 IR compiled with each precision hint: the end-to-end image still meets the gate of the
     precision the CPU ran (bf16/f16 hints run bf16 or f16 where the CPU has them, else f32)."""
