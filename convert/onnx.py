@@ -35,6 +35,7 @@ from pathlib import Path
 from ..artifacts import (
     atomic_dir,
     check_output,
+    inherited_prompts,
     make_manifest,
     read_manifest,
     sha256_tree,
@@ -410,6 +411,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
                       "calibration_prompts": len(prompts) if cfg.quantize is OnnxScheme.int8_static else 0},
             gates=gates, parity=[p.as_dict() for p in rows],
             sizes={n: onnx_io.file_sizes(tmp / n) for n in names}, seconds={**timings, "total": round(time.perf_counter() - t0, 2)},
+            **inherited_prompts(src),  # `quantize` of this export calibrates on the model's own prompts
         )
         write_manifest(tmp, manifest)
     return manifest

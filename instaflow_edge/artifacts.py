@@ -355,6 +355,27 @@ def sha256_tree(folder: str | os.PathLike, exclude: tuple[str, ...] = (MANIFEST,
     return h.hexdigest()
 
 
+PROMPT_SAMPLE = 32
+
+
+def prompt_sample(prompts, k: int = PROMPT_SAMPLE) -> list[str]:
+    """Up to ``k`` of the distinct non-empty ``prompts``, evenly spread over their sorted list: what a
+    trained model's manifest keeps of the prompts it learnt from (``prompts``). Exports calibrate their
+    int8 activation ranges on them by default: a model calibrated on prompts unlike its own can lose its
+    conditioning (docs/openvino.md)."""
+    uniq = sorted({p for p in prompts if isinstance(p, str) and p.strip()})
+    if len(uniq) <= k:
+        return uniq
+    return [uniq[(i * len(uniq)) // k] for i in range(k)]
+
+
+def inherited_prompts(model: str | os.PathLike) -> dict:
+    """``{"prompts": [...]}`` of a local model's manifest (a derived model keeps them), else ``{}``."""
+    m = read_manifest(model) if Path(model).is_dir() else None
+    prompts = (m or {}).get("prompts")
+    return {"prompts": prompts} if isinstance(prompts, list) and prompts else {}
+
+
 def make_manifest(kind: str, config: Any = None, **fields: Any) -> dict:
     """The common manifest header: kind, time, command line, versions, then ``fields``."""
     return {

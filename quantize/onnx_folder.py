@@ -17,6 +17,7 @@ from ..artifacts import (
     atomic_dir,
     check_output,
     check_overlap,
+    inherited_prompts,
     make_manifest,
     read_manifest,
     write_manifest,
@@ -106,10 +107,11 @@ def quantize(cfg: QuantizeConfig) -> dict:
         manifest = make_manifest(
             "onnx-export", cfg, source={"model": str(src), "content_sha256": source_manifest.get("content_sha256")},
             onnx=meta, quantize={"scheme": cfg.scheme.value, "engine": "ort", "components": names,
-                                 "reference": "the fp32 ONNX source folder"},
+                                 "reference": "the fp32 ONNX source folder",
+                                 "calibration_prompts": len(prompts) if cfg.scheme is OnnxScheme.int8_static else 0},
             gates=gates, parity=[p.as_dict() for p in rows],
             sizes={n: onnx_io.file_sizes(tmp / n) for n in meta["components"]},
-            upstream=source_manifest.get("config"),
+            upstream=source_manifest.get("config"), **inherited_prompts(src),
         )
         write_manifest(tmp, manifest)
     return manifest

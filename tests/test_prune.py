@@ -26,8 +26,18 @@ def tiny2_dir(tmp_path_factory, tiny_dir) -> Path:
     pipe.unet = UNet2DConditionModel.from_config(cfg)
     out = tmp_path_factory.mktemp("prune") / "tiny2"
     pipe.save(out, pipe.info)
-    shutil.copy(tiny_dir / "manifest.json", out / "manifest.json")
+    m = json.loads((tiny_dir / "manifest.json").read_text())
+    m["prompts"] = PROMPTS  # as a trained model's manifest has them
+    (out / "manifest.json").write_text(json.dumps(m))
     return out
+
+
+PROMPTS = ["a blue car", "a red fox"]
+
+
+def test_a_pruned_model_keeps_its_prompts(both_pruned):
+    """Its int8 exports calibrate on the prompts the model learnt from, through every derived model."""
+    assert json.loads((both_pruned / "manifest.json").read_text())["prompts"] == PROMPTS
 
 
 def _prune(model, out, **kw) -> dict:

@@ -82,6 +82,13 @@ def test_reflow_then_distill_end_to_end(tmp_path, tiny_dir, pairs_dir):
                                      **common))
     m = json.loads((tmp_path / "st" / "manifest.json").read_text())
     assert m["one_step"] and m["model"]["default_steps"] == 1 and m["loss"] == "pseudo-huber"
+    # the prompts it learnt from are kept, and its int8 export calibrates on them (not on generic prompts)
+    from instaflow_edge.artifacts import prompt_sample
+    from instaflow_edge.convert import ConvertConfig, export
+
+    assert m["prompts"] == prompt_sample(PairsDataset(pairs_dir).prompts) and m["prompts"]
+    e = export(ConvertConfig(model=st, output=str(tmp_path / "int8"), target="onnx", quantize="int8-static"))
+    assert e["quantize"]["calibration_prompts"] == len(m["prompts"]) and e["prompts"] == m["prompts"]
     g = generate(GenerateConfig(model=st, prompts=["a red fox"], output=str(tmp_path / "img"), device="cpu"), progress=False)
     assert g["sampling"]["steps"] == 1
     # the student's UNet moved away from its init
@@ -89,6 +96,16 @@ def test_reflow_then_distill_end_to_end(tmp_path, tiny_dir, pairs_dir):
 
     a, b = load_pipeline(rf).unet.conv_in.weight, load_pipeline(st).unet.conv_in.weight
     assert not torch.equal(a, b)
+
+
+def test_prompt_sample_is_distinct_sorted_and_spread():
+    from instaflow_edge.artifacts import prompt_sample
+
+    assert prompt_sample(["b", "a", "", "  ", "b", None]) == ["a", "b"]
+    many = [f"p{i:03d}" for i in range(100)] * 2
+    got = prompt_sample(many, k=10)
+    assert got == [f"p{i:03d}" for i in range(0, 100, 10)]  # every tenth of the sorted list
+    assert prompt_sample(many) == prompt_sample(list(reversed(many)))  # order-free
 
 
 def test_max_pairs_trains_on_a_prefix(tmp_path, tiny_dir, pairs_dir, monkeypatch):

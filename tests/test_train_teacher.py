@@ -54,6 +54,7 @@ def test_train_teacher_cli_output_generates(tmp_path, tiny_dir, images):
     assert m["stage"] == "teacher" and m["training"]["steps"] == 3 and m["training"]["weights"] == "ema"
     assert m["config"]["max_steps"] == 3 and m["config"]["cfg_dropout"] == 0.1
     assert m["data"]["samples"] == 8 and m["data"]["unique_prompts"] == 2
+    assert m["prompts"] == ["a blue square", "a red square"]  # what its int8 exports calibrate on
     assert isinstance(m["training"]["final_loss"], float)
     work = tmp_path / "T.train"
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint-0000002", "checkpoint-0000003", "metrics.jsonl"]

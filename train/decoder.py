@@ -25,7 +25,13 @@ import math
 import time
 from pathlib import Path
 
-from ..artifacts import atomic_dir, make_manifest, sha256_tree, write_manifest
+from ..artifacts import (
+    atomic_dir,
+    inherited_prompts,
+    make_manifest,
+    sha256_tree,
+    write_manifest,
+)
 from ..errors import InputError, ModelError
 from ..pipeline import load_pipeline
 from ..presets import count_params
@@ -209,7 +215,7 @@ def train_decoder(config: DecoderConfig) -> dict:
                      "steps": config.max_steps, "first_loss": losses[0],
                      "final_loss": sum(losses[-50:]) / len(losses[-50:]),
                      "seconds": round(seconds, 1), "seconds_per_step": round(seconds / config.max_steps, 4)},
-            one_step=pipe.info.one_step,
+            one_step=pipe.info.one_step, **inherited_prompts(config.model),
             params={k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")},
             content_sha256=sha256_tree(tmp),
         )

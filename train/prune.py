@@ -24,7 +24,13 @@ import enum
 import math
 from pathlib import Path
 
-from ..artifacts import atomic_dir, make_manifest, sha256_tree, write_manifest
+from ..artifacts import (
+    atomic_dir,
+    inherited_prompts,
+    make_manifest,
+    sha256_tree,
+    write_manifest,
+)
 from ..errors import InputError, ModelError
 from ..pipeline import check_pipeline_folder, load_pipeline
 from ..presets import count_params
@@ -452,7 +458,7 @@ def prune(config: PruneConfig) -> dict:
                    "layers_per_block": new_cfg["layers_per_block"],
                    "mid_block_type": new_cfg.get("mid_block_type"),
                    "block_out_channels": list(new_cfg["block_out_channels"]), **kept},
-            one_step=info.one_step,
+            one_step=info.one_step, **inherited_prompts(config.model),
             params={k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")},
             content_sha256=sha256_tree(tmp),
         )

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from ..artifacts import (
     atomic_dir,
+    inherited_prompts,
     make_manifest,
+    prompt_sample,
     sha256_tree,
     write_manifest,
 )
@@ -145,6 +147,7 @@ def _save(cfg, accelerator, pipe, unet, result, info, stage: str, pairs, extra: 
             write_manifest(tmp, make_manifest(
                 "pipeline", cfg, model=dataclasses.asdict(info), stage=stage, base_model=cfg.model,
                 data={"pairs": cfg.pairs, "num_pairs": len(pairs), "pairs_identity": pairs.manifest.get("identity")},
+                prompts=prompt_sample(pairs.prompts) or inherited_prompts(cfg.model).get("prompts"),
                 training=training_summary(cfg, result, accelerator),
                 params={k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")},
                 content_sha256=sha256_tree(tmp), **extra,

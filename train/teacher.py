@@ -17,6 +17,7 @@ from pathlib import Path
 from ..artifacts import (
     atomic_dir,
     make_manifest,
+    prompt_sample,
     sha256_tree,
     write_manifest,
 )
@@ -141,6 +142,7 @@ def train_teacher(config: TeacherConfig) -> str:
                     base_model=config.model,
                     data={"source": config.data, "samples": len(dataset), "unique_prompts": len(prompts),
                           "latent_shape": list(latents.shape[1:])},
+                    prompts=prompt_sample(prompts),
                     training=training_summary(config, result, accelerator),
                     params={k: count_params(getattr(pipe, k)) for k in ("text_encoder", "unet", "vae")},
                     content_sha256=sha256_tree(tmp),
