@@ -1,8 +1,11 @@
-"""What the digits-eval studies share: their markdown table and result file."""
+"""What the digits-eval studies share: their arguments, the scoring of images, the markdown table and
+the result file."""
 
 from __future__ import annotations
 
+import argparse
 import os
+from pathlib import Path
 
 from instaflow_edge.bench.common import machine, save_result
 
@@ -26,3 +29,63 @@ def save_digits_eval(path: str | os.PathLike, name: str, model: str, num_images:
     save_result(path, name, result)
     print(digits_table(rows, name_key, psnr_key, psnr_label, real))
     return result
+
+
+def digits_eval_args(doc: str, variants: dict, work: str, json_path: str, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments every digits-eval study takes (model, --work, --json, --variants, --num-images,
+    --calibration-prompts), checked."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("model", help="a one-step digits pipeline (e.g. the demo's instaflow student)")
+    ap.add_argument("--work", default=work, help="folder for the exports (reused when present)")
+    ap.add_argument("--json", default=json_path)
+    ap.add_argument("--variants", default=",".join(variants), help=f"comma-separated, from: {', '.join(variants)}")
+    ap.add_argument("--num-images", type=int, default=1000)
+    ap.add_argument("--calibration-prompts", help="prompts file for the calibrated int8 schemes, or 'digits': the sample "
+                    "of the digits prompts a model trained on them keeps in its manifest (default: the model's "
+                    "manifest prompts, else the generic set)")
+    args = ap.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(variants)
+    if unknown:
+        ap.error(f"unknown --variants {', '.join(sorted(unknown))}: choose from {', '.join(variants)}")
+    args.calibration_label = args.calibration_prompts
+    if args.calibration_prompts == "digits":
+        from instaflow_edge.artifacts import atomic_write_text, prompt_sample
+        from instaflow_edge.data import PROMPT_TEMPLATES, digit_prompt
+
+        every = [digit_prompt(d, k) for d in range(10) for k in range(len(PROMPT_TEMPLATES))]
+        path = Path(args.work) / "digits-prompts.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "\n".join(prompt_sample(every)) + "\n")
+        args.calibration_prompts = str(path)
+    return args
+
+
+class DigitsScorer:
+    """The judge, the real-digit ceiling of ``num_images`` images, and one row per scored image set
+    (accuracy, FID, PSNR vs the PyTorch fp32 images; FID relative to the first row once it is scored)."""
+
+    def __init__(self, num_images: int):
+        from instaflow_edge.digits.evaluate import real_ceiling
+        from instaflow_edge.digits.judge import JudgeConfig, load_judge
+
+        self.judge = load_judge(JudgeConfig())
+        self.real, self.ref_stats = real_ceiling(self.judge, num_images)
+        self.fid_fp32: float | None = None
+
+    def score(self, label: str, images, labels, reference, seconds: float, extra: dict | None = None) -> dict:
+        from instaflow_edge.digits.evaluate import score_images
+        from instaflow_edge.parity import psnr
+
+        s = score_images(self.judge, images, labels, self.ref_stats)
+        f = self.fid_fp32
+        row = {"variant": label, **{k: v for k, v in s.items() if k != "per_digit"},
+               "psnr_vs_torch_fp32_db": None if reference is None else round(psnr(reference, images), 2),
+               "fid_vs_torch_fp32": None if f is None else round(s["fid"] / f, 4),
+               "fid_within_10pct": None if f is None else abs(s["fid"] / f - 1) <= 0.10,
+               "seconds": round(seconds, 1), **(extra or {})}
+        if f is None:
+            self.fid_fp32 = s["fid"]
+        p = row["psnr_vs_torch_fp32_db"]
+        print(f"{label:24s} accuracy {row['accuracy']:.3f}  FID {row['fid']:7.2f}  PSNR vs torch fp32 "
+              f"{'-' if p is None else f'{p:.1f}'}", flush=True)
+        return row
