@@ -304,7 +304,7 @@ def run(a) -> dict:
          ", ".join(f"{c} {flops[c] / 1e9:.1f}" for c in COMPONENTS))
     rows = build_rows(a, modules)
     report = {"model": a.model, "image": [info["height"], info["width"]], "rounds": a.rounds, "warmup": a.warmup,
-              "machine": {**machine(), "note": "2-core VM shared with other jobs; timed under the heavy-job lock"},
+              "machine": {**machine(), **({"note": a.note} if a.note else {})},
               "flops": flops, "rows": list(rows), "exports": {"ort_fp32": a.ort_fp32, "ort_int8": a.ort_int8, "plain": a.plain,
                                                               "openvino": a.openvino or []},
               "sizes_bytes": _sizes(a), "by_threads": {}}
@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", nargs="+", choices=COMPONENTS, help="also record OpenVINO's per-op profile of the peer "
                     "and of our openvino rows for these components (first thread count)")
     ap.add_argument("-o", "--output", help="save the report as JSON here")
+    ap.add_argument("--note", help="free text stored with the machine (e.g. what else it was running)")
     ap.add_argument("--markdown", metavar="REPORT.json", help="print the table of a saved report and exit")
     a = ap.parse_args(argv)
     if a.markdown:

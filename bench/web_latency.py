@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--screenshot", default=None, help="save the first site's page here (PNG)")
     ap.add_argument("--capacity", default=None,
                     help="instead: probe which model sizes (MiB of float32 weights, comma-separated) WASM loads; SITES ignored")
-    ap.add_argument("--note", default=None, help="a note stored in the JSON (how the run was made: under the heavy-job lock or not)")
+    ap.add_argument("--note", default=None, help="a note stored in the JSON (e.g. what else the machine was running)")
     ap.add_argument("-o", "--output", default="bench/results/web_latency.json")
     a = ap.parse_args(argv)
     if a.capacity:

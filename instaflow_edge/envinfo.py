@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 from .artifacts import package_versions
 
 REPORTED = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "coremltools",
-            "accelerate", "neural-compressor", "numpy", "safetensors", "scikit-learn")
+            "accelerate", "neural-compressor", "openvino", "nncf", "numpy", "safetensors", "scikit-learn")
+
+
+# the CPU features that decide which kernels a runtime can use (bf16 and int8 matrix units)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "avx_vnni")
+
+
+def _cpuinfo() -> dict:
+    """The CPU's model name and its matrix-relevant flags, from /proc/cpuinfo (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    out: dict = {}
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() == "model name" and "model" not in out:
+            out["model"] = val.strip()
+        elif key.strip() == "flags" and "flags" not in out:
+            have = set(val.split())
+            out["flags"] = [f for f in CPU_FLAGS if f in have]
+    return out
 
 
 def collect() -> dict:
     """Versions (from package metadata: nothing heavy is imported but torch) and CPU/GPU info."""
     info: dict = {"versions": package_versions(REPORTED)}
     info["platform"] = platform.platform()
-    info["cpu"] = {"machine": platform.machine(), "processor": platform.processor() or None, "logical_cores": os.cpu_count()}
+    info["cpu"] = {"machine": platform.machine(), "processor": platform.processor() or None, "logical_cores": os.cpu_count(),
+                   **_cpuinfo()}
     try:
         with open("/proc/meminfo") as f:
             kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
@@ -44,7 +67,9 @@ def format_text(info: dict) -> str:
     lines = [f"- {k}: {v if v is not None else 'not installed'}" for k, v in info["versions"].items()]
     lines.append(f"- platform: {info['platform']}")
     cpu = info["cpu"]
-    lines.append(f"- cpu: {cpu['machine']}, {cpu['logical_cores']} logical cores" + (f", {cpu['processor']}" if cpu["processor"] else ""))
+    lines.append(f"- cpu: {cpu.get('model') or cpu['machine']}, {cpu['logical_cores']} logical cores"
+                 + (f", {cpu['processor']}" if cpu["processor"] else "")
+                 + (f"; {' '.join(cpu['flags'])}" if cpu.get("flags") else ""))
     lines.append(f"- memory: {info['memory_gib']} GiB")
     if "torch_threads" in info:
         lines.append(f"- torch threads: {info['torch_threads']}")
