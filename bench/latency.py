@@ -131,6 +131,20 @@ def export_label(folder: Path) -> str:
     return f"coreml {comp or cfg.get('precision') or 'fp16'}"
 
 
+def source_pipeline(folder: Path, hops: int = 4) -> Path | None:
+    """The local pipeline folder an export was made from, following ``source.model`` through quantized
+    exports (a ``quantize`` output names its fp32 export); None when it cannot be told (a hub id, a
+    missing folder, a manifest without a source)."""
+    for _ in range(hops):
+        src = ((read_manifest(folder) or {}).get("source") or {}).get("model")
+        if not src or not Path(src).is_dir():
+            return None
+        folder = Path(src)
+        if (read_manifest(folder) or {}).get("kind") not in ("onnx-export", "openvino-export", "coreml", "web-site"):
+            return folder
+    return None
+
+
 def parse_exports(items: list[str]) -> dict[str, Path]:
     """``[DIR | LABEL=DIR]`` → ``{label: folder}``; labels made unique with the folder's name."""
     out: dict[str, Path] = {}
@@ -361,6 +375,21 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
         makers["torch eager fp32"] = lambda: torch_runner(pipe, inputs, "cpu", torch.float32)
     for k in makers:
         folders[k] = None
+    # an export made from another pipeline (a pruned model beside its original) is timed on the same
+    # inputs; its % of peak counts the FLOPs of its own pipeline
+    own_flops: dict[str, dict] = {}
+    model_dir = Path(model).resolve() if Path(model).is_dir() else None
+    for label, folder in exports.items():
+        src = source_pipeline(folder)
+        if src is not None and model_dir is not None and src.resolve() != model_dir:
+            key = str(src.resolve())
+            if key not in own_flops:
+                note(f"counting the FLOPs of {src} (the pipeline {label} was made from)")
+                other = load_pipeline(src, "cpu", "float32", local_files_only=True)
+                own_flops[key] = count_flops(other, inputs)
+                del other
+                gc.collect()
+            own_flops[label] = own_flops[key]
     for label, folder in exports.items():
         if export_kind(folder) == "coreml":
             if sys.platform != "darwin":
@@ -428,10 +457,11 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
     refs = [base] + ([first_ort] if first_ort else [])
     for k, r in results.items():
         prec = stage_precisions(folders.get(k), device)
+        fl = own_flops.get(k.removesuffix(" fused"), flops)
         for stage, st in r.items():
             p = peaks["peaks"].get(prec[stage]) or peaks["peaks"].get("fp32")
             st["peak_precision"] = prec[stage] if prec[stage] in peaks["peaks"] else "fp32"
-            st["pct_of_peak"] = round(100 * flops[stage] / st["median_s"] / 1e9 / p["gops"], 2) if st["median_s"] and p else None
+            st["pct_of_peak"] = round(100 * fl[stage] / st["median_s"] / 1e9 / p["gops"], 2) if st["median_s"] and p else None
             ref_stage = "end_to_end" if stage == "generator" else stage
             for ref in refs:
                 key = "speedup_vs_" + ref.replace(" ", "_")
@@ -448,6 +478,7 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
             "gpu": _gpu() if device == "cuda" else None,
             "matmul_peak_gflops": peaks["peaks"]["fp32"]["gops"] if "fp32" in peaks["peaks"] else None,
             "peaks": peaks, "gflop": {k: round(v / 1e9, 4) for k, v in flops.items()},
+            "gflop_by_export": {k: {s: round(v / 1e9, 4) for s, v in f.items()} for k, f in own_flops.items() if k in exports},
             "exports": {k: str(v) for k, v in exports.items()}, "skipped": skipped,
             "results": results, "memory": memory,
             "process_peak_rss_mib": round(process_peak, 1) if process_peak else None,

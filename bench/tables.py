@@ -1,18 +1,30 @@
 """The README's headline tables, printed as markdown from saved results (no figure typed by hand).
 
     python -m instaflow_edge.bench.tables FILE.json [FILE.json ...]
+    python -m instaflow_edge.bench.tables --readme README.md [--readme docs/X.md ...] [--check]
 
-Each file is a ``report.json`` (``instaflow-edge report``) or a bench result (``instaflow-edge bench``):
+Each file is a ``report.json`` (``instaflow-edge report``), a bench result (``instaflow-edge bench``),
+a ``cpu_paths`` result (``python -m instaflow_edge.bench.cpu_paths``) or a demo's ``results.json``:
 a report gives the summary table (one row per runtime: size, bits per weight, end-to-end parity against
 its gate, digits accuracy/FID where measured, CPU/GPU latency where bench results were given, the
-verdict); a bench result gives the per-stage latency table (``bench_markdown``). ``table`` is the plain
-text the command prints.
+verdict); a bench result gives the per-stage latency table (``bench_markdown``); a cpu_paths result its
+per-thread-count tables; a demo its results table. ``table`` is the plain text the command prints.
+
+``--readme FILE`` regenerates, in place, every block of FILE written as::
+
+    <!-- table: path/to/result.json -->
+    ...
+    <!-- /table -->
+
+(the path relative to FILE's folder); ``--check`` changes nothing and exits 1 when a block differs from
+its JSON, naming it (the tests run it on the README).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 
@@ -107,6 +119,11 @@ def _bench_row_for(label: str, rows: list[dict], device: str) -> dict | None:
     return None
 
 
+def _n(x: float) -> str:
+    """3 significant figures, without an exponent for large values (40,300 rather than 4.03e+04)."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
+
+
 def summary(report: dict) -> str:
     """One row per runtime of a ``report.json``."""
     lat = (report.get("latency") or {}).get("rows") or []
@@ -123,7 +140,7 @@ def summary(report: dict) -> str:
         par = (report["parity"].get(label) or {}).get("end_to_end")
         e2e = "reference" if par is None else "error" if par.get("error") else (
             f"{'inf' if par['psnr'] is None else format(par['psnr'], '.1f')} ({'–' if par['gate'] is None else format(par['gate'], 'g')})")
-        size = f"{rt['total_bytes'] / 1e6:.3g}" if rt.get("total_bytes") else "–"
+        size = _n(rt["total_bytes"] / 1e6) if rt.get("total_bytes") else "–"
         bpw = (rt["sizes"].get("unet") or {}).get("bits_per_weight")
         row = [label, size, "–" if bpw is None else f"{bpw:.2f}", e2e]
         if digits:
@@ -133,7 +150,7 @@ def summary(report: dict) -> str:
             r = _bench_row_for(label, lat, dev)
             if r and r["end_to_end_s"]:
                 x = r.get("speedup_vs_first")
-                row.append(f"{r['end_to_end_s'] * 1e3:.3g}" + (f" ({x:.2f}×)" if x else ""))
+                row.append(_n(r["end_to_end_s"] * 1e3) + (f" ({x:.2f}×)" if x else ""))
             else:
                 row.append("–")
         if lat and "cuda" not in devices:
@@ -150,18 +167,114 @@ def summary(report: dict) -> str:
 
 
 def tables(data: dict) -> str:
-    """The markdown of one saved result (a report or a bench result)."""
+    """The markdown of one saved result (a report, a bench result, a cpu_paths result or a demo's results)."""
     if data.get("kind") == "report":
         return summary(data)
+    if data.get("kind") == "demo-results":
+        from ..digits.demo import format_markdown
+
+        return format_markdown(data)
+    if data.get("name") in ("openvino_digits_eval", "onnx_digits_eval"):
+        return digits_eval_markdown(data)
+    if data.get("name") == "web_latency":
+        return web_markdown(data)
+    if data.get("name") == "cpu_paths":
+        from .cpu_paths import markdown as cpu_paths_markdown
+
+        return cpu_paths_markdown(data).rstrip("\n")
     if isinstance(data.get("results"), dict):
         return bench_markdown(data)
-    raise ValueError("neither a report.json nor a bench result")
+    raise ValueError("neither a report.json, a bench result, a cpu_paths result nor a demo's results.json")
+
+
+def digits_eval_markdown(data: dict) -> str:
+    """A digits-eval study's rows (``studies/openvino_digits_eval.py``, ``onnx_digits_eval.py``): accuracy,
+    FID (and its ratio to PyTorch fp32's), the images' PSNR vs PyTorch fp32, then the real-digit ceiling."""
+    lines = ["| variant | ran in | prompt accuracy | digits-FID | FID × fp32 | image PSNR vs torch fp32 (dB) |",
+             "|---|---|---:|---:|---:|---:|"]
+    base = data["rows"][0]["fid"]
+    for r in data["rows"]:
+        p = r.get("psnr_vs_torch_fp32_db")
+        lines.append(f"| {r['variant']} | {r.get('ran_in') or r.get('export_precision') or 'fp32'} | {r['accuracy']:.3f} | "
+                     f"{r['fid']:.2f} | {r['fid'] / base:.3f} | {'–' if p is None else f'{p:.1f}'} |")
+    c = data["ceiling"]
+    lines.append(f"| real digits (ceiling) | | {c['accuracy']:.3f} | {c['fid']:.2f} | | |")
+    return "\n".join(lines)
+
+
+def web_markdown(data: dict) -> str:
+    """``bench/web_latency.py``'s result: per site and step, the page's median (p90) ms beside
+    onnxruntime Python's on the same export, their ratio; then model load and the page-vs-Python PSNR."""
+    lines = ["| export | step | browser ms, median (p90) | onnxruntime Python ms, median (p90) | browser ÷ Python |",
+             "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        b, py = r.get("browser") or {}, r.get("python") or {}
+        if "page_ms" not in b:
+            lines.append(f"| {r['scheme']} | did not run in the browser | {b.get('error', '–')} | | |")
+            continue
+        ratio = r.get("browser_over_python") or {}
+        for step in ("text_encoder", "unet", "vae_decoder"):
+            pb, pp = b["page_ms"][step], py["ms"][step]
+            lines.append(f"| {r['scheme']} | {step} | {pb['median_ms']:.3g} ({pb['p90_ms']:.3g}) | "
+                         f"{pp['median_ms']:.3g} ({pp['p90_ms']:.3g}) | {ratio.get(step, 0):.1f}× |")
+        t, tp = b["page_ms"]["total"], py["ms"]["total"]
+        lines.append(f"| {r['scheme']} | one click (page: tokenizer, noise, 3 models, canvas) / the 3 models | "
+                     f"{t['median_ms']:.3g} ({t['p90_ms']:.3g}) | {tp['median_ms']:.3g} ({tp['p90_ms']:.3g}) | "
+                     f"{ratio.get('generate_total_vs_sum', 0):.1f}× |")
+        psnr = r.get("page_vs_python_psnr_db")
+        lines.append(f"| {r['scheme']} | model load; page image vs Python | {b['load_ms'] / 1e3:.2f} s | {py['load_s']:.2f} s | "
+                     f"{'identical' if psnr in (None, float('inf')) else f'{psnr:.1f} dB'} |")
+    return "\n".join(lines)
+
+
+BLOCK = re.compile(r"(<!-- table: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
+
+
+def render_readme(text: str, root: Path) -> tuple[str, list[str]]:
+    """``text`` with every table block regenerated from its JSON (paths relative to ``root``), and the
+    paths of the blocks that changed."""
+    changed: list[str] = []
+
+    def one(m: re.Match) -> str:
+        path = root / m["path"]
+        try:
+            body = tables(json.loads(path.read_text(encoding="utf-8"))) + "\n"
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{m['path']}: {e}") from e
+        if body != m["body"]:
+            changed.append(m["path"])
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(one, text), changed
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m instaflow_edge.bench.tables", description=__doc__.split("\n")[0])
-    ap.add_argument("files", nargs="+", type=Path, help="report.json or bench JSON files")
+    ap.add_argument("files", nargs="*", type=Path, help="report.json, bench, cpu_paths or demo results JSON files")
+    ap.add_argument("--readme", type=Path, action="append", metavar="FILE",
+                    help="regenerate this markdown file's table blocks in place (repeatable)")
+    ap.add_argument("--check", action="store_true", help="with --readme: change nothing, exit 1 if a block is stale")
     a = ap.parse_args(argv)
+    if a.readme:
+        stale = 0
+        for readme in a.readme:
+            try:
+                new, changed = render_readme(readme.read_text(encoding="utf-8"), readme.resolve().parent)
+            except (OSError, ValueError) as e:
+                ap.error(f"{readme}: {e}")
+            stale += len(changed)
+            if a.check:
+                for c in changed:
+                    print(f"{readme}: the table from {c} is stale: run python -m instaflow_edge.bench.tables --readme {readme}")
+                continue
+            if changed:
+                from ..artifacts import atomic_write_text
+
+                atomic_write_text(readme, new)
+            print(f"{readme}: {len(changed)} table(s) regenerated")
+        return 1 if a.check and stale else 0
+    if not a.files:
+        ap.error("give result files, or --readme FILE")
     for f in a.files:
         try:
             data = json.loads(f.read_text(encoding="utf-8"))

@@ -93,7 +93,9 @@ def browser_latency(browser, site: Path, prompt: str, seed: int, threads: int, w
             for k in range(warmup + repeats):
                 page.fill("#prompt", prompt)
                 page.fill("#seed", str(seed))
-                page.click("#generate")
+                # the click is scheduled in the page rather than sent as an input event: the page runs the
+                # models on its main thread, and an SD1.5-size run holds it longer than an input event may wait
+                page.evaluate("setTimeout(() => document.getElementById('generate').click(), 0)")
                 page.wait_for_function(f"window.instaflow.runs === {k + 1} || "
                                        "document.getElementById('status').dataset.state === 'error'", timeout=timeout_s * 1000)
                 if page.get_attribute("#status", "data-state") != "done":

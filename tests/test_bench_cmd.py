@@ -83,7 +83,7 @@ def tiny_onnx(tiny_dir, tmp_path_factory):
 
 
 def test_bench_tiny_records_what_the_issue_asks(tiny_dir, tiny_onnx, tmp_path, monkeypatch):
-    from instaflow_edge.bench import latency, peaks
+    from instaflow_edge.bench import peaks
     from instaflow_edge.bench.tables import tables
 
     # the peaks are measured by bench/peaks.py (tested there); a fixed answer keeps this test fast
@@ -133,3 +133,56 @@ def test_stage_precisions_follow_the_manifest(tmp_path):
     p = stage_precisions(Path(tmp_path), "cpu")
     assert p == {"text_encoder": "int8", "unet": "int8", "vae_decoder": "fp32", "end_to_end": "int8", "generator": "int8"}
     assert set(stage_precisions(None, "cuda").values()) == {"fp16"}
+
+
+def test_readme_tables_are_generated_from_their_json(capsys):
+    """The README's headline tables (and the docs' tables written the same way) are blocks regenerated
+    from committed JSON, and are up to date."""
+    from instaflow_edge.bench.tables import BLOCK, main
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root / "README.md"
+    assert len(BLOCK.findall(readme.read_text(encoding="utf-8"))) >= 3, \
+        "the README's headline tables should be <!-- table: FILE.json --> blocks"
+    files = [readme, *(p for p in sorted((root / "docs").glob("*.md")) if BLOCK.search(p.read_text(encoding="utf-8")))]
+    assert main([a for f in files for a in ("--readme", str(f))] + ["--check"]) == 0, capsys.readouterr().out
+
+
+def test_a_stale_readme_table_is_named_and_regenerated(tmp_path, capsys):
+    from instaflow_edge.bench.tables import main, tables
+
+    src = Path(__file__).resolve().parents[1] / "bench" / "results" / "bench-tiny-cpu.json"
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "b.json").write_text(src.read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- table: r/b.json -->\n| runtime | 1.00 s |\n<!-- /table -->\n\ntail\n")
+    assert main(["--readme", str(readme), "--check"]) == 1
+    assert "the table from r/b.json is stale" in capsys.readouterr().out
+    assert "1.00 s" in readme.read_text()  # --check changes nothing
+    assert main(["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text == "# x\n\n<!-- table: r/b.json -->\n" + tables(json.loads(src.read_text())) + "\n<!-- /table -->\n\ntail\n"
+    assert main(["--readme", str(readme), "--check"]) == 0
+    readme.write_text("<!-- table: r/missing.json -->\n<!-- /table -->\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--readme", str(readme)])
+    assert e.value.code == 2 and "r/missing.json" in capsys.readouterr().err
+
+
+def test_source_pipeline_follows_quantized_exports(tmp_path):
+    """An export's % of peak counts the FLOPs of the pipeline it was made from: found through the chain
+    of manifests (a quantized export names its fp32 export, which names the pipeline)."""
+    from instaflow_edge.bench.latency import source_pipeline
+
+    def folder(name, manifest):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        return d
+
+    pipe = folder("pruned", {"kind": "pipeline"})
+    fp32 = folder("onnx", {"kind": "onnx-export", "source": {"model": str(pipe)}})
+    int8 = folder("int8", {"kind": "onnx-export", "source": {"model": str(fp32)}})
+    assert source_pipeline(fp32) == pipe and source_pipeline(int8) == pipe
+    hub = folder("hub", {"kind": "onnx-export", "source": {"model": "org/model-on-the-hub"}})
+    assert source_pipeline(hub) is None and source_pipeline(folder("bare", {"kind": "onnx-export"})) is None
