@@ -3,7 +3,7 @@
     python -m studies.export_figures runs/ov-helper/sd15 NAME... [--json studies/results/X.json]
 
 For each ``FOLDER/NAME`` (an export written by ``convert``) with ``FOLDER/NAME.time`` beside it (the
-``/usr/bin/time -v -o`` output of that convert run, made under the heavy-job lock): wall time, peak RSS,
+``/usr/bin/time -v -o`` output of that convert run, made with no other heavy job running): wall time, peak RSS,
 the size on disk, the target/precision/scheme and the parity table (PSNR per component and end to end).
 Saves JSON and prints a markdown table built from it.
 """
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [figures(Path(a.folder), n) for n in a.names]
     if a.json:
         save_result(a.json, "export_figures", {"machine": {**machine(), "note": "2-core VM shared with other jobs; "
-                                                           "each convert run under the heavy-job lock"},
+                                                           "no other heavy job ran during each convert"},
                                                "folder": a.folder, "rows": rows})
     print(markdown(rows))
     return 0

@@ -2,7 +2,7 @@
 clock, as a user runs them: two fresh CLI processes), then ``eval`` of the teacher at 1, 2, 4, 8 and 32
 Euler steps × guidance 1, 2, 3, with the real-image ceiling beside it.
 
-Run under the heavy-job lock (minutes of CPU)::
+Run it alone on the machine (minutes of CPU)::
 
     python -m studies.teacher_digits \\
         --work runs/teacher_digits --json studies/results/teacher_digits.json
