@@ -215,11 +215,11 @@ def web_markdown(data: dict) -> str:
         ratio = r.get("browser_over_python") or {}
         for step in ("text_encoder", "unet", "vae_decoder"):
             pb, pp = b["page_ms"][step], py["ms"][step]
-            lines.append(f"| {r['scheme']} | {step} | {pb['median_ms']:.3g} ({pb['p90_ms']:.3g}) | "
-                         f"{pp['median_ms']:.3g} ({pp['p90_ms']:.3g}) | {ratio.get(step, 0):.1f}× |")
+            lines.append(f"| {r['scheme']} | {step} | {_n(pb['median_ms'])} ({_n(pb['p90_ms'])}) | "
+                         f"{_n(pp['median_ms'])} ({_n(pp['p90_ms'])}) | {ratio.get(step, 0):.1f}× |")
         t, tp = b["page_ms"]["total"], py["ms"]["total"]
         lines.append(f"| {r['scheme']} | one click (page: tokenizer, noise, 3 models, canvas) / the 3 models | "
-                     f"{t['median_ms']:.3g} ({t['p90_ms']:.3g}) | {tp['median_ms']:.3g} ({tp['p90_ms']:.3g}) | "
+                     f"{_n(t['median_ms'])} ({_n(t['p90_ms'])}) | {_n(tp['median_ms'])} ({_n(tp['p90_ms'])}) | "
                      f"{ratio.get('generate_total_vs_sum', 0):.1f}× |")
         psnr = r.get("page_vs_python_psnr_db")
         lines.append(f"| {r['scheme']} | model load; page image vs Python | {b['load_ms'] / 1e3:.2f} s | {py['load_s']:.2f} s | "
