@@ -377,19 +377,19 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
         folders[k] = None
     # an export made from another pipeline (a pruned model beside its original) is timed on the same
     # inputs; its % of peak counts the FLOPs of its own pipeline
-    own_flops: dict[str, dict] = {}
+    own_flops: dict[str, dict] = {}  # export label -> the FLOPs of its own pipeline
+    by_source: dict[Path, dict] = {}  # each other pipeline counted once
     model_dir = Path(model).resolve() if Path(model).is_dir() else None
     for label, folder in exports.items():
         src = source_pipeline(folder)
         if src is not None and model_dir is not None and src.resolve() != model_dir:
-            key = str(src.resolve())
-            if key not in own_flops:
+            if src.resolve() not in by_source:
                 note(f"counting the FLOPs of {src} (the pipeline {label} was made from)")
                 other = load_pipeline(src, "cpu", "float32", local_files_only=True)
-                own_flops[key] = count_flops(other, inputs)
+                by_source[src.resolve()] = count_flops(other, inputs)
                 del other
                 gc.collect()
-            own_flops[label] = own_flops[key]
+            own_flops[label] = by_source[src.resolve()]
     for label, folder in exports.items():
         if export_kind(folder) == "coreml":
             if sys.platform != "darwin":
@@ -478,7 +478,7 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
             "gpu": _gpu() if device == "cuda" else None,
             "matmul_peak_gflops": peaks["peaks"]["fp32"]["gops"] if "fp32" in peaks["peaks"] else None,
             "peaks": peaks, "gflop": {k: round(v / 1e9, 4) for k, v in flops.items()},
-            "gflop_by_export": {k: {s: round(v / 1e9, 4) for s, v in f.items()} for k, f in own_flops.items() if k in exports},
+            "gflop_by_export": {k: {s: round(v / 1e9, 4) for s, v in f.items()} for k, f in own_flops.items()},
             "exports": {k: str(v) for k, v in exports.items()}, "skipped": skipped,
             "results": results, "memory": memory,
             "process_peak_rss_mib": round(process_peak, 1) if process_peak else None,

@@ -186,3 +186,22 @@ def test_source_pipeline_follows_quantized_exports(tmp_path):
     assert source_pipeline(fp32) == pipe and source_pipeline(int8) == pipe
     hub = folder("hub", {"kind": "onnx-export", "source": {"model": "org/model-on-the-hub"}})
     assert source_pipeline(hub) is None and source_pipeline(folder("bare", {"kind": "onnx-export"})) is None
+
+
+def test_an_export_of_another_pipeline_counts_its_own_flops(tiny_dir, tiny_onnx, tmp_path, monkeypatch):
+    """MODEL is a copy of tiny, the export was made from tiny itself: the export's % of peak uses the FLOPs
+    of the pipeline it came from (recorded in gflop_by_export), counted once."""
+    import shutil
+
+    from instaflow_edge.bench import peaks
+
+    monkeypatch.setattr(peaks, "measure_peaks", lambda threads: {
+        "threads": threads, "n": 0, "peaks": {"fp32": {"gops": 50.0, "via": "torch"}}, "candidates": {}})
+    other = tmp_path / "model"
+    shutil.copytree(tiny_dir, other)
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", str(other), str(tiny_onnx), "-o", str(out), "--repeats", "1", "--warmup", "0"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert list(data["gflop_by_export"]) == ["ort fp32"]
+    assert data["gflop_by_export"]["ort fp32"]["unet"] == pytest.approx(data["gflop"]["unet"])  # same architecture
