@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from ..artifacts import atomic_write_text, claim_output, make_manifest, read_manifest, to_jsonable
