@@ -81,8 +81,8 @@ def _ov_plain(path: Path, threads: int, hint: str | None):
 
 
 def _ov_ours(folder: Path, name: str, threads: int):
-    meta = ovrt.export_meta(folder)
-    sess = ovrt.compile_model(folder / name / ovrt.IR_FILE, meta["precision"], threads)
+    _, block = ovrt.export_facts(folder)
+    sess = ovrt.compile_model(folder / name / ovrt.IR_FILE, block["precision"], threads)
     return (lambda feed: sess.run(None, _feed(sess.get_inputs(), feed))[0]), sess.precision
 
 
@@ -268,7 +268,7 @@ def profiles(a, threads: int, feeds: dict, note) -> dict:
         out[comp] = {PEER: ov_profile(Path(a.plain) / comp / onnx_io.MODEL_FILE, threads, None, feeds[comp])}
         for item in a.openvino or []:
             name, _, folder = item.partition("=")
-            prec = ovrt.export_meta(Path(folder))["precision"]
+            prec = ovrt.export_facts(Path(folder))[1]["precision"]
             out[comp][f"openvino {name} (ours)"] = ov_profile(Path(folder) / comp / ovrt.IR_FILE, threads,
                                                                None if prec == "auto" else prec, feeds[comp])
         note(f"{threads} thread(s), {comp}: profiled")

@@ -32,20 +32,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from .. import runtime
 from ..artifacts import atomic_write_text, claim_output, make_manifest, read_manifest, to_jsonable
 from ..errors import DeviceError, InputError
 from ..progress import say
+from ..runtime import parse_exports, source_pipeline
 from ..validators import boolean, choice, integer
-from .runners import (
-    STAGES,
-    coreml_runner,
-    count_flops,
-    matmul_peak,
-    openvino_runner,
-    ort_fused_runner,
-    ort_runner,
-    torch_runner,
-)
+from .runners import STAGES, count_flops, export_runner, matmul_peak, torch_runner, whole_runner
 
 
 class BenchDevice(str, enum.Enum):
@@ -98,71 +91,6 @@ def _trim_heap() -> None:
             ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
-
-def export_kind(folder: Path) -> str:
-    """``onnx``, ``openvino`` or ``coreml``, from the folder's manifest; a one-line error for anything else."""
-    m = read_manifest(folder) if folder.is_dir() else None
-    kind = (m or {}).get("kind")
-    if kind == "onnx-export":
-        return "onnx"
-    if kind == "openvino-export":
-        return "openvino"
-    if kind == "coreml":
-        return "coreml"
-    raise InputError(f"{folder} is not an export folder (no manifest.json of kind onnx-export, openvino-export or coreml)",
-                     "pass folders written by `instaflow-edge convert` or `instaflow-edge quantize`")
-
-
-def export_label(folder: Path) -> str:
-    """A short name for an export from its manifest: ``ort fp32``, ``ort int8-static``, ``openvino auto``,
-    ``openvino int8``, ``coreml palettize-6``."""
-    m = read_manifest(folder) or {}
-    kind = export_kind(folder)
-    if kind == "onnx":
-        return f"ort {((m.get('quantize') or {}).get('scheme')) or 'fp32'}"
-    if kind == "openvino":
-        ov = m.get("openvino") or {}
-        return f"openvino {ov.get('quantize') or ov.get('precision') or 'auto'}"
-    cfg = m.get("config") or {}
-    comp = cfg.get("compress")
-    if comp == "mixed-bit" and cfg.get("target_bits"):
-        comp = f"mixed-bit {cfg['target_bits']:g}"
-    return f"coreml {comp or cfg.get('precision') or 'fp16'}"
-
-
-def source_pipeline(folder: Path, hops: int = 4) -> Path | None:
-    """The local pipeline folder an export was made from, following ``source.model`` through quantized
-    exports (a ``quantize`` output names its fp32 export); None when it cannot be told (a hub id, a
-    missing folder, a manifest without a source)."""
-    for _ in range(hops):
-        src = ((read_manifest(folder) or {}).get("source") or {}).get("model")
-        if not src or not Path(src).is_dir():
-            return None
-        folder = Path(src)
-        if (read_manifest(folder) or {}).get("kind") not in ("onnx-export", "openvino-export", "coreml", "web-site"):
-            return folder
-    return None
-
-
-def parse_exports(items: list[str]) -> dict[str, Path]:
-    """``[DIR | LABEL=DIR]`` → ``{label: folder}``; labels made unique with the folder's name."""
-    out: dict[str, Path] = {}
-    for item in items:
-        label, sep, d = str(item).partition("=")
-        folder = Path(d if sep and not Path(item).exists() else item)
-        if not folder.is_dir():
-            raise InputError(f"export {item}: no such folder", "pass an export folder (or LABEL=DIR)")
-        kind = export_kind(folder)
-        name = label if sep and not Path(item).exists() else export_label(folder)
-        if kind == "onnx" and not name.startswith("ort "):
-            name = f"ort {name}"
-        if name in out:
-            name = f"{name} ({folder.name})"
-        if name in out:
-            raise InputError(f"export {folder} is given twice", "pass each export once")
-        out[name] = folder
-    return out
-
 
 # ---------------------------------------------------------------------------------------------------
 # statistics and interleaving
@@ -257,24 +185,13 @@ def _paired(ref: list[float], other: list[float]) -> dict:
     return {"median": round(statistics.median(rs), 3), "min": round(rs[0], 3), "max": round(rs[-1], 3)}
 
 
-def stage_precisions(folder: Path | None, device: str) -> dict[str, str]:
-    """The precision each stage of a runtime computes in, for its % of peak: ``fp32`` for torch on the
-    CPU and unquantized components, ``int8`` for components an int8 scheme quantized, ``fp16`` for fp16
-    ones (and torch on CUDA). End to end and the fused generator: the UNet's."""
-    if folder is None:
+def stage_precisions(export, device: str) -> dict[str, str]:
+    """The precision each stage of a runtime computes in, for its % of peak: what the export's own runtime
+    says it runs (``Export.stage_precisions``); torch: fp32 on the CPU, fp16 on CUDA."""
+    if export is None:
         p = "fp16" if device == "cuda" else "fp32"
         return {s: p for s in (*STAGES, "end_to_end", "generator")}
-    m = read_manifest(folder) or {}
-    q = m.get("quantize") or {}
-    scheme, comps = q.get("scheme"), q.get("components") or []
-    # OpenVINO: what each component ran in (bf16 on CPUs that have it) unless quantized; its weight-only
-    # schemes (int8-weights, int4-weights) still compute in that precision
-    ran = {k: {"f32": "fp32", "f16": "fp16"}.get(v, v) for k, v in (m.get("parity_ran_in") or {}).items()}
-    computes_int8 = bool(scheme) and scheme.startswith("int8") and not scheme.endswith("-weights")
-    prec = "int8" if computes_int8 else ("fp16" if scheme == "fp16" else None)
-    out = {s: (prec if prec and s in comps else ran.get(s, "fp32")) for s in STAGES}
-    out["end_to_end"] = out["generator"] = out["unet"]
-    return out
+    return export.stage_precisions
 
 
 def runtime_versions() -> dict:
@@ -359,17 +276,9 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
     makers: dict[str, object] = {}  # label -> () -> runner, built lazily so the sequential mode holds one
     folders: dict[str, Path | None] = {}
     skipped: dict[str, str] = {}
-    providers = ["CPUExecutionProvider"]
     if device == "cuda":
         makers["torch fp16 eager"] = lambda: torch_runner(pipe, inputs, "cuda", torch.float16)
         makers["torch fp16 compile"] = lambda: torch_runner(pipe, inputs, "cuda", torch.float16, True)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        import onnxruntime as ort
-
-        if any(export_kind(f) == "onnx" for f in exports.values()) and \
-                "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise DeviceError("ONNX exports were given with --device cuda, but onnxruntime has no CUDAExecutionProvider here",
-                              "install onnxruntime-gpu, or drop the exports to time the torch rows only")
     else:
         makers["torch eager fp32"] = lambda: torch_runner(pipe, inputs, "cpu", torch.float32)
     for k in makers:
@@ -389,28 +298,30 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
                 del other
                 gc.collect()
             own_flops[label] = by_source[src.resolve()]
+    formats: dict[str, str] = {}  # label -> format name
+    base_of: dict[str, str] = {}  # a whole-image run's label -> its export's label
+    precisions: dict[str, dict] = {}  # export label -> what each stage computed in, as its runtime says
     for label, folder in exports.items():
-        if export_kind(folder) == "coreml":
-            if sys.platform != "darwin":
-                skipped[label] = f"Core ML prediction needs macOS (this machine runs {sys.platform})"
-                continue
-            makers[label] = lambda folder=folder: coreml_runner(folder, inputs)
-            folders[label] = folder
+        m = read_manifest(folder) or {}
+        fmt = runtime.get(runtime.format_of(folder, m))
+        why = fmt.unavailable(device) if fmt.open is not None else f"{fmt.name} exports have no runtime here ({fmt.description})"
+        if why:
+            skipped[label] = why
             continue
-        if export_kind(folder) == "openvino":
-            if device == "cuda":
-                skipped[label] = "an OpenVINO export runs on the CPU (bench it without --device cuda)"
-                continue
-            makers[label] = lambda folder=folder: openvino_runner(folder, inputs, threads)
-            folders[label] = folder
-            continue
-        makers[label] = lambda folder=folder: ort_runner(folder, inputs, threads, providers)
+        # opened when its runner is built (the sequential mode holds one runtime at a time)
+        makers[label] = lambda folder=folder, label=label: export_runner(_open(label, folder), inputs)
+        formats[label] = fmt.name
+        for run_name, make_run in fmt.extras(folder, m, threads=threads, device=device).items():
+            makers[f"{label} {run_name}"] = lambda make_run=make_run: whole_runner(make_run(), inputs)
+            formats[f"{label} {run_name}"] = fmt.name
+            base_of[f"{label} {run_name}"] = label
         folders[label] = folder
-        q = (read_manifest(folder) or {}).get("quantize") or {}
-        # the fused generator is timed where it carries the export's precision (schemes leave it fp32)
-        if (folder / "generator" / "model.onnx").is_file() and (not q.get("scheme") or "generator" in q.get("components", [])):
-            makers[f"{label} fused"] = lambda folder=folder: ort_fused_runner(folder, inputs, threads, providers)
-            folders[f"{label} fused"] = folder
+
+    def _open(label, folder):
+        export = runtime.open_export(folder, threads=threads, device=device)
+        precisions[label] = export.stage_precisions
+        return export
+
     # torch.compile needs its own warm-up (compilation) beyond the others'
     extra = {k: 2 for k in makers if "compile" in k}
     memory: dict[str, dict] = {}
@@ -452,10 +363,10 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
         if "load_mib" in m and "run_peak_mib" in m:
             m["peak_rss_mib"] = round(m["load_mib"] + m["run_peak_mib"], 1)
     base = next(iter(results))
-    first_ort = next((k for k in results if k.startswith("ort ") and not k.endswith("fused")), None)
+    first_ort = next((k for k in results if formats.get(k) == "onnx" and k in exports), None)
     refs = [base] + ([first_ort] if first_ort else [])
     for k, r in results.items():
-        prec = stage_precisions(folders.get(k), device)
+        prec = precisions.get(base_of.get(k, k)) or stage_precisions(None, device)
         fl = own_flops.get(k.removesuffix(" fused"), flops)
         for stage, st in r.items():
             p = peaks["peaks"].get(prec[stage]) or peaks["peaks"].get("fp32")

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 STAGES = ("text_encoder", "unet", "vae_decoder")
 
@@ -65,97 +63,34 @@ def torch_runner(pipe, inputs: dict, device: str, dtype, compile_: bool = False)
     return once
 
 
-def _three_stages(s: dict, scale: float, inputs: dict):
-    """One timed call of text encoder → UNet → VAE decoder over sessions with ORT's ``run`` (ORT, OpenVINO)."""
-    from ..runtime.onnx import unet_feed
+def export_runner(export, inputs: dict):
+    """One timed call of text encoder → UNet → VAE decoder of an export opened by ``runtime.open_export``
+    (its own runtime: onnxruntime, OpenVINO, Core ML …), a clock between the stages."""
+    calls, scale = export.calls, export.facts.scaling_factor
 
     def once():
         t = {}
         t0 = time.perf_counter()
-        ehs = s["text_encoder"].run(None, {"input_ids": inputs["input_ids"]})[0]
+        ehs = calls["text_encoder"](inputs["input_ids"])
         t["text_encoder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        lat = s["unet"].run(None, unet_feed(s["unet"], inputs["noise"], ehs))[0]
+        lat = calls["unet"](inputs["noise"], ehs)
         t["unet"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        s["vae_decoder"].run(None, {"latent_sample": lat / scale})
+        calls["vae_decoder"](lat / scale)
         t["vae_decoder"] = time.perf_counter() - t0
         return t
 
     return once
 
 
-def ort_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
-    from ..runtime import onnx_io
-
-    s = {n: onnx_io.session(folder / n / onnx_io.MODEL_FILE, threads=threads, providers=providers) for n in STAGES}
-    return _three_stages(s, json.loads((folder / "manifest.json").read_text())["onnx"]["scaling_factor"], inputs)
-
-
-def openvino_runner(folder: Path, inputs: dict, threads: int):
-    """An OpenVINO export compiled as ``generate --backend openvino`` compiles it (its precision, ``threads``)."""
-    from ..runtime import openvino as ov
-
-    meta = ov.export_meta(folder)
-    s = {n: ov.compile_model(folder / n / ov.IR_FILE, meta["precision"], threads) for n in STAGES}
-    return _three_stages(s, meta["scaling_factor"], inputs)
-
-
-def ort_fused_runner(folder: Path, inputs: dict, threads: int, providers: list[str]):
-    from ..runtime import onnx_io
-
-    s = onnx_io.session(folder / "generator" / onnx_io.MODEL_FILE, threads=threads, providers=providers)
+def whole_runner(run, inputs: dict):
+    """One timed call of a whole-image run (``Export.extra_runs``: ONNX's fused generator)."""
 
     def once():
         t0 = time.perf_counter()
-        s.run(None, {"input_ids": inputs["input_ids"], "noise": inputs["noise"]})
+        run(inputs["input_ids"], inputs["noise"])
         return {"generator": time.perf_counter() - t0}
-
-    return once
-
-
-def coreml_runner(folder: Path, inputs: dict):  # pragma: no cover - macOS only
-    """The packages through ``MLModel.predict`` (macOS), as ``generate --backend coreml`` runs them."""
-    import numpy as np
-
-    from ..errors import require
-    from ..runtime.coreml import PACKAGES, check_platform, load_folder
-
-    check_platform()
-    ct = require("coremltools", "coreml")
-    manifest = load_folder(folder)
-    te, unet, vae = (ct.models.MLModel(str(folder / f"{n}.mlpackage"), compute_units=ct.ComputeUnit.ALL) for n in PACKAGES)
-    ids = inputs["input_ids"].astype(np.float32)
-    noise = inputs["noise"]
-    apple = manifest.get("layout") == "apple"
-    if apple:
-        sch = manifest["scheduler"]
-        t_, alpha, sigma = int(sch["timestep"]), np.float32(sch["alpha"]), np.float32(sch["sigma"])
-        sf = np.float32(sch["decoder_scale_factor"])
-    else:
-        sf = float(vae.user_defined_metadata["scaling_factor"])
-
-    def once():
-        t = {}
-        t0 = time.perf_counter()
-        hidden = te.predict({"input_ids": ids})["last_hidden_state"]
-        t["text_encoder"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if apple:
-            states = np.ascontiguousarray(hidden.transpose(0, 2, 1)[:, :, None, :], dtype=np.float32)
-            eps = unet.predict({"sample": noise, "timestep": np.array([t_], dtype=np.float32),
-                                "encoder_hidden_states": states})["noise_pred"].astype(np.float32)
-            lat = (noise - eps * sigma) / alpha
-            t["unet"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            vae.predict({"z": (lat / sf).astype(np.float32)})
-        else:
-            lat = unet.predict({"sample": noise, "encoder_hidden_states": hidden})["out_sample"]
-            t["unet"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            vae.predict({"latent_sample": lat / sf})
-        t["vae_decoder"] = time.perf_counter() - t0
-        return t
 
     return once
 

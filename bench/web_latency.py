@@ -128,14 +128,15 @@ def python_latency(export: Path, prompt: str, seed: int, threads: int, warmup: i
 
     from ..generator import make_noise
     from ..runtime import onnx_io
-    from ..runtime.onnx import export_meta, tokenizer_for, unet_feed
+    from ..runtime.onnx import export_facts
+    from ..runtime.sampler import tokenizer_for, unet_feed
 
-    meta = export_meta(export)
+    facts = export_facts(export)
     t0 = time.perf_counter()
     s = {n: onnx_io.session(export / n / onnx_io.MODEL_FILE, threads=threads) for n in COMPONENTS}
     load_s = time.perf_counter() - t0
     ids = tokenizer_for(export)([prompt])
-    noise = make_noise([seed], tuple(meta["latent_shape"])).numpy()
+    noise = make_noise([seed], facts.latent_shape).numpy()
     times: dict[str, list[float]] = {n: [] for n in (*COMPONENTS, "total")}
     image = None
     for k in range(warmup + repeats):
@@ -146,7 +147,7 @@ def python_latency(export: Path, prompt: str, seed: int, threads: int, warmup: i
         lap["text_encoder"], t = (time.perf_counter() - t) * 1000, time.perf_counter()
         lat = s["unet"].run(None, unet_feed(s["unet"], noise, ehs))[0]
         lap["unet"], t = (time.perf_counter() - t) * 1000, time.perf_counter()
-        img = s["vae_decoder"].run(None, {"latent_sample": (lat / meta["scaling_factor"]).astype(np.float32)})[0]
+        img = s["vae_decoder"].run(None, {"latent_sample": (lat / facts.scaling_factor).astype(np.float32)})[0]
         lap["vae_decoder"] = (time.perf_counter() - t) * 1000
         lap["total"] = (time.perf_counter() - start) * 1000
         if k >= warmup:

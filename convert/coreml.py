@@ -47,6 +47,7 @@ from ..artifacts import (
 )
 from ..errors import InputError, require
 from ..validators import image_size
+from ..runtime.coreml import KIND
 from ..pipeline import _write_slow_tokenizer_files, detect_info, load_pipeline
 from ..progress import say
 from ..quantize import coreml as cq
@@ -148,12 +149,13 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
         source = read_manifest(config.model) if Path(config.model).is_dir() else None
         rows = report_rows(components, end_to_end, config.compress.value if config.compress else None)
         manifest = make_manifest(
-            "coreml", config,
+            KIND, config,
             model={"source": config.model, "content_sha256": (source or {}).get("content_sha256"),
                    "flow": pipe.info.flow, "default_steps": pipe.info.default_steps},
             files={n: NAMES[n] + ".mlpackage" for n in names} | {"vocab": "vocab.json", "merges": "merges.txt"},
             image_sizes=[[s.height, s.width] for s in shapes],
-            latent={"channels": shapes[0].latent_channels, "vae_scale_factor": pipe.vae_scale_factor},
+            latent={"channels": shapes[0].latent_channels, "vae_scale_factor": pipe.vae_scale_factor,
+                    "scaling_factor": float(pipe.scaling_factor)},
             layout=config.layout.value, scheduler=_scheduler(config, pipe),
             quality_batch=int(chain["ref"]["input_ids"].shape[0]),
             quality_image_size=[quality.height, quality.width],

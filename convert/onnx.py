@@ -48,8 +48,9 @@ from ..progress import say
 from ..quantize.onnx import apply_scheme, default_gate
 from ..quantize.schemes import OnnxScheme, QuantEngine
 from ..runtime import onnx_io
-from ..runtime.onnx import run_one_step
+from ..runtime.onnx import KIND, run_one_step, write_partial
 from ..validators import prompt_file
+from . import reference
 from .config import ConvertConfig, Optimize, Target, target
 from .onnx_inc import inc_int8_static
 
@@ -307,7 +308,9 @@ def attention_to_mha(model) -> int:
     return count
 
 
-def _copy_pipeline_files(src: Path, dst: Path, names: list[str]) -> None:
+def copy_pipeline_files(src: Path, dst: Path, names: list[str]) -> None:
+    """The non-graph files of optimum's layout: tokenizer/, scheduler/ (PIPELINE_SCHEDULER), model_index.json
+    and each component's config.json."""
     shutil.copytree(src / "tokenizer", dst / "tokenizer")
     (dst / "scheduler").mkdir()
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(PIPELINE_SCHEDULER, indent=2) + "\n")
@@ -326,7 +329,6 @@ def _copy_pipeline_files(src: Path, dst: Path, names: list[str]) -> None:
 def export_onnx(cfg: ConvertConfig) -> dict:
     """Export ``cfg.model`` to an ONNX folder at ``cfg.output``; returns the manifest, whose ``parity``
     and ``gates`` are the table to show. Every miss of a gate is raised at once, as one PsnrError."""
-    from ..components import Sizes
     from ..quantize.onnx import CALIBRATION_PROMPTS, DEFAULT_COMPONENTS
 
     check_environment(cfg)
@@ -335,23 +337,18 @@ def export_onnx(cfg: ConvertConfig) -> dict:
     if not src.is_dir():
         raise ModelError(f"model path {src} is not a folder", "pass a local pipeline folder (instaflow-edge init / train output)")
     t0 = time.perf_counter()
-    pipe = load_pipeline(src, "cpu", "float32", cfg.allow_pickle, local_files_only=True)
-    height, width = pipe.image_size(cfg.height, cfg.width)
-    sizes = Sizes.of(pipe, batch=1, height=height, width=width)
+    pipe, sizes = reference.load_source(src, cfg.allow_pickle, cfg.height, cfg.width)
     names = components_for(pipe, cfg.fused)
     source_manifest = read_manifest(src) or {}
     prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
     timings: dict[str, float] = {}
     with atomic_dir(cfg.output, cfg.force, (cfg.model, cfg.calibration_prompts)) as tmp:
-        refs, inc_done = {}, []
+        ref = reference.compute(pipe, sizes, names, onnx_spec)
+        inc_done = []
         for name in names:
             spec = onnx_spec(name)
             module = spec.module(pipe)
-            inputs = spec.example_inputs(pipe, sizes)
-            import torch
-
-            with torch.no_grad():
-                refs[name] = (inputs, module(*inputs).numpy())
+            inputs = ref.components[name][0]
             t = time.perf_counter()
             inc = cfg.engine is QuantEngine.inc and name in DEFAULT_COMPONENTS
             say("onnx", f"{name}: exporting (opset {cfg.opset}{', INC int8' if inc else ''})")
@@ -363,13 +360,9 @@ def export_onnx(cfg: ConvertConfig) -> dict:
             else:
                 export_component(spec, module, inputs, tmp / name / onnx_io.MODEL_FILE, cfg.opset)
             timings[f"export_{name}"] = round(time.perf_counter() - t, 2)
-        e2e = _end_to_end_reference(pipe, sizes)
-        meta = {"latent_shape": [sizes.latent_channels, sizes.latent_height, sizes.latent_width],
-                "height": sizes.height, "width": sizes.width, "scaling_factor": pipe.scaling_factor,
-                "flow": pipe.info.flow, "default_steps": pipe.info.default_steps, "exporter": EXPORTER,
-                "opset": cfg.opset, "components": names, "size_multiple": pipe.size_multiple,
-                "pipeline_scheduler": pipeline_scheduler_record(pipe.info.one_step)}
-        _copy_pipeline_files(src, tmp, names)
+        block = {**ref.facts.block(), "exporter": EXPORTER, "opset": cfg.opset,
+                 "pipeline_scheduler": pipeline_scheduler_record(pipe.info.one_step)}
+        copy_pipeline_files(src, tmp, names)
         del pipe
         gc.collect()  # the torch model is not needed past here (SD1.5: 4.3 GB)
         optimized = {}
@@ -380,7 +373,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
                 optimized[name] = optimize_component(name, tmp / name / onnx_io.MODEL_FILE, cfg.optimize)
                 timings[f"optimize_{name}"] = round(time.perf_counter() - t, 2)
         # the manifest's runtime facts are needed by calibration (it runs the fp32 pipeline)
-        write_manifest(tmp, {"kind": "onnx-export-partial", "onnx": meta})
+        write_partial(tmp, block)
         quantized = []
         if cfg.engine is QuantEngine.inc:
             quantized = inc_done
@@ -396,17 +389,15 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         rows = []
         say("onnx", f"parity vs PyTorch: {', '.join(names)}, end to end")
         for name in names:
-            inputs, ref = refs[name]
             sess = onnx_io.session(tmp / name / onnx_io.MODEL_FILE)
-            out = sess.run(None, {t.name: x.numpy() for t, x in zip(onnx_spec(name).inputs, inputs)})[0]
-            rows.append(compare(name, ref, out))
+            rows.append(compare(name, ref.output(name), sess.run(None, ref.feed(name))[0]))
             del sess
-        rows.append(compare("end_to_end", e2e[1], run_one_step(tmp, e2e[0]["input_ids"], e2e[0]["noise"], meta)))
+        rows.append(compare("end_to_end", ref.image, run_one_step(tmp, ref.ids, ref.noise, ref.facts)))
         check_all(rows, gates)
         manifest = make_manifest(
-            "onnx-export", cfg,
+            KIND, cfg,
             source={"model": str(src), "content_sha256": source_manifest.get("content_sha256") or sha256_tree(src)},
-            onnx=meta, optimize=optimized,
+            onnx=block, optimize=optimized,
             quantize={"scheme": cfg.quantize.value if cfg.quantize else None, "engine": cfg.engine.value, "components": quantized,
                       "calibration_prompts": len(prompts) if cfg.quantize is OnnxScheme.int8_static else 0},
             gates=gates, parity=[p.as_dict() for p in rows],
@@ -415,18 +406,3 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         )
         write_manifest(tmp, manifest)
     return manifest
-
-
-def _end_to_end_reference(pipe, sizes):
-    import torch
-
-    from ..components import EXAMPLE_PROMPTS
-    from ..generator import OneStepGenerator, make_noise
-
-    ids = pipe.tokenize(EXAMPLE_PROMPTS[:1])
-    noise = make_noise([0], (sizes.latent_channels, sizes.latent_height, sizes.latent_width))
-    with torch.no_grad():
-        image = OneStepGenerator.from_pipeline(pipe)(ids, noise)
-    return {"input_ids": ids.numpy(), "noise": noise.numpy()}, image.numpy()
-
-

@@ -34,16 +34,18 @@ from ..artifacts import (
 )
 from ..errors import ModelError
 from ..parity import DEFAULT_MIN_PSNR, check_all, compare
-from ..pipeline import load_pipeline
 from ..progress import say
 from ..quantize import openvino as oq
 from ..runtime import onnx_io
 from ..runtime import openvino as ovrt
-from ..runtime.onnx import check_io as ort_check_io
+from ..runtime.base import ONE_STEP
+from ..runtime.onnx import write_partial
 from ..runtime.openvino import OvPrecision
+from ..runtime.sampler import sample, session_calls
 from ..validators import prompt_file
+from . import reference
 from .config import ConvertConfig, Target, target
-from .onnx import _copy_pipeline_files, _end_to_end_reference, components_for, export_component, onnx_spec
+from .onnx import components_for, copy_pipeline_files, export_component, onnx_spec
 
 ROUTE = "torch.onnx.export(dynamo=False) -> openvino.convert_model -> static shapes"
 # gates (dB vs PyTorch fp32) of the unquantized precisions: f32 is the fp32 gate; bf16 (8 mantissa bits)
@@ -61,9 +63,6 @@ def gate_for(ran_in: str, scheme: str | None) -> float:
 def export_openvino(cfg: ConvertConfig) -> dict:
     """Export ``cfg.model`` to an OpenVINO folder at ``cfg.output``; returns the manifest (``parity`` and
     ``gates`` are the table to show). Every missed gate is raised at once, as one PsnrError."""
-    import torch
-
-    from ..components import Sizes
     from ..quantize.onnx import CALIBRATION_PROMPTS, calibration_feeds
 
     ovrt.require_openvino()
@@ -79,9 +78,7 @@ def export_openvino(cfg: ConvertConfig) -> dict:
     t0 = time.perf_counter()
     precision = OvPrecision(cfg.ov_precision)
     scheme = cfg.ov_quantize.value if cfg.ov_quantize else None
-    pipe = load_pipeline(src, "cpu", "float32", cfg.allow_pickle, local_files_only=True)
-    height, width = pipe.image_size(cfg.height, cfg.width)
-    sizes = Sizes.of(pipe, batch=1, height=height, width=width)
+    pipe, sizes = reference.load_source(src, cfg.allow_pickle, cfg.height, cfg.width)
     names = components_for(pipe, False)
     wanted = cfg.quantize_components or oq.DEFAULT_COMPONENTS
     quantized = [n for n in names if scheme and (n in wanted or (n == "unet_velocity" and "unet" in wanted))]
@@ -90,35 +87,27 @@ def export_openvino(cfg: ConvertConfig) -> dict:
     timings: dict[str, float] = {}
     with atomic_dir(cfg.output, cfg.force, (cfg.model, cfg.calibration_prompts)) as tmp:
         scratch = tmp / ".onnx"  # the plain ONNX export: conversion source and calibration pipeline
-        refs = {}
+        ref = reference.compute(pipe, sizes, names, onnx_spec, fixed_size=True)
         for name in names:
             spec = onnx_spec(name)
-            module = spec.module(pipe)
-            inputs = spec.example_inputs(pipe, sizes)
-            with torch.no_grad():
-                refs[name] = ({t.name: x.numpy() for t, x in zip(spec.inputs, inputs)}, module(*inputs).numpy())
             t = time.perf_counter()
             say("openvino", f"{name}: exporting to ONNX")
-            export_component(spec, module, inputs, scratch / name / onnx_io.MODEL_FILE, opset=18)
+            export_component(spec, spec.module(pipe), ref.components[name][0], scratch / name / onnx_io.MODEL_FILE, opset=18)
             timings[f"export_{name}"] = round(time.perf_counter() - t, 2)
-        e2e = _end_to_end_reference(pipe, sizes)
-        meta = {"latent_shape": [sizes.latent_channels, sizes.latent_height, sizes.latent_width],
-                "height": sizes.height, "width": sizes.width, "scaling_factor": pipe.scaling_factor,
-                "flow": pipe.info.flow, "default_steps": pipe.info.default_steps, "route": ROUTE,
-                "components": names, "size_multiple": pipe.size_multiple, "precision": precision.value,
-                "quantize": scheme, "openvino_version": ov.get_version()}
-        _copy_pipeline_files(src, scratch, names)
+        block = {**ref.facts.block(), "route": ROUTE, "precision": precision.value, "quantize": scheme,
+                 "openvino_version": ov.get_version()}
+        copy_pipeline_files(src, scratch, names)
         for name in names:
             (tmp / name).mkdir()
-        _copy_pipeline_files(src, tmp, names)
-        del pipe, module
+        copy_pipeline_files(src, tmp, names)
+        del pipe
         gc.collect()  # the torch model is not needed past here (SD1.5: 4.3 GB)
-        write_manifest(scratch, {"kind": "onnx-export-partial", "onnx": {**meta, "opset": 18}})
+        write_partial(scratch, {**block, "opset": 18})
         for name in names:
             t = time.perf_counter()
             say("openvino", f"{name}: converting to OpenVINO IR")
             model = ov.convert_model(str(scratch / name / onnx_io.MODEL_FILE))
-            model.reshape({k: list(v.shape) for k, v in refs[name][0].items()})
+            model.reshape({k: list(v.shape) for k, v in ref.feed(name).items()})
             if name in quantized:
                 feeds = None
                 if scheme in oq.CALIBRATED:
@@ -132,26 +121,20 @@ def export_openvino(cfg: ConvertConfig) -> dict:
             timings[f"convert_{name}"] = round(time.perf_counter() - t, 2)
         shutil.rmtree(scratch)
         say("openvino", f"parity vs PyTorch ({precision.value}): {', '.join(names)}, end to end")
-        rows, ran, sessions = [], {}, {}
-        core = ov.Core()
-        for name in names:
-            sess = ovrt.compile_model(tmp / name / ovrt.IR_FILE, precision, core=core)
-            ort_check_io(sess, name, tmp / name / ovrt.IR_FILE)
-            ran[name] = sess.precision
-            inputs, ref = refs[name]
-            rows.append(compare(name, ref, sess.run(None, inputs)[0]))
-            if name in ovrt.COMPONENTS_ONE_STEP:
-                sessions[name] = sess
-        rows.append(compare("end_to_end", e2e[1], ovrt.run_one_step(None, e2e[0]["input_ids"], e2e[0]["noise"], meta, sessions)))
-        del sessions
+        sessions = ovrt.compile_components(tmp, names, precision)
+        ran = {name: sessions[name].precision for name in names}
+        rows = [compare(name, ref.output(name), sessions[name].run(None, ref.feed(name))[0]) for name in names]
+        calls = session_calls({n: sessions[n] for n in ONE_STEP})
+        rows.append(compare("end_to_end", ref.image, sample(calls, ref.ids, ref.noise, ref.facts.scaling_factor, 1)))
+        del sessions, calls
         gates = {n: cfg.min_psnr if cfg.min_psnr is not None else gate_for(ran[n], scheme if n in quantized else None)
                  for n in names}
         gates["end_to_end"] = cfg.min_psnr if cfg.min_psnr is not None else min(gates.values())
         check_all(rows, gates, fix="use --precision f32, a lighter --quantize, or lower the gate explicitly with --min-psnr")
         manifest = make_manifest(
-            "openvino-export", cfg,
+            ovrt.KIND, cfg,
             source={"model": str(src), "content_sha256": source_manifest.get("content_sha256") or sha256_tree(src)},
-            openvino=meta, parity_ran_in=ran,
+            openvino=block, parity_ran_in=ran,
             quantize={"scheme": scheme, "engine": "nncf" if scheme else None, "components": quantized,
                       "calibration_prompts": len(prompts) if scheme in oq.CALIBRATED else 0},
             gates=gates, parity=[p.as_dict() for p in rows],

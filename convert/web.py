@@ -34,7 +34,9 @@ from ..errors import InputError, MissingDependencyError, ModelError
 from ..pipeline import _write_slow_tokenizer_files, detect_info
 from ..progress import say
 from ..runtime import onnx_io
-from ..runtime.onnx import export_meta
+from ..runtime.onnx import KIND as ONNX_KIND
+from ..runtime.onnx import PARTIAL_KIND, export_facts
+from ..runtime.web import KIND as SITE_KIND
 from ..validators import integer
 from .config import ConvertConfig, Target, target
 from .onnx import export_onnx
@@ -45,7 +47,6 @@ PAGE_FILES = ("index.html", "app.mjs", "clip_tokenizer.mjs", "torch_randn.mjs")
 ORT_FILES = ("ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
 ORT_ENV = "INSTAFLOW_EDGE_ORT_WEB"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-SITE_KIND = "web-site"
 # what the page's tokenizer port implements (transformers' CLIPTokenizer, tokenizers backend)
 _CLIP_SPLIT = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 # options that shape an ONNX export: given with an export folder as MODEL they would be silently unused
@@ -99,7 +100,7 @@ def find_ort_web() -> tuple[Path, str]:
 
 def _is_export(folder: Path) -> bool:
     m = read_manifest(folder) if folder.is_dir() else None
-    return bool(m) and isinstance(m.get("onnx"), dict) and str(m.get("kind", "")).startswith("onnx-export")
+    return bool(m) and isinstance(m.get("onnx"), dict) and m.get("kind") in (ONNX_KIND, PARTIAL_KIND)
 
 
 def _check_one_step(flow: str, steps: int, model: str) -> None:
@@ -121,8 +122,8 @@ def _check_source(cfg: ConvertConfig) -> bool:
             flag = "--" + given[0].replace("_", "-")
             raise InputError(f"{flag} shapes an ONNX export, but {cfg.model} is one already (it is copied as it is)",
                              "drop the option, or pass the pipeline folder to export it again")
-        meta = export_meta(src)
-        _check_one_step(meta["flow"], meta["default_steps"], cfg.model)
+        facts = export_facts(src)
+        _check_one_step(facts.flow, facts.default_steps, cfg.model)
         return True
     if (src / "model_index.json").is_file():
         try:
@@ -207,8 +208,8 @@ def export_web(cfg: ConvertConfig) -> dict:
             onnx_manifest = read_manifest(model_dir)
         else:
             onnx_manifest = export_onnx(dataclasses.replace(cfg, target=Target.onnx, output=str(model_dir), force=False))
-        meta = export_meta(model_dir)
-        _check_one_step(meta["flow"], meta["default_steps"], cfg.model)
+        facts = export_facts(model_dir)
+        _check_one_step(facts.flow, facts.default_steps, cfg.model)
         say("web", f"writing the page and onnxruntime-web {version}")
         write_page(tmp, dist)
         source_manifest = onnx_manifest.get("source") or {}
@@ -216,8 +217,8 @@ def export_web(cfg: ConvertConfig) -> dict:
         web = {
             "title": "/".join(Path(str(source_manifest.get("model") or cfg.model)).parts[-2:]),
             "example_prompt": (prompts or ["a red fox in snow"])[0] if isinstance(prompts, list) and prompts else "a red fox in snow",
-            "latent_shape": meta["latent_shape"], "height": meta["height"], "width": meta["width"],
-            "scaling_factor": meta["scaling_factor"],
+            "latent_shape": list(facts.latent_shape), "height": facts.height, "width": facts.width,
+            "scaling_factor": facts.scaling_factor,
             "components": {n: _component_files(tmp, n) for n in COMPONENTS},
             "tokenizer": {"vocab": "model/tokenizer/vocab.json", "merges": "model/tokenizer/merges.txt",
                           **tokenizer_facts(model_dir / "tokenizer")},
@@ -230,7 +231,7 @@ def export_web(cfg: ConvertConfig) -> dict:
         }
         manifest = make_manifest(
             SITE_KIND, cfg,
-            source={"model": str(src), "kind": "onnx-export" if is_export else "pipeline",
+            source={"model": str(src), "kind": ONNX_KIND if is_export else "pipeline",
                     "content_sha256": source_manifest.get("content_sha256") or (sha256_tree(src) if not is_export else None)},
             web=web, quantize=onnx_manifest.get("quantize"), gates=onnx_manifest.get("gates") or {},
             parity=onnx_manifest.get("parity") or [],

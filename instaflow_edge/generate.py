@@ -15,13 +15,12 @@ from .artifacts import (
     read_manifest,
     write_manifest,
 )
+from . import runtime
 from .errors import InputError, NumericsError
-from .options import Backend, Device, DType
+from .options import Device, DType
 from .pipeline import load_pipeline
-from .runtime.coreml import coreml_backend
-from .runtime.onnx import onnx_backend
-from .runtime.openvino import openvino_backend
-from .validators import boolean, choice, image_count, image_side, number, optional_integer, seed
+from .runtime import Backend
+from .validators import backend_choice, boolean, choice, image_count, image_side, image_size, number, optional_integer, seed
 
 
 @dataclasses.dataclass
@@ -40,7 +39,7 @@ class GenerateConfig:
     width: int | None = None
     device: Device = Device.auto
     dtype: DType = DType.auto
-    backend: Backend = Backend.torch
+    backend: str = Backend.torch.value  # "torch", or the format of an export (runtime.backend_names())
     allow_pickle: bool = False
     force: bool = False
 
@@ -62,7 +61,7 @@ class GenerateConfig:
         boolean("force", self.force)
         self.device = choice("device", self.device, Device)
         self.dtype = choice("dtype", self.dtype, DType)
-        self.backend = choice("backend", self.backend, Backend)
+        self.backend = backend_choice("backend", self.backend, runtime.backend_names())
 
 
 @dataclasses.dataclass
@@ -88,19 +87,10 @@ def plan(config: GenerateConfig) -> Iterator[Job]:
 
 
 # A backend is ``load(config, info) -> render(job) -> HxWx3 uint8 array``: loading happens once, before
-# the clock starts; ``info`` receives the sampling settings for the manifest. Registered by name.
-BACKENDS: dict[str, Callable] = {}
+# the clock starts; ``info`` receives the sampling settings for the manifest. PyTorch runs a pipeline
+# folder; every other backend is an export format, opened by its own runtime (runtime.open_export).
 
 
-def backend(name: str):
-    def deco(fn):
-        BACKENDS[name] = fn
-        return fn
-
-    return deco
-
-
-@backend("torch")
 def _torch_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
     # a bad model folder fails before torch is imported, a missing GPU before the weights load (load_pipeline)
     pipe = load_pipeline(config.model, config.device.value, config.dtype.value, config.allow_pickle)
@@ -128,25 +118,42 @@ def _torch_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "objec
     return render
 
 
-@backend("onnx")
-def _onnx_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
-    """An ONNX export folder (``convert --target onnx``) run with onnxruntime."""
-
-    return onnx_backend(config, info)
-
-
-@backend("openvino")
-def _openvino_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
-    """An OpenVINO export folder (``convert --target openvino``) run by OpenVINO on the CPU."""
-
-    return openvino_backend(config, info)
+def export_size(facts, height: int | None, width: int | None) -> tuple[int, int]:
+    """The image size to sample an export at: the export's own unless asked; a size the graphs were not
+    built for is a one-line error."""
+    h = image_size("height", height or facts.height, facts.size_multiple)
+    w = image_size("width", width or facts.width, facts.size_multiple)
+    if facts.fixed_size and (h, w) != (facts.height, facts.width) and (h, w) not in facts.sizes:
+        built = ", ".join(f"{a}x{b}" for a, b in (facts.sizes or ((facts.height, facts.width),)))
+        raise InputError(f"this export is compiled for {built} images, not {h}x{w}",
+                         "drop --height/--width, or convert again with them")
+    return h, w
 
 
-@backend("coreml")
-def _coreml_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
-    """A Core ML export folder (``convert --target coreml``); prediction needs macOS."""
+def _export_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "object"]:
+    import numpy as np
 
-    return coreml_backend(config, info)
+    from .generator import make_noise
+
+    if config.dtype.value not in ("auto", "float32"):
+        raise InputError(f"--dtype {config.dtype.value} does not apply to --backend {config.backend} (precision is fixed at export)",
+                         "convert or quantize the export in the precision you want (instaflow-edge quantize DIR --scheme fp16)")
+    export = runtime.open_export(config.model, expect=config.backend, steps=config.steps, guidance=config.guidance,
+                                 device=config.device.value)
+    h, w = export_size(export.facts, config.height, config.width)
+    shape = export.facts.latent_for(h, w)
+    info.update(steps=export.steps, height=h, width=w, flow=export.facts.flow, device=export.device, dtype="float32",
+                **export.info())
+
+    def render(job):
+        ids = export.tokenize([job.prompt])
+        image = export.sample(ids, make_noise([job.seed], shape).numpy())
+        if not np.isfinite(image).all():
+            raise NumericsError(f"NaN/Inf in the image for prompt {job.prompt!r} seed {job.seed} ({config.backend} {export.precision})",
+                                "a low-precision export overflowed: use the fp32 or int8 export")
+        return (image[0].transpose(1, 2, 0) * 255).round().astype("uint8")
+
+    return render
 
 
 def generate(config: GenerateConfig, progress: bool = True) -> dict:
@@ -161,7 +168,7 @@ def generate(config: GenerateConfig, progress: bool = True) -> dict:
     info: dict = {}
     records, seconds = [], []
     with atomic_dir(config.output, config.force, inputs) as tmp:  # locked: one writer per output
-        render = BACKENDS[config.backend.value](config, info)
+        render = (_torch_backend if config.backend == "torch" else _export_backend)(config, info)
         total = len(config.prompts) * config.num_images
         bar = tqdm(jobs, total=total, desc="generating", unit="img", disable=not progress or total < 2)
         for job in bar:

@@ -22,17 +22,4 @@ class DType(str, enum.Enum):
     bfloat16 = "bfloat16"
 
 
-class Backend(str, enum.Enum):
-    torch = "torch"
-    onnx = "onnx"
-    coreml = "coreml"
-    openvino = "openvino"
-
-
-class EvalBackend(str, enum.Enum):
-    """What ``eval`` runs: PyTorch, onnxruntime on an ONNX export (``convert --target onnx`` / ``quantize``), or
-    OpenVINO on an OpenVINO export (``convert --target openvino``)."""
-
-    torch = "torch"
-    onnx = "onnx"
-    openvino = "openvino"
+# The --backend choices (torch and the export formats) come from the format registry: runtime.Backend.

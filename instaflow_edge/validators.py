@@ -113,6 +113,15 @@ def choice(name: str, v: Any, cls: type[E]) -> E:
         raise InputError(f"unknown {flag(name)} {_short(v)}", f"choose one of: {', '.join(m.value for m in cls)}") from None
 
 
+def backend_choice(name: str, v: Any, known: list[str]) -> str:
+    """``v`` (an enum member or a name) as one of ``known`` names (choices that a registry fills at run
+    time, like the export formats); unknown values list the known ones."""
+    v = v.value if isinstance(v, enum.Enum) else v
+    if v not in known:
+        raise InputError(f"unknown {flag(name)} {_short(v)}", f"choose one of: {', '.join(known)}")
+    return v
+
+
 def optional_choice(name: str, v: Any, cls: type[E]) -> E | None:
     return None if v is None else choice(name, v, cls)
 

@@ -33,7 +33,8 @@ from ..errors import InputError, ModelError
 from ..parity import DEFAULT_MIN_PSNR
 from ..progress import say
 from ..runtime import onnx_io
-from ..runtime.onnx import export_meta, tokenize, unet_feed
+from ..runtime.onnx import export_facts, tokenize
+from ..runtime.sampler import unet_feed
 from ..runtime.onnx_io import EXTERNAL_DATA
 from .schemes import DEFAULT_COMPONENTS, OnnxScheme  # noqa: F401  (DEFAULT_COMPONENTS: re-exported)
 
@@ -205,9 +206,9 @@ def calibration_feeds(folder: Path, component: str, prompts: list[str], seed: in
 
     from ..generator import make_noise
 
-    meta = export_meta(folder)
+    facts = export_facts(folder)
     ids = tokenize(folder, prompts)
-    shape = tuple(meta["latent_shape"])
+    shape = facts.latent_shape
     noise = [make_noise([seed + i], shape).numpy() for i in range(len(prompts))]
     if component in ("text_encoder", "generator"):
         return [{"input_ids": ids[i : i + 1]} if component == "text_encoder"
@@ -220,12 +221,12 @@ def calibration_feeds(folder: Path, component: str, prompts: list[str], seed: in
         return [unet_feed(un, noise[i], ehs[i]) for i in range(len(prompts))]
     if component == "unet_velocity":
         # the taus the N-step sampler visits
-        taus = [1000.0 * (1 - k / max(1, meta["default_steps"])) for k in range(max(1, meta["default_steps"]))]
+        taus = [1000.0 * (1 - k / max(1, facts.default_steps)) for k in range(max(1, facts.default_steps))]
         return [{"sample": noise[i], "timestep": np.full((1,), taus[i % len(taus)], np.float32),
                  "encoder_hidden_states": ehs[i]} for i in range(len(prompts))]
     if component == "vae_decoder":
         un = onnx_io.session(folder / "unet" / onnx_io.MODEL_FILE)
-        lat = [un.run(None, unet_feed(un, noise[i], ehs[i]))[0] / meta["scaling_factor"]
+        lat = [un.run(None, unet_feed(un, noise[i], ehs[i]))[0] / facts.scaling_factor
                for i in range(len(prompts))]
         return [{"latent_sample": x} for x in lat]
     raise InputError(f"no calibration inputs for component {component!r}", "quantize another component")

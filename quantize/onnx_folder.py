@@ -25,7 +25,8 @@ from ..artifacts import (
 from ..errors import InputError, ModelError
 from ..progress import say
 from ..runtime import onnx_io
-from ..runtime.onnx import export_meta, open_component, run_one_step, tokenize
+from ..runtime.onnx import KIND as onnx_kind
+from ..runtime.onnx import export_facts, open_component, run_one_step, tokenize, write_partial
 from ..validators import boolean, choice, number, prompt_file
 from .schemes import OnnxScheme, listing
 
@@ -71,25 +72,26 @@ def quantize(cfg: QuantizeConfig) -> dict:
     src = Path(cfg.source)
     if not src.is_dir():
         raise ModelError(f"{src} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
-    meta = export_meta(src)
+    facts = export_facts(src)
+    source_manifest_block = (read_manifest(src) or {})["onnx"]
     onnx_io.check_folder(src)  # external data stays inside; every model parses
     source_manifest = read_manifest(src) or {}
     already = (source_manifest.get("quantize") or {}).get("components") or []
-    names = list(cfg.components) if cfg.components else [n for n in meta["components"] if n in DEFAULT_COMPONENTS]
+    names = list(cfg.components) if cfg.components else [n for n in facts.components if n in DEFAULT_COMPONENTS]
     for n in names:
-        if n not in meta["components"]:
-            raise InputError(f"component {n!r} is not in {src}", f"choose from: {', '.join(meta['components'])}")
+        if n not in facts.components:
+            raise InputError(f"component {n!r} is not in {src}", f"choose from: {', '.join(facts.components)}")
         if n in already:
             raise InputError(f"{n} in {src} is already quantized ({source_manifest['quantize']['scheme']})",
                              "quantize the fp32 export instead")
-    for n in meta["components"]:
+    for n in facts.components:
         open_component(src, n)  # a corrupt model, or a graph not its component's, fails here, before any work
     check_output(cfg.output, cfg.force, (cfg.source, cfg.calibration_prompts))
     prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
     gate = cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.scheme)
     with atomic_dir(cfg.output, cfg.force, (cfg.source, cfg.calibration_prompts)) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST, ".*"))
-        write_manifest(tmp, {"kind": "onnx-export-partial", "onnx": meta})  # calibration reads it
+        write_partial(tmp, source_manifest_block)  # calibration reads it
         apply_scheme(tmp, cfg.scheme, names, prompts)
         rows = []
         say("quantize", f"parity vs the fp32 source: {', '.join(names)}, end to end")
@@ -100,17 +102,17 @@ def quantize(cfg: QuantizeConfig) -> dict:
             out = np.concatenate([out_s.run(None, f)[0] for f in feeds])
             rows.append(compare(n, ref, out))
         ids = tokenize(src, EXAMPLE_PROMPTS[:1])
-        noise = make_noise([0], tuple(meta["latent_shape"])).numpy()
-        rows.append(compare("end_to_end", run_one_step(src, ids, noise, meta), run_one_step(tmp, ids, noise, meta)))
+        noise = make_noise([0], facts.latent_shape).numpy()
+        rows.append(compare("end_to_end", run_one_step(src, ids, noise, facts), run_one_step(tmp, ids, noise, facts)))
         gates = {p.component: gate for p in rows}
         check_all(rows, gates)
         manifest = make_manifest(
-            "onnx-export", cfg, source={"model": str(src), "content_sha256": source_manifest.get("content_sha256")},
-            onnx=meta, quantize={"scheme": cfg.scheme.value, "engine": "ort", "components": names,
+            onnx_kind, cfg, source={"model": str(src), "content_sha256": source_manifest.get("content_sha256")},
+            onnx=source_manifest_block, quantize={"scheme": cfg.scheme.value, "engine": "ort", "components": names,
                                  "reference": "the fp32 ONNX source folder",
                                  "calibration_prompts": len(prompts) if cfg.scheme is OnnxScheme.int8_static else 0},
             gates=gates, parity=[p.as_dict() for p in rows],
-            sizes={n: onnx_io.file_sizes(tmp / n) for n in meta["components"]},
+            sizes={n: onnx_io.file_sizes(tmp / n) for n in facts.components},
             upstream=source_manifest.get("config"), **inherited_prompts(src),
         )
         write_manifest(tmp, manifest)

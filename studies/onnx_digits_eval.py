@@ -27,10 +27,10 @@ VARIANTS = {
 
 def main(argv: list[str] | None = None) -> dict:
     from instaflow_edge.convert import ConvertConfig, export
-    from instaflow_edge.digits.evaluate import EvalConfig, generate_eval_images, generate_eval_images_onnx
+    from instaflow_edge.digits.evaluate import EvalConfig, generate_eval_images, generate_eval_images_export
     from instaflow_edge.pipeline import load_pipeline
     from instaflow_edge.quantize.onnx_folder import QuantizeConfig, quantize
-    from instaflow_edge.runtime.onnx import open_export
+    from instaflow_edge.runtime import open_export
     from studies.common import DigitsScorer, digits_eval_args, save_digits_eval
 
     args = digits_eval_args(__doc__, VARIANTS, "runs/onnx_digits_eval", "studies/results/onnx_digits_eval.json", argv)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     for label, (folder, comps) in folders.items():
         ecfg = EvalConfig(model=str(folder), steps=1, num_images=args.num_images, backend="onnx")
         t0 = time.perf_counter()
-        images, labels_o, info = generate_eval_images_onnx(open_export(folder, 1, 1.0), ecfg, progress=False)
+        images, labels_o, info = generate_eval_images_export(open_export(folder, expect="onnx", steps=1), ecfg, progress=False)
         assert labels_o == labels
         rows.append(scorer.score(label, images, labels_o, reference, time.perf_counter() - t0,
                                  {"folder": str(folder), "export_precision": info["export_precision"],

@@ -34,9 +34,9 @@ VARIANTS = {
 
 def main(argv: list[str] | None = None) -> dict:
     from instaflow_edge.convert import ConvertConfig, export
-    from instaflow_edge.digits.evaluate import EvalConfig, generate_eval_images, generate_eval_images_onnx
+    from instaflow_edge.digits.evaluate import EvalConfig, generate_eval_images, generate_eval_images_export
     from instaflow_edge.pipeline import load_pipeline
-    from instaflow_edge.runtime.openvino import open_export
+    from instaflow_edge.runtime import open_export
     from studies.common import DigitsScorer, digits_eval_args, save_digits_eval
 
     args = digits_eval_args(__doc__, VARIANTS, "runs/openvino_digits_eval", "studies/results/openvino_digits_eval.json", argv)
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
         convert_s = time.perf_counter() - t0
         ecfg = EvalConfig(model=str(out), steps=1, num_images=args.num_images, backend="openvino")
         t0 = time.perf_counter()
-        exp = open_export(out, 1, 1.0)
-        ran = sorted({s.precision for s in exp[2].values()})
-        images, labels_o, info = generate_eval_images_onnx(exp, ecfg, progress=False, backend="openvino")
+        exp = open_export(out, expect="openvino", steps=1)
+        ran = [exp.details["ran_precision"]]
+        images, labels_o, info = generate_eval_images_export(exp, ecfg, progress=False)
         assert labels_o == labels
         rows.append(scorer.score(f"openvino {label}", images, labels_o, reference, time.perf_counter() - t0,
                                  {"folder": str(out), "export_precision": info["export_precision"], "ran_in": "/".join(ran),

@@ -125,13 +125,13 @@ def test_bench_tiny_records_what_the_issue_asks(tiny_dir, tiny_onnx, tmp_path, m
     assert onnx_latency.main(["--markdown", str(out)]) == 0
 
 
-def test_stage_precisions_follow_the_manifest(tmp_path):
+def test_stage_precisions_follow_the_scheme():
     from instaflow_edge.bench.latency import stage_precisions
+    from instaflow_edge.runtime.onnx import stage_precisions as onnx_stages
 
-    (tmp_path / "manifest.json").write_text(json.dumps(
-        {"kind": "onnx-export", "quantize": {"scheme": "int8-static", "components": ["text_encoder", "unet"]}}))
-    p = stage_precisions(Path(tmp_path), "cpu")
+    p = onnx_stages("int8-static", ["text_encoder", "unet"])
     assert p == {"text_encoder": "int8", "unet": "int8", "vae_decoder": "fp32", "end_to_end": "int8", "generator": "int8"}
+    assert set(onnx_stages(None, []).values()) == {"fp32"} and onnx_stages("fp16", ["unet"])["unet"] == "fp16"
     assert set(stage_precisions(None, "cuda").values()) == {"fp16"}
 
 
@@ -172,7 +172,7 @@ def test_a_stale_readme_table_is_named_and_regenerated(tmp_path, capsys):
 def test_source_pipeline_follows_quantized_exports(tmp_path):
     """An export's % of peak counts the FLOPs of the pipeline it was made from: found through the chain
     of manifests (a quantized export names its fp32 export, which names the pipeline)."""
-    from instaflow_edge.bench.latency import source_pipeline
+    from instaflow_edge.runtime import source_pipeline
 
     def folder(name, manifest):
         d = tmp_path / name

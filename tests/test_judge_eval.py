@@ -199,8 +199,8 @@ def test_eval_config_validation():
     with pytest.raises(InputError, match="unknown --device"):
         EvalConfig(model="m", device="tpu")
     cfg = EvalConfig(model="m", device="cpu", dtype="float32", backend="onnx")
-    assert (cfg.device, cfg.dtype, cfg.backend) == (Device.cpu, DType.float32, EvalBackend.onnx)
-    assert cfg.backend is EvalBackend.onnx and type(cfg.device) is Device
+    assert (cfg.device, cfg.dtype, cfg.backend) == (Device.cpu, DType.float32, "onnx")
+    assert cfg.backend == EvalBackend.onnx.value and type(cfg.device) is Device
     if importlib.util.find_spec("coremltools"):
         from instaflow_edge.quantize.coreml import PyTorchCompression
 

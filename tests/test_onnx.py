@@ -110,7 +110,7 @@ def test_export_ships_the_one_step_pipeline_scheduler(fp32_export):
 
     from instaflow_edge.generator import make_noise
     from instaflow_edge.runtime import onnx_io
-    from instaflow_edge.runtime.onnx import export_meta, run_one_step, tokenize
+    from instaflow_edge.runtime.onnx import export_facts, run_one_step, tokenize
 
     cfg = json.loads((fp32_export / "scheduler" / "scheduler_config.json").read_text())
     chosen = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1001, "timestep_spacing": "trailing",
@@ -124,9 +124,9 @@ def test_export_ships_the_one_step_pipeline_scheduler(fp32_export):
     sched = DDIMScheduler.from_pretrained(fp32_export / "scheduler")
     sched.set_timesteps(1)
     assert sched.timesteps.tolist() == [1000] and sched.init_noise_sigma == 1.0
-    meta = export_meta(fp32_export)
+    facts = export_facts(fp32_export)
     ids = tokenize(fp32_export, ["a red fox in snow"])
-    noise = make_noise([0], tuple(meta["latent_shape"])).numpy()
+    noise = make_noise([0], facts.latent_shape).numpy()
     s = {n: onnx_io.session(fp32_export / n / "model.onnx") for n in ("text_encoder", "unet", "vae_decoder")}
     ehs = s["text_encoder"].run(None, {"input_ids": ids})[0]
     t = sched.timesteps[0]
@@ -136,7 +136,7 @@ def test_export_ships_the_one_step_pipeline_scheduler(fp32_export):
     assert torch.equal(latents, torch.from_numpy(out))  # the DDIM step returns the x0 prediction, bit for bit
     factor = json.loads((fp32_export / "vae_decoder" / "config.json").read_text())["scaling_factor"]
     img = s["vae_decoder"].run(None, {"latent_sample": (latents / factor).numpy()})[0]
-    np.testing.assert_array_equal(np.clip(img / 2 + 0.5, 0, 1), run_one_step(fp32_export, ids, noise, meta))
+    np.testing.assert_array_equal(np.clip(img / 2 + 0.5, 0, 1), run_one_step(fp32_export, ids, noise, facts))
 
 
 def test_convert_int8_static(int8_export):

@@ -117,7 +117,7 @@ def test_bench_times_an_openvino_export(ov_f32, tiny_dir, tmp_path, monkeypatch)
     """``instaflow-edge bench`` takes an OpenVINO export beside the torch row: every stage timed, its
     precision (what it ran in) used for the % of peak, the OpenVINO version recorded."""
     from instaflow_edge.bench import peaks
-    from instaflow_edge.bench.latency import stage_precisions
+    from instaflow_edge.runtime.openvino import open_openvino
 
     monkeypatch.setattr(peaks, "measure_peaks", lambda threads: {  # measured in test_measure_peaks_*; fixed here
         "threads": threads, "n": 0, "peaks": {"fp32": {"gops": 50.0, "via": "torch"}, "bf16": {"gops": 80.0, "via": "openvino"}},
@@ -133,15 +133,13 @@ def test_bench_times_an_openvino_export(ov_f32, tiny_dir, tmp_path, monkeypatch)
         assert st["speedup_vs_torch_eager_fp32"] > 0
     assert data["runtime_versions"]["openvino"]
     # an export that ran in bf16 is held against the bf16 peak; NNCF int8 against int8, weight-only not
+    # the stage precisions are what the compiled models run in (f32 here), an NNCF int8 UNet held
+    # against int8, a weight-only one against the precision it computes in
     m = manifest(ov_f32)
-    for ran, scheme, want in (("bf16", None, "bf16"), ("bf16", "int8", "int8"), ("bf16", "int8-weights", "bf16")):
-        m2 = {**m, "parity_ran_in": {k: ran for k in m["parity_ran_in"]},
-              "quantize": {"scheme": scheme, "components": ["text_encoder", "unet"] if scheme else []}}
-        d = tmp_path / f"m-{ran}-{scheme}"
-        d.mkdir()
-        (d / "manifest.json").write_text(json.dumps(m2))
-        p = stage_precisions(d, "cpu")
-        assert p["unet"] == want and p["vae_decoder"] == "bf16" and p["end_to_end"] == want
+    for scheme, want in ((None, "fp32"), ("int8", "int8"), ("int8-weights", "fp32")):
+        m2 = {**m, "quantize": {"scheme": scheme, "components": ["text_encoder", "unet"] if scheme else []}}
+        p = open_openvino(ov_f32, m2).stage_precisions
+        assert p["unet"] == want and p["vae_decoder"] == "fp32" and p["end_to_end"] == want
 
 
 def test_runtime_recompiles_in_each_precision_against_torch(ov_f32, tiny_pipe):
@@ -155,18 +153,18 @@ def test_runtime_recompiles_in_each_precision_against_torch(ov_f32, tiny_pipe):
 
     import torch
 
-    meta = ovrt.export_meta(ov_f32)
+    facts, _ = ovrt.export_facts(ov_f32)
     ids = tiny_pipe.tokenize(EXAMPLE_PROMPTS[:1])
-    noise = make_noise([0], tuple(meta["latent_shape"]))
+    noise = make_noise([0], facts.latent_shape)
     with torch.no_grad():
         ref = OneStepGenerator.from_pipeline(tiny_pipe)(ids, noise).numpy()
     for p in ovrt.OvPrecision:
-        _, _, sessions, _ = ovrt.open_export(ov_f32, None, 1.0, precision=p)
-        ran = sessions["unet"].precision
+        export = ovrt.open_openvino(ov_f32, manifest(ov_f32), precision=p)
+        ran = export.details["ran_precision"]
         assert ran in ("f32", "bf16", "f16")
         if p is ovrt.OvPrecision.f32:
             assert ran == "f32"
-        row = compare("end_to_end", ref, ovrt.run_one_step(None, ids.numpy(), noise.numpy(), meta, sessions))
+        row = compare("end_to_end", ref, export.sample(ids.numpy(), noise.numpy()))
         assert row.psnr >= gate_for(ran, None), (p, ran, row)
 
 

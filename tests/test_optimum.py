@@ -160,7 +160,7 @@ def sources(tiny_dir, digits_student):
 def test_optimum_pipeline_reproduces_generate(preset, scheme, sources, tmp_path):
     from instaflow_edge.generator import make_noise
     from instaflow_edge.parity import psnr
-    from instaflow_edge.runtime.onnx import export_meta
+    from instaflow_edge.runtime.onnx import export_facts
 
     python = optimum_python()
     export = tmp_path / "export"
@@ -172,7 +172,7 @@ def test_optimum_pipeline_reproduces_generate(preset, scheme, sources, tmp_path)
     assert r.exit_code == 0, r.output
     ours = {i["prompt"]: _image(tmp_path / "ours" / i["file"]) for i in json.loads((tmp_path / "ours" / "manifest.json").read_text())["images"]}
 
-    noise = make_noise([0], tuple(export_meta(export)["latent_shape"])).numpy()  # generate's seed-0 noise
+    noise = make_noise([0], export_facts(export).latent_shape).numpy()  # generate's seed-0 noise
     np.save(tmp_path / "z1.npy", noise)
     np.save(tmp_path / "z2.npy", np.concatenate([noise, noise]))  # both prompts at seed 0, as generate does
     jobs = [{"class": "ORTStableDiffusionPipeline", "prompts": prompts[:1], "guidance": 1.0, "latents": "z1.npy"},

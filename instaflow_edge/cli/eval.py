@@ -8,12 +8,13 @@ from typing import Optional
 import typer
 
 from ..errors import InputError
-from ..options import Device, DType, EvalBackend
+from ..options import Device, DType
+from ..runtime import Backend as EvalBackend
 from ..quantize.schemes import CoreMLCompression, listing
 
 
 def eval_command(
-    model: Optional[str] = typer.Argument(None, help="Pipeline folder (diffusers layout), or an ONNX export folder with --backend onnx; omit with --real."),
+    model: Optional[str] = typer.Argument(None, help="Pipeline folder (diffusers layout), or an export folder with --backend FORMAT; omit with --real."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
     guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale; ≤ 1 means none."),
     num_images: int = typer.Option(1000, "--num-images", "-n", help="Images in all (a multiple of 10: that / 10 per digit)."),
@@ -26,7 +27,7 @@ def eval_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     coreml_compress: Optional[str] = typer.Option(None, "--coreml-compress", help=f"Score a one-step model with a Core ML compression scheme applied in PyTorch, exactly as `convert --target coreml --compress` ships it ({listing(CoreMLCompression, '|')})."),
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="With --coreml-compress mixed-bit: average bits per weight."),
-    backend: EvalBackend = typer.Option(EvalBackend.torch, "--backend", help="torch; onnx: MODEL is an ONNX export (convert --target onnx / quantize), run by onnxruntime on the CPU, e.g. to score an int8 export; openvino: MODEL is an OpenVINO export (convert --target openvino)."),
+    backend: EvalBackend = typer.Option(EvalBackend.torch, "--backend", help="torch: MODEL is a pipeline folder; any other: MODEL is an export of that format (convert / quantize), run by its own runtime, e.g. onnx to score an int8 export."),
 ) -> None:
     """Generate the fixed digit prompt set with fixed seeds and score it with the digits judge."""
     from ..digits.evaluate import EvalConfig, evaluate
@@ -57,10 +58,8 @@ def print_table(result: dict) -> None:
         s = result["sampling"]
         comp = result.get("coreml_compression")
         tag = f", Core ML {comp['scheme']}" if comp else ""
-        if s.get("backend") == "onnx":
-            tag += f", onnxruntime {s['export_precision']}"
-        elif s.get("backend") == "openvino":
-            tag += f", OpenVINO {s['export_precision']}"
+        if s.get("backend") not in (None, "torch"):
+            tag += f", {s['backend']} {s['export_precision']}"
         rows.append((f"{result['model']} ({s['steps']} step{'s' * (s['steps'] != 1)}, guidance {s['guidance']:g}{tag})",
                      result["generated"], result["generated"]["n"]))
     real = result["real"]

@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from ..options import Backend, Device, DType
+from ..options import Device, DType
+from ..runtime import Backend
 
 
 def generate_command(
@@ -23,7 +24,7 @@ def generate_command(
     width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
     device: Device = typer.Option(Device.auto, "--device", help="auto picks cuda, then mps, then cpu."),
     dtype: DType = typer.Option(DType.auto, "--dtype", help="auto: float16 on GPUs, float32 on CPU."),
-    backend: Backend = typer.Option(Backend.torch, "--backend", help="Runtime that runs the model."),
+    backend: Backend = typer.Option(Backend.torch, "--backend", help="Runtime that runs the model: torch on a pipeline folder, or an export's own runtime (MODEL is that export)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
 ) -> None:

@@ -31,11 +31,13 @@ from typing import Protocol
 
 from ..artifacts import atomic_write_text, check_overlap, make_manifest
 from ..errors import InputError, NumericsError
-from ..options import Device, DType, EvalBackend
+from .. import runtime
+from ..options import Device, DType
 from ..pipeline import load_pipeline, resolve_device
-from ..runtime import openvino as ov_runtime
-from ..runtime.onnx import open_export, read_scheme, sample
-from ..validators import boolean, choice, image_count, integer, optional_integer, seed
+from ..runtime import Backend
+from ..validators import backend_choice, boolean, choice, image_count, integer, optional_integer, seed
+
+EvalBackend = Backend  # ``eval --backend``: the same choices as generate's
 
 
 @dataclasses.dataclass
@@ -55,13 +57,14 @@ class EvalConfig:
     device: Device = Device.auto
     dtype: DType = DType.float32
     allow_pickle: bool = False
-    # onnx: ``model`` is an ONNX export folder (``convert --target onnx``/``quantize``), run by onnxruntime
-    backend: EvalBackend = EvalBackend.torch
+    # torch: ``model`` is a pipeline folder; any other format (runtime.backend_names()): an export of that
+    # format, run by its own runtime
+    backend: str = Backend.torch.value
 
     def __post_init__(self) -> None:
         self.device = choice("device", self.device, Device)
         self.dtype = choice("dtype", self.dtype, DType)
-        self.backend = choice("backend", self.backend, EvalBackend)
+        self.backend = backend_choice("backend", self.backend, runtime.backend_names())
         self.real_only = boolean("real", self.real_only)
         self.allow_pickle = boolean("allow_pickle", self.allow_pickle)
         if self.model is None and not self.real_only:
@@ -83,8 +86,8 @@ class EvalConfig:
             if path.is_dir() or not path.parent.is_dir():
                 raise InputError(f"cannot write --json {path}", "pass a file path inside an existing folder")
             check_overlap(path, (self.model,), what="--json file")  # never a file of the model
-        if self.backend in (EvalBackend.onnx, EvalBackend.openvino):
-            b = self.backend.value
+        if self.backend != "torch":
+            b = self.backend
             if self.real_only:
                 raise InputError(f"--backend {b} scores an {b} export; --real does not apply",
                                  "drop --real, or use --backend torch")
@@ -178,11 +181,10 @@ def generate_eval_images(pipe, config: EvalConfig, progress: bool = True):
     return torch.cat(out), [d for _, d in prompts], info
 
 
-def generate_eval_images_onnx(export, config: EvalConfig, progress: bool = True, backend: str = "onnx"):
-    """``generate_eval_images`` for an ONNX export opened by ``convert.onnx_runtime.open_export``
-    (``export`` is what it returns), run by onnxruntime in batches: same prompts, same seeds, same noise,
-    so the figures compare with the PyTorch model's. ``backend="openvino"``: an OpenVINO export opened
-    by ``runtime.openvino.open_export``, one image at a time (it is compiled for batch 1)."""
+def generate_eval_images_export(export, config: EvalConfig, progress: bool = True):
+    """``generate_eval_images`` for an export opened by ``runtime.open_export``, run by its own runtime in
+    batches (one image at a time where it is compiled for batch 1): same prompts, same seeds, same noise,
+    so the figures compare with the PyTorch model's."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -190,28 +192,25 @@ def generate_eval_images_onnx(export, config: EvalConfig, progress: bool = True,
     from ..data import eval_prompts
     from ..generator import make_noise
 
-    meta, steps, sessions, tokenize = export
     prompts = eval_prompts(config.num_images // 10)
-    shape = tuple(meta["latent_shape"])
+    shape = export.facts.latent_shape
     out = []
-    runtime = "onnxruntime" if backend == "onnx" else "OpenVINO"
-    bar = tqdm(total=len(prompts), desc=f"generating with {runtime} ({steps} step{'s' * (steps != 1)})", unit="img",
+    steps = export.steps
+    bar = tqdm(total=len(prompts), desc=f"generating with {export.format} ({steps} step{'s' * (steps != 1)})", unit="img",
                disable=not progress)
-    batch = config.batch_size if backend == "onnx" else 1
+    batch = min(config.batch_size, export.max_batch or config.batch_size)
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         noise = make_noise([config.seed + i + k for k in range(len(chunk))], shape).numpy()
-        images = sample(sessions, tokenize([p for p, _ in chunk]), noise, meta, steps)
+        images = export.sample(export.tokenize([p for p, _ in chunk]), noise)
         if not np.isfinite(images).all():
-            raise NumericsError(f"NaN/Inf in generated images (batch starting at prompt {i}, {backend})",
-                                "an fp16 export overflowed: use the fp32 or int8 export")
+            raise NumericsError(f"NaN/Inf in generated images (batch starting at prompt {i}, {export.label})",
+                                "a low-precision export overflowed: use the fp32 or int8 export")
         out.append(torch.from_numpy(images) * 2 - 1)
         bar.update(len(chunk))
     bar.close()
-    info = {"steps": steps, "guidance": config.guidance, "flow": meta["flow"], "size": meta["height"],
-            "device": "cpu", "dtype": "float32", "backend": backend,
-            "export_precision": (read_scheme(Path(config.model)) or "fp32") if backend == "onnx" else
-            meta["precision"] + (f"+{meta['quantize']}" if meta.get("quantize") else "")}
+    info = {"steps": steps, "guidance": config.guidance, "flow": export.facts.flow, "size": export.facts.height,
+            "device": export.device, "dtype": "float32", **export.info()}
     return torch.cat(out), [d for _, d in prompts], info
 
 
@@ -233,11 +232,8 @@ def evaluate(config: EvalConfig, progress: bool = True, transform: PipelineTrans
     from .judge import JudgeConfig, load_judge
 
     pipe = export = None
-    if config.backend is EvalBackend.onnx:  # a bad export fails before the judge is built
-
-        export = open_export(Path(config.model), config.steps, config.guidance)
-    elif config.backend is EvalBackend.openvino:
-        export = ov_runtime.open_export(Path(config.model), config.steps, config.guidance)
+    if config.backend != "torch":  # a bad export fails before the judge is built
+        export = runtime.open_export(config.model, expect=config.backend, steps=config.steps, guidance=config.guidance)
     elif not config.real_only:  # a bad model path fails before the judge is built
 
         resolve_device(config.device.value)
@@ -246,7 +242,7 @@ def evaluate(config: EvalConfig, progress: bool = True, transform: PipelineTrans
     if transform is not None:
         if pipe is None:
             raise InputError(f"{transform.result_key.replace('_', ' ')} needs a PyTorch model, "
-                             "but --real or --backend onnx/openvino was given", "drop one of them")
+                             f"but --real or --backend {config.backend} was given", "drop one of them")
         pipe, report = transform(pipe, config.steps or pipe.info.default_steps)
     t0 = time.perf_counter()
     judge = load_judge(JudgeConfig(data_seed=config.data_seed), progress=progress)
@@ -259,7 +255,7 @@ def evaluate(config: EvalConfig, progress: bool = True, transform: PipelineTrans
     t_gen = 0.0
     if pipe is not None or export is not None:
         t1 = time.perf_counter()
-        images, labels, info = (generate_eval_images_onnx(export, config, progress, config.backend.value) if export is not None
+        images, labels, info = (generate_eval_images_export(export, config, progress) if export is not None
                                 else generate_eval_images(pipe, config, progress))
         t_gen = time.perf_counter() - t1
         result["sampling"] = info

@@ -19,7 +19,7 @@ from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, 
 from ..errors import InputError
 from ..progress import say
 from ..validators import boolean, integer, prompt_file, seed
-from ..bench.latency import export_kind
+from .. import runtime
 from .runtimes import COMPONENT_ORDER, Runtime, open_exports, reference, used_params
 
 DEFAULT_PROMPTS = ["a red fox in snow", "a lighthouse at night", "a cat wearing a hat", "a castle on a mountain"]
@@ -57,7 +57,7 @@ class ReportConfig:
             folder = Path(d if sep and not Path(item).exists() else item)
             if not folder.is_dir():
                 raise InputError(f"export {item}: no such folder", "pass an export folder (or LABEL=DIR)")
-            export_kind(folder)
+            runtime.format_of(folder)
         for b in self.bench:
             p = Path(b)
             if not p.is_file():
@@ -164,11 +164,11 @@ def _digits(config: ReportConfig, runtimes: list[Runtime], progress: bool) -> di
         if progress:
             say("report", f"digits judge: {rt.label} ({config.digits_images} images)")
         transform = None
-        if rt.kind == "onnx":
-            cfg = EvalConfig(model=str(rt.folder), num_images=config.digits_images, seed=config.seed, backend="onnx")
+        if rt.kind != "torch" and not rt.emulated:  # the export, by its own runtime
+            cfg = EvalConfig(model=str(rt.folder), num_images=config.digits_images, seed=config.seed, backend=rt.kind)
         else:
             cfg = EvalConfig(model=config.model, num_images=config.digits_images, seed=config.seed, steps=1)
-            if rt.kind == "coreml" and rt.scheme:
+            if rt.emulated and rt.scheme:  # Core ML's stand-in: the compression applied in PyTorch
                 from ..quantize.coreml import PyTorchCompression
 
                 transform = PyTorchCompression(rt.scheme, rt.target_bits)
@@ -199,8 +199,7 @@ def make_report(config: ReportConfig, progress: bool = True) -> dict:
     model_hash = None
     for item in config.exports:  # an export made from another model is refused (where its manifest says)
         folder = Path(item.partition("=")[2] if "=" in item and not Path(item).exists() else item)
-        m = read_manifest(folder) or {}
-        want = ((m.get("model") if export_kind(folder) == "coreml" else m.get("source")) or {}).get("content_sha256")
+        want = runtime.source_hash(folder)
         if want:
             model_hash = model_hash or sha256_tree(config.model)
             if want != model_hash:

@@ -5,10 +5,12 @@ latents) and ``vae_decoder(latents ÷ scaling_factor)`` (an image in [-1, 1]) on
 per-component parity feeds each export the reference's own inputs and end-to-end parity chains the
 export's own outputs.
 
-- ONNX exports run through onnxruntime (CPU provider), any scheme.
-- Core ML exports run through ``MLModel.predict`` on macOS. On Linux (no Core ML there) they run as the
-  PyTorch modules exactly as the converter compressed them (``quantize.coreml.compressed_pipeline``, the
-  same compressor and example inputs, computed in float32), and are labelled so.
+Every export is opened by its own runtime through the format registry (``runtime.open_export``): ONNX
+through onnxruntime, OpenVINO through OpenVINO, Core ML through ``MLModel.predict`` on macOS. A format
+whose runtime cannot run on this machine is refused in one line, except where the report knows how to
+stand in for it (``STAND_INS``): Core ML on Linux runs as the PyTorch modules exactly as the converter
+compressed them (``quantize.coreml.compressed_pipeline``, the same compressor and example inputs,
+computed in float32), and is labelled so.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .. import runtime
 from ..artifacts import read_manifest
-from ..bench.latency import export_kind, export_label
 from ..errors import InputError
 
 COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "end_to_end")
@@ -28,7 +30,7 @@ COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "end_to_end")
 @dataclasses.dataclass
 class Runtime:
     label: str
-    kind: str                    # torch | onnx | coreml
+    kind: str                    # torch, or the export's format (runtime.names())
     how: str                     # how it ran, in words (shown in the report)
     folder: Path | None
     gates: dict[str, float]      # component (and end_to_end) -> min PSNR dB, from the export's manifest
@@ -37,10 +39,12 @@ class Runtime:
     sizes: dict[str, dict]       # component -> {bytes, params, bits_per_weight, basis}
     scheme: str | None = None
     target_bits: float | None = None
+    emulated: bool = False       # a stand-in computed these figures, not the format's runtime (STAND_INS)
 
     def info(self) -> dict:
         return {"kind": self.kind, "how": self.how, "folder": str(self.folder) if self.folder else None,
                 "precision": self.precision, "scheme": self.scheme, "gates": self.gates, "sizes": self.sizes,
+                "emulated": self.emulated,
                 "total_bytes": sum(s["bytes"] for s in self.sizes.values() if s.get("bytes") is not None) or None}
 
 
@@ -87,56 +91,24 @@ def reference(model: str, pipe, params: dict[str, int]) -> Runtime:
                    _torch_calls(pipe), sizes)
 
 
-def _onnx(label: str, folder: Path, params: dict[str, int]) -> Runtime:
-    import numpy as np
-
-    from ..artifacts import package_versions
-    from ..runtime.onnx import export_meta, open_component, unet_feed
-
-    m = read_manifest(folder) or {}
-    export_meta(folder)
-    sess = {n: open_component(folder, n) for n in ("text_encoder", "unet", "vae_decoder")}
-    q = m.get("quantize") or {}
-    sizes = {}
-    for n in sess:
-        b = (m.get("sizes") or {}).get(n)
-        sizes[n] = {"bytes": b, "params": params[n], "bits_per_weight": round(8 * b / params[n], 2) if b and params[n] else None,
-                    "basis": "ONNX file bytes ÷ parameters"}
-    calls = {
-        "text_encoder": lambda ids: sess["text_encoder"].run(None, {"input_ids": ids.astype(np.int64)})[0],
-        "unet": lambda z, h: sess["unet"].run(None, unet_feed(sess["unet"], z.astype(np.float32), h.astype(np.float32)))[0],
-        "vae_decoder": lambda x: sess["vae_decoder"].run(None, {"latent_sample": x.astype(np.float32)})[0],
-    }
-    scheme = q.get("scheme")
-    comps = ", ".join(q.get("components") or [])
-    how = f"onnxruntime {package_versions(('onnxruntime',)).get('onnxruntime')} CPU provider" + \
-        (f"; {scheme} on {comps}" if scheme else "; fp32")
-    return Runtime(label, "onnx", how, folder, {k: float(v) for k, v in (m.get("gates") or {}).items()},
-                   scheme or "fp32", calls, sizes, scheme)
-
-
-def _coreml(label: str, folder: Path, pipe) -> Runtime:
-    m = read_manifest(folder) or {}
-    cfg = m.get("config") or {}
-    comps = m.get("components") or {}
-    gate = (m.get("gate") or {}).get("min_psnr")
-    gates = {k: float(gate) for k in COMPONENT_ORDER} if gate is not None else {}
+def _from_export(label: str, export, params: dict[str, int]) -> Runtime:
+    """A report runtime over an export opened by its own runtime."""
     sizes = {}
     for n in ("text_encoder", "unet", "vae_decoder"):
-        c = comps.get(n) or {}
-        p, wb = c.get("params"), c.get("weight_bytes")
-        sizes[n] = {"bytes": c.get("size_bytes"), "params": p,
-                    "bits_per_weight": round(8 * wb / p, 2) if wb and p else None, "basis": "package weight bytes ÷ parameters"}
-    scheme, bits, precision = cfg.get("compress"), cfg.get("target_bits"), cfg.get("precision") or "fp16"
-    if sys.platform == "darwin":  # pragma: no cover - macOS only
-        calls, how = _coreml_predict(folder, m), f"Core ML predict ({precision}{', ' + scheme if scheme else ''})"
-    else:
-        calls, how = _coreml_as_pytorch(pipe, scheme, bits, precision)
-    return Runtime(label, "coreml", how, folder, gates, precision, calls, sizes, scheme, bits)
+        sz = dict(export.sizes.get(n) or {})
+        b, p = sz.get("bytes"), sz.get("params") or params[n]
+        sizes[n] = {"bytes": b, "params": p, "basis": f"{sz.get('basis', 'file bytes')} ÷ parameters",
+                    "bits_per_weight": sz.get("bits_per_weight") or (round(8 * b / p, 2) if b and p else None)}
+    return Runtime(label, export.format, export.ran, export.folder, dict(export.gates), export.precision,
+                   dict(export.calls), sizes, export.scheme, export.details.get("target_bits"))
 
 
-def _coreml_as_pytorch(pipe, scheme: str | None, bits: float | None, precision: str) -> tuple[dict, str]:
-    """Linux: the PyTorch modules as the converter compressed them (same compressor, same example inputs)."""
+def _coreml_stand_in(label: str, folder: Path, manifest: dict, pipe) -> Runtime:
+    """Core ML where it cannot predict: the PyTorch modules as the converter compressed them (same
+    compressor, same example inputs), computed in float32 — labelled so in the report."""
+    from ..runtime import coreml as rc
+
+    precision, scheme, bits = rc.describe(manifest)
     if scheme:
         from ..errors import require
         from ..quantize.coreml import compressed_pipeline
@@ -149,59 +121,23 @@ def _coreml_as_pytorch(pipe, scheme: str | None, bits: float | None, precision: 
         out, what = pipe, "uncompressed"
     how = (f"PyTorch modules {what}, float32 compute — Core ML cannot predict on {sys.platform}; "
            f"the package's {precision} arithmetic is not simulated")
-    return _torch_calls(out), how
+    return Runtime(label, "coreml", how, folder, rc.gates(manifest), precision, _torch_calls(out), rc.sizes(manifest),
+                   scheme, bits, emulated=True)
 
 
-def _coreml_predict(folder: Path, m: dict) -> dict:  # pragma: no cover - macOS only
-    import numpy as np
+# formats the report can stand in for where their runtime cannot run here: name -> (label, folder, manifest, pipe) -> Runtime
+STAND_INS = {"coreml": _coreml_stand_in}
 
-    from ..errors import require
-    from ..runtime.coreml import PACKAGES
 
-    ct = require("coremltools", "coreml")
-    te, unet, vae = (ct.models.MLModel(str(folder / f"{n}.mlpackage")) for n in PACKAGES)
-    apple = m.get("layout") == "apple"
-    sch = m.get("scheduler") or {}
-    model_sf = float(sch.get("model_scaling_factor") or 1.0)
-
-    def text_encoder(ids):
-        return te.predict({"input_ids": ids.astype(np.float32)})["last_hidden_state"]
-
-    def denoise(z, h):
-        if not apple:
-            return unet.predict({"sample": z, "encoder_hidden_states": h})["out_sample"]
-        states = np.ascontiguousarray(h.transpose(0, 2, 1)[:, :, None, :], dtype=np.float32)
-        eps = unet.predict({"sample": z, "timestep": np.array([int(sch["timestep"])], np.float32),
-                            "encoder_hidden_states": states})["noise_pred"].astype(np.float32)
-        return (z - eps * np.float32(sch["sigma"])) / np.float32(sch["alpha"])
-
-    def decode(x):  # x: latents ÷ the model's scaling factor
-        if not apple:
-            return vae.predict({"latent_sample": x})["sample"]
-        # Apple's decoder takes latents ÷ 0.18215 and folds the model's own factor in
-        return vae.predict({"z": (x * model_sf / np.float32(sch["decoder_scale_factor"])).astype(np.float32)})["image"]
-
-    return {"text_encoder": text_encoder, "unet": denoise, "vae_decoder": decode}
+def open_runtime(label: str, folder: Path, pipe, params: dict[str, int]) -> Runtime:
+    """The export in ``folder`` run by its own runtime, or by its stand-in where that cannot run here."""
+    m = read_manifest(folder) or {}
+    fmt = runtime.get(runtime.format_of(folder, m))
+    if fmt.open is not None and fmt.unavailable("cpu") and fmt.name in STAND_INS:
+        return STAND_INS[fmt.name](label, folder, m, pipe)
+    return _from_export(label, runtime.open_export(folder), params)
 
 
 def open_exports(exports: list[str], pipe, params: dict[str, int]) -> list[Runtime]:
     """Each export folder (optionally ``LABEL=DIR``) as a :class:`Runtime`; labels made unique."""
-    out: list[Runtime] = []
-    seen: set[str] = set()
-    for item in exports:
-        label, sep, d = str(item).partition("=")
-        use_label = bool(sep) and not Path(item).exists()
-        folder = Path(d if use_label else item)
-        if not folder.is_dir():
-            raise InputError(f"export {item}: no such folder", "pass an export folder (or LABEL=DIR)")
-        kind = export_kind(folder)
-        name = label if use_label else export_label(folder)
-        if kind == "onnx" and not name.startswith("ort "):
-            name = f"ort {name}"
-        if name in seen:
-            name = f"{name} ({folder.name})"
-        if name in seen:
-            raise InputError(f"export {folder} is given twice", "pass each export once")
-        seen.add(name)
-        out.append(_onnx(name, folder, params) if kind == "onnx" else _coreml(name, folder, pipe))
-    return out
+    return [open_runtime(label, folder, pipe, params) for label, folder in runtime.parse_exports(exports).items()]

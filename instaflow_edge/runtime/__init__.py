@@ -1,1 +1,184 @@
-"""instaflow_edge.runtime: open an export, check it, run it (ONNX Runtime, Core ML)."""
+"""instaflow_edge.runtime: the format registry — which format an export folder is, and how to run it.
+
+``open_export(folder)`` reads the folder's manifest once, finds its :class:`~.base.RuntimeFormat` by the
+manifest's ``kind`` and opens it with that format's own runtime into an :class:`~.base.Export`.
+``generate``, ``eval``, ``bench`` and ``report`` open every export this way; none of them knows a
+format. The built-in formats are named here with their manifest kind and module, and their module is
+imported only when a folder of that kind is opened (``import instaflow_edge.runtime`` stays light; no
+registration happens as an import side effect). :func:`register` adds a format at run time (a plug-in,
+or a test's toy format).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from pathlib import Path
+
+from ..artifacts import read_manifest
+from ..errors import DeviceError, InputError, ModelError
+from .base import Export, ExportFacts, RuntimeFormat  # noqa: F401  (the registry's API)
+
+# name -> (manifest kind, module defining FORMAT, has a runtime in Python). The names are the convert
+# targets; those with a runtime in Python are also the --backend choices.
+BUILTIN: dict[str, tuple[str, str, bool]] = {
+    "onnx": ("onnx-export", "instaflow_edge.runtime.onnx", True),
+    "openvino": ("openvino-export", "instaflow_edge.runtime.openvino", True),
+    "coreml": ("coreml", "instaflow_edge.runtime.coreml", True),
+    "web": ("web-site", "instaflow_edge.runtime.web", False),  # runs in a browser
+}
+_REGISTERED: dict[str, RuntimeFormat] = {}
+
+
+def register(fmt: RuntimeFormat) -> RuntimeFormat:
+    """Add (or replace) a format; returns it."""
+    _REGISTERED[fmt.name] = fmt
+    return fmt
+
+
+def unregister(name: str) -> None:
+    _REGISTERED.pop(name, None)
+
+
+def names() -> list[str]:
+    """Every format's name, built-in first."""
+    return list(BUILTIN) + [n for n in _REGISTERED if n not in BUILTIN]
+
+
+def manifest_kind(name: str) -> str:
+    """The manifest ``kind`` an export of format ``name`` carries (what convert writes)."""
+    if name in _REGISTERED:
+        return _REGISTERED[name].kind
+    return BUILTIN[name][0]
+
+
+def get(name: str) -> RuntimeFormat:
+    """The format record ``name``; an unknown name is a one-line error listing the known ones."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name not in BUILTIN:
+        raise InputError(f"unknown export format {name!r}", f"choose one of: {', '.join(names())}")
+    return importlib.import_module(BUILTIN[name][1]).FORMAT
+
+
+def _by_kind(kind) -> str | None:
+    for n, fmt in _REGISTERED.items():
+        if fmt.kind == kind:
+            return n
+    for n, (k, _, _) in BUILTIN.items():
+        if k == kind:
+            return n
+    return None
+
+
+def kinds() -> list[str]:
+    return [manifest_kind(n) for n in names()]
+
+
+def format_of(folder: str | Path, manifest: dict | None = None) -> str:
+    """The format name of an export folder, from its manifest's ``kind``; a folder that is not an export
+    is a one-line error listing the formats (and what makes them)."""
+    folder = Path(folder)
+    m = manifest if manifest is not None else (read_manifest(folder) if folder.is_dir() else None)
+    name = _by_kind((m or {}).get("kind"))
+    if name is None:
+        raise InputError(f"{folder} is not an export folder (no manifest.json of kind {', '.join(kinds())})",
+                         "pass a folder written by `instaflow-edge convert` or `instaflow-edge quantize`")
+    return name
+
+
+def is_export(folder: str | Path) -> bool:
+    """Whether ``folder`` is an export of a known format (a pipeline folder is not)."""
+    m = read_manifest(folder) if Path(folder).is_dir() else None
+    return _by_kind((m or {}).get("kind")) is not None
+
+
+def runnable(name: str) -> bool:
+    """Whether format ``name`` has a runtime in Python (a web site has none: it runs in a browser)."""
+    return get(name).open is not None
+
+
+def open_export(folder: str | Path, *, expect: str | None = None, steps: int | None = None, guidance: float = 1.0,
+                threads: int | None = None, device: str = "cpu") -> Export:
+    """Open the export in ``folder`` with its own runtime, for sampling ``steps`` (None: its default).
+
+    ``expect``: the format the caller was told (``--backend``); a folder of another format is a one-line
+    error. Everything that can be refused (manifest, files, sizes, platform) is refused before the first
+    model loads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert`")
+    manifest = read_manifest(folder) or {}
+    name = format_of(folder, manifest)
+    if expect is not None and expect != name:
+        raise InputError(f"{folder} is a {name} export, not {expect}", f"pass --backend {name}, or a {expect} export")
+    fmt = get(name)
+    if fmt.open is None:
+        raise InputError(f"{folder} is a {name} export, which has no runtime here ({fmt.description})", fmt.refusal)
+    why = fmt.unavailable(device)
+    if why:
+        raise DeviceError(f"{name} exports cannot run here: {why}", f"run it where {name} runs, or use another export")
+    return fmt.open(folder, manifest, steps=steps, guidance=guidance, threads=threads, device=device)
+
+
+def export_label(folder: str | Path, manifest: dict | None = None) -> str:
+    """A short name for an export from its manifest: ``ort fp32``, ``ort int8-static``, ``openvino auto``,
+    ``openvino int8``, ``coreml palettize-6``."""
+    m = manifest if manifest is not None else (read_manifest(folder) or {})
+    return get(format_of(folder, m)).label(m)
+
+
+def parse_exports(items: list[str]) -> dict[str, Path]:
+    """``[DIR | LABEL=DIR]`` → ``{label: folder}``, every folder recognized as an export of a known format;
+    a user's label takes its format's prefix (``ort ``); labels made unique with the folder's name."""
+    out: dict[str, Path] = {}
+    for item in items:
+        label, sep, d = str(item).partition("=")
+        own = bool(sep) and not Path(item).exists()
+        folder = Path(d if own else item)
+        if not folder.is_dir():
+            raise InputError(f"export {item}: no such folder", "pass an export folder (or LABEL=DIR)")
+        m = read_manifest(folder) or {}
+        fmt = get(format_of(folder, m))
+        name = label if own else fmt.label(m)
+        if fmt.label_prefix and not name.startswith(fmt.label_prefix):
+            name = fmt.label_prefix + name
+        if name in out:
+            name = f"{name} ({folder.name})"
+        if name in out:
+            raise InputError(f"export {folder} is given twice", "pass each export once")
+        out[name] = folder
+    return out
+
+
+def source_pipeline(folder: str | Path, hops: int = 4) -> Path | None:
+    """The local pipeline folder an export was made from, following ``source.model`` through quantized
+    exports (a ``quantize`` output names its fp32 export); None when it cannot be told (a hub id, a
+    missing folder, a manifest without a source)."""
+    folder = Path(folder)
+    for _ in range(hops):
+        m = read_manifest(folder) or {}
+        src = get(format_of(folder, m)).source(m).get("model") if is_export(folder) else None
+        if not src or not Path(src).is_dir():
+            return None
+        folder = Path(src)
+        if not is_export(folder):
+            return folder
+    return None
+
+
+def source_hash(folder: str | Path) -> str | None:
+    """The content hash of the model an export was made from, where its manifest records one."""
+    m = read_manifest(folder) or {}
+    return get(format_of(folder, m)).source(m).get("content_sha256")
+
+
+def backend_names() -> list[str]:
+    """``torch`` and every format with a runtime in Python: the choices of ``--backend``."""
+    return ["torch"] + [n for n in names() if (_REGISTERED[n].open is not None if n in _REGISTERED else BUILTIN[n][2])]
+
+
+# The --backend choices of generate and eval, made from the built-in formats (Typer needs an enum; a
+# format registered at run time is accepted by the Python API's configs, which check ``backend_names()``).
+Backend = enum.Enum("Backend", {n: n for n in ["torch"] + [n for n, (_, _, py) in BUILTIN.items() if py]}, type=str)
+Backend.__doc__ = "``--backend``: PyTorch on the pipeline folder, or an export's own runtime."

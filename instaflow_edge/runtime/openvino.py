@@ -8,8 +8,8 @@ The folder has the ONNX export's layout with OpenVINO IR in place of ``model.onn
 Each component is compiled for the CPU with the export's precision (``manifest["openvino"]["precision"]``:
 ``auto`` leaves OpenVINO's device default, which is bf16 on CPUs with avx512_bf16/AMX; ``f32``/``bf16``/
 ``f16`` set ``INFERENCE_PRECISION_HINT``) and wrapped as an object with onnxruntime's session API
-(``run(None, feed)``, ``get_inputs()``, ``get_outputs()``), so the sampling code of ``runtime/onnx.py``
-(one step, the Euler rule, the spec checks) runs it unchanged. This module stays light at import:
+(``run(None, feed)``, ``get_inputs()``, ``get_outputs()``), so the neutral sampler and the spec checks
+of ``runtime/sampler.py`` run it unchanged. This module stays light at import:
 openvino loads inside the functions.
 """
 
@@ -20,13 +20,13 @@ import enum
 from pathlib import Path
 
 from ..artifacts import read_manifest
-from ..errors import DeviceError, InputError, MissingDependencyError, ModelError, NumericsError
-from ..validators import image_size
-from . import onnx as ort_runtime
+from ..errors import DeviceError, MissingDependencyError, ModelError
+from .base import ONE_STEP, Export, ExportFacts, RuntimeFormat
+from .sampler import check_io, check_sampling, session_calls, tokenizer_for
 
+KIND = "openvino-export"
 IR_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
-COMPONENTS_ONE_STEP = ("text_encoder", "unet", "vae_decoder")
 
 
 class OvPrecision(str, enum.Enum):
@@ -123,80 +123,76 @@ def compile_model(path: Path, precision: OvPrecision | str = OvPrecision.auto, t
     return Session(compiled, path)
 
 
-def export_meta(folder: Path) -> dict:
-    """The manifest's ``openvino`` facts (the ONNX export's runtime facts plus ``precision``), checked."""
-    m = read_manifest(folder) or {}
-    meta = m.get("openvino")
-    if not isinstance(meta, dict) or "latent_shape" not in meta:
-        raise ModelError(f"{folder} has no OpenVINO export manifest", "pass a folder written by `instaflow-edge convert --target openvino`")
-    ort_runtime.check_meta(meta, Path(folder) / "manifest.json")
-    if meta.get("precision") not in [p.value for p in OvPrecision]:
-        raise ModelError(f"{Path(folder) / 'manifest.json'}: openvino.precision must be one of "
-                         f"{', '.join(p.value for p in OvPrecision)}, got {meta.get('precision')!r}",
-                         "restore the manifest, or re-export the model")
-    return meta
-
-
-def open_export(folder: Path, steps: int | None, guidance: float, threads: int | None = None,
-                precision: OvPrecision | str | None = None):
-    """Check an OpenVINO export folder and compile it: ``(meta, steps, sessions, tokenize)`` as
-    ``runtime.onnx.open_export`` returns. ``precision`` None: the export's own."""
+def export_facts(folder: Path, manifest: dict | None = None) -> tuple[ExportFacts, dict]:
+    """The manifest's ``openvino`` block, checked: the typed runtime facts and the block (its ``precision``
+    and ``quantize``). The graphs are compiled for one size (static shapes)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert --target openvino`")
-    meta = export_meta(folder)
-    steps = steps or meta["default_steps"]
-    ort_runtime.check_sampling(meta, steps, guidance)
+    m = manifest if manifest is not None else (read_manifest(folder) or {})
+    block = m.get("openvino")
+    if not isinstance(block, dict) or "latent_shape" not in block:
+        raise ModelError(f"{folder} has no OpenVINO export manifest", "pass a folder written by `instaflow-edge convert --target openvino`")
+    facts = ExportFacts.from_block(block, folder / "manifest.json", fixed_size=True)
+    if block.get("precision") not in [p.value for p in OvPrecision]:
+        raise ModelError(f"{folder / 'manifest.json'}: openvino.precision must be one of "
+                         f"{', '.join(p.value for p in OvPrecision)}, got {block.get('precision')!r}",
+                         "restore the manifest, or re-export the model")
+    return facts, block
+
+
+def compile_components(folder: Path, names, precision: OvPrecision | str, threads: int | None = None) -> dict:
+    """Every component of ``names`` compiled (one ``ov.Core``) and checked against its spec."""
     ov = require_openvino()
     core = ov.Core()
-    names = list(COMPONENTS_ONE_STEP) + (["unet_velocity"] if steps > 1 else [])
     sessions = {}
     for n in names:
-        path = folder / n / IR_FILE
-        sessions[n] = compile_model(path, precision or meta["precision"], threads, core)
-        ort_runtime.check_io(sessions[n], n, path)
-    return meta, steps, sessions, ort_runtime.tokenizer_for(folder)
+        path = Path(folder) / n / IR_FILE
+        sessions[n] = compile_model(path, precision, threads, core)
+        check_io(sessions[n], n, path)
+    return sessions
 
 
-def run_one_step(folder: Path | None, input_ids, noise, meta: dict, sessions: dict | None = None, threads: int | None = None):
-    """Text encoder → one-step UNet → VAE decoder through OpenVINO; image in [0, 1]."""
-    s = sessions or {n: compile_model(Path(folder) / n / IR_FILE, meta["precision"], threads) for n in COMPONENTS_ONE_STEP}
-    return ort_runtime.run_one_step(None, input_ids, noise, meta, s)
+def _precision_name(p: str) -> str:
+    return {"f32": "fp32", "f16": "fp16"}.get(p, p)
 
 
-def openvino_backend(config, info: dict):
-    """``generate --backend openvino``: the render function over a compiled export."""
-    import numpy as np
+def open_openvino(folder: Path, manifest: dict, *, steps: int | None = None, guidance: float = 1.0,
+                  threads: int | None = None, device: str = "cpu", precision: OvPrecision | str | None = None) -> Export:
+    """Open an OpenVINO export folder: every component compiled for the CPU in the export's precision
+    (``precision`` overrides it), with ``threads``."""
+    if device not in ("auto", "cpu"):
+        raise DeviceError(f"--device {device} is not available with --backend openvino", "use --device cpu")
+    facts, block = export_facts(folder, manifest)
+    steps = steps or facts.default_steps
+    check_sampling(facts, steps, guidance, "openvino")
+    names = list(ONE_STEP) + (["unet_velocity"] if steps > 1 else [])
+    sessions = compile_components(folder, names, precision or block["precision"], threads)
+    ran = {n: sessions[n].precision for n in ONE_STEP}
+    q = manifest.get("quantize") or {}
+    scheme, comps = q.get("scheme"), list(q.get("components") or [])
+    # weight-only schemes (int8-weights, int4-weights) still compute in the precision the plugin runs
+    computes_int8 = bool(scheme) and scheme.startswith("int8") and not scheme.endswith("-weights")
+    stages = {n: ("int8" if computes_int8 and n in comps else _precision_name(ran[n])) for n in ONE_STEP}
+    stages["end_to_end"] = stages["generator"] = stages["unet"]
+    ov = require_openvino()
+    how = (f"OpenVINO {ov.get_version()} CPU, computed in {'/'.join(sorted(set(ran.values())))}"
+           + (f"; NNCF {scheme} on {', '.join(comps)}" if scheme else ""))
+    sizes = {n: {"bytes": (manifest.get("sizes") or {}).get(n), "basis": "IR .xml + .bin bytes"} for n in ONE_STEP}
+    return Export(folder=folder, format="openvino", label=label(manifest), facts=facts,
+                  steps=steps, tokenize=tokenizer_for(folder), calls=session_calls(sessions),
+                  precision=block["precision"] + (f"+{scheme}" if scheme else ""), ran=how, scheme=scheme,
+                  gates={k: float(v) for k, v in (manifest.get("gates") or {}).items()}, sizes=sizes,
+                  stage_precisions=stages, source_sha256=(manifest.get("source") or {}).get("content_sha256"),
+                  source_model=(manifest.get("source") or {}).get("model"), max_batch=1,
+                  details={"ran_precision": "/".join(sorted(set(ran.values()))), "quantize": scheme})
 
-    from ..generator import make_noise
 
-    if config.device.value not in ("auto", "cpu"):
-        raise DeviceError(f"--device {config.device.value} is not available with --backend openvino", "use --device cpu")
-    if config.dtype.value not in ("auto", "float32"):
-        raise InputError(f"--dtype {config.dtype.value} does not apply to --backend openvino (precision is set at export)",
-                         "convert again with --target openvino --precision f32|bf16|f16")
-    folder = Path(config.model)
-    meta, steps, sessions, tokenize = open_export(folder, config.steps, config.guidance)
-    c, lh, lw = meta["latent_shape"]
-    f = meta["height"] // lh
-    mult = int(meta.get("size_multiple", 8))
-    h = image_size("height", config.height or meta["height"], mult)
-    w = image_size("width", config.width or meta["width"], mult)
-    if (h, w) != (meta["height"], meta["width"]):
-        raise InputError(f"this OpenVINO export is compiled for {meta['height']}x{meta['width']} images",
-                         "drop --height/--width, or convert again with them")
-    shape = (c, h // f, w // f)
-    ran = sorted({s.precision for s in sessions.values()})
-    info.update(steps=steps, height=h, width=w, flow=meta["flow"], device="cpu", dtype="float32", backend="openvino",
-                export_precision=meta["precision"], ran_precision="/".join(ran), quantize=meta.get("quantize"))
+def label(manifest: dict) -> str:
+    block = manifest.get("openvino") or {}
+    return f"openvino {block.get('quantize') or block.get('precision') or 'auto'}"
 
-    def render(job):
-        ids = tokenize([job.prompt])
-        noise = make_noise([job.seed], shape).numpy()
-        image = ort_runtime.sample(sessions, ids, noise, meta, steps)
-        if not np.isfinite(image).all():
-            raise NumericsError(f"NaN/Inf in the image for prompt {job.prompt!r} seed {job.seed} (openvino)",
-                                "a low-precision export overflowed: convert with --precision f32")
-        return (image[0].transpose(1, 2, 0) * 255).round().astype("uint8")
 
-    return render
+FORMAT = RuntimeFormat(
+    name="openvino", kind=KIND, open=open_openvino, label=label,
+    unavailable=lambda device: None if device in ("auto", "cpu") else "an OpenVINO export runs on the CPU (bench it without --device cuda)",
+    description="OpenVINO IR (model.xml + model.bin per component), compiled for the CPU",
+)

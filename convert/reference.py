@@ -1,0 +1,66 @@
+"""What every exporter checks against, computed once: the PyTorch fp32 reference of each component (its
+example inputs and output) and of the whole one-step image, and the runtime facts of the export.
+
+``export_onnx`` and ``export_openvino`` both start here (load → sizes → references → facts), so the two
+exporters share one skeleton; their parity rows compare each export's own runtime with these outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..pipeline import load_pipeline
+from ..runtime.base import ExportFacts
+
+
+@dataclasses.dataclass
+class Reference:
+    """``components``: name → (example inputs as torch tensors, fp32 output as numpy), for the names
+    exported; ``ids``/``noise``/``image``: the end-to-end one-step image (numpy) for the first example
+    prompt and seed 0; ``facts``: what the runtime will compute with."""
+
+    components: dict[str, tuple[tuple, object]]
+    input_names: dict[str, tuple[str, ...]]
+    ids: object
+    noise: object
+    image: object
+    facts: ExportFacts
+
+    def feed(self, name: str) -> dict:
+        """Component ``name``'s example inputs as an ONNX-style feed (input name → numpy array)."""
+        return {k: x.numpy() for k, x in zip(self.input_names[name], self.components[name][0])}
+
+    def output(self, name: str):
+        return self.components[name][1]
+
+
+def load_source(model: str | Path, allow_pickle: bool, height: int | None, width: int | None):
+    """The source pipeline (fp32, CPU, local files only) and the sizes it is exported at."""
+    from ..components import Sizes
+
+    pipe = load_pipeline(Path(model), "cpu", "float32", allow_pickle, local_files_only=True)
+    h, w = pipe.image_size(height, width)
+    return pipe, Sizes.of(pipe, batch=1, height=h, width=w)
+
+
+def compute(pipe, sizes, names: list[str], spec_for, fixed_size: bool = False) -> Reference:
+    """The references of ``names`` (``spec_for(name)`` gives each component's export spec) and of the
+    end-to-end image; ``pipe``'s modules are run once each, under no_grad."""
+    import torch
+
+    from ..components import EXAMPLE_PROMPTS
+    from ..generator import OneStepGenerator, make_noise
+
+    comps, input_names = {}, {}
+    with torch.no_grad():
+        for name in names:
+            spec = spec_for(name)
+            inputs = spec.example_inputs(pipe, sizes)
+            comps[name] = (inputs, spec.module(pipe)(*inputs).numpy())
+            input_names[name] = tuple(t.name for t in spec.inputs)
+        ids = pipe.tokenize(EXAMPLE_PROMPTS[:1])
+        noise = make_noise([0], (sizes.latent_channels, sizes.latent_height, sizes.latent_width))
+        image = OneStepGenerator.from_pipeline(pipe)(ids, noise)
+    return Reference(comps, input_names, ids.numpy(), noise.numpy(), image.numpy(),
+                     ExportFacts.of(pipe, sizes, names, fixed_size))
