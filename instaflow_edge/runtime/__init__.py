@@ -98,6 +98,12 @@ def runnable(name: str) -> bool:
     return get(name).open is not None
 
 
+def _check_available(fmt: RuntimeFormat, device: str) -> None:
+    why = fmt.open is not None and fmt.unavailable(device)
+    if why:
+        raise DeviceError(why, f"run {fmt.name} exports where their runtime runs, or use another export here")
+
+
 def open_export(folder: str | Path, *, expect: str | None = None, steps: int | None = None, guidance: float = 1.0,
                 threads: int | None = None, device: str = "cpu") -> Export:
     """Open the export in ``folder`` with its own runtime, for sampling ``steps`` (None: its default).
@@ -106,6 +112,8 @@ def open_export(folder: str | Path, *, expect: str | None = None, steps: int | N
     error. Everything that can be refused (manifest, files, sizes, platform) is refused before the first
     model loads."""
     folder = Path(folder)
+    if expect is not None:  # what the caller asked for cannot run here: say so before reading the folder
+        _check_available(get(expect), device)
     if not folder.is_dir():
         raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert`")
     manifest = read_manifest(folder) or {}
@@ -115,9 +123,7 @@ def open_export(folder: str | Path, *, expect: str | None = None, steps: int | N
     fmt = get(name)
     if fmt.open is None:
         raise InputError(f"{folder} is a {name} export, which has no runtime here ({fmt.description})", fmt.refusal)
-    why = fmt.unavailable(device)
-    if why:
-        raise DeviceError(f"{name} exports cannot run here: {why}", f"run it where {name} runs, or use another export")
+    _check_available(fmt, device)
     return fmt.open(folder, manifest, steps=steps, guidance=guidance, threads=threads, device=device)
 
 
