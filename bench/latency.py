@@ -27,18 +27,33 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import logging
 import os
 import statistics
 import sys
 from pathlib import Path
 
 from .. import runtime
-from ..artifacts import atomic_write_text, claim_output, make_manifest, read_manifest, to_jsonable
+from ..artifacts import (
+    atomic_write_text,
+    claim_output,
+    make_manifest,
+    read_manifest,
+    to_jsonable,
+)
 from ..errors import DeviceError, InputError
-from ..progress import say
 from ..runtime import parse_exports, source_pipeline
 from ..validators import boolean, choice, integer
-from .runners import STAGES, count_flops, export_runner, matmul_peak, torch_runner, whole_runner
+from .runners import (
+    STAGES,
+    count_flops,
+    export_runner,
+    matmul_peak,
+    torch_runner,
+    whole_runner,
+)
+
+log = logging.getLogger(__name__)
 
 
 class BenchDevice(str, enum.Enum):
@@ -255,7 +270,7 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
 
     def note(msg):
         if progress:
-            say("bench", msg)
+            log.info(msg)
 
     rss = Rss()
     torch.set_num_threads(threads)

@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import gc
 import json
+import logging
 import re
 import shutil
 import time
@@ -46,15 +47,16 @@ from ..artifacts import (
     write_manifest,
 )
 from ..errors import InputError, require
-from ..validators import image_size
-from ..runtime.coreml import KIND
 from ..pipeline import _write_slow_tokenizer_files, detect_info, load_pipeline
-from ..progress import say
 from ..quantize import coreml as cq
 from ..quantize.coreml import compressed_layers
+from ..runtime.coreml import KIND
+from ..validators import image_size
 from . import coreml_apple as apple
 from .config import ConvertConfig, CoreMLLayout, Precision, Target, parse_sizes, target
 from .coreml_check import report_rows
+
+log = logging.getLogger(__name__)
 
 NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "generator": "Generator"}
 DESCRIPTIONS = {
@@ -189,7 +191,7 @@ def quality_size(config: ConvertConfig, pipe, full):
         if not (big and config.precision is Precision.fp16 and min(full.height, full.width) > FP16_QUALITY_SIDE):
             return full
         side = FP16_QUALITY_SIDE
-        _say(f"fp16 quality chain at {side}×{side} (PyTorch's CPU float16 kernels are slow); --parity-size N changes it")
+        log.info(f"fp16 quality chain at {side}×{side} (PyTorch's CPU float16 kernels are slow); --parity-size N changes it")
     side = image_size("parity_size", side, pipe.size_multiple)
     return Sizes.of(pipe, batch=1, height=side, width=side)
 
@@ -297,7 +299,7 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
             ref_out = _observed(name, module(*ref_in), ref_in, layout)
         shipped_fp32 = module
         if p.scheme is not None:
-            _say(f"{NAMES[name]}: compressing ({p.scheme.name.value})")
+            log.info(f"{NAMES[name]}: compressing ({p.scheme.name.value})")
             t = time.perf_counter()
             shipped_fp32, rep = cq.compress(module, p.scheme.name, tuple(x[:1] for x in ref_in), config.target_bits)
             timing["compress_s"] = round(time.perf_counter() - t, 2)
@@ -330,9 +332,9 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
             measured.append(dataclasses.replace(image, component="image (end to end)"))
         # a miss: convert nothing more (minutes each), measure the rest, and let the caller list every miss
         if any(m.psnr < p.gate for m in measured):
-            _say(f"{NAMES[name]}: measured; a figure misses the {p.gate:.1f} dB gate, so nothing more is converted")
+            log.info(f"{NAMES[name]}: measured; a figure misses the {p.gate:.1f} dB gate, so nothing more is converted")
             return info
-        _say(f"{NAMES[name]}: tracing and converting")
+        log.info(f"{NAMES[name]}: tracing and converting")
         if traced is not None:
             traced[name] = _traceable(spec, shipped_fp32)
         t = time.perf_counter()
@@ -343,7 +345,7 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
     ml.save(str(path))
     del ml
     gc.collect()
-    _say(f"{NAMES[name]}: validating the saved package")
+    log.info(f"{NAMES[name]}: validating the saved package")
     t = time.perf_counter()
     info.update(_validate(name, path, spec, shapes, shipped_fp32, used_parameters(shipped_fp32, ref_in)))
     timing["validate_s"] = round(time.perf_counter() - t, 2)
@@ -527,8 +529,3 @@ def _validate(name: str, path: Path, spec, shapes: list, module, params: int) ->
     out.update(cc.sizes(path, params))
     out["weights_match"] = cc.check_weights(name, ml, module, sorted(compressed_layers(module)))
     return out
-
-
-def _say(msg: str) -> None:
-
-    say("coreml", msg)

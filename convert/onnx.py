@@ -43,8 +43,6 @@ from ..artifacts import (
 )
 from ..errors import MissingDependencyError, ModelError
 from ..parity import check_all, compare
-from ..pipeline import load_pipeline
-from ..progress import say
 from ..quantize.onnx import apply_scheme, default_gate
 from ..quantize.schemes import OnnxScheme, QuantEngine
 from ..runtime import onnx_io
@@ -53,6 +51,8 @@ from ..validators import prompt_file
 from . import reference
 from .config import ConvertConfig, Optimize, Target, target
 from .onnx_inc import inc_int8_static
+
+log = logging.getLogger(__name__)
 
 EXPORTER = "torch.onnx.export(dynamo=False)"
 
@@ -351,7 +351,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
             inputs = ref.components[name][0]
             t = time.perf_counter()
             inc = cfg.engine is QuantEngine.inc and name in DEFAULT_COMPONENTS
-            say("onnx", f"{name}: exporting (opset {cfg.opset}{', INC int8' if inc else ''})")
+            log.info(f"{name}: exporting (opset {cfg.opset}{', INC int8' if inc else ''})")
             if inc:
 
                 calib = [spec.example_inputs(pipe, sizes, seed=i, prompts=[p]) for i, p in enumerate(prompts)]
@@ -369,7 +369,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
         if cfg.optimize is not Optimize.none:
             for name in [n for n in names if n not in inc_done]:  # INC's QDQ graphs are left as exported
                 t = time.perf_counter()
-                say("onnx", f"{name}: optimizing for {cfg.optimize.value} and load-testing")
+                log.info(f"{name}: optimizing for {cfg.optimize.value} and load-testing")
                 optimized[name] = optimize_component(name, tmp / name / onnx_io.MODEL_FILE, cfg.optimize)
                 timings[f"optimize_{name}"] = round(time.perf_counter() - t, 2)
         # the manifest's runtime facts are needed by calibration (it runs the fp32 pipeline)
@@ -387,7 +387,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
                  for n in names}
         gates["end_to_end"] = cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.quantize if quantized else None)
         rows = []
-        say("onnx", f"parity vs PyTorch: {', '.join(names)}, end to end")
+        log.info(f"parity vs PyTorch: {', '.join(names)}, end to end")
         for name in names:
             sess = onnx_io.session(tmp / name / onnx_io.MODEL_FILE)
             rows.append(compare(name, ref.output(name), sess.run(None, ref.feed(name))[0]))

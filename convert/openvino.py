@@ -20,6 +20,7 @@ place, so nothing is written.
 from __future__ import annotations
 
 import gc
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +35,6 @@ from ..artifacts import (
 )
 from ..errors import ModelError
 from ..parity import DEFAULT_MIN_PSNR, check_all, compare
-from ..progress import say
 from ..quantize import openvino as oq
 from ..runtime import onnx_io
 from ..runtime import openvino as ovrt
@@ -46,6 +46,8 @@ from ..validators import prompt_file
 from . import reference
 from .config import ConvertConfig, Target, target
 from .onnx import components_for, copy_pipeline_files, export_component, onnx_spec
+
+log = logging.getLogger(__name__)
 
 ROUTE = "torch.onnx.export(dynamo=False) -> openvino.convert_model -> static shapes"
 # gates (dB vs PyTorch fp32) of the unquantized precisions: f32 is the fp32 gate; bf16 (8 mantissa bits)
@@ -91,7 +93,7 @@ def export_openvino(cfg: ConvertConfig) -> dict:
         for name in names:
             spec = onnx_spec(name)
             t = time.perf_counter()
-            say("openvino", f"{name}: exporting to ONNX")
+            log.info(f"{name}: exporting to ONNX")
             export_component(spec, spec.module(pipe), ref.components[name][0], scratch / name / onnx_io.MODEL_FILE, opset=18)
             timings[f"export_{name}"] = round(time.perf_counter() - t, 2)
         block = {**ref.facts.block(), "route": ROUTE, "precision": precision.value, "quantize": scheme,
@@ -105,22 +107,22 @@ def export_openvino(cfg: ConvertConfig) -> dict:
         write_partial(scratch, {**block, "opset": 18})
         for name in names:
             t = time.perf_counter()
-            say("openvino", f"{name}: converting to OpenVINO IR")
+            log.info(f"{name}: converting to OpenVINO IR")
             model = ov.convert_model(str(scratch / name / onnx_io.MODEL_FILE))
             model.reshape({k: list(v.shape) for k, v in ref.feed(name).items()})
             if name in quantized:
                 feeds = None
                 if scheme in oq.CALIBRATED:
-                    say("openvino", f"{name}: calibration inputs from {len(prompts)} prompts")
+                    log.info(f"{name}: calibration inputs from {len(prompts)} prompts")
                     feeds = calibration_feeds(scratch, name, prompts)
-                say("openvino", f"{name}: NNCF {scheme}")
+                log.info(f"{name}: NNCF {scheme}")
                 model = oq.quantize_model(model, scheme, name, feeds)
             ov.save_model(model, str(tmp / name / ovrt.IR_FILE), compress_to_fp16=precision is OvPrecision.f16)
             del model
             gc.collect()
             timings[f"convert_{name}"] = round(time.perf_counter() - t, 2)
         shutil.rmtree(scratch)
-        say("openvino", f"parity vs PyTorch ({precision.value}): {', '.join(names)}, end to end")
+        log.info(f"parity vs PyTorch ({precision.value}): {', '.join(names)}, end to end")
         sessions = ovrt.compile_components(tmp, names, precision)
         ran = {name: sessions[name].precision for name in names}
         rows = [compare(name, ref.output(name), sessions[name].run(None, ref.feed(name))[0]) for name in names]

@@ -24,15 +24,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
-from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, sha256_tree, write_manifest
+from ..artifacts import (
+    atomic_dir,
+    check_output,
+    make_manifest,
+    read_manifest,
+    sha256_tree,
+    write_manifest,
+)
 from ..errors import InputError, MissingDependencyError, ModelError
 from ..pipeline import _write_slow_tokenizer_files, detect_info
-from ..progress import say
 from ..runtime import onnx_io
 from ..runtime.onnx import KIND as ONNX_KIND
 from ..runtime.onnx import PARTIAL_KIND, export_facts
@@ -40,6 +47,8 @@ from ..runtime.web import KIND as SITE_KIND
 from ..validators import integer
 from .config import ConvertConfig, Target, target
 from .onnx import export_onnx
+
+log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "web_assets"
 PAGE_FILES = ("index.html", "app.mjs", "clip_tokenizer.mjs", "torch_randn.mjs")
@@ -202,7 +211,7 @@ def export_web(cfg: ConvertConfig) -> dict:
     with atomic_dir(cfg.output, cfg.force, inputs) as tmp:
         model_dir = tmp / "model"
         if is_export:
-            say("web", f"copying the ONNX export {src}")
+            log.info(f"copying the ONNX export {src}")
             onnx_io.check_folder(src)
             shutil.copytree(src, model_dir, ignore=shutil.ignore_patterns(".*"))
             onnx_manifest = read_manifest(model_dir)
@@ -210,7 +219,7 @@ def export_web(cfg: ConvertConfig) -> dict:
             onnx_manifest = export_onnx(dataclasses.replace(cfg, target=Target.onnx, output=str(model_dir), force=False))
         facts = export_facts(model_dir)
         _check_one_step(facts.flow, facts.default_steps, cfg.model)
-        say("web", f"writing the page and onnxruntime-web {version}")
+        log.info(f"writing the page and onnxruntime-web {version}")
         write_page(tmp, dist)
         source_manifest = onnx_manifest.get("source") or {}
         prompts = (read_manifest(src) or {}).get("prompts") if not is_export else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 from typing import Iterator
@@ -67,26 +68,33 @@ class MissingDependencyError(InstaflowError):
 IMPORT_CHATTER = ("coremltools", "torchao", "torch.utils._pytree")
 
 
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR):
+    """Raise the level of the named loggers for the duration of the block, then restore each one's own."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
+
+
 def require(module: str, extra: str):
     """Import an optional dependency (its import-time log chatter silenced, so a one-line error that
     follows stays one line) or raise a one-line error naming the extra to install."""
     import importlib
-    import logging
 
-    loggers = [logging.getLogger(n) for n in (module, *IMPORT_CHATTER)]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:  # pragma: no cover - exercised where the extra is absent
-        raise MissingDependencyError(
-            f"{module} is not installed ({e})",
-            f"pip install 'instaflow-edge[{extra}]'",
-        ) from e
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with quiet_loggers(module, *IMPORT_CHATTER):
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:  # pragma: no cover - exercised where the extra is absent
+            raise MissingDependencyError(
+                f"{module} is not installed ({e})",
+                f"pip install 'instaflow-edge[{extra}]'",
+            ) from e
 
 
 # how the Rust and C++ writers (safetensors, torch.save) report a full disk: in the message, not an OSError

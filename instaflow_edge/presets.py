@@ -48,6 +48,13 @@ class PresetSpec:
 
 
 PRESETS: dict[str, PresetSpec] = {}
+# presets defined outside this module, by the module that registers them: loaded on first use, so a
+# Python caller gets every preset without importing anything first (and importing this module stays light)
+LAZY_PRESETS = {"digits": "instaflow_edge.digits.preset"}
+
+
+def preset_names() -> list[str]:
+    return sorted(set(PRESETS) | set(LAZY_PRESETS))
 
 
 def preset(name: str, description: str, param_counts: dict[str, int] | None = None):
@@ -61,8 +68,12 @@ def preset(name: str, description: str, param_counts: dict[str, int] | None = No
 
 
 def get_preset(name: str) -> PresetSpec:
+    if name not in PRESETS and name in LAZY_PRESETS:
+        import importlib
+
+        importlib.import_module(LAZY_PRESETS[name])
     if name not in PRESETS:
-        raise InputError(f"unknown preset {name!r}", f"choose one of: {', '.join(sorted(PRESETS))}")
+        raise InputError(f"unknown preset {name!r}", f"choose one of: {', '.join(preset_names())}")
     return PRESETS[name]
 
 

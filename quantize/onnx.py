@@ -24,6 +24,7 @@ Engines: ``ort`` (the above). ``inc`` (Intel Neural Compressor) has no ONNX path
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +32,13 @@ from typing import Callable
 
 from ..errors import InputError, ModelError
 from ..parity import DEFAULT_MIN_PSNR
-from ..progress import say
 from ..runtime import onnx_io
 from ..runtime.onnx import export_facts, tokenize
-from ..runtime.sampler import unet_feed
 from ..runtime.onnx_io import EXTERNAL_DATA
+from ..runtime.sampler import unet_feed
 from .schemes import DEFAULT_COMPONENTS, OnnxScheme  # noqa: F401  (DEFAULT_COMPONENTS: re-exported)
+
+log = logging.getLogger(__name__)
 
 FP16_OP_BLOCK = ["LayerNormalization", "SkipLayerNormalization", "InstanceNormalization", "GroupNorm",
                  "Pow", "ReduceMean", "Sqrt", "Exp", "Softmax", "RandomNormalLike"]
@@ -238,7 +240,7 @@ def apply_scheme(folder: Path, scheme_name: OnnxScheme, components: list[str], p
     scheme_name = OnnxScheme(scheme_name)
     staged = {}
     for i, name in enumerate(components, 1):
-        say("quantize", f"{name} ({i}/{len(components)}): {scheme_name.value}"
+        log.info(f"{name} ({i}/{len(components)}): {scheme_name.value}"
             + (f", calibrating on {len(prompts)} prompts" if scheme_name is OnnxScheme.int8_static else ""))
         src = folder / name / onnx_io.MODEL_FILE
         dst = folder / name / ".quantized" / onnx_io.MODEL_FILE

@@ -9,6 +9,7 @@ and seeds, and gated at the scheme's default (or ``--min-psnr``). The verb retur
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
 
@@ -23,12 +24,19 @@ from ..artifacts import (
     write_manifest,
 )
 from ..errors import InputError, ModelError
-from ..progress import say
 from ..runtime import onnx_io
 from ..runtime.onnx import KIND as onnx_kind
-from ..runtime.onnx import export_facts, open_component, run_one_step, tokenize, write_partial
+from ..runtime.onnx import (
+    export_facts,
+    open_component,
+    run_one_step,
+    tokenize,
+    write_partial,
+)
 from ..validators import boolean, choice, number, prompt_file
 from .schemes import OnnxScheme, listing
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -94,7 +102,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
         write_partial(tmp, source_manifest_block)  # calibration reads it
         apply_scheme(tmp, cfg.scheme, names, prompts)
         rows = []
-        say("quantize", f"parity vs the fp32 source: {', '.join(names)}, end to end")
+        log.info(f"parity vs the fp32 source: {', '.join(names)}, end to end")
         for n in names:
             feeds = calibration_feeds(src, n, EXAMPLE_PROMPTS[:2], seed=1000)
             ref_s, out_s = onnx_io.session(src / n / onnx_io.MODEL_FILE), onnx_io.session(tmp / n / onnx_io.MODEL_FILE)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 
-from ..errors import MissingDependencyError
+from ..errors import InputError, MissingDependencyError, quiet_loggers
 
 # the default gates (dB vs the PyTorch fp32 reference) per scheme; see docs/openvino.md for the figures
 SCHEME_MIN_PSNR = {"int8": 25.0, "int8-hybrid": 25.0, "int8-weights": 30.0, "int4-weights": 15.0}
@@ -48,11 +48,13 @@ def require_nncf():
 def quantize_model(model, scheme: OvScheme | str, component: str, feeds: list[dict] | None):
     """``model`` (an ``ov.Model``) quantized with ``scheme``; ``feeds`` are the calibration inputs (one
     dict of numpy arrays per sample, keyed by input name) for the calibrated schemes. Returns a new model."""
-    import logging
-
     scheme = OvScheme(scheme)
     nncf = require_nncf()
-    logging.getLogger("nncf").setLevel(logging.ERROR)  # NNCF logs every step at INFO; our progress lines say it
+    with quiet_loggers("nncf"):  # NNCF logs every step at INFO; our progress lines say it; restored after
+        return _quantize(nncf, model, scheme, component, feeds)
+
+
+def _quantize(nncf, model, scheme: OvScheme, component: str, feeds: list[dict] | None):
     transformer = component in ("text_encoder", "unet", "unet_velocity")
     if scheme in (OvScheme.int8_weights, OvScheme.int4_weights):
         mode = nncf.CompressWeightsMode.INT8_ASYM if scheme is OvScheme.int8_weights else nncf.CompressWeightsMode.INT4_ASYM
@@ -61,7 +63,8 @@ def quantize_model(model, scheme: OvScheme | str, component: str, feeds: list[di
             "advanced_parameters": nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)}
         return nncf.compress_weights(model, mode=mode, **kw)
     if not feeds:
-        raise ValueError(f"--quantize {scheme.value} needs calibration inputs")
+        raise InputError(f"NNCF {scheme.value} of {component} needs calibration inputs, none were given",
+                         "pass calibration prompts (the scheme is calibrated)")
     dataset = nncf.Dataset(feeds)
     kw = {"subset_size": len(feeds), "model_type": nncf.ModelType.TRANSFORMER if transformer else None}
     if scheme is OvScheme.int8:

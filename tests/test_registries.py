@@ -45,16 +45,23 @@ def _losses():
 
 
 def _presets():
-    import instaflow_edge.digits  # noqa: F401  (registers the digits preset)
-    from instaflow_edge.presets import PRESETS
+    from instaflow_edge.presets import (
+        preset_names,  # every preset, lazily registered ones too
+    )
 
-    return PRESETS
+    return preset_names()
 
 
 def _backends():
-    from instaflow_edge.generate import BACKENDS
+    from instaflow_edge.runtime import backend_names
 
-    return BACKENDS
+    return backend_names()
+
+
+def _formats():
+    from instaflow_edge.runtime import names
+
+    return names()
 
 
 def _prune_methods():
@@ -78,6 +85,8 @@ COVERAGE = {
         "int8-static": "test_onnx.py::test_convert_int8_static",
     }),
     "Core ML compressions": (_coreml_compressions, None),  # parametrized over the registry itself, below
+    # the format contract (tests/contracts/test_format.py) is parametrized over runtime.names() itself
+    "export formats": (_formats, None),
     "distillation losses": (_losses, {
         "l2": "test_reflow_distill.py::test_distill_loss_is_at_s0_on_z_plus_v",
         "pseudo-huber": "test_losses.py::test_pseudo_huber_by_hand",
@@ -104,9 +113,14 @@ COVERAGE = {
 }
 
 
+_SELF_PARAMETRIZED = {"Core ML compressions": (_COREML_COMPRESS, "list(cq.SCHEMES)"),
+                      "export formats": ("contracts/test_format.py::test_open_export_facts_and_generate",
+                                         "_runnable()")}
+
+
 def _covered(name: str) -> dict[str, str]:
     get, cover = COVERAGE[name]
-    return cover if cover is not None else {entry: _COREML_COMPRESS for entry in get()}
+    return cover if cover is not None else {entry: _SELF_PARAMETRIZED[name][0] for entry in get()}
 
 
 @pytest.mark.parametrize("name", list(COVERAGE))
@@ -114,9 +128,9 @@ def test_every_entry_names_its_test(name):
     get, cover = COVERAGE[name]
     entries = set(get())
     if cover is None:
-        # the named test is parametrized with list(SCHEMES): it runs every entry by construction
-        test_file = (TESTS / _COREML_COMPRESS.split("::")[0]).read_text()
-        assert "list(cq.SCHEMES)" in test_file
+        # the named test is parametrized over the registry itself: it runs every entry by construction
+        ref, marker = _SELF_PARAMETRIZED[name]
+        assert marker in (TESTS / ref.split("::")[0]).read_text()
         return
     assert entries == set(cover), (
         f"{name}: registry has {sorted(entries)}, tests name {sorted(cover)} — add a test for the new entry "
@@ -133,3 +147,17 @@ def test_named_tests_exist(name):
     for entry, ref in _covered(name).items():
         file, func = ref.split("::")
         assert func in _test_functions(TESTS / file), f"{name}: {entry} names {ref}, which does not exist"
+
+
+def test_every_preset_is_known_to_a_python_caller_that_imported_nothing_else():
+    """``init(InitConfig(preset="digits"))`` works without importing ``instaflow_edge.digits`` first: the
+    presets defined elsewhere are a lazy name table, not registrations made by an import."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from instaflow_edge.presets import get_preset, preset_names; "
+            "assert 'instaflow_edge.digits' not in sys.modules; "
+            "print(get_preset('digits').name, ','.join(preset_names()))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["digits", "digits,sd15,tiny"]

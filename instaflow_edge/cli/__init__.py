@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
 from ..errors import InstaflowError
+from ..progress import stage_lines
 
 
 class _Interrupted(BaseException):
@@ -72,7 +73,7 @@ class _OneLineErrors(TyperGroup):
         code = 0
         received: list[int] = []
         try:
-            with _interrupts_raise(received):
+            with _interrupts_raise(received), stage_lines():
                 rv = super().main(args=argv, prog_name=prog_name or "instaflow-edge", complete_var=complete_var,
                                   standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import typer
 
-from .. import digits as _digits  # noqa: F401  (registers the "digits" preset)
-from ..presets import PRESETS
+from ..presets import preset_names
 
 
 def init_command(
-    preset: str = typer.Argument(..., help="Preset to build: " + ", ".join(sorted(PRESETS)) + "."),
+    preset: str = typer.Argument(..., help="Preset to build: " + ", ".join(preset_names()) + "."),
     output: Path = typer.Argument(..., help="Output pipeline folder (diffusers layout)."),
     seed: int = typer.Option(0, "--seed", help="Weight seed: the same seed gives identical weights."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),

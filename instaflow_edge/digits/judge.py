@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -25,7 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ModelError
-from ..progress import say
+
+log = logging.getLogger(__name__)
 
 JUDGE_SIZE = 32
 
@@ -204,7 +206,7 @@ def load_judge(config: JudgeConfig = JudgeConfig(), progress: bool = True) -> Ju
             return Judge(model, config, float(meta["val_accuracy"]), path)
         except Exception as e:  # a corrupt cache entry is rebuilt, not trusted
             if progress:
-                say("judge", f"cache {path} unusable ({type(e).__name__}: {e}); rebuilding it")
+                log.info(f"cache {path} unusable ({type(e).__name__}: {e}); rebuilding it")
     t0 = time.perf_counter()
     judge = train_judge(config, progress)
     seconds = time.perf_counter() - t0

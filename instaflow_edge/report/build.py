@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import time
 from pathlib import Path
 
-from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, sha256_tree, write_manifest
-from ..errors import InputError
-from ..progress import say
-from ..validators import boolean, integer, prompt_file, seed
 from .. import runtime
+from ..artifacts import (
+    atomic_dir,
+    check_output,
+    make_manifest,
+    read_manifest,
+    sha256_tree,
+    write_manifest,
+)
+from ..errors import InputError
+from ..validators import boolean, integer, prompt_file, seed
 from .runtimes import COMPONENT_ORDER, Runtime, open_exports, reference, used_params
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ["a red fox in snow", "a lighthouse at night", "a cat wearing a hat", "a castle on a mountain"]
 
@@ -162,7 +171,7 @@ def _digits(config: ReportConfig, runtimes: list[Runtime], progress: bool) -> di
     out: dict = {"num_images": config.digits_images, "seed": config.seed, "runtimes": {}}
     for rt in runtimes:
         if progress:
-            say("report", f"digits judge: {rt.label} ({config.digits_images} images)")
+            log.info(f"digits judge: {rt.label} ({config.digits_images} images)")
         transform = None
         if rt.kind != "torch" and not rt.emulated:  # the export, by its own runtime
             cfg = EvalConfig(model=str(rt.folder), num_images=config.digits_images, seed=config.seed, backend=rt.kind)
@@ -225,7 +234,7 @@ def make_report(config: ReportConfig, progress: bool = True) -> dict:
     parity, verdicts, images = {}, {}, {ref_rt.label: ref_images}
     for rt in exports:
         if progress:
-            say("report", f"{rt.label}: parity and images ({len(prompts)} prompts)")
+            log.info(f"{rt.label}: parity and images ({len(prompts)} prompts)")
         parity[rt.label], images[rt.label] = run_all(rt, ids_list, noise_list, ref, sf)
         verdicts[rt.label] = verdict(rt.label, parity[rt.label])
     digits_block = _digits(config, [ref_rt, *exports], progress) if digits and config.digits_images else None
