@@ -1,10 +1,12 @@
-"""``convert``'s config: one dataclass for every target, and the target registry.
+"""``convert``'s config: the fields every target shares, one options dataclass per target, and the
+target registry.
 
-Each target registers its export verb with ``@target(Target.x)``; ``export(config)`` dispatches. A
-config is checked and normalized once, when it is made (``__post_init__``: choices become enums,
-numbers and option combinations are checked), so a made config is valid and nothing changes it later.
-Options that belong to another target are refused (a Core ML ``--compress`` on an ONNX export is a
-mistake, not something to ignore). This module is imported by ``--help``: keep it light.
+Each target registers its export verb with ``@target(Target.x)``; ``export(config)`` dispatches on the
+options' type (``OPTIONS``). A config is checked and normalized once, when it is made
+(``__post_init__``: choices become enums, numbers and option combinations are checked), so a made config
+is valid and nothing changes it later. Options of another target cannot be expressed in Python (they are
+not fields of the target's options); ``ConvertConfig.of`` refuses them by name for the command line.
+This module is imported by ``--help``: keep it light.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from typing import Callable, ClassVar
 
 from ..errors import InputError
 from ..quantize import coreml as cq
-from ..quantize.openvino import OvScheme
 from ..quantize.schemes import (
     QUANTIZABLE_COMPONENTS,
     CoreMLCompression,
     MinTarget,
     OnnxScheme,
+    OvScheme,
     QuantEngine,
+    get_scheme,
 )
 from ..validators import (
     MAX_IMAGE_SIDE,
@@ -81,91 +84,46 @@ LAYOUT_FOR = {CoreMLLayout.apple: "Apple's Swift StableDiffusion pipeline, --sch
               CoreMLLayout.native: "our one-step chain: Unet output is the final latent; generate --backend coreml"}
 
 
-@dataclasses.dataclass
-class ConvertConfig:
-    """Options of ``instaflow-edge convert``. ONNX-only: opset, optimize, quantize, engine,
-    calibration_prompts, quantize_components. Core ML-only: layout, min_target, precision, attention,
-    compress, target_bits, sizes."""
+def _components(name: str, comps) -> list[str] | None:
+    if comps is None:
+        return None
+    comps = list(comps)
+    bad = [c for c in comps if c not in QUANTIZABLE_COMPONENTS]
+    if bad:
+        raise InputError(f"unknown --quantize-component {bad[0]!r}", f"choose from: {', '.join(QUANTIZABLE_COMPONENTS)}")
+    return comps
 
-    model: str
-    output: str
-    target: Target = Target.onnx
-    force: bool = False
-    fused: bool = False
-    height: int | None = None
-    width: int | None = None
-    min_psnr: float | None = None  # None: the scheme's default gate, written into the manifest
-    allow_pickle: bool = False
-    # ONNX
+
+def _params(v) -> dict | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise InputError(f"--quantize-param: expected NAME=VALUE pairs, got {v!r}", "pass e.g. --quantize-param group_size=32")
+    return dict(v)
+
+
+@dataclasses.dataclass
+class OnnxOptions:
+    """``convert --target onnx``: the graphs (opset, ONNX Runtime optimization) and an optional scheme of
+    ``quantize/schemes.py`` (``quantize_params``: its parameters, ``quantize_components``: where it applies)."""
+
+    target: ClassVar[str] = "onnx"
+    module: ClassVar[str] = "instaflow_edge.convert.onnx"
     opset: int = 18
     optimize: Optimize = Optimize.cpu
     quantize: OnnxScheme | None = None
     engine: QuantEngine = QuantEngine.ort
     calibration_prompts: str | None = None
     quantize_components: list[str] | None = None  # None: the scheme's defaults (text encoder and UNet)
-    # Core ML
-    layout: CoreMLLayout = CoreMLLayout.apple
-    min_target: MinTarget = MinTarget.iOS17
-    precision: Precision = Precision.fp16
-    attention: CoreMLAttention = CoreMLAttention.original
-    compress: CoreMLCompression | None = None
-    target_bits: float | None = None
-    sizes: str | None = None  # Core ML: extra enumerated image sizes, "HxW,HxW"
-    parity_size: int | None = None  # Core ML: image side of the PyTorch quality chain (None: coreml.quality_size)
-    # OpenVINO (the CLI's --precision and --quantize; calibration_prompts is shared with ONNX int8-static)
-    ov_precision: OvPrecision = OvPrecision.auto
-    ov_quantize: OvScheme | None = None
-
-    _ONNX_ONLY: ClassVar[dict] = {"opset": 18, "optimize": Optimize.cpu, "quantize": None, "engine": QuantEngine.ort,
-                                  "calibration_prompts": None, "quantize_components": None}
-    _COREML_ONLY: ClassVar[dict] = {"layout": CoreMLLayout.apple, "min_target": MinTarget.iOS17, "precision": Precision.fp16,
-                                    "attention": CoreMLAttention.original, "compress": None, "target_bits": None,
-                                    "sizes": None, "parity_size": None}
-    _OPENVINO_ONLY: ClassVar[dict] = {"ov_precision": OvPrecision.auto, "ov_quantize": None}
+    quantize_params: dict | None = None
 
     def __post_init__(self) -> None:
-        self.target = choice("target", self.target, Target)
-        for name in ("force", "fused", "allow_pickle"):
-            setattr(self, name, boolean(name, getattr(self, name)))
-        for name in ("height", "width", "parity_size"):
-            setattr(self, name, image_side(name, getattr(self, name)))
-        if self.min_psnr is not None:  # a negative gate would switch every gate off
-            self.min_psnr = number("min_psnr", self.min_psnr, low=0.0)
         self.opset = integer("opset", self.opset, 1)
         self.optimize = choice("optimize", self.optimize, Optimize)
         self.quantize = optional_choice("quantize", self.quantize, OnnxScheme)
         self.engine = choice("engine", self.engine, QuantEngine)
-        if self.quantize_components is not None:
-            self.quantize_components = list(self.quantize_components)
-        self.layout = choice("layout", self.layout, CoreMLLayout)
-        self.min_target = choice("min_target", self.min_target, MinTarget)
-        self.precision = choice("precision", self.precision, Precision)
-        self.attention = choice("attention", self.attention, CoreMLAttention)
-        self.compress = optional_choice("compress", self.compress, CoreMLCompression)
-        if self.target_bits is not None:
-            self.target_bits = number("target_bits", self.target_bits)
-        self.ov_precision = choice("precision", self.ov_precision, OvPrecision)
-        self.ov_quantize = optional_choice("quantize", self.ov_quantize, OvScheme)
-        foreign = {Target.onnx: {**self._COREML_ONLY, **self._OPENVINO_ONLY},
-                   Target.coreml: {**self._ONNX_ONLY, **self._OPENVINO_ONLY},
-                   Target.openvino: {**{k: v for k, v in self._ONNX_ONLY.items() if k not in ("calibration_prompts", "quantize_components")},
-                                     **self._COREML_ONLY},
-                   Target.web: {**self._COREML_ONLY, **self._OPENVINO_ONLY}}[self.target]
-        for name, default in foreign.items():
-            if getattr(self, name) != default:
-                raise InputError(f"{flag(name)} does not apply to --target {self.target.value}",
-                                 "drop the option or change --target")
-        if self.target is Target.web and self.fused:
-            raise InputError("--fused does not apply to --target web: the page runs the three components to time each",
-                             "drop --fused")
-        if self.target in (Target.onnx, Target.web):
-            self._check_onnx()
-        elif self.target is Target.coreml:
-            self._check_coreml()
-        else:
-            self._check_openvino()
-
-    def _check_onnx(self) -> None:
+        self.quantize_components = _components("quantize_components", self.quantize_components)
+        self.quantize_params = _params(self.quantize_params)
         if not (MIN_OPSET <= self.opset <= MAX_OPSET):
             raise InputError(f"--opset {self.opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET} (default 18)")
         if self.engine is QuantEngine.inc:
@@ -174,37 +132,161 @@ class ConvertConfig:
             if self.opset < INC_MIN_OPSET:
                 raise InputError(f"--engine inc exports with the dynamo exporter, which needs --opset ≥ {INC_MIN_OPSET}",
                                  f"pass --opset {INC_MIN_OPSET}")
-        if self.quantize_components:
-            if self.quantize is None or self.engine is QuantEngine.inc:
-                raise InputError("--quantize-component needs --quantize (and --engine ort)",
-                                 "add --quantize int8-static, or drop --quantize-component")
-            bad = [c for c in self.quantize_components if c not in QUANTIZABLE_COMPONENTS]
-            if bad:
-                raise InputError(f"unknown --quantize-component {bad[0]!r}", f"choose from: {', '.join(QUANTIZABLE_COMPONENTS)}")
+        if self.quantize_components and (self.quantize is None or self.engine is QuantEngine.inc):
+            raise InputError("--quantize-component needs --quantize (and --engine ort)",
+                             "add --quantize int8-static, or drop --quantize-component")
+        if self.quantize_params and self.quantize is None:
+            raise InputError("--quantize-param needs --quantize", "add --quantize SCHEME, or drop --quantize-param")
+        if self.quantize is not None:
+            get_scheme("onnx", self.quantize).make_params(self.quantize_params)  # a bad parameter fails now
         if self.calibration_prompts and self.quantize is not OnnxScheme.int8_static:
             raise InputError("--calibration-prompts applies only to --quantize int8-static", "drop it or add --quantize int8-static")
 
-    def _check_openvino(self) -> None:
-        if self.fused:
-            raise InputError("--fused does not apply to --target openvino", "drop --fused")
-        if self.calibration_prompts and self.ov_quantize not in (OvScheme.int8, OvScheme.int8_hybrid):
-            raise InputError("--calibration-prompts applies only to --quantize int8 or int8-hybrid",
-                             "drop it or add --quantize int8")
-        if self.quantize_components:
-            if self.ov_quantize is None:
-                raise InputError("--quantize-component needs --quantize", "add --quantize int8, or drop --quantize-component")
-            bad = [c for c in self.quantize_components if c not in QUANTIZABLE_COMPONENTS]
-            if bad:
-                raise InputError(f"unknown --quantize-component {bad[0]!r}", f"choose from: {', '.join(QUANTIZABLE_COMPONENTS)}")
+    def check(self, cfg: "ConvertConfig") -> None:
+        """Checks that need the whole config (none for ONNX)."""
 
-    def _check_coreml(self) -> None:
-        if self.layout is CoreMLLayout.apple and self.fused:
-            raise InputError("--fused adds Generator.mlpackage, which Apple's Swift pipeline never loads (it runs "
-                             "TextEncoder, Unet and VAEDecoder); --layout apple does not take it",
-                             "drop --fused, or pass --layout native --fused for the fused generator")
+
+@dataclasses.dataclass
+class WebOptions(OnnxOptions):
+    """``convert --target web``: the page runs the ONNX export; MODEL is a pipeline (exported here with
+    these ONNX options) or an ONNX export folder (copied as it is)."""
+
+    target: ClassVar[str] = "web"
+    module: ClassVar[str] = "instaflow_edge.convert.web"
+
+    def check(self, cfg: "ConvertConfig") -> None:
+        if cfg.fused:
+            raise InputError("--fused does not apply to --target web: the page runs the three components to time each",
+                             "drop --fused")
+
+
+@dataclasses.dataclass
+class CoreMLOptions:
+    """``convert --target coreml``: which program the packages are for, the deployment target, compute
+    precision, attention implementation, an optional compression and the enumerated image sizes."""
+
+    target: ClassVar[str] = "coreml"
+    module: ClassVar[str] = "instaflow_edge.convert.coreml"
+    layout: CoreMLLayout = CoreMLLayout.apple
+    min_target: MinTarget = MinTarget.iOS17
+    precision: Precision = Precision.fp16
+    attention: CoreMLAttention = CoreMLAttention.original
+    compress: CoreMLCompression | None = None
+    target_bits: float | None = None
+    sizes: str | None = None  # extra enumerated image sizes, "HxW,HxW"
+    parity_size: int | None = None  # image side of the PyTorch quality chain (None: coreml.quality_size)
+
+    def __post_init__(self) -> None:
+        self.layout = choice("layout", self.layout, CoreMLLayout)
+        self.min_target = choice("min_target", self.min_target, MinTarget)
+        self.precision = choice("precision", self.precision, Precision)
+        self.attention = choice("attention", self.attention, CoreMLAttention)
+        self.compress = optional_choice("compress", self.compress, CoreMLCompression)
+        if self.target_bits is not None:
+            self.target_bits = number("target_bits", self.target_bits)
+        self.parity_size = image_side("parity_size", self.parity_size)
         cq.validate(self.compress, self.min_target, self.target_bits)
         if self.sizes is not None:
             parse_sizes(self.sizes)
+
+    def check(self, cfg: "ConvertConfig") -> None:
+        if self.layout is CoreMLLayout.apple and cfg.fused:
+            raise InputError("--fused adds Generator.mlpackage, which Apple's Swift pipeline never loads (it runs "
+                             "TextEncoder, Unet and VAEDecoder); --layout apple does not take it",
+                             "drop --fused, or pass --layout native --fused for the fused generator")
+
+
+@dataclasses.dataclass
+class OpenVINOOptions:
+    """``convert --target openvino``: the CPU plugin's inference precision and an optional NNCF scheme of
+    ``quantize/schemes.py`` (calibrated ones take ``calibration_prompts``)."""
+
+    target: ClassVar[str] = "openvino"
+    module: ClassVar[str] = "instaflow_edge.convert.openvino"
+    precision: OvPrecision = OvPrecision.auto
+    quantize: OvScheme | None = None
+    calibration_prompts: str | None = None
+    quantize_components: list[str] | None = None
+    quantize_params: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.precision = choice("precision", self.precision, OvPrecision)
+        self.quantize = optional_choice("quantize", self.quantize, OvScheme)
+        self.quantize_components = _components("quantize_components", self.quantize_components)
+        self.quantize_params = _params(self.quantize_params)
+        if self.calibration_prompts and self.quantize not in (OvScheme.int8, OvScheme.int8_hybrid):
+            raise InputError("--calibration-prompts applies only to --quantize int8 or int8-hybrid",
+                             "drop it or add --quantize int8")
+        if self.quantize_components and self.quantize is None:
+            raise InputError("--quantize-component needs --quantize", "add --quantize int8, or drop --quantize-component")
+        if self.quantize_params and self.quantize is None:
+            raise InputError("--quantize-param needs --quantize", "add --quantize int4-weights, or drop --quantize-param")
+        if self.quantize is not None:
+            get_scheme("openvino", self.quantize).make_params(self.quantize_params)  # a bad parameter fails now
+
+    def check(self, cfg: "ConvertConfig") -> None:
+        if cfg.fused:
+            raise InputError("--fused does not apply to --target openvino", "drop --fused")
+
+
+TargetOptions = OnnxOptions | WebOptions | CoreMLOptions | OpenVINOOptions
+OPTIONS: dict[Target, type] = {Target.onnx: OnnxOptions, Target.web: WebOptions, Target.coreml: CoreMLOptions,
+                                Target.openvino: OpenVINOOptions}
+
+
+@dataclasses.dataclass
+class ConvertConfig:
+    """Options of ``instaflow-edge convert``: what every target shares, and one options object whose type
+    is the target (``OnnxOptions``, ``CoreMLOptions``, ``OpenVINOOptions``, ``WebOptions``). Options of
+    another target cannot be expressed; :meth:`of` builds a config from flat command-line names and
+    refuses, in one line, an option the target does not take."""
+
+    model: str
+    output: str
+    options: TargetOptions = dataclasses.field(default_factory=OnnxOptions)
+    force: bool = False
+    fused: bool = False
+    height: int | None = None
+    width: int | None = None
+    min_psnr: float | None = None  # None: the scheme's default gate, written into the manifest
+    allow_pickle: bool = False
+    target: Target = dataclasses.field(init=False)  # the options' target (recorded in the manifest)
+
+    def __post_init__(self) -> None:
+        if type(self.options) not in OPTIONS.values():
+            raise InputError(f"options of type {type(self.options).__name__} are not a convert target's",
+                             f"pass one of: {', '.join(c.__name__ for c in OPTIONS.values())}")
+        self.target = Target(type(self.options).target)
+        for name in ("force", "fused", "allow_pickle"):
+            setattr(self, name, boolean(name, getattr(self, name)))
+        for name in ("height", "width"):
+            setattr(self, name, image_side(name, getattr(self, name)))
+        if self.min_psnr is not None:  # a negative gate would switch every gate off
+            self.min_psnr = number("min_psnr", self.min_psnr, low=0.0)
+        self.options.check(self)
+
+    @property
+    def calibration_prompts(self) -> str | None:
+        """The calibration prompts file, where the target takes one (an input: --force never replaces it)."""
+        return getattr(self.options, "calibration_prompts", None)
+
+    @classmethod
+    def of(cls, target: Target | str, model: str, output: str, **flat) -> "ConvertConfig":
+        """A config from flat option names (the command line's): the shared ones go to the config, the
+        rest to ``target``'s options; one the target does not take (at a non-default value) is refused."""
+        target = choice("target", target, Target)
+        opts_cls = OPTIONS[target]
+        shared = {f.name for f in dataclasses.fields(cls) if f.init} - {"model", "output", "options"}
+        own = {f.name: f for f in dataclasses.fields(opts_cls)}
+        common, mine = {}, {}
+        for k, v in flat.items():
+            if k in shared:
+                common[k] = v
+            elif k in own:
+                mine[k] = v
+            elif v is not None and v is not False and v != []:
+                raise InputError(f"{flag(k)} does not apply to --target {target.value}", "drop the option or change --target")
+        return cls(model=model, output=output, options=opts_cls(**mine), **common)
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -226,7 +308,8 @@ TARGETS: dict[Target, ExportFn] = {}
 
 
 def target(name: Target):
-    """Register ``fn(config) -> manifest`` as the exporter of target ``name``."""
+    """Register ``fn(config) -> manifest`` as the exporter of target ``name`` (configs whose options are
+    ``OPTIONS[name]``)."""
 
     def deco(fn: ExportFn) -> ExportFn:
         TARGETS[Target(name)] = fn

@@ -86,19 +86,19 @@ def plan(config: ConvertConfig) -> Plan:
     """The scheme and the gate (the config's options were checked when it was made)."""
     from ..parity import DEFAULT_MIN_PSNR
 
-    s = cq.SCHEMES[config.compress] if config.compress is not None else None
+    s = cq.SCHEMES[config.options.compress] if config.options.compress is not None else None
     if config.min_psnr is not None:
         return Plan(s, float(config.min_psnr), "--min-psnr")
     if s is not None:
         return Plan(s, s.min_psnr, f"scheme {s.name.value}")
-    return Plan(None, DEFAULT_MIN_PSNR[config.precision.value], f"precision {config.precision.value}")
+    return Plan(None, DEFAULT_MIN_PSNR[config.options.precision.value], f"precision {config.options.precision.value}")
 
 
 def _image_sizes(config: ConvertConfig, pipe) -> list:
     from ..components import Sizes
 
     hw = [(config.height or pipe.default_size, config.width or pipe.default_size)]
-    for s in parse_sizes(config.sizes) if config.sizes else []:
+    for s in parse_sizes(config.options.sizes) if config.options.sizes else []:
         if s not in hw:
             hw.append(s)
     hw = [pipe.image_size(h, w) for h, w in hw]
@@ -109,7 +109,7 @@ def _check_layout_before_loading(config: ConvertConfig) -> None:
     """``--layout apple`` needs a one-step rectified flow: read from the folder's manifest or
     model_index.json before the weights load (a hub id is checked once loaded)."""
     folder = Path(config.model)
-    if config.layout is not CoreMLLayout.apple or not (folder / "model_index.json").is_file():
+    if config.options.layout is not CoreMLLayout.apple or not (folder / "model_index.json").is_file():
         return
     try:
         index = json.loads((folder / "model_index.json").read_text())
@@ -133,7 +133,7 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(config.model, "cpu", "float32", config.allow_pickle)
-    if config.layout is CoreMLLayout.apple:
+    if config.options.layout is CoreMLLayout.apple:
         apple.check_model(pipe.info, config.model)
     shapes = _image_sizes(config, pipe)
     names = ["text_encoder", "unet", "vae_decoder"] + (["generator"] if config.fused else [])
@@ -149,7 +149,7 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
         end_to_end = chain["parity"]
         _copy_tokenizer(config.model, pipe, tmp)
         source = read_manifest(config.model) if Path(config.model).is_dir() else None
-        rows = report_rows(components, end_to_end, config.compress.value if config.compress else None)
+        rows = report_rows(components, end_to_end, config.options.compress.value if config.options.compress else None)
         manifest = make_manifest(
             KIND, config,
             model={"source": config.model, "content_sha256": (source or {}).get("content_sha256"),
@@ -158,7 +158,7 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
             image_sizes=[[s.height, s.width] for s in shapes],
             latent={"channels": shapes[0].latent_channels, "vae_scale_factor": pipe.vae_scale_factor,
                     "scaling_factor": float(pipe.scaling_factor)},
-            layout=config.layout.value, scheduler=_scheduler(config, pipe),
+            layout=config.options.layout.value, scheduler=_scheduler(config, pipe),
             quality_batch=int(chain["ref"]["input_ids"].shape[0]),
             quality_image_size=[quality.height, quality.width],
             gate={"min_psnr": p.gate, "source": p.gate_source, "applies_to": "every component and the end-to-end image, as shipped vs fp32 PyTorch"},
@@ -185,10 +185,10 @@ def quality_size(config: ConvertConfig, pipe, full):
     The manifest records the size as ``quality_image_size``."""
     from ..components import Sizes
 
-    side = config.parity_size
+    side = config.options.parity_size
     if side is None:
         big = sum(p.numel() for p in pipe.unet.parameters()) > BIG_UNET
-        if not (big and config.precision is Precision.fp16 and min(full.height, full.width) > FP16_QUALITY_SIDE):
+        if not (big and config.options.precision is Precision.fp16 and min(full.height, full.width) > FP16_QUALITY_SIDE):
             return full
         side = FP16_QUALITY_SIDE
         log.info(f"fp16 quality chain at {side}×{side} (PyTorch's CPU float16 kernels are slow); --parity-size N changes it")
@@ -211,7 +211,7 @@ def _start_chain(pipe, sizes) -> dict:
 
 def _scheduler(config: ConvertConfig, pipe) -> dict:
     """What the packages were built to be run by."""
-    if config.layout is CoreMLLayout.apple:
+    if config.options.layout is CoreMLLayout.apple:
         return apple.manifest_block(pipe.scaling_factor)
     return {"program": "instaflow-edge generate --backend coreml (or an app doing the same)", "scheduler": None,
             "note": "no scheduler: the Unet's out_sample is the final latent; divide by scaling_factor and decode"}
@@ -287,12 +287,12 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
     from ..parity import compare
     from .coreml_attention import attention_implementation
 
-    layout = config.layout
+    layout = config.options.layout
     spec = COMPONENTS[name] if name == "generator" else specs(layout)[name]
     sf = chain["scaling_factor"]
     info: dict = {"file": NAMES[name] + ".mlpackage"}
     timing: dict = {}
-    with attention_implementation(pipe.unet, config.attention):
+    with attention_implementation(pipe.unet, config.options.attention):
         module = spec.module(pipe)
         ref_in = _inputs(name, chain["ref"], sf, layout)
         with torch.no_grad():
@@ -301,17 +301,17 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
         if p.scheme is not None:
             log.info(f"{NAMES[name]}: compressing ({p.scheme.name.value})")
             t = time.perf_counter()
-            shipped_fp32, rep = cq.compress(module, p.scheme.name, tuple(x[:1] for x in ref_in), config.target_bits)
+            shipped_fp32, rep = cq.compress(module, p.scheme.name, tuple(x[:1] for x in ref_in), config.options.target_bits)
             timing["compress_s"] = round(time.perf_counter() - t, 2)
             info["compression"] = {"scheme": p.scheme.name.value, **rep}
             with torch.no_grad():
                 info["parity_compression_fp32"] = compare(
                     name, ref_out, _observed(name, shipped_fp32(*ref_in), ref_in, layout)).as_dict()
-        shipped, cast = as_shipped(shipped_fp32, config.precision)
+        shipped, cast = as_shipped(shipped_fp32, config.options.precision)
         tail: dict = {}
         apple_unet = layout is CoreMLLayout.apple and name == "unet"
         with torch.no_grad():
-            with (_fp16_tail_figure(shipped, ref_in, ref_out, tail) if apple_unet and config.precision is Precision.fp16
+            with (_fp16_tail_figure(shipped, ref_in, ref_out, tail) if apple_unet and config.options.precision is Precision.fp16
                   else contextlib.nullcontext()):
                 par = compare(name, ref_out, _observed(name, shipped(*cast(ref_in)), ref_in, layout).float())
             info["parity"] = par.as_dict()
@@ -424,9 +424,9 @@ def _to_coreml(config, spec, module, shapes: list):
         variants = sorted({s.shape(t) for s in shapes}, key=lambda s: s != shapes[0].shape(t))
         shape = ct.EnumeratedShapes(shapes=variants, default=variants[0]) if len(variants) > 1 else variants[0]
         inputs.append(ct.TensorType(name=t.name, shape=shape, dtype=np.float32))
-    target = getattr(ct.target, config.min_target.value)
-    precision = ct.precision.FLOAT16 if config.precision is Precision.fp16 else ct.precision.FLOAT32
-    if config.precision is Precision.fp16 and spec is apple.SPECS["unet"]:
+    target = getattr(ct.target, config.options.min_target.value)
+    precision = ct.precision.FLOAT16 if config.options.precision is Precision.fp16 else ct.precision.FLOAT32
+    if config.options.precision is Precision.fp16 and spec is apple.SPECS["unet"]:
         precision = ct.transform.FP16ComputePrecision(op_selector=apple.fp32_tail())  # ε̂ stays fp32
     with _lean_lut_indices():
         return ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=o.name, dtype=np.float32) for o in spec.outputs],
@@ -440,7 +440,7 @@ def _describe(ml, config, name: str, spec, pipe) -> None:
     ml.author = "instaflow-edge"
     ml.license = _license(config.model)
     ml.version = v.get("instaflow-edge") or ""
-    is_apple = config.layout is CoreMLLayout.apple and name != "generator"
+    is_apple = config.options.layout is CoreMLLayout.apple and name != "generator"
     ml.short_description = apple.SHORT[name] if is_apple else {
         "text_encoder": "CLIP text encoder of a one-step InstaFlow generator",
         "unet": "One-step rectified-flow denoiser: x = z + v(z, τ=1000, text) (UNet plus one Euler step)",
@@ -454,13 +454,13 @@ def _describe(ml, config, name: str, spec, pipe) -> None:
                                          DESCRIPTIONS_OUT.get((name, t.name)) or DESCRIPTIONS[t.name])
     meta = {
         "source": config.model, "component": name, "flow": pipe.info.flow, "timestep": "1000",
-        "scaling_factor": str(pipe.scaling_factor), "min_target": config.min_target.value,
-        "precision": config.precision.value, "attention": config.attention.value,
-        "compression": config.compress.value if config.compress else "none", "target_bits": "" if config.target_bits is None else str(config.target_bits),
-        "layout": config.layout.value,
+        "scaling_factor": str(pipe.scaling_factor), "min_target": config.options.min_target.value,
+        "precision": config.options.precision.value, "attention": config.options.attention.value,
+        "compression": config.options.compress.value if config.options.compress else "none", "target_bits": "" if config.options.target_bits is None else str(config.options.target_bits),
+        "layout": config.options.layout.value,
         **{f"version.{k}": str(val) for k, val in v.items() if val},
     }
-    if config.layout is CoreMLLayout.apple:
+    if config.options.layout is CoreMLLayout.apple:
         meta.update({"scheduler": apple.SCHEDULER, "step_count": str(apple.STEP_COUNT),
                      "timestep": str(apple.ONE_STEP["timestep"]), "velocity_timestep": "1000",
                      "alpha": repr(float(apple.ONE_STEP["alpha"])), "sigma": repr(float(apple.ONE_STEP["sigma"])),

@@ -44,7 +44,7 @@ from ..artifacts import (
 from ..errors import MissingDependencyError, ModelError
 from ..parity import check_all, compare
 from ..quantize.onnx import apply_scheme, default_gate
-from ..quantize.schemes import OnnxScheme, QuantEngine
+from ..quantize.schemes import OnnxScheme, QuantEngine, get_scheme
 from ..runtime import onnx_io
 from ..runtime.onnx import KIND, run_one_step, write_partial
 from ..validators import prompt_file
@@ -145,7 +145,7 @@ def check_environment(cfg: ConvertConfig) -> None:
     """What the config cannot check when it is made (it would need onnxruntime, or reads a file), checked
     before minutes of export. Changes nothing."""
     prompt_file(cfg.calibration_prompts, [], "calibration prompts")  # a missing/empty file fails now
-    if cfg.optimize is Optimize.cuda:
+    if cfg.options.optimize is Optimize.cuda:
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -350,42 +350,43 @@ def export_onnx(cfg: ConvertConfig) -> dict:
             module = spec.module(pipe)
             inputs = ref.components[name][0]
             t = time.perf_counter()
-            inc = cfg.engine is QuantEngine.inc and name in DEFAULT_COMPONENTS
-            log.info(f"{name}: exporting (opset {cfg.opset}{', INC int8' if inc else ''})")
+            inc = cfg.options.engine is QuantEngine.inc and name in DEFAULT_COMPONENTS
+            log.info(f"{name}: exporting (opset {cfg.options.opset}{', INC int8' if inc else ''})")
             if inc:
 
                 calib = [spec.example_inputs(pipe, sizes, seed=i, prompts=[p]) for i, p in enumerate(prompts)]
-                inc_int8_static(spec, module, inputs, calib, tmp / name / onnx_io.MODEL_FILE, cfg.opset)
+                inc_int8_static(spec, module, inputs, calib, tmp / name / onnx_io.MODEL_FILE, cfg.options.opset)
                 inc_done.append(name)
             else:
-                export_component(spec, module, inputs, tmp / name / onnx_io.MODEL_FILE, cfg.opset)
+                export_component(spec, module, inputs, tmp / name / onnx_io.MODEL_FILE, cfg.options.opset)
             timings[f"export_{name}"] = round(time.perf_counter() - t, 2)
-        block = {**ref.facts.block(), "exporter": EXPORTER, "opset": cfg.opset,
+        block = {**ref.facts.block(), "exporter": EXPORTER, "opset": cfg.options.opset,
                  "pipeline_scheduler": pipeline_scheduler_record(pipe.info.one_step)}
         copy_pipeline_files(src, tmp, names)
         del pipe
         gc.collect()  # the torch model is not needed past here (SD1.5: 4.3 GB)
         optimized = {}
-        if cfg.optimize is not Optimize.none:
+        if cfg.options.optimize is not Optimize.none:
             for name in [n for n in names if n not in inc_done]:  # INC's QDQ graphs are left as exported
                 t = time.perf_counter()
-                log.info(f"{name}: optimizing for {cfg.optimize.value} and load-testing")
-                optimized[name] = optimize_component(name, tmp / name / onnx_io.MODEL_FILE, cfg.optimize)
+                log.info(f"{name}: optimizing for {cfg.options.optimize.value} and load-testing")
+                optimized[name] = optimize_component(name, tmp / name / onnx_io.MODEL_FILE, cfg.options.optimize)
                 timings[f"optimize_{name}"] = round(time.perf_counter() - t, 2)
         # the manifest's runtime facts are needed by calibration (it runs the fp32 pipeline)
         write_partial(tmp, block)
         quantized = []
-        if cfg.engine is QuantEngine.inc:
+        if cfg.options.engine is QuantEngine.inc:
             quantized = inc_done
-        elif cfg.quantize:
-            wanted = cfg.quantize_components or DEFAULT_COMPONENTS
+        elif cfg.options.quantize:
+            record = get_scheme("onnx", cfg.options.quantize)
+            wanted = cfg.options.quantize_components or record.default_components
             quantized = [n for n in names if n in wanted or (n == "unet_velocity" and "unet" in wanted)]
             t = time.perf_counter()
-            apply_scheme(tmp, cfg.quantize, quantized, prompts)
+            apply_scheme(tmp, cfg.options.quantize, quantized, prompts, record.make_params(cfg.options.quantize_params))
             timings["quantize"] = round(time.perf_counter() - t, 2)
-        gates = {n: (cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.quantize if n in quantized else None))
+        gates = {n: (cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.options.quantize if n in quantized else None))
                  for n in names}
-        gates["end_to_end"] = cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.quantize if quantized else None)
+        gates["end_to_end"] = cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.options.quantize if quantized else None)
         rows = []
         log.info(f"parity vs PyTorch: {', '.join(names)}, end to end")
         for name in names:
@@ -398,8 +399,8 @@ def export_onnx(cfg: ConvertConfig) -> dict:
             KIND, cfg,
             source={"model": str(src), "content_sha256": source_manifest.get("content_sha256") or sha256_tree(src)},
             onnx=block, optimize=optimized,
-            quantize={"scheme": cfg.quantize.value if cfg.quantize else None, "engine": cfg.engine.value, "components": quantized,
-                      "calibration_prompts": len(prompts) if cfg.quantize is OnnxScheme.int8_static else 0},
+            quantize={"scheme": cfg.options.quantize.value if cfg.options.quantize else None, "engine": cfg.options.engine.value, "components": quantized,
+                      "calibration_prompts": len(prompts) if cfg.options.quantize and get_scheme("onnx", cfg.options.quantize).calibrated else 0},
             gates=gates, parity=[p.as_dict() for p in rows],
             sizes={n: onnx_io.file_sizes(tmp / n) for n in names}, seconds={**timings, "total": round(time.perf_counter() - t0, 2)},
             **inherited_prompts(src),  # `quantize` of this export calibrates on the model's own prompts

@@ -19,6 +19,7 @@ place, so nothing is written.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import shutil
@@ -36,6 +37,8 @@ from ..artifacts import (
 from ..errors import ModelError
 from ..parity import DEFAULT_MIN_PSNR, check_all, compare
 from ..quantize import openvino as oq
+from ..quantize.calibration import Calibration
+from ..quantize.schemes import get_scheme
 from ..runtime import onnx_io
 from ..runtime import openvino as ovrt
 from ..runtime.base import ONE_STEP
@@ -58,17 +61,17 @@ PRECISION_MIN_PSNR = {"f32": DEFAULT_MIN_PSNR["fp32"], "bf16": DEFAULT_MIN_PSNR[
 def gate_for(ran_in: str, scheme: str | None) -> float:
     """The default gate of a component computed in ``ran_in`` and quantized with ``scheme`` (or not)."""
     g = PRECISION_MIN_PSNR.get(ran_in, DEFAULT_MIN_PSNR["fp16"])
-    return min(g, oq.SCHEME_MIN_PSNR[scheme]) if scheme else g
+    return min(g, get_scheme("openvino", scheme).gate_db) if scheme else g
 
 
 @target(Target.openvino)
 def export_openvino(cfg: ConvertConfig) -> dict:
     """Export ``cfg.model`` to an OpenVINO folder at ``cfg.output``; returns the manifest (``parity`` and
     ``gates`` are the table to show). Every missed gate is raised at once, as one PsnrError."""
-    from ..quantize.onnx import CALIBRATION_PROMPTS, calibration_feeds
+    from ..quantize.onnx import CALIBRATION_PROMPTS
 
     ovrt.require_openvino()
-    if cfg.ov_quantize is not None:
+    if cfg.options.quantize is not None:
         oq.require_nncf()
     prompt_file(cfg.calibration_prompts, [], "calibration prompts")  # a missing/empty file fails now
     check_output(cfg.output, cfg.force, (cfg.model, cfg.calibration_prompts))
@@ -78,11 +81,13 @@ def export_openvino(cfg: ConvertConfig) -> dict:
     import openvino as ov
 
     t0 = time.perf_counter()
-    precision = OvPrecision(cfg.ov_precision)
-    scheme = cfg.ov_quantize.value if cfg.ov_quantize else None
+    precision = OvPrecision(cfg.options.precision)
+    scheme = cfg.options.quantize.value if cfg.options.quantize else None
     pipe, sizes = reference.load_source(src, cfg.allow_pickle, cfg.height, cfg.width)
     names = components_for(pipe, False)
-    wanted = cfg.quantize_components or oq.DEFAULT_COMPONENTS
+    record = get_scheme("openvino", scheme) if scheme else None
+    params = record.make_params(cfg.options.quantize_params) if record else None
+    wanted = cfg.options.quantize_components or (record.default_components if record else ())
     quantized = [n for n in names if scheme and (n in wanted or (n == "unet_velocity" and "unet" in wanted))]
     source_manifest = read_manifest(src) or {}
     prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
@@ -112,11 +117,11 @@ def export_openvino(cfg: ConvertConfig) -> dict:
             model.reshape({k: list(v.shape) for k, v in ref.feed(name).items()})
             if name in quantized:
                 feeds = None
-                if scheme in oq.CALIBRATED:
+                if record.calibrated:
                     log.info(f"{name}: calibration inputs from {len(prompts)} prompts")
-                    feeds = calibration_feeds(scratch, name, prompts)
+                    feeds = Calibration(scratch, prompts).feeds(name)
                 log.info(f"{name}: NNCF {scheme}")
-                model = oq.quantize_model(model, scheme, name, feeds)
+                model = oq.quantize_model(model, scheme, name, feeds, params)
             ov.save_model(model, str(tmp / name / ovrt.IR_FILE), compress_to_fp16=precision is OvPrecision.f16)
             del model
             gc.collect()
@@ -138,7 +143,8 @@ def export_openvino(cfg: ConvertConfig) -> dict:
             source={"model": str(src), "content_sha256": source_manifest.get("content_sha256") or sha256_tree(src)},
             openvino=block, parity_ran_in=ran,
             quantize={"scheme": scheme, "engine": "nncf" if scheme else None, "components": quantized,
-                      "calibration_prompts": len(prompts) if scheme in oq.CALIBRATED else 0},
+                      "calibration_prompts": len(prompts) if record and record.calibrated else 0,
+                      "params": dataclasses.asdict(params) if params else None},
             gates=gates, parity=[p.as_dict() for p in rows],
             sizes={n: sum(p.stat().st_size for p in (tmp / n).iterdir() if p.is_file()) for n in names},
             seconds={**timings, "total": round(time.perf_counter() - t0, 2)},

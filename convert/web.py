@@ -45,7 +45,7 @@ from ..runtime.onnx import KIND as ONNX_KIND
 from ..runtime.onnx import PARTIAL_KIND, export_facts
 from ..runtime.web import KIND as SITE_KIND
 from ..validators import integer
-from .config import ConvertConfig, Target, target
+from .config import ConvertConfig, OnnxOptions, Target, WebOptions, target
 from .onnx import export_onnx
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,14 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 # what the page's tokenizer port implements (transformers' CLIPTokenizer, tokenizers backend)
 _CLIP_SPLIT = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 # options that shape an ONNX export: given with an export folder as MODEL they would be silently unused
-_EXPORT_OPTIONS = {"quantize": None, "opset": 18, "engine": ConvertConfig._ONNX_ONLY["engine"], "optimize": ConvertConfig._ONNX_ONLY["optimize"],
-                   "calibration_prompts": None, "quantize_components": None, "height": None, "width": None,
-                   "min_psnr": None, "allow_pickle": False}
+_EXPORT_SHARED = {"height": None, "width": None, "min_psnr": None, "allow_pickle": False}
+
+
+def _export_options_given(cfg: ConvertConfig) -> list[str]:
+    """The options given that would shape an ONNX export (every WebOptions field off its default)."""
+    defaults = WebOptions()
+    given = [f.name for f in dataclasses.fields(WebOptions) if getattr(cfg.options, f.name) != getattr(defaults, f.name)]
+    return given + [k for k, d in _EXPORT_SHARED.items() if getattr(cfg, k) != d]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ def _check_source(cfg: ConvertConfig) -> bool:
     """Refuse what the page cannot run, before minutes of export. Returns whether MODEL is an ONNX export."""
     src = Path(cfg.model)
     if _is_export(src):
-        given = [k for k, default in _EXPORT_OPTIONS.items() if getattr(cfg, k) != default]
+        given = _export_options_given(cfg)
         if given:
             flag = "--" + given[0].replace("_", "-")
             raise InputError(f"{flag} shapes an ONNX export, but {cfg.model} is one already (it is copied as it is)",
@@ -216,7 +221,9 @@ def export_web(cfg: ConvertConfig) -> dict:
             shutil.copytree(src, model_dir, ignore=shutil.ignore_patterns(".*"))
             onnx_manifest = read_manifest(model_dir)
         else:
-            onnx_manifest = export_onnx(dataclasses.replace(cfg, target=Target.onnx, output=str(model_dir), force=False))
+            onnx_manifest = export_onnx(dataclasses.replace(
+                cfg, output=str(model_dir), force=False,
+                options=OnnxOptions(**{f.name: getattr(cfg.options, f.name) for f in dataclasses.fields(OnnxOptions)})))
         facts = export_facts(model_dir)
         _check_one_step(facts.flow, facts.default_steps, cfg.model)
         log.info(f"writing the page and onnxruntime-web {version}")

@@ -23,6 +23,7 @@ from typing import Callable
 from ..errors import InputError, require
 from ..validators import choice
 from .schemes import MIN_TARGET_IOS, CoreMLCompression, MinTarget
+from .schemes import scheme as common_scheme
 
 MIXED_BIT_CANDIDATES = (2, 4, 6, 8)
 
@@ -45,8 +46,12 @@ SCHEMES: dict[CoreMLCompression, Scheme] = {}
 
 
 def scheme(name: CoreMLCompression, nominal_bits: float | None, description: str, min_ios: int = 16, min_psnr: float = 0.0):
+    """Register a compression: its Core ML record here (bits, minimum iOS) and its common scheme record
+    (``quantize/schemes.py``: backend ``coreml``, the gate)."""
     def deco(fn):
         SCHEMES[CoreMLCompression(name)] = Scheme(CoreMLCompression(name), nominal_bits, min_ios, fn, description, min_psnr)
+        common_scheme("coreml", name, gate_db=min_psnr, default_components=("text_encoder", "unet", "vae_decoder"),
+                      description=description)(fn)
         return fn
 
     return deco

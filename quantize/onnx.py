@@ -1,7 +1,8 @@
 """ONNX quantization schemes (onnxruntime's quantizer), one registry for ``convert --quantize`` and
 ``instaflow-edge quantize``.
 
-Schemes (``SCHEMES``, filled by ``@scheme``, keyed by ``schemes.OnnxScheme``; a test checks they agree):
+Schemes (records in ``schemes.SCHEMES`` under backend ``"onnx"``, filled by ``@scheme``; a test checks
+they and ``schemes.OnnxScheme`` agree):
 
 - ``fp16``: onnxruntime's float16 converter, fp32 inputs/outputs (``keep_io_types``) and a block list of
   overflow-prone ops kept fp32 (normalizations, their Pow/ReduceMean/Sqrt pieces, Exp/Softmax). NaN/Inf
@@ -23,20 +24,15 @@ Engines: ``ort`` (the above). ``inc`` (Intel Neural Compressor) has no ONNX path
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import subprocess
-import sys
 from pathlib import Path
-from typing import Callable
 
-from ..errors import InputError, ModelError
 from ..parity import DEFAULT_MIN_PSNR
 from ..runtime import onnx_io
-from ..runtime.onnx import export_facts, tokenize
 from ..runtime.onnx_io import EXTERNAL_DATA
-from ..runtime.sampler import unet_feed
-from .schemes import DEFAULT_COMPONENTS, OnnxScheme  # noqa: F401  (DEFAULT_COMPONENTS: re-exported)
+from .calibration import Calibration
+from .schemes import DEFAULT_COMPONENTS, OnnxScheme, get_scheme, scheme  # noqa: F401  (DEFAULT_COMPONENTS: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +53,12 @@ CALIBRATION_PROMPTS = [
 # 29.4 dB on the sd15 UNet with only 3 calibration inputs. 25 dB (rms error 5.6 % of the reference's
 # peak) sits 15 dB under everything measured here and 4 dB under that weakest run: a gate that a sound
 # calibration clears and a broken one (wrong ranges, an unquantizable op quantized) does not.
-# Keyed by precision name: "fp32" (nothing quantized) and every OnnxScheme value.
-SCHEME_MIN_PSNR = {**DEFAULT_MIN_PSNR, OnnxScheme.int8_dynamic.value: 25.0, OnnxScheme.int8_static.value: 25.0}
-
-SchemeFn = Callable[..., None]
-SCHEMES: dict[OnnxScheme, SchemeFn] = {}
+INT8_GATE_DB = 25.0
 
 
-def scheme(name: OnnxScheme):
-    def deco(fn: SchemeFn) -> SchemeFn:
-        SCHEMES[OnnxScheme(name)] = fn
-        return fn
-
-    return deco
-
-
-def default_gate(name: OnnxScheme | None) -> float:
+def default_gate(name: OnnxScheme | str | None) -> float:
     """The default gate (dB) of scheme ``name`` against the fp32 reference (``None``: fp32, nothing quantized)."""
-    return SCHEME_MIN_PSNR["fp32" if name is None else OnnxScheme(name).value]
+    return DEFAULT_MIN_PSNR["fp32"] if name is None else get_scheme("onnx", name).gate_db
 
 
 def _big(path: Path) -> bool:
@@ -82,8 +66,9 @@ def _big(path: Path) -> bool:
     return (path.parent / EXTERNAL_DATA).exists()
 
 
-@scheme(OnnxScheme.fp16)
-def _fp16(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]) -> None:
+@scheme("onnx", OnnxScheme.fp16, gate_db=DEFAULT_MIN_PSNR["fp16"], marks=("float16 weights",),
+        description="onnxruntime's float16 converter, fp32 I/O, overflow-prone ops kept fp32")
+def _fp16(src: Path, dst: Path, component: str, calibration: Calibration | None, params) -> None:
     from onnxruntime.transformers.float16 import (
         DEFAULT_OP_BLOCK_LIST,
         convert_float_to_float16,
@@ -96,8 +81,9 @@ def _fp16(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]
     onnx_io.save(model, dst)
 
 
-@scheme(OnnxScheme.int8_dynamic)
-def _int8_dynamic(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]) -> None:
+@scheme("onnx", OnnxScheme.int8_dynamic, gate_db=INT8_GATE_DB, marks=("DynamicQuantizeLinear", "int8 weights"),
+        description="int8 MatMul/Gemm weights, activations quantized at run time")
+def _int8_dynamic(src: Path, dst: Path, component: str, calibration: Calibration | None, params) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
 
@@ -110,8 +96,10 @@ def _int8_dynamic(src: Path, dst: Path, component: str, folder: Path, prompts: l
     _tidy_external(dst)
 
 
-@scheme(OnnxScheme.int8_static)
-def _int8_static(src: Path, dst: Path, component: str, folder: Path, prompts: list[str]) -> None:
+@scheme("onnx", OnnxScheme.int8_static, gate_db=INT8_GATE_DB, calibrated=True,
+        marks=("QuantizeLinear", "DequantizeLinear", "int8 weights"),
+        description="QDQ int8, per-channel weights, MinMax-calibrated uint8 activations")
+def _int8_static(src: Path, dst: Path, component: str, calibration: Calibration | None, params) -> None:
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -121,10 +109,11 @@ def _int8_static(src: Path, dst: Path, component: str, folder: Path, prompts: li
 
 
     onnx_io.check_model_file(src)
-    src, dst, folder = Path(src).resolve(), Path(dst).resolve(), Path(folder).resolve()
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    calibration = dataclasses.replace(calibration, folder=calibration.folder.resolve())
     with onnx_io.scratch_cwd() as tmp:
         cache = tmp / "ranges.json"
-        calibrate_in_subprocess(folder, component, src, cache, prompts)
+        calibration.ranges_in_subprocess(component, src, cache)
         quantize_static(
             str(src), str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=STATIC_OP_TYPES, per_channel=True, activation_type=QuantType.QUInt8,
@@ -167,85 +156,20 @@ def activation_matmuls(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not (set(n.input) & consts)]
 
 
-# ---------------------------------------------------------------------------------------------------
-# calibration: real prompts through the (fp32) pipeline, upstream components give the inputs
-
-
-def calibrate_in_subprocess(folder: Path, component: str, model: Path, cache: Path, prompts: list[str]) -> None:
-    """Run calibration of ``model`` in a fresh Python process; ranges land in ``cache`` (JSON). The child
-    reports each calibration input done as a ``calibrated i/n`` line on stdout (a progress bar here)."""
-    import tempfile
-
-    from tqdm import tqdm
-
-    prompts_file = cache.with_suffix(".prompts.json")
-    prompts_file.write_text(json.dumps(prompts))
-    cmd = [sys.executable, "-m", "instaflow_edge.quantize.onnx_calibrate", str(folder), component, str(model),
-           str(cache), str(prompts_file)]
-    with tempfile.TemporaryFile("w+") as err, tqdm(total=len(prompts), desc=f"calibrating {component}", unit="input", disable=None,
-                                                    leave=False, dynamic_ncols=True) as bar:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            for line in proc.stdout:
-                if line.startswith("calibrated "):
-                    bar.update(1)
-            proc.wait()
-        except BaseException:  # Ctrl-C: the child goes with us
-            proc.kill()
-            proc.wait()
-            raise
-        err.seek(0)
-        stderr = err.read()
-    if proc.returncode != 0 or not cache.is_file():
-        tail = stderr.strip().splitlines()[-1:] or ["no output"]
-        raise ModelError(f"int8-static calibration of {component} failed: {tail[0][:300]}",
-                         "rerun with --debug; a smaller --calibration-prompts file needs less memory")
-
-
-def calibration_feeds(folder: Path, component: str, prompts: list[str], seed: int = 0) -> list[dict]:
-    """One input dict per prompt for ``component``, made by running the fp32 export in ``folder``."""
-    import numpy as np
-
-    from ..generator import make_noise
-
-    facts = export_facts(folder)
-    ids = tokenize(folder, prompts)
-    shape = facts.latent_shape
-    noise = [make_noise([seed + i], shape).numpy() for i in range(len(prompts))]
-    if component in ("text_encoder", "generator"):
-        return [{"input_ids": ids[i : i + 1]} if component == "text_encoder"
-                else {"input_ids": ids[i : i + 1], "noise": noise[i]} for i in range(len(prompts))]
-    te = onnx_io.session(folder / "text_encoder" / onnx_io.MODEL_FILE)
-    ehs = [te.run(None, {"input_ids": ids[i : i + 1]})[0] for i in range(len(prompts))]
-    del te
-    if component == "unet":
-        un = onnx_io.session(folder / "unet" / onnx_io.MODEL_FILE)
-        return [unet_feed(un, noise[i], ehs[i]) for i in range(len(prompts))]
-    if component == "unet_velocity":
-        # the taus the N-step sampler visits
-        taus = [1000.0 * (1 - k / max(1, facts.default_steps)) for k in range(max(1, facts.default_steps))]
-        return [{"sample": noise[i], "timestep": np.full((1,), taus[i % len(taus)], np.float32),
-                 "encoder_hidden_states": ehs[i]} for i in range(len(prompts))]
-    if component == "vae_decoder":
-        un = onnx_io.session(folder / "unet" / onnx_io.MODEL_FILE)
-        lat = [un.run(None, unet_feed(un, noise[i], ehs[i]))[0] / facts.scaling_factor
-               for i in range(len(prompts))]
-        return [{"latent_sample": x} for x in lat]
-    raise InputError(f"no calibration inputs for component {component!r}", "quantize another component")
-
-
-def apply_scheme(folder: Path, scheme_name: OnnxScheme, components: list[str], prompts: list[str]) -> None:
+def apply_scheme(folder: Path, scheme_name: OnnxScheme | str, components: list[str], prompts: list[str],
+                 params=None) -> None:
     """Quantize ``components`` of the export in ``folder`` in place. Every component is quantized from
     the fp32 pipeline first (calibration runs the fp32 upstream models), then all are swapped in."""
-    scheme_name = OnnxScheme(scheme_name)
+    record = get_scheme("onnx", scheme_name)
+    calibration = Calibration(folder, prompts) if record.calibrated else None
     staged = {}
     for i, name in enumerate(components, 1):
-        log.info(f"{name} ({i}/{len(components)}): {scheme_name.value}"
-            + (f", calibrating on {len(prompts)} prompts" if scheme_name is OnnxScheme.int8_static else ""))
+        log.info(f"{name} ({i}/{len(components)}): {record.name}"
+                 + (f", calibrating on {len(prompts)} prompts" if record.calibrated else ""))
         src = folder / name / onnx_io.MODEL_FILE
         dst = folder / name / ".quantized" / onnx_io.MODEL_FILE
         dst.parent.mkdir(exist_ok=True)
-        SCHEMES[scheme_name](src, dst, name, folder, prompts)
+        record.apply(src, dst, name, calibration, params)
         onnx_io.session(dst)  # load test before it replaces the fp32 model
         staged[name] = dst
     for name, dst in staged.items():

@@ -1,5 +1,5 @@
 """int8-static calibration, run as its own process (``python -m instaflow_edge.quantize.onnx_calibrate
-FOLDER COMPONENT MODEL CACHE PROMPTS_JSON``).
+JOB_JSON COMPONENT MODEL CACHE``), started by ``Calibration.ranges_in_subprocess``.
 
 Why a process of its own: the calibrator holds an augmented copy of the model and a session that
 outputs every calibrated tensor; in the quantizer's process that adds up to > 14 GiB at SD1.5 scale.
@@ -10,25 +10,25 @@ MatMuls (attention scores, 512 MB each at SD1.5) are not calibrated: those nodes
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 from ..runtime import onnx_io
+from .calibration import Calibration
 
 
-def calibrate(folder: Path, component: str, model: Path, cache: Path, prompts: list[str]) -> None:
+def calibrate(calibration, component: str, model: Path, cache: Path) -> None:
     from onnxruntime.quantization.calibrate import (
         CalibrationDataReader,
         MinMaxCalibrater,
         save_tensors_data,
     )
 
-    from .onnx import STATIC_OP_TYPES, activation_matmuls, calibration_feeds
+    from .onnx import STATIC_OP_TYPES, activation_matmuls
 
     onnx_io.check_model_file(model)
-    feeds = calibration_feeds(folder, component, prompts)
+    feeds = calibration.feeds(component)
     skip = set(activation_matmuls(model))
 
     class Reader(CalibrationDataReader):
@@ -63,11 +63,11 @@ def calibrate(folder: Path, component: str, model: Path, cache: Path, prompts: l
 
 
 def main(argv: list[str]) -> int:
-    folder, component, model, cache, prompts_file = argv
+    job, component, model, cache = argv
     import os
 
     os.chdir(Path(cache).parent)  # onnxruntime's tools drop temp files into the CWD
-    calibrate(Path(folder), component, Path(model), Path(cache), json.loads(Path(prompts_file).read_text()))
+    calibrate(Calibration.from_job(Path(job)), component, Path(model), Path(cache))
     return 0
 
 

@@ -34,7 +34,8 @@ from ..runtime.onnx import (
     write_partial,
 )
 from ..validators import boolean, choice, number, prompt_file
-from .schemes import OnnxScheme, listing
+from .calibration import Calibration
+from .schemes import OnnxScheme, get_scheme, listing
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from ..components import EXAMPLE_PROMPTS
     from ..generator import make_noise
     from ..parity import check_all, compare
-    from .onnx import (
-        CALIBRATION_PROMPTS,
-        DEFAULT_COMPONENTS,
-        apply_scheme,
-        calibration_feeds,
-        default_gate,
-    )
+    from .onnx import CALIBRATION_PROMPTS, apply_scheme, default_gate
 
     check_overlap(cfg.output, (cfg.source, cfg.calibration_prompts))  # --force never replaces an input
     src = Path(cfg.source)
@@ -85,7 +80,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     onnx_io.check_folder(src)  # external data stays inside; every model parses
     source_manifest = read_manifest(src) or {}
     already = (source_manifest.get("quantize") or {}).get("components") or []
-    names = list(cfg.components) if cfg.components else [n for n in facts.components if n in DEFAULT_COMPONENTS]
+    names = list(cfg.components) if cfg.components else [n for n in facts.components if n in get_scheme("onnx", cfg.scheme).default_components]
     for n in names:
         if n not in facts.components:
             raise InputError(f"component {n!r} is not in {src}", f"choose from: {', '.join(facts.components)}")
@@ -104,7 +99,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
         rows = []
         log.info(f"parity vs the fp32 source: {', '.join(names)}, end to end")
         for n in names:
-            feeds = calibration_feeds(src, n, EXAMPLE_PROMPTS[:2], seed=1000)
+            feeds = Calibration(src, EXAMPLE_PROMPTS[:2], seed=1000).feeds(n)
             ref_s, out_s = onnx_io.session(src / n / onnx_io.MODEL_FILE), onnx_io.session(tmp / n / onnx_io.MODEL_FILE)
             ref = np.concatenate([ref_s.run(None, f)[0] for f in feeds])
             out = np.concatenate([out_s.run(None, f)[0] for f in feeds])
@@ -118,7 +113,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
             onnx_kind, cfg, source={"model": str(src), "content_sha256": source_manifest.get("content_sha256")},
             onnx=source_manifest_block, quantize={"scheme": cfg.scheme.value, "engine": "ort", "components": names,
                                  "reference": "the fp32 ONNX source folder",
-                                 "calibration_prompts": len(prompts) if cfg.scheme is OnnxScheme.int8_static else 0},
+                                 "calibration_prompts": len(prompts) if get_scheme("onnx", cfg.scheme).calibrated else 0},
             gates=gates, parity=[p.as_dict() for p in rows],
             sizes={n: onnx_io.file_sizes(tmp / n) for n in facts.components},
             upstream=source_manifest.get("config"), **inherited_prompts(src),

@@ -2,7 +2,7 @@
 
 - ``int8``: post-training static quantization (``nncf.quantize``, FakeQuantize on activations and
   weights of convolutions and matmuls), calibrated on the inputs our fp32 pipeline gives each component
-  for the calibration prompts (``quantize/onnx.py: calibration_feeds``, the same set the ONNX int8-static
+  for the calibration prompts (``quantize/calibration.py: Calibration.feeds``, the same set the ONNX int8-static
   export uses). ``ModelType.TRANSFORMER`` for the text encoder and UNet keeps softmax/attention scores
   float, as NNCF recommends for transformer blocks.
 - ``int8-hybrid``: what optimum-intel does for diffusion UNets: convolutions fully quantized (static,
@@ -11,30 +11,33 @@
   calibration; int4 is asymmetric per group of 64 (adjusted where a layer's width is not a multiple) with the first/last
   layers kept int8 (NNCF's default).
 
-Import-light: this module is read by ``--help`` (the enum); nncf loads inside the functions.
+Import-light: nncf loads inside the functions. The records (gates, calibration, marks, parameters) are
+``quantize/schemes.py``'s, registered here with ``@scheme("openvino", ...)``.
 """
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 
 from ..errors import InputError, MissingDependencyError, quiet_loggers
+from .schemes import OvScheme, get_scheme, scheme  # noqa: F401  (OvScheme: re-exported)
 
-# the default gates (dB vs the PyTorch fp32 reference) per scheme; see docs/openvino.md for the figures
-SCHEME_MIN_PSNR = {"int8": 25.0, "int8-hybrid": 25.0, "int8-weights": 30.0, "int4-weights": 15.0}
+INT8_GATE_DB = 25.0
 # components a scheme applies to unless told otherwise: the decoder stays float (int8 costs its image
-# quality most, as with ONNX int8-static: 28 dB on sd15)
-DEFAULT_COMPONENTS = ("text_encoder", "unet", "unet_velocity")
-CALIBRATED = ("int8", "int8-hybrid")
+# quality most, as with ONNX int8-static: 28 dB on sd15). The gates: docs/openvino.md has the figures.
 
 
-class OvScheme(str, enum.Enum):
-    """``convert --target openvino --quantize``: NNCF's schemes."""
+@dataclasses.dataclass(frozen=True)
+class Int4Params:
+    """``--quantize int4-weights --quantize-param group_size=N``: weights per int4 scale (a layer whose
+    width is not a multiple takes the nearest group size that fits)."""
 
-    int8 = "int8"
-    int8_hybrid = "int8-hybrid"
-    int8_weights = "int8-weights"
-    int4_weights = "int4-weights"
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.group_size, int) and self.group_size in (16, 32, 64, 128, 256)):
+            raise InputError(f"--quantize-param group_size={self.group_size}: not one of 16, 32, 64, 128, 256",
+                             "pass group_size=64 (the default) or another power of two from 16 to 256")
 
 
 def require_nncf():
@@ -45,31 +48,51 @@ def require_nncf():
     return nncf
 
 
-def quantize_model(model, scheme: OvScheme | str, component: str, feeds: list[dict] | None):
-    """``model`` (an ``ov.Model``) quantized with ``scheme``; ``feeds`` are the calibration inputs (one
-    dict of numpy arrays per sample, keyed by input name) for the calibrated schemes. Returns a new model."""
-    scheme = OvScheme(scheme)
+def quantize_model(model, scheme_name: OvScheme | str, component: str, feeds: list[dict] | None, params=None):
+    """``model`` (an ``ov.Model``) quantized with scheme ``scheme_name``; ``feeds`` are the calibration
+    inputs (one dict of numpy arrays per sample, keyed by input name) for the calibrated schemes.
+    Returns a new model."""
+    record = get_scheme("openvino", scheme_name)
+    if record.calibrated and not feeds:
+        raise InputError(f"NNCF {record.name} of {component} needs calibration inputs, none were given",
+                         "pass calibration prompts (the scheme is calibrated)")
     nncf = require_nncf()
     with quiet_loggers("nncf"):  # NNCF logs every step at INFO; our progress lines say it; restored after
-        return _quantize(nncf, model, scheme, component, feeds)
+        return record.apply(nncf, model, component, feeds, params)
 
 
-def _quantize(nncf, model, scheme: OvScheme, component: str, feeds: list[dict] | None):
+def _kw(component: str, feeds: list[dict]) -> dict:
+    import nncf
+
     transformer = component in ("text_encoder", "unet", "unet_velocity")
-    if scheme in (OvScheme.int8_weights, OvScheme.int4_weights):
-        mode = nncf.CompressWeightsMode.INT8_ASYM if scheme is OvScheme.int8_weights else nncf.CompressWeightsMode.INT4_ASYM
-        kw = {} if scheme is OvScheme.int8_weights else {
-            "group_size": 64, "ratio": 1.0,  # a layer whose width is not a multiple of 64 takes the nearest group that fits
-            "advanced_parameters": nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)}
-        return nncf.compress_weights(model, mode=mode, **kw)
-    if not feeds:
-        raise InputError(f"NNCF {scheme.value} of {component} needs calibration inputs, none were given",
-                         "pass calibration prompts (the scheme is calibrated)")
-    dataset = nncf.Dataset(feeds)
-    kw = {"subset_size": len(feeds), "model_type": nncf.ModelType.TRANSFORMER if transformer else None}
-    if scheme is OvScheme.int8:
-        return nncf.quantize(model, dataset, **kw)
-    # int8-hybrid: activations quantized only at convolutions, then the remaining float weights int8
+    return {"subset_size": len(feeds), "model_type": nncf.ModelType.TRANSFORMER if transformer else None}
+
+
+@scheme("openvino", OvScheme.int8, gate_db=INT8_GATE_DB, calibrated=True, marks=("FakeQuantize",),
+        description="NNCF post-training static int8 (activations and weights of convolutions and matmuls)")
+def _int8(nncf, model, component, feeds, params):
+    return nncf.quantize(model, nncf.Dataset(feeds), **_kw(component, feeds))
+
+
+@scheme("openvino", OvScheme.int8_hybrid, gate_db=INT8_GATE_DB, calibrated=True, marks=("FakeQuantize", "u8 weights"),
+        description="optimum-intel's UNet recipe: convolutions static int8, every other weight int8 weight-only")
+def _int8_hybrid(nncf, model, component, feeds, params):
     matmuls = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"]
-    q = nncf.quantize(model, dataset, ignored_scope=nncf.IgnoredScope(names=matmuls, validate=False), **kw)
+    q = nncf.quantize(model, nncf.Dataset(feeds), ignored_scope=nncf.IgnoredScope(names=matmuls, validate=False),
+                      **_kw(component, feeds))
     return nncf.compress_weights(q, mode=nncf.CompressWeightsMode.INT8_ASYM)
+
+
+@scheme("openvino", OvScheme.int8_weights, gate_db=30.0, marks=("u8 weights",),
+        description="int8 weight-only compression (asymmetric), compute in the plugin's precision")
+def _int8_weights(nncf, model, component, feeds, params):
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+
+
+@scheme("openvino", OvScheme.int4_weights, gate_db=15.0, marks=("u4 weights",), params=Int4Params,
+        description="int4 weight-only compression, asymmetric per group; first/last layers int8 (NNCF's default)")
+def _int4_weights(nncf, model, component, feeds, params):
+    p = params or Int4Params()
+    return nncf.compress_weights(
+        model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=p.group_size, ratio=1.0,
+        advanced_parameters=nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST))

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     fp32 = work / "fp32"
     if not (fp32 / "manifest.json").is_file():
-        export(ConvertConfig(model=args.model, output=str(fp32), force=True))
+        export(ConvertConfig.of("onnx", model=args.model, output=str(fp32), force=True))
     folders = {"onnx fp32": (fp32, None)}
     for label in args.variants.split(","):
         scheme, comps = VARIANTS[label]

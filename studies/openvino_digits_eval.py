@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         if not (out / "manifest.json").is_file():
             cal = args.calibration_prompts if scheme in ("int8", "int8-hybrid") else None
-            export(ConvertConfig(model=args.model, output=str(out), target="openvino", ov_precision=precision,
-                                 ov_quantize=scheme, quantize_components=comps, calibration_prompts=cal, force=True))
+            export(ConvertConfig.of("openvino", model=args.model, output=str(out), precision=precision,
+                                 quantize=scheme, quantize_components=comps, calibration_prompts=cal, force=True))
         convert_s = time.perf_counter() - t0
         ecfg = EvalConfig(model=str(out), steps=1, num_images=args.num_images, backend="openvino")
         t0 = time.perf_counter()

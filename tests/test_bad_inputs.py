@@ -930,7 +930,7 @@ def _build_shared(tiny: Path, base: Path, needs: set[str]) -> dict:
         try:
             from instaflow_edge.convert import ConvertConfig, export
 
-            export(ConvertConfig(model=str(tiny), output=str(base / "shared-onnx"), target="onnx"))
+            export(ConvertConfig.of("onnx", model=str(tiny), output=str(base / "shared-onnx")))
             shared["onnx"] = base / "shared-onnx"
         except Exception as e:  # e.g. onnxruntime missing: those rows are skipped
             print(f"shared onnx export failed: {e}", file=sys.stderr)

@@ -78,7 +78,7 @@ def tiny_onnx(tiny_dir, tmp_path_factory):
     from instaflow_edge.convert import ConvertConfig, export
 
     out = tmp_path_factory.mktemp("bench") / "onnx"
-    export(ConvertConfig(model=str(tiny_dir), output=str(out), target="onnx", optimize="none"))
+    export(ConvertConfig.of("onnx", model=str(tiny_dir), output=str(out), optimize="none"))
     return out
 
 

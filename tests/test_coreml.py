@@ -45,7 +45,8 @@ def test_export_layout_and_manifest(coreml_export, tiny_dir):
             "manifest.json"} <= names
     assert (coreml_export / "vocab.json").read_bytes() == (tiny_dir / "tokenizer" / "vocab.json").read_bytes()
     m = json.loads((coreml_export / "manifest.json").read_text())
-    assert m["kind"] == "coreml" and m["config"]["precision"] == "fp16" and m["config"]["attention"] == "split-einsum"
+    assert m["kind"] == "coreml" and m["config"]["target"] == "coreml"
+    assert m["config"]["options"]["precision"] == "fp16" and m["config"]["options"]["attention"] == "split-einsum"
     assert m["layout"] == "apple" and m["scheduler"]["scheduler"] == "dpmpp"
     assert m["image_sizes"] == [[64, 64], [96, 64]]
     assert m["gate"]["min_psnr"] == 35.0
@@ -113,7 +114,7 @@ def test_fp16_quality_chain_of_a_full_size_unet_runs_small(tiny_pipe):
 
     big = Big()
     full = types.SimpleNamespace(height=512, width=512)
-    cfg = lambda **kw: ConvertConfig(model="m", output="o", target="coreml", **kw)  # noqa: E731
+    cfg = lambda **kw: ConvertConfig.of("coreml", model="m", output="o", **kw)  # noqa: E731
     assert quality_size(cfg(precision="fp32"), big, full) is full
     assert quality_size(cfg(), tiny_pipe, full) is full  # a small UNet: the conversion size
     small = quality_size(cfg(), big, full)
@@ -203,7 +204,7 @@ def test_every_target_dispatches_and_fails_cleanly(tmp_path, name):
     from instaflow_edge.errors import InstaflowError
 
     (tmp_path / "empty").mkdir()
-    cfg = ConvertConfig(model=str(tmp_path / "empty"), output=str(tmp_path / "o"), target=name)
+    cfg = ConvertConfig.of(name, model=str(tmp_path / "empty"), output=str(tmp_path / "o"))
     assert cfg.target is Target(name)
     with pytest.raises(InstaflowError, match="model_index.json"):
         export(cfg)
@@ -228,15 +229,17 @@ def test_config_is_normalized_once_when_made():
 
     from instaflow_edge.errors import InputError
 
-    cfg = ConvertConfig(model="m", output="o", target="coreml", min_target="iOS18", precision="fp32",
+    cfg = ConvertConfig.of("coreml", model="m", output="o", min_target="iOS18", precision="fp32",
                         attention="split-einsum", compress="prune-50+palettize-4", layout="native")
-    assert (cfg.target, cfg.min_target, cfg.precision, cfg.attention, cfg.compress, cfg.layout) == (
+    o = cfg.options
+    assert (cfg.target, o.min_target, o.precision, o.attention, o.compress, o.layout) == (
         Target.coreml, MinTarget.iOS18, Precision.fp32, CoreMLAttention.split_einsum, CoreMLCompression.prune_50_palettize_4,
         CoreMLLayout.native)
-    assert ConvertConfig(model="m", output="o", target="coreml").layout is CoreMLLayout.apple
-    assert all(type(v) is not str for v in (cfg.target, cfg.min_target, cfg.compress))
-    cfg = ConvertConfig(model="m", output="o", optimize="none", quantize="int8-static", engine="ort")
-    assert (cfg.optimize, cfg.quantize, cfg.engine) == (Optimize.none, OnnxScheme.int8_static, QuantEngine.ort)
+    assert ConvertConfig.of("coreml", model="m", output="o").options.layout is CoreMLLayout.apple
+    assert all(type(v) is not str for v in (cfg.target, o.min_target, o.compress))
+    cfg = ConvertConfig.of("onnx", model="m", output="o", optimize="none", quantize="int8-static", engine="ort")
+    o = cfg.options
+    assert (o.optimize, o.quantize, o.engine) == (Optimize.none, OnnxScheme.int8_static, QuantEngine.ort)
     for kwargs, needle in [
         ({"min_psnr": float("nan")}, "min_psnr must be a finite number"),
         ({"height": 0}, "height must be a positive integer"),
@@ -248,7 +251,7 @@ def test_config_is_normalized_once_when_made():
         ({"target": "coreml", "layout": "apple", "fused": True}, "--layout apple does not take it"),
     ]:
         with pytest.raises(InputError, match=needle):
-            ConvertConfig(model="m", output="o", **kwargs)
+            ConvertConfig.of(kwargs.pop("target", "onnx"), model="m", output="o", **kwargs)
 
 
 def test_unknown_target_lists_targets(tmp_path, tiny_dir):

@@ -53,7 +53,7 @@ def apple_fp32(tmp_path_factory, digits_scaled_tiny):
     modules the converter traced."""
     out = tmp_path_factory.mktemp("coreml-apple") / "fp32"
     traced: dict = {}
-    manifest = cm.export_coreml(ConvertConfig(model=str(digits_scaled_tiny), output=str(out), target="coreml",
+    manifest = cm.export_coreml(ConvertConfig.of("coreml", model=str(digits_scaled_tiny), output=str(out),
                                               precision="fp32"), traced=traced)
     return out, manifest, traced
 
@@ -151,7 +151,7 @@ def _sizes(pipe, height: int, width: int) -> dict:
 def test_fp32_packages_meet_apples_contract(apple_fp32, tiny_pipe):
     export, manifest, _ = apple_fp32
     _check_contract(export, _sizes(tiny_pipe, 64, 64))
-    assert manifest["layout"] == "apple" and manifest["config"]["layout"] == "apple"
+    assert manifest["layout"] == "apple" and manifest["config"]["options"]["layout"] == "apple"
     assert manifest["scheduler"]["scheduler"] == "dpmpp" and manifest["scheduler"]["step_count"] == 1
     assert manifest["scheduler"]["timestep"] == 999 and manifest["scheduler"]["model_scaling_factor"] == 1.746
     meta = cc.load(export / "Unet.mlpackage").user_defined_metadata

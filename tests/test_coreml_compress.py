@@ -73,7 +73,7 @@ def test_scheme_in_pytorch_and_in_the_package(tiny_pipe, tmp_path, name, uncompr
     assert 0 < q < 200  # compression changes the output, measurably and finitely
 
     min_target = "iOS18" if cq.SCHEMES[name].min_ios == 18 else "iOS17"
-    cfg = ConvertConfig(model="m", output="o", target="coreml", compress=name, target_bits=target_bits, min_target=min_target)
+    cfg = ConvertConfig.of("coreml", model="m", output="o", compress=name, target_bits=target_bits, min_target=min_target)
     ml = cm._to_coreml(cfg, spec, compressed, [sizes])
     path = tmp_path / "TextEncoder.mlpackage"
     ml.save(str(path))
@@ -91,7 +91,7 @@ def uncompressed_bits(tiny_pipe, tmp_path_factory):
     spec = COMPONENTS["text_encoder"]
     sizes = Sizes.of(tiny_pipe, batch=1)
     module = spec.module(tiny_pipe)
-    cfg = ConvertConfig(model="m", output="o", target="coreml")
+    cfg = ConvertConfig.of("coreml", model="m", output="o")
     path = tmp_path_factory.mktemp("fp16") / "TextEncoder.mlpackage"
     cm._to_coreml(cfg, spec, module, [sizes]).save(str(path))
     return cc.sizes(path, cm.used_parameters(module, spec.example_inputs(tiny_pipe, sizes)))["bits_per_weight"]
@@ -102,7 +102,7 @@ def test_weight_check_catches_a_package_that_differs(tiny_pipe, tmp_path):
     sizes = Sizes.of(tiny_pipe, batch=1)
     inputs = spec.example_inputs(tiny_pipe, sizes)
     compressed, _ = cq.compress(spec.module(tiny_pipe), "palettize-4", inputs)
-    cfg = ConvertConfig(model="m", output="o", target="coreml", compress="palettize-4")
+    cfg = ConvertConfig.of("coreml", model="m", output="o", compress="palettize-4")
     cm._to_coreml(cfg, spec, compressed, [sizes]).save(str(tmp_path / "t.mlpackage"))
     other = copy.deepcopy(compressed)
     with torch.no_grad():
@@ -205,8 +205,8 @@ def test_fp32_precision_keeps_fp32_weights(tiny_pipe, tmp_path):
     spec = COMPONENTS["text_encoder"]
     sizes = Sizes.of(tiny_pipe, batch=1)
     module = spec.module(tiny_pipe)
-    cfg = ConvertConfig(model="m", output="o", target="coreml", precision="fp32")
-    assert cfg.precision is cm.Precision.fp32  # normalized when made
+    cfg = ConvertConfig.of("coreml", model="m", output="o", precision="fp32")
+    assert cfg.options.precision is cm.Precision.fp32  # normalized when made
     path = tmp_path / "t.mlpackage"
     cm._to_coreml(cfg, spec, module, [sizes]).save(str(path))
     pkg = cc.load(path)

@@ -225,7 +225,7 @@ def test_openvino_precision_does_not_apply_to_onnx(tiny_dir, tmp_path):
     from instaflow_edge.errors import InputError
 
     with pytest.raises(InputError, match="does not apply to --target onnx"):
-        ConvertConfig(model=str(tiny_dir), output=str(tmp_path / "o"), target="onnx", ov_precision="bf16")
+        ConvertConfig.of("onnx", model=str(tiny_dir), output=str(tmp_path / "o"), precision="bf16")
     r = run("convert", tiny_dir, "--target", "onnx", "--precision", "bf16", "-o", tmp_path / "o")
     assert_one_line_error(r, 2, "precision", nothing_at=tmp_path / "o")
 

@@ -159,7 +159,7 @@ def test_pruned_model_converts_to_coreml(tmp_path, both_pruned):
     from instaflow_edge.convert import export
     from instaflow_edge.convert.config import ConvertConfig
 
-    m = export(ConvertConfig(model=str(both_pruned), target="coreml", output=str(tmp_path / "cml")))
+    m = export(ConvertConfig.of("coreml", model=str(both_pruned), output=str(tmp_path / "cml")))
     assert (tmp_path / "cml" / "Unet.mlpackage").is_dir()
     assert m["end_to_end"]["psnr"] >= 35.0
 

@@ -87,7 +87,7 @@ def test_reflow_then_distill_end_to_end(tmp_path, tiny_dir, pairs_dir):
     from instaflow_edge.convert import ConvertConfig, export
 
     assert m["prompts"] == prompt_sample(PairsDataset(pairs_dir).prompts) and m["prompts"]
-    e = export(ConvertConfig(model=st, output=str(tmp_path / "int8"), target="onnx", quantize="int8-static"))
+    e = export(ConvertConfig.of("onnx", model=st, output=str(tmp_path / "int8"), quantize="int8-static"))
     assert e["quantize"]["calibration_prompts"] == len(m["prompts"]) and e["prompts"] == m["prompts"]
     g = generate(GenerateConfig(model=st, prompts=["a red fox"], output=str(tmp_path / "img"), device="cpu"), progress=False)
     assert g["sampling"]["steps"] == 1

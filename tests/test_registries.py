@@ -26,10 +26,10 @@ def _targets():
     return TARGETS
 
 
-def _onnx_schemes():
-    from instaflow_edge.quantize.onnx import SCHEMES
+def _schemes():
+    from instaflow_edge.quantize.schemes import all_schemes
 
-    return SCHEMES
+    return [f"{s.backend}:{s.name}" for s in all_schemes(("onnx", "openvino"))]
 
 
 def _coreml_compressions():
@@ -79,11 +79,8 @@ COVERAGE = {
         "openvino": "test_openvino.py::test_convert_f32_layout_parity_and_manifest",
         "web": "test_web.py::test_page_matches_generate_tiny_fp32",
     }),
-    "ONNX quantization schemes": (_onnx_schemes, {
-        "fp16": "test_onnx.py::test_standalone_quantize",
-        "int8-dynamic": "test_onnx.py::test_standalone_quantize",
-        "int8-static": "test_onnx.py::test_convert_int8_static",
-    }),
+    # the scheme contract (tests/contracts/test_scheme.py) is parametrized over the records themselves
+    "quantization schemes (ONNX, OpenVINO)": (_schemes, None),
     "Core ML compressions": (_coreml_compressions, None),  # parametrized over the registry itself, below
     # the format contract (tests/contracts/test_format.py) is parametrized over runtime.names() itself
     "export formats": (_formats, None),
@@ -115,7 +112,9 @@ COVERAGE = {
 
 _SELF_PARAMETRIZED = {"Core ML compressions": (_COREML_COMPRESS, "list(cq.SCHEMES)"),
                       "export formats": ("contracts/test_format.py::test_open_export_facts_and_generate",
-                                         "_runnable()")}
+                                         "_runnable()"),
+                      "quantization schemes (ONNX, OpenVINO)": (
+                          "contracts/test_scheme.py::test_scheme_marks_its_components_and_meets_its_gate", "_records()")}
 
 
 def _covered(name: str) -> dict[str, str]:

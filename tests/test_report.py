@@ -107,7 +107,7 @@ def tiny_exports(tiny_dir, tmp_path_factory):
     from instaflow_edge.convert import ConvertConfig, export
 
     root = tmp_path_factory.mktemp("report-exports")
-    export(ConvertConfig(model=str(tiny_dir), output=str(root / "onnx-fp32"), target="onnx", optimize="none"))
+    export(ConvertConfig.of("onnx", model=str(tiny_dir), output=str(root / "onnx-fp32"), optimize="none"))
     return root
 
 
@@ -160,7 +160,7 @@ def test_report_tiny_onnx_int8_and_coreml_palettize6(tiny_dir, tiny_exports, tmp
     int8 = tmp_path / "onnx-int8"
     quantize(QuantizeConfig(source=str(tiny_exports / "onnx-fp32"), output=str(int8), scheme="int8-static"))
     cm = tmp_path / "coreml-p6"
-    export(ConvertConfig(model=str(tiny_dir), output=str(cm), target="coreml", compress="palettize-6"))
+    export(ConvertConfig.of("coreml", model=str(tiny_dir), output=str(cm), compress="palettize-6"))
     out = tmp_path / "rep"
     r = CliRunner().invoke(app, ["report", str(tiny_dir), str(tiny_exports / "onnx-fp32"), str(int8), str(cm), "-o", str(out)])
     assert r.exit_code == 0, r.output

@@ -74,6 +74,9 @@ class _OneLineErrors(TyperGroup):
         received: list[int] = []
         try:
             with _interrupts_raise(received), stage_lines():
+                from .convert import legacy_argv
+
+                argv = legacy_argv(argv)  # `convert MODEL --target T` → `convert T MODEL`
                 rv = super().main(args=argv, prog_name=prog_name or "instaflow-edge", complete_var=complete_var,
                                   standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
@@ -180,7 +183,7 @@ def _register() -> None:
 
     app.command("init")(init_cmd.init_command)
     app.command("generate")(generate_cmd.generate_command)
-    app.command("convert")(convert_cmd.convert_command)
+    app.add_typer(convert_cmd.convert_app, name="convert")
     app.command("demo")(demo_cmd.demo_command)
     app.command("env")(env_cmd.env_command)
     app.command("eval")(eval_cmd.eval_command)

@@ -121,6 +121,7 @@ def predict_calls(folder: Path, manifest: dict, facts: ExportFacts) -> tuple[dic
 def describe(manifest: dict) -> tuple[str, str | None, float | None]:
     """``(precision, compression, target bits)`` of a Core ML export, from its manifest."""
     cfg = manifest.get("config") or {}
+    cfg = cfg.get("options") or cfg  # exports made before the per-target options kept them flat
     return cfg.get("precision") or "fp16", cfg.get("compress"), cfg.get("target_bits")
 
 

@@ -85,7 +85,7 @@ def exports(tiny_dir, tmp_path_factory, request):
 
                 out = tmp_path_factory.mktemp("contract") / name
                 try:
-                    export(ConvertConfig(model=str(tiny_dir), output=str(out), target=name))
+                    export(ConvertConfig.of(name, model=str(tiny_dir), output=str(out)))
                 except Exception as e:  # a missing optional dependency (openvino, coremltools) skips the format
                     if type(e).__name__ == "MissingDependencyError":
                         pytest.skip(f"{name}: {e}")

@@ -1,0 +1,101 @@
+"""``Calibration``: the inputs a calibrated scheme is fitted on, and every disk hand-off that needs.
+
+A calibration is the fp32 export in ``folder`` (its runtime facts in the manifest, full or partial), the
+prompts and a seed: :meth:`Calibration.feeds` runs that fp32 pipeline upstream of a component and gives
+one input dict per prompt; :meth:`Calibration.ranges_in_subprocess` runs onnxruntime's calibrator on a
+component's model in a fresh process (``quantize.onnx_calibrate``: the calibrator's memory is freed with
+it) and leaves the ranges in a cache file. The prompts and ranges files live beside the cache; nothing
+else of the hand-off is spread over callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import InputError, ModelError
+from ..runtime import onnx_io
+from ..runtime.onnx import export_facts, tokenize
+from ..runtime.sampler import unet_feed
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    folder: Path
+    prompts: tuple[str, ...]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.prompts:
+            raise InputError("no calibration prompts", "pass --calibration-prompts FILE with one prompt per line")
+
+    def feeds(self, component: str) -> list[dict]:
+        """One input dict per prompt for ``component``, made by running the fp32 export upstream of it."""
+        import numpy as np
+
+        from ..generator import make_noise
+
+        folder, prompts = self.folder, list(self.prompts)
+        facts = export_facts(folder)
+        ids = tokenize(folder, prompts)
+        noise = [make_noise([self.seed + i], facts.latent_shape).numpy() for i in range(len(prompts))]
+        if component in ("text_encoder", "generator"):
+            return [{"input_ids": ids[i: i + 1]} if component == "text_encoder"
+                    else {"input_ids": ids[i: i + 1], "noise": noise[i]} for i in range(len(prompts))]
+        te = onnx_io.session(folder / "text_encoder" / onnx_io.MODEL_FILE)
+        ehs = [te.run(None, {"input_ids": ids[i: i + 1]})[0] for i in range(len(prompts))]
+        del te
+        if component == "unet":
+            un = onnx_io.session(folder / "unet" / onnx_io.MODEL_FILE)
+            return [unet_feed(un, noise[i], ehs[i]) for i in range(len(prompts))]
+        if component == "unet_velocity":
+            steps = max(1, facts.default_steps)  # the taus the N-step sampler visits
+            taus = [1000.0 * (1 - k / steps) for k in range(steps)]
+            return [{"sample": noise[i], "timestep": np.full((1,), taus[i % len(taus)], np.float32),
+                     "encoder_hidden_states": ehs[i]} for i in range(len(prompts))]
+        if component == "vae_decoder":
+            un = onnx_io.session(folder / "unet" / onnx_io.MODEL_FILE)
+            lat = [un.run(None, unet_feed(un, noise[i], ehs[i]))[0] / facts.scaling_factor for i in range(len(prompts))]
+            return [{"latent_sample": x} for x in lat]
+        raise InputError(f"no calibration inputs for component {component!r}", "quantize another component")
+
+    def ranges_in_subprocess(self, component: str, model: Path, cache: Path) -> None:
+        """onnxruntime's MinMax ranges of ``model`` (component ``component``) on these inputs, computed in a
+        fresh Python process and written to ``cache`` (its calibration-cache JSON). The child reports each
+        input done as a ``calibrated i/n`` line (a progress bar here)."""
+        import tempfile
+
+        from tqdm import tqdm
+
+        job = cache.with_suffix(".job.json")
+        job.write_text(json.dumps({"folder": str(self.folder), "prompts": list(self.prompts), "seed": self.seed}))
+        cmd = [sys.executable, "-m", "instaflow_edge.quantize.onnx_calibrate", str(job), component, str(model), str(cache)]
+        with tempfile.TemporaryFile("w+") as err, tqdm(total=len(self.prompts), desc=f"calibrating {component}", unit="input",
+                                                        disable=None, leave=False, dynamic_ncols=True) as bar:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+            try:
+                for line in proc.stdout:
+                    if line.startswith("calibrated "):
+                        bar.update(1)
+                proc.wait()
+            except BaseException:  # Ctrl-C: the child goes with us
+                proc.kill()
+                proc.wait()
+                raise
+            err.seek(0)
+            stderr = err.read()
+        if proc.returncode != 0 or not cache.is_file():
+            tail = stderr.strip().splitlines()[-1:] or ["no output"]
+            raise ModelError(f"int8-static calibration of {component} failed: {tail[0][:300]}",
+                             "rerun with --debug; a smaller --calibration-prompts file needs less memory")
+
+    @classmethod
+    def from_job(cls, job: Path) -> "Calibration":
+        """The calibration a parent process handed to ``quantize.onnx_calibrate``."""
+        d = json.loads(Path(job).read_text())
+        return cls(Path(d["folder"]), tuple(d["prompts"]), int(d["seed"]))
