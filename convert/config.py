@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import re
 from typing import Callable, ClassVar
 
 from ..errors import InputError
+from ..runtime import BUILTIN
 from ..quantize import coreml as cq
 from ..quantize.schemes import (
     QUANTIZABLE_COMPONENTS,
@@ -44,11 +46,10 @@ INC_MIN_OPSET = 18  # --engine inc exports with the dynamo exporter, whose floor
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
-class Target(str, enum.Enum):
-    onnx = "onnx"
-    coreml = "coreml"
-    openvino = "openvino"
-    web = "web"  # a static page running the ONNX export with onnxruntime-web (convert/web.py)
+# the built-in targets, named in the format registry's one table (runtime.BUILTIN); web is a static page
+# running the ONNX export with onnxruntime-web (convert/web.py)
+Target = enum.Enum("Target", {n: n for n in BUILTIN}, type=str)
+Target.__doc__ = "``convert TARGET``: the built-in export targets."
 
 
 class Optimize(str, enum.Enum):
@@ -84,6 +85,18 @@ LAYOUT_FOR = {CoreMLLayout.apple: "Apple's Swift StableDiffusion pipeline, --sch
               CoreMLLayout.native: "our one-step chain: Unet output is the final latent; generate --backend coreml"}
 
 
+def opt(default=None, help: str = "", flag: str | None = None):
+    """An options field with its command-line help (and spelling, when not ``--field-name``): the
+    ``convert`` subcommands are built from these fields (``cli/convert.py``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **({"flag": flag} if flag else {})})
+
+
+_QC_HELP = ("A component to quantize (repeatable: " + ", ".join(QUANTIZABLE_COMPONENTS)
+            + "; default: the scheme's, text_encoder and unet — the VAE decoder stays float unless named).")
+_QP_HELP = "A parameter of the scheme, NAME=VALUE (repeatable), e.g. group_size=32 for OpenVINO int4-weights."
+_CAL_HELP = "A text file, one prompt per line, for calibrated schemes (default: the model's prompt set)."
+
+
 def _components(name: str, comps) -> list[str] | None:
     if comps is None:
         return None
@@ -104,18 +117,20 @@ def _params(v) -> dict | None:
 
 @dataclasses.dataclass
 class OnnxOptions:
-    """``convert --target onnx``: the graphs (opset, ONNX Runtime optimization) and an optional scheme of
-    ``quantize/schemes.py`` (``quantize_params``: its parameters, ``quantize_components``: where it applies)."""
+    """ONNX Runtime: optimum's folder layout (text_encoder/, unet/, vae_decoder/ model.onnx).
+
+    The graphs (opset, ONNX Runtime optimization) and an optional scheme of ``quantize/schemes.py``
+    (``quantize_params``: its parameters, ``quantize_components``: where it applies)."""
 
     target: ClassVar[str] = "onnx"
     module: ClassVar[str] = "instaflow_edge.convert.onnx"
-    opset: int = 18
-    optimize: Optimize = Optimize.cpu
-    quantize: OnnxScheme | None = None
-    engine: QuantEngine = QuantEngine.ort
-    calibration_prompts: str | None = None
-    quantize_components: list[str] | None = None  # None: the scheme's defaults (text encoder and UNet)
-    quantize_params: dict | None = None
+    opset: int = opt(18, "ONNX opset version.")
+    optimize: Optimize = opt(Optimize.cpu, "ONNX Runtime graph optimization for this provider.")
+    quantize: OnnxScheme | None = opt(None, "A quantization scheme (quantize/schemes.py).")
+    engine: QuantEngine = opt(QuantEngine.ort, "Quantization engine: ort (onnxruntime) or inc (Intel Neural Compressor).")
+    calibration_prompts: str | None = opt(None, _CAL_HELP)
+    quantize_components: list[str] | None = opt(None, _QC_HELP, "--quantize-component")  # None: the scheme's defaults
+    quantize_params: dict | None = opt(None, _QP_HELP, "--quantize-param")
 
     def __post_init__(self) -> None:
         self.opset = integer("opset", self.opset, 1)
@@ -148,8 +163,10 @@ class OnnxOptions:
 
 @dataclasses.dataclass
 class WebOptions(OnnxOptions):
-    """``convert --target web``: the page runs the ONNX export; MODEL is a pipeline (exported here with
-    these ONNX options) or an ONNX export folder (copied as it is)."""
+    """A static page running the one-step generator with onnxruntime-web (WebGPU or WASM).
+
+    The page runs the ONNX export; MODEL is a pipeline (exported here with these ONNX options) or an ONNX
+    export folder (copied as it is)."""
 
     target: ClassVar[str] = "web"
     module: ClassVar[str] = "instaflow_edge.convert.web"
@@ -162,19 +179,24 @@ class WebOptions(OnnxOptions):
 
 @dataclasses.dataclass
 class CoreMLOptions:
-    """``convert --target coreml``: which program the packages are for, the deployment target, compute
-    precision, attention implementation, an optional compression and the enumerated image sizes."""
+    """Core ML packages for Apple's Swift StableDiffusion pipeline (or our own one-step chain).
+
+    Which program the packages are for, the deployment target, compute precision, attention
+    implementation, an optional compression and the enumerated image sizes."""
 
     target: ClassVar[str] = "coreml"
     module: ClassVar[str] = "instaflow_edge.convert.coreml"
-    layout: CoreMLLayout = CoreMLLayout.apple
-    min_target: MinTarget = MinTarget.iOS17
-    precision: Precision = Precision.fp16
-    attention: CoreMLAttention = CoreMLAttention.original
-    compress: CoreMLCompression | None = None
-    target_bits: float | None = None
-    sizes: str | None = None  # extra enumerated image sizes, "HxW,HxW"
-    parity_size: int | None = None  # image side of the PyTorch quality chain (None: coreml.quality_size)
+    own_report: ClassVar[bool] = True  # the CLI prints its per-package report (stderr), not the parity table
+    layout: CoreMLLayout = opt(CoreMLLayout.apple, "Which program the packages are for: apple (Apple's Swift "
+                               "StableDiffusion pipeline, --scheduler dpmpp --step-count 1) or native (our one-step chain).")
+    min_target: MinTarget = opt(MinTarget.iOS17, "Minimum deployment target.")
+    precision: Precision = opt(Precision.fp16, "Compute precision.")
+    attention: CoreMLAttention = opt(CoreMLAttention.original, "original (GPU) or split-einsum (Neural Engine).")
+    compress: CoreMLCompression | None = opt(None, "A weight compression (quantize/coreml.py).")
+    target_bits: float | None = opt(None, "mixed-bit: average bits per weight to reach.")
+    sizes: str | None = opt(None, "More image sizes the models accept (enumerated shapes), e.g. 512x512,768x512.")
+    parity_size: int | None = opt(None, "Image side of the PyTorch parity chain (default: the conversion size; 128 for "
+                                  "fp16 packages of a full-size UNet, as PyTorch's CPU float16 is slow).")
 
     def __post_init__(self) -> None:
         self.layout = choice("layout", self.layout, CoreMLLayout)
@@ -198,16 +220,19 @@ class CoreMLOptions:
 
 @dataclasses.dataclass
 class OpenVINOOptions:
-    """``convert --target openvino``: the CPU plugin's inference precision and an optional NNCF scheme of
-    ``quantize/schemes.py`` (calibrated ones take ``calibration_prompts``)."""
+    """OpenVINO IR (model.xml + model.bin per component), static shapes, for the CPU.
+
+    The CPU plugin's inference precision and an optional NNCF scheme of ``quantize/schemes.py``
+    (calibrated ones take ``calibration_prompts``)."""
 
     target: ClassVar[str] = "openvino"
     module: ClassVar[str] = "instaflow_edge.convert.openvino"
-    precision: OvPrecision = OvPrecision.auto
-    quantize: OvScheme | None = None
-    calibration_prompts: str | None = None
-    quantize_components: list[str] | None = None
-    quantize_params: dict | None = None
+    precision: OvPrecision = opt(OvPrecision.auto, "The CPU plugin's inference precision (auto: the CPU's default, "
+                                 "bf16 where it has bf16 units).")
+    quantize: OvScheme | None = opt(None, "An NNCF scheme (quantize/schemes.py).")
+    calibration_prompts: str | None = opt(None, _CAL_HELP)
+    quantize_components: list[str] | None = opt(None, _QC_HELP, "--quantize-component")
+    quantize_params: dict | None = opt(None, _QP_HELP, "--quantize-param")
 
     def __post_init__(self) -> None:
         self.precision = choice("precision", self.precision, OvPrecision)
@@ -230,8 +255,34 @@ class OpenVINOOptions:
 
 
 TargetOptions = OnnxOptions | WebOptions | CoreMLOptions | OpenVINOOptions
-OPTIONS: dict[Target, type] = {Target.onnx: OnnxOptions, Target.web: WebOptions, Target.coreml: CoreMLOptions,
-                                Target.openvino: OpenVINOOptions}
+# target name -> its options class, as loaded: the built-in ones by name from runtime.BUILTIN on first use,
+# a plug-in's from register_target
+OPTIONS: dict[str, type] = {}
+
+
+def _key(name) -> str:
+    return name.value if isinstance(name, enum.Enum) else name
+
+
+def target_names() -> list[str]:
+    return sorted(set(BUILTIN) | set(OPTIONS))
+
+
+def options_class(name) -> type:
+    """The options dataclass of target ``name`` (loaded on first use); unknown names list the known."""
+    name = _key(target_name(name))
+    if name not in OPTIONS:
+        module, _, cls = BUILTIN[name][3].partition(":")
+        OPTIONS[name] = getattr(importlib.import_module(module), cls)
+    return OPTIONS[name]
+
+
+def target_name(name) -> Target | str:
+    """A built-in target as its enum member, a registered one as its name; unknown names list the known."""
+    name = name.value if isinstance(name, enum.Enum) else name
+    if name not in BUILTIN and name not in OPTIONS:
+        raise InputError(f"unknown --target {name!r}", f"choose one of: {', '.join(target_names())}")
+    return Target(name) if name in BUILTIN else name
 
 
 @dataclasses.dataclass
@@ -253,10 +304,11 @@ class ConvertConfig:
     target: Target = dataclasses.field(init=False)  # the options' target (recorded in the manifest)
 
     def __post_init__(self) -> None:
-        if type(self.options) not in OPTIONS.values():
+        name = getattr(type(self.options), "target", None)
+        if not isinstance(name, str) or name not in target_names() or options_class(name) is not type(self.options):
             raise InputError(f"options of type {type(self.options).__name__} are not a convert target's",
-                             f"pass one of: {', '.join(c.__name__ for c in OPTIONS.values())}")
-        self.target = Target(type(self.options).target)
+                             f"pass the options of one of: {', '.join(target_names())}")
+        self.target = target_name(name)
         for name in ("force", "fused", "allow_pickle"):
             setattr(self, name, boolean(name, getattr(self, name)))
         for name in ("height", "width"):
@@ -274,8 +326,8 @@ class ConvertConfig:
     def of(cls, target: Target | str, model: str, output: str, **flat) -> "ConvertConfig":
         """A config from flat option names (the command line's): the shared ones go to the config, the
         rest to ``target``'s options; one the target does not take (at a non-default value) is refused."""
-        target = choice("target", target, Target)
-        opts_cls = OPTIONS[target]
+        target = _key(target_name(target))
+        opts_cls = options_class(target)
         shared = {f.name for f in dataclasses.fields(cls) if f.init} - {"model", "output", "options"}
         own = {f.name: f for f in dataclasses.fields(opts_cls)}
         common, mine = {}, {}
@@ -285,7 +337,7 @@ class ConvertConfig:
             elif k in own:
                 mine[k] = v
             elif v is not None and v is not False and v != []:
-                raise InputError(f"{flag(k)} does not apply to --target {target.value}", "drop the option or change --target")
+                raise InputError(f"{flag(k)} does not apply to --target {target}", "drop the option or change --target")
         return cls(model=model, output=output, options=opts_cls(**mine), **common)
 
 
@@ -304,15 +356,29 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 ExportFn = Callable[[ConvertConfig], dict]
-TARGETS: dict[Target, ExportFn] = {}
+TARGETS: dict[str, ExportFn] = {}
 
 
-def target(name: Target):
+def target(name: Target | str):
     """Register ``fn(config) -> manifest`` as the exporter of target ``name`` (configs whose options are
     ``OPTIONS[name]``)."""
 
     def deco(fn: ExportFn) -> ExportFn:
-        TARGETS[Target(name)] = fn
+        TARGETS[target_name(name)] = fn
         return fn
 
     return deco
+
+
+def register_target(options: type, exporter: ExportFn) -> None:
+    """Add a target that is not built in: its options dataclass (``target``, ``module`` class variables,
+    fields made with :func:`opt`, a ``check(config)`` method) and its exporter. ``convert NAME`` then
+    exists on the command line, and ``ConvertConfig(options=options(...))`` dispatches to it."""
+    OPTIONS[options.target] = options
+    TARGETS[options.target] = exporter
+
+
+def unregister_target(name: str) -> None:
+    if name not in BUILTIN:
+        OPTIONS.pop(name, None)
+        TARGETS.pop(name, None)

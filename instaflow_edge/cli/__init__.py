@@ -183,7 +183,8 @@ def _register() -> None:
 
     app.command("init")(init_cmd.init_command)
     app.command("generate")(generate_cmd.generate_command)
-    app.add_typer(convert_cmd.convert_app, name="convert")
+    # convert parses its own arguments: each target's options come from its options dataclass (cli/convert.py)
+    app.command("convert", context_settings=convert_cmd.CONTEXT, help=convert_cmd.HELP)(convert_cmd.convert_command)
     app.command("demo")(demo_cmd.demo_command)
     app.command("env")(env_cmd.env_command)
     app.command("eval")(eval_cmd.eval_command)

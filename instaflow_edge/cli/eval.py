@@ -59,7 +59,7 @@ def print_table(result: dict) -> None:
         comp = result.get("coreml_compression")
         tag = f", Core ML {comp['scheme']}" if comp else ""
         if s.get("backend") not in (None, "torch"):
-            tag += f", {s['backend']} {s['export_precision']}"
+            tag += f", {s.get('runtime') or s['backend']} {s['export_precision']}"
         rows.append((f"{result['model']} ({s['steps']} step{'s' * (s['steps'] != 1)}, guidance {s['guidance']:g}{tag})",
                      result["generated"], result["generated"]["n"]))
     real = result["real"]

@@ -11,7 +11,7 @@ import typer
 
 def report_command(
     model: str = typer.Argument(..., help="The pipeline folder the exports were made from (the PyTorch reference)."),
-    exports: Optional[List[str]] = typer.Argument(None, help="Export folders (ONNX any scheme, Core ML), each optionally LABEL=DIR."),
+    exports: Optional[List[str]] = typer.Argument(None, help="Export folders of any format (each run by its own runtime), each optionally LABEL=DIR."),
     output: Path = typer.Option(..., "-o", "--output", help="The report folder to write (report.html, report.md, report.json, PNGs)."),
     bench: Optional[List[Path]] = typer.Option(None, "--bench", help="A JSON result of `instaflow-edge bench` for the latency table (repeatable: CPU and GPU)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A text file, one prompt per line (default: four fixed prompts)."),

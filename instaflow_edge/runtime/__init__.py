@@ -19,13 +19,15 @@ from ..artifacts import read_manifest
 from ..errors import DeviceError, InputError, ModelError
 from .base import Export, ExportFacts, RuntimeFormat  # noqa: F401  (the registry's API)
 
-# name -> (manifest kind, module defining FORMAT, has a runtime in Python). The names are the convert
-# targets; those with a runtime in Python are also the --backend choices.
-BUILTIN: dict[str, tuple[str, str, bool]] = {
-    "onnx": ("onnx-export", "instaflow_edge.runtime.onnx", True),
-    "openvino": ("openvino-export", "instaflow_edge.runtime.openvino", True),
-    "coreml": ("coreml", "instaflow_edge.runtime.coreml", True),
-    "web": ("web-site", "instaflow_edge.runtime.web", False),  # runs in a browser
+# The one table of built-in targets: name -> (manifest kind, module defining FORMAT, has a runtime in
+# Python, the convert options class as "module:Class"). The names are the convert targets (convert/config.py
+# makes its Target enum and finds each options class here, both by name, so a target's modules load only
+# when it is used); those with a runtime in Python are also the --backend choices.
+BUILTIN: dict[str, tuple[str, str, bool, str]] = {
+    "onnx": ("onnx-export", "instaflow_edge.runtime.onnx", True, "instaflow_edge.convert.config:OnnxOptions"),
+    "openvino": ("openvino-export", "instaflow_edge.runtime.openvino", True, "instaflow_edge.convert.config:OpenVINOOptions"),
+    "coreml": ("coreml", "instaflow_edge.runtime.coreml", True, "instaflow_edge.convert.config:CoreMLOptions"),
+    "web": ("web-site", "instaflow_edge.runtime.web", False, "instaflow_edge.convert.config:WebOptions"),  # a browser runs it
 }
 _REGISTERED: dict[str, RuntimeFormat] = {}
 
@@ -65,7 +67,7 @@ def _by_kind(kind) -> str | None:
     for n, fmt in _REGISTERED.items():
         if fmt.kind == kind:
             return n
-    for n, (k, _, _) in BUILTIN.items():
+    for n, (k, *_) in BUILTIN.items():
         if k == kind:
             return n
     return None
@@ -117,6 +119,10 @@ def open_export(folder: str | Path, *, expect: str | None = None, steps: int | N
     if not folder.is_dir():
         raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert`")
     manifest = read_manifest(folder) or {}
+    if expect is not None and not is_export(folder):
+        fmt = get(expect)
+        raise ModelError(f"{folder} has no {fmt.title or expect} export manifest",
+                         f"pass a folder written by `instaflow-edge convert {expect}`")
     name = format_of(folder, manifest)
     if expect is not None and expect != name:
         raise InputError(f"{folder} is a {name} export, not {expect}", f"pass --backend {name}, or a {expect} export")
@@ -186,5 +192,5 @@ def backend_names() -> list[str]:
 
 # The --backend choices of generate and eval, made from the built-in formats (Typer needs an enum; a
 # format registered at run time is accepted by the Python API's configs, which check ``backend_names()``).
-Backend = enum.Enum("Backend", {n: n for n in ["torch"] + [n for n, (_, _, py) in BUILTIN.items() if py]}, type=str)
+Backend = enum.Enum("Backend", {n: n for n in ["torch"] + [n for n, (_, _, py, _) in BUILTIN.items() if py]}, type=str)
 Backend.__doc__ = "``--backend``: PyTorch on the pipeline folder, or an export's own runtime."

@@ -145,6 +145,7 @@ class Export:
     source_model: str | None = None
     max_batch: int | None = None  # None: any batch; 1: compiled for batch 1
     device: str = "cpu"
+    runtime: str = ""  # what runs it, in tables ("onnxruntime"; the format's name when empty)
     details: dict = dataclasses.field(default_factory=dict)  # format-specific facts for the images manifest
 
     def sample(self, input_ids, noise, steps: int | None = None):
@@ -154,7 +155,8 @@ class Export:
 
     def info(self) -> dict:
         """What ran, for the manifests of generate and eval."""
-        return {"backend": self.format, "export_precision": self.precision, "ran": self.ran, **self.details}
+        return {"backend": self.format, "runtime": self.runtime or self.format,
+                "export_precision": self.precision, "ran": self.ran, **self.details}
 
 
 Opener = Callable[..., Export]
@@ -178,6 +180,7 @@ class RuntimeFormat:
     kind: str
     open: Opener | None
     description: str
+    title: str = ""  # how the format is named in messages ("ONNX", "OpenVINO", "Core ML")
     label: Callable[[dict], str] = lambda manifest: "export"
     label_prefix: str = ""
     unavailable: Callable[[str], str | None] = lambda device: None

@@ -165,12 +165,12 @@ def open_coreml(folder: Path, manifest: dict, *, steps: int | None = None, guida
                   ran=f"Core ML predict ({precision}{', ' + comp if comp else ''})", scheme=comp, gates=gates(manifest),
                   sizes=sizes(manifest), stage_precisions={s: p for s in (*ONE_STEP, "end_to_end", "generator")},
                   source_sha256=(manifest.get("model") or {}).get("content_sha256"),
-                  source_model=(manifest.get("model") or {}).get("source"), max_batch=1, device="coreml",
+                  source_model=(manifest.get("model") or {}).get("source"), max_batch=1, device="coreml", runtime="Core ML",
                   details={"target_bits": bits})
 
 
 FORMAT = RuntimeFormat(
-    name="coreml", kind=KIND, open=open_coreml, label=label, unavailable=unavailable,
+    name="coreml", kind=KIND, open=open_coreml, title="Core ML", label=label, unavailable=unavailable,
     source=lambda manifest: {"model": (manifest.get("model") or {}).get("source"),
                              "content_sha256": (manifest.get("model") or {}).get("content_sha256")},
     description="Core ML packages (TextEncoder, Unet, VAEDecoder .mlpackage) for Apple's Swift pipeline or ours",

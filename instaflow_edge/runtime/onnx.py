@@ -128,7 +128,7 @@ def open_onnx(folder: Path, manifest: dict, *, steps: int | None = None, guidanc
                   stage_precisions=stage_precisions(scheme, comps),
                   source_sha256=(manifest.get("source") or {}).get("content_sha256"),
                   source_model=(manifest.get("source") or {}).get("model"),
-                  device=where.lower(), details={"quantize": q or None})
+                  device=where.lower(), runtime="onnxruntime", details={"quantize": q or None})
 
 
 def label(manifest: dict) -> str:
@@ -136,7 +136,7 @@ def label(manifest: dict) -> str:
 
 
 FORMAT = RuntimeFormat(
-    name="onnx", kind=KIND, open=open_onnx, label=label, label_prefix="ort ", unavailable=unavailable, extras=extras,
+    name="onnx", kind=KIND, open=open_onnx, title="ONNX", label=label, label_prefix="ort ", unavailable=unavailable, extras=extras,
     description="ONNX Runtime: text_encoder/, unet/, vae_decoder/ model.onnx in optimum's layout",
 )
 

@@ -182,7 +182,7 @@ def open_openvino(folder: Path, manifest: dict, *, steps: int | None = None, gui
                   precision=block["precision"] + (f"+{scheme}" if scheme else ""), ran=how, scheme=scheme,
                   gates={k: float(v) for k, v in (manifest.get("gates") or {}).items()}, sizes=sizes,
                   stage_precisions=stages, source_sha256=(manifest.get("source") or {}).get("content_sha256"),
-                  source_model=(manifest.get("source") or {}).get("model"), max_batch=1,
+                  source_model=(manifest.get("source") or {}).get("model"), max_batch=1, runtime="OpenVINO",
                   details={"ran_precision": "/".join(sorted(set(ran.values()))), "quantize": scheme})
 
 
@@ -192,7 +192,7 @@ def label(manifest: dict) -> str:
 
 
 FORMAT = RuntimeFormat(
-    name="openvino", kind=KIND, open=open_openvino, label=label,
+    name="openvino", kind=KIND, open=open_openvino, title="OpenVINO", label=label,
     unavailable=lambda device: None if device in ("auto", "cpu") else "an OpenVINO export runs on the CPU (bench it without --device cuda)",
     description="OpenVINO IR (model.xml + model.bin per component), compiled for the CPU",
 )

@@ -9,7 +9,7 @@ KIND = "web-site"
 MODEL_DIR = "model"  # the site's ONNX export
 
 FORMAT = RuntimeFormat(
-    name="web", kind=KIND, open=None, label=lambda manifest: "web",
+    name="web", kind=KIND, open=None, title="web site", label=lambda manifest: "web",
     description="a static page running onnxruntime-web in a browser",
     refusal=f"serve it (`instaflow-edge serve SITE`) and open the page, or pass SITE/{MODEL_DIR} "
             "(the ONNX export it carries) to run the same graphs with onnxruntime",
