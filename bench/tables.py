@@ -4,7 +4,7 @@
     python -m instaflow_edge.bench.tables --readme README.md [--readme docs/X.md ...] [--check]
 
 Each file is a ``report.json`` (``instaflow-edge report``), a bench result (``instaflow-edge bench``),
-a ``cpu_paths`` result (``python -m instaflow_edge.bench.cpu_paths``) or a demo's ``results.json``:
+a ``cpu_paths`` result (``python -m studies.cpu_paths``) or a demo's ``results.json``:
 a report gives the summary table (one row per runtime: size, bits per weight, end-to-end parity against
 its gate, digits accuracy/FID where measured, CPU/GPU latency where bench results were given, the
 verdict); a bench result gives the per-stage latency table (``bench_markdown``); a cpu_paths result its
@@ -179,8 +179,6 @@ def tables(data: dict) -> str:
     if data.get("name") == "web_latency":
         return web_markdown(data)
     if data.get("name") == "cpu_paths":
-        from .cpu_paths import markdown as cpu_paths_markdown
-
         return cpu_paths_markdown(data).rstrip("\n")
     if isinstance(data.get("results"), dict):
         return bench_markdown(data)
@@ -203,7 +201,7 @@ def digits_eval_markdown(data: dict) -> str:
 
 
 def web_markdown(data: dict) -> str:
-    """``bench/web_latency.py``'s result: per site and step, the page's median (p90) ms beside
+    """``studies/web_latency.py``'s result: per site and step, the page's median (p90) ms beside
     onnxruntime Python's on the same export, their ratio; then model load and the page-vs-Python PSNR."""
     lines = ["| export | step | browser ms, median (p90) | onnxruntime Python ms, median (p90) | browser ÷ Python |",
              "|---|---|---|---|---|"]
@@ -287,3 +285,71 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------------
+# studies/cpu_paths.py results
+
+CPU_PATHS_PEER = "OpenVINO default, plain export (peer)"
+
+
+def cpu_paths_markdown(report: dict) -> str:
+    """A ``studies/cpu_paths.py`` result: per thread count, UNet / decoder / end to end, the verdict, the profiles."""
+    lines = []
+    for threads, block in report["by_threads"].items():
+        lines.append(f"**{threads} thread{'s' * (threads != '1')}**, {report['image'][0]}×{report['image'][1]}, "
+                     f"median of {report['rounds']} interleaved rounds; ×: paired speed-up (min–max)\n")
+        lines.append("| runtime | UNet s | × ORT fp32 | × peer | PSNR | % peak | decoder s | × ORT fp32 | × peer | PSNR | "
+                     "% peak | end to end s | × ORT fp32 | × peer | PSNR e2e |")
+        lines.append("|---|" + "---:|" * 14)
+        for r, x in block["results"].items():
+            cells = []
+            for c in ("unet", "vae_decoder", "end_to_end"):
+                y = x[c]
+                cells += [f"{y['median_s']:.3g}", _ratio(y["vs_ort_fp32"]), _ratio(y["vs_peer"]),
+                          "—" if y["psnr_db"] is None else f"{y['psnr_db']:.1f} dB"]
+                if c != "end_to_end":
+                    cells.append("—" if y.get("pct_of_peak") is None else f"{y['pct_of_peak']:.0f}% {y['precision']}")
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += _verdict_lines(report)
+    for comp, rows in {k: v for k, v in report.get("profiles", {}).items() if k != "threads"}.items():
+        lines.append(f"**OpenVINO profile, {comp}, {report['profiles']['threads']} thread(s)** (one call; time by op [kernel])\n")
+        for r, p in rows.items():
+            top = "; ".join(f"{t['op']} {t['s']:.2f} s ({100 * t['share']:.0f}%)" for t in p["top"][:5])
+            lines.append(f"- {r}, ran {p['ran_in']}, {p['total_s']:.2f} s: {top}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+TARGET_RATIO, TARGET_PSNR = 1.2, 40.0
+
+
+def cpu_paths_verdict(report: dict) -> dict:
+    """The CPU-path target per thread count: among our rows with an end-to-end PSNR ≥ 40 dB, the best
+    paired speed-up over the peer per component and end to end, and whether each reaches 1.2×."""
+    out = {}
+    for threads, block in report["by_threads"].items():
+        ours = {r: x for r, x in block["results"].items() if r != CPU_PATHS_PEER and not r.startswith("OpenVINO ")
+                and (x["end_to_end"]["psnr_db"] is None or x["end_to_end"]["psnr_db"] >= TARGET_PSNR)}
+        v = {}
+        for c in ("unet", "vae_decoder", "end_to_end"):
+            best = max(ours, key=lambda r: ours[r][c]["vs_peer"]["median"]) if ours else None
+            ratio = ours[best][c]["vs_peer"]["median"] if best else None
+            v[c] = {"row": best, "vs_peer": ratio, "met": bool(ratio and ratio >= TARGET_RATIO)}
+        out[threads] = v
+    return out
+
+
+def _verdict_lines(report: dict) -> list[str]:
+    lines = []
+    for threads, v in cpu_paths_verdict(report).items():
+        parts = [f"{c}: {x['row']} {x['vs_peer']:.2f}× ({'met' if x['met'] else 'NOT met'})" if x["row"] else f"{c}: no row"
+                 for c, x in v.items()]
+        lines.append(f"- {threads} thread(s), fastest of ours at ≥ {TARGET_PSNR:.0f} dB end to end vs the peer "
+                     f"(target ≥ {TARGET_RATIO}×): " + "; ".join(parts))
+    return lines + [""]
+
+
+def _ratio(p: dict) -> str:
+    return f"{p['median']:.2f} ({p['min']:.2f}–{p['max']:.2f})"

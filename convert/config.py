@@ -170,6 +170,7 @@ class WebOptions(OnnxOptions):
 
     target: ClassVar[str] = "web"
     module: ClassVar[str] = "instaflow_edge.convert.web"
+    after: ClassVar[str] = "open it: instaflow-edge serve {output}"
 
     def check(self, cfg: "ConvertConfig") -> None:
         if cfg.fused:

@@ -27,7 +27,6 @@ The verb returns the manifest; its ``report`` rows are the table the CLI prints.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import gc
 import json
@@ -47,14 +46,14 @@ from ..artifacts import (
     write_manifest,
 )
 from ..errors import InputError, require
-from ..pipeline import _write_slow_tokenizer_files, detect_info, load_pipeline
+from ..pipeline import detect_info, load_pipeline, write_slow_tokenizer_files
 from ..quantize import coreml as cq
 from ..quantize.coreml import compressed_layers
 from ..runtime.coreml import KIND
-from ..validators import image_size
 from . import coreml_apple as apple
 from .config import ConvertConfig, CoreMLLayout, Precision, Target, parse_sizes, target
 from .coreml_check import report_rows
+from .coreml_quality import QualityChain, as_shipped, fp16_tail_figure, quality_size  # noqa: F401  (as_shipped, quality_size: API)
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +139,12 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
     components: dict[str, dict] = {}
     quality = quality_size(config, pipe, shapes[0])
     with atomic_dir(config.output, config.force, (config.model, config.calibration_prompts)) as tmp:
-        chain = _start_chain(pipe, quality)
-        measured: list = []  # every figure gated so far (Parity), the end-to-end image as it comes
+        chain = QualityChain.start(pipe, quality, config.options.layout)
         for name in names:
-            components[name] = _convert_one(config, p, pipe, name, shapes, chain, tmp, measured, traced)
+            components[name] = _convert_one(config, p, pipe, name, shapes, chain, tmp, traced)
             gc.collect()
-        check_all(measured, p.gate, against="fp32", source=p.gate_source, fix=GATE_FIX)
-        end_to_end = chain["parity"]
+        check_all(chain.measured, p.gate, against="fp32", source=p.gate_source, fix=GATE_FIX)
+        end_to_end = chain.parity
         _copy_tokenizer(config.model, pipe, tmp)
         source = read_manifest(config.model) if Path(config.model).is_dir() else None
         rows = report_rows(components, end_to_end, config.options.compress.value if config.options.compress else None)
@@ -159,7 +157,7 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
             latent={"channels": shapes[0].latent_channels, "vae_scale_factor": pipe.vae_scale_factor,
                     "scaling_factor": float(pipe.scaling_factor)},
             layout=config.options.layout.value, scheduler=_scheduler(config, pipe),
-            quality_batch=int(chain["ref"]["input_ids"].shape[0]),
+            quality_batch=chain.batch,
             quality_image_size=[quality.height, quality.width],
             gate={"min_psnr": p.gate, "source": p.gate_source, "applies_to": "every component and the end-to-end image, as shipped vs fp32 PyTorch"},
             components=components, end_to_end=end_to_end, report=rows,
@@ -167,46 +165,6 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
         )
         write_manifest(tmp, manifest)
     return manifest
-
-
-# ---------------------------------------------------------------------------------------------------
-# quality in PyTorch: the fp32 reference chain and the shipped chain, one component at a time
-
-
-BIG_UNET = 100_000_000  # parameters: a full-size UNet (SD1.5: 860 M), where each CPU pass costs seconds to minutes
-FP16_QUALITY_SIDE = 128
-
-
-def quality_size(config: ConvertConfig, pipe, full):
-    """The sizes the PyTorch quality chain runs at: ``--parity-size``; else the (first) conversion size,
-    except for ``--precision fp16`` packages of a full-size UNet: PyTorch's float16 kernels on a CPU are
-    two orders of magnitude slower than its float32 ones (an SD1.5 chain at 512² takes hours), so there
-    the chain runs at 128² (the modules are convolutional: the packages still take the conversion size).
-    The manifest records the size as ``quality_image_size``."""
-    from ..components import Sizes
-
-    side = config.options.parity_size
-    if side is None:
-        big = sum(p.numel() for p in pipe.unet.parameters()) > BIG_UNET
-        if not (big and config.options.precision is Precision.fp16 and min(full.height, full.width) > FP16_QUALITY_SIDE):
-            return full
-        side = FP16_QUALITY_SIDE
-        log.info(f"fp16 quality chain at {side}×{side} (PyTorch's CPU float16 kernels are slow); --parity-size N changes it")
-    side = image_size("parity_size", side, pipe.size_multiple)
-    return Sizes.of(pipe, batch=1, height=side, width=side)
-
-
-def _start_chain(pipe, sizes) -> dict:
-    """Inputs of the chain: real prompts' token ids and seeded noise; two prompts, or one for a
-    full-size UNet (> 100 M parameters), where every forward pass costs seconds to minutes on a CPU."""
-    from ..components import EXAMPLE_PROMPTS
-    from ..generator import make_noise
-
-    n = 1 if sum(p.numel() for p in pipe.unet.parameters()) > BIG_UNET else 2
-    ids = pipe.tokenize(EXAMPLE_PROMPTS[:n])
-    noise = make_noise(list(range(n)), (sizes.latent_channels, sizes.latent_height, sizes.latent_width))
-    return {"ref": {"input_ids": ids, "noise": noise}, "ship": {"input_ids": ids, "noise": noise}, "parity": None,
-            "scaling_factor": pipe.scaling_factor}
 
 
 def _scheduler(config: ConvertConfig, pipe) -> dict:
@@ -217,29 +175,6 @@ def _scheduler(config: ConvertConfig, pipe) -> dict:
             "note": "no scheduler: the Unet's out_sample is the final latent; divide by scaling_factor and decode"}
 
 
-def _inputs(name: str, state: dict, sf: float, layout: CoreMLLayout = CoreMLLayout.native) -> tuple:
-    if layout is CoreMLLayout.apple:
-        return apple.inputs(name, state)
-    if name == "text_encoder":
-        return (state["input_ids"],)
-    if name == "unet":
-        return (state["noise"], state["hidden"])
-    if name == "vae_decoder":
-        return (state["latents"] / sf,)
-    return (state["input_ids"], state["noise"])
-
-
-def _observed(name: str, out, ins: tuple, layout: CoreMLLayout):
-    """The quantity measured and handed on: the output itself, or (Apple layout) what the Swift pipeline
-    makes of it (the hidden states, the scheduler's x0, the image)."""
-    return apple.observed(name, out, ins) if layout is CoreMLLayout.apple else out
-
-
-def _store(name: str, state: dict, out) -> None:
-    key = {"text_encoder": "hidden", "unet": "latents", "vae_decoder": "image", "generator": "fused_image"}[name]
-    state[key] = out.float()
-
-
 def specs(layout: CoreMLLayout) -> dict:
     """The component specs of a layout (names, dims, dtypes of each package's I/O)."""
     from ..components import COMPONENTS
@@ -247,56 +182,25 @@ def specs(layout: CoreMLLayout) -> dict:
     return apple.SPECS if CoreMLLayout(layout) is CoreMLLayout.apple else COMPONENTS
 
 
-def as_shipped(module, precision: Precision):
-    """``(module, cast)`` as the package computes: a float16 copy for ``--precision fp16``, whose float
-    inputs are cast to float16 unless the module casts them itself (``keeps_input_dtype``: the Apple Unet's
-    ε̂ tail reads the float32 sample, as the package's fp32 ops do; float token ids stay exact)."""
-    if precision is Precision.fp32:
-        return module, lambda xs: xs
-    half = copy.deepcopy(module).half()
-    if getattr(module, "keeps_input_dtype", False):
-        return half, lambda xs: xs
-    return half, lambda xs: tuple(x.half() if x.is_floating_point() else x for x in xs)
-
-
-@contextlib.contextmanager
-def _fp16_tail_figure(shipped, ins: tuple, ref_x0, into: dict):
-    """Within the block (where the fp16 Apple Unet runs once on ``ins``), hook the UNet's v; after it,
-    ``into["x0_psnr_tail_fp16"]``: x0's PSNR (vs fp32) had the ε̂ tail been computed in fp16 like the
-    rest, the figure that keeping those ops fp32 avoids. No extra UNet pass."""
-    from ..parity import psnr
-
-    got: list = []
-    h = shipped.unet.register_forward_hook(lambda m, i, o: got.append(o[0]))
-    try:
-        yield
-    finally:
-        h.remove()
-    eps16 = apple.eps_hat(ins[0].half(), got[0].half(), shipped.alpha, shipped.sigma)
-    into["x0_psnr_tail_fp16"] = psnr(ref_x0, apple.x0_from_eps(ins[0], eps16.float()))
-
-
-def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tmp: Path, measured: list,
+def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: QualityChain, tmp: Path,
                  traced: dict | None = None) -> dict:
-    """Measure component ``name`` as shipped (its figures go to ``measured``), then convert, save and
-    validate it, unless a figure in ``measured`` already misses the gate: then it is only measured."""
+    """Measure component ``name`` as shipped (its figures join ``chain.measured``), then convert, save and
+    validate it, unless a figure measured so far misses the gate: then it is only measured."""
     import torch
 
     from ..components import COMPONENTS
-    from ..generator import to_unit_range
     from ..parity import compare
     from .coreml_attention import attention_implementation
 
     layout = config.options.layout
     spec = COMPONENTS[name] if name == "generator" else specs(layout)[name]
-    sf = chain["scaling_factor"]
     info: dict = {"file": NAMES[name] + ".mlpackage"}
     timing: dict = {}
     with attention_implementation(pipe.unet, config.options.attention):
         module = spec.module(pipe)
-        ref_in = _inputs(name, chain["ref"], sf, layout)
+        ref_in = chain.inputs(name, "ref")
         with torch.no_grad():
-            ref_out = _observed(name, module(*ref_in), ref_in, layout)
+            ref_out = chain.observed(name, module(*ref_in), ref_in)
         shipped_fp32 = module
         if p.scheme is not None:
             log.info(f"{NAMES[name]}: compressing ({p.scheme.name.value})")
@@ -306,32 +210,30 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: dict, tm
             info["compression"] = {"scheme": p.scheme.name.value, **rep}
             with torch.no_grad():
                 info["parity_compression_fp32"] = compare(
-                    name, ref_out, _observed(name, shipped_fp32(*ref_in), ref_in, layout)).as_dict()
+                    name, ref_out, chain.observed(name, shipped_fp32(*ref_in), ref_in)).as_dict()
         shipped, cast = as_shipped(shipped_fp32, config.options.precision)
         tail: dict = {}
         apple_unet = layout is CoreMLLayout.apple and name == "unet"
         with torch.no_grad():
-            with (_fp16_tail_figure(shipped, ref_in, ref_out, tail) if apple_unet and config.options.precision is Precision.fp16
+            with (fp16_tail_figure(shipped, ref_in, ref_out, tail) if apple_unet and config.options.precision is Precision.fp16
                   else contextlib.nullcontext()):
-                par = compare(name, ref_out, _observed(name, shipped(*cast(ref_in)), ref_in, layout).float())
+                par = compare(name, ref_out, chain.observed(name, shipped(*cast(ref_in)), ref_in).float())
             info["parity"] = par.as_dict()
             if apple_unet:
                 info["parity"]["measured_on"] = "x0 = (sample − σ·noise_pred)/α, the latent Apple's DPM-Solver++ decodes"
             if tail:
                 info["fp16_tail"] = {"x0_psnr_tail_fp32": par.psnr, **tail,
                                      "shipped": "fp32 (the ops after the UNet's last layer)"}
-            measured.append(par)
+            chain.measured.append(par)
             if name != "generator":
-                _store(name, chain["ref"], ref_out)
-                ship_in = _inputs(name, chain["ship"], sf, layout)
-                _store(name, chain["ship"], _observed(name, shipped(*cast(ship_in)), ship_in, layout))
+                chain.store(name, "ref", ref_out)
+                ship_in = chain.inputs(name, "ship")
+                chain.store(name, "ship", chain.observed(name, shipped(*cast(ship_in)), ship_in))
         del shipped
         if name == "vae_decoder":
-            image = compare("image", to_unit_range(chain["ref"]["image"]), to_unit_range(chain["ship"]["image"]))
-            chain["parity"] = image.as_dict()
-            measured.append(dataclasses.replace(image, component="image (end to end)"))
+            chain.close()
         # a miss: convert nothing more (minutes each), measure the rest, and let the caller list every miss
-        if any(m.psnr < p.gate for m in measured):
+        if chain.misses(p.gate):
             log.info(f"{NAMES[name]}: measured; a figure misses the {p.gate:.1f} dB gate, so nothing more is converted")
             return info
         log.info(f"{NAMES[name]}: tracing and converting")
@@ -492,7 +394,7 @@ def _copy_tokenizer(model: str, pipe, tmp: Path) -> None:
         shutil.copyfile(src / "vocab.json", tmp / "vocab.json")
         shutil.copyfile(src / "merges.txt", tmp / "merges.txt")
         return
-    _write_slow_tokenizer_files(pipe.tokenizer, tmp)
+    write_slow_tokenizer_files(pipe.tokenizer, tmp)
     if not (tmp / "vocab.json").is_file():
         raise InputError("the model's tokenizer is not a CLIP BPE tokenizer with vocab.json/merges.txt",
                          "Apple's Swift pipeline needs those two files; use a CLIP-tokenizer pipeline")

@@ -39,7 +39,7 @@ from ..artifacts import (
     write_manifest,
 )
 from ..errors import InputError, MissingDependencyError, ModelError
-from ..pipeline import _write_slow_tokenizer_files, detect_info
+from ..pipeline import write_slow_tokenizer_files, detect_info
 from ..runtime import onnx_io
 from ..runtime.onnx import KIND as ONNX_KIND
 from ..runtime.onnx import PARTIAL_KIND, export_facts
@@ -164,7 +164,7 @@ def tokenizer_facts(folder: Path) -> dict:
     except Exception as e:  # transformers raises many types for a bad folder
         raise ModelError(f"{folder}: not a CLIP tokenizer ({type(e).__name__})", "re-export the model") from e
     if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-        _write_slow_tokenizer_files(tok, folder)
+        write_slow_tokenizer_files(tok, folder)
     backend = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else {}
     pre = backend.get("pre_tokenizer") or {}
     splits = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]

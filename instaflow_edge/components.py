@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from .errors import InputError
 from .generator import (
     OneStepDenoiser,
     OneStepGenerator,
@@ -152,9 +151,3 @@ COMPONENTS: dict[str, ComponentSpec] = {
 
 ONE_STEP = ("text_encoder", "unet", "vae_decoder")
 
-
-def get_component(name: str) -> ComponentSpec:
-
-    if name not in COMPONENTS:
-        raise InputError(f"unknown component {name!r}", f"choose one of: {', '.join(COMPONENTS)}")
-    return COMPONENTS[name]

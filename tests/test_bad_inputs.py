@@ -1,4 +1,4 @@
-"""Every bad input and fault a user can cause is one line, in a real subprocess (issue 13).
+"""Every bad input and fault a user can cause is one line, in a real subprocess.
 
 A table of rows: (command args, setup, expected fragment of the one error line, paths that must still
 exist afterwards). Each row runs ``python -m instaflow_edge.cli ARGS`` in a fresh process and checks:
@@ -409,7 +409,7 @@ ROWS: list[Row] = [
     R("gen-onnx-guidance", ["generate", "{onnx}", "a fox", "--backend", "onnx", "--guidance", "2", "-o", O], "guidance", needs=("onnx",)),
     R("gen-onnx-steps", ["generate", "{onnx}", "a fox", "--backend", "onnx", "--steps", "2", "-o", O], "one-step only", needs=("onnx",)),
     R("gen-coreml-on-linux", [*GEN, "--backend", "coreml", "-o", O], "Core ML prediction needs macOS", needs=("not-darwin",)),
-    # --- numbers (issue 13) ---
+    # --- numbers ---
     R("gen-seed-2**70", [*GEN, "--seed", str(2**70), "-o", O], "2**63"),
     R("gen-seed-overflow-second-image", [*GEN, "--seed", str(2**64 - 1), "-n", "2", "-o", O], "2**63"),
     R("gen-seed-last-fits-first-image-only", [*GEN, "--seed", str(2**63 - 1), "-n", "2", "-o", O], ("2**63", "--seed")),
@@ -441,7 +441,7 @@ ROWS: list[Row] = [
     R("init-unknown-preset", ["init", "nope", O], ("unknown preset", "sd15", "tiny")),
     R("init-seed-negative", ["init", "tiny", O, "--seed", "-1"], "seed"),
     R("init-existing-output", ["init", "tiny", O], ("already exists", "--force"), setup=s_existing_out, keep=("{tmp}/o/keep.txt",)),
-    # --- pipeline folders (test_pipeline_io.py + issue 13) ---
+    # --- pipeline folders (test_pipeline_io.py) ---
     R("model-no-index", [*GEN_M, "-o", O], "model_index.json", setup=s_model_then(lambda m, c: (m / "model_index.json").unlink())),
     R("model-not-a-folder", ["generate", "{tmp}/f", "a fox", "-o", O], "not a folder", setup=s_write("f", "x")),
     R("model-missing-component", [*GEN_M, "-o", O], ("vae", "missing"), setup=s_model_then(lambda m, c: shutil.rmtree(m / "vae"))),
@@ -495,7 +495,7 @@ ROWS: list[Row] = [
       env={"HF_HUB_OFFLINE": None}, absent=("{tmp}/p",), max_seconds=30),
     R("hub-id-offline-env", ["generate", "nonexistent-org-x/no-model", "a fox", "-o", "{tmp}/p/o"], ("could not fetch", "HF_HUB_OFFLINE"),
       env={"HF_HUB_OFFLINE": "1"}, absent=("{tmp}/p",), max_seconds=30),
-    # --- permissions (issue 13; as nobody when root) ---
+    # --- permissions (as nobody when root) ---
     R("perm-model-folder", [*GEN_M, "-o", O], ("permission denied", "m"), setup=s_chmod("m"), runner="nobody"),
     R("perm-unet-folder", [*GEN_M, "-o", O], ("permission denied", "unet"), setup=s_chmod("m/unet"), runner="nobody"),
     R("perm-weights-file", [*GEN_M, "-o", O], ("permission denied", "safetensors"),
@@ -513,7 +513,7 @@ ROWS: list[Row] = [
       keep=("{tmp}/cwd/keep.txt",)),
     R("cwd-parent-output-force", ["generate", "{tiny}", "a fox", "-o", "..", "--force"], "current folder", setup=s_cwd,
       cwd="{tmp}/cwd", keep=("{tmp}/cwd/keep.txt",)),
-    # --- disk full (issue 13): a small tmpfs where the machine allows it, else a simulated ENOSPC ---
+    # --- disk full: a small tmpfs where the machine allows it, else a simulated ENOSPC ---
     R("full-generate", [*GEN, "-n", "40", "-o", "{tmp}/full/o"], ("no space left", "full"), runner="tmpfs:96k:full", setup=s_write("full/.mnt", "")),
     R("full-generate-simulated", [*GEN, "-n", "3", "-o", "{tmp}/full/o"], ("no space left", "full"), runner="enospc:full", setup=s_write("full/.keep", "")),
     R("full-init", ["init", "tiny", "{tmp}/full/o"], ("no space left", "full"), runner="tmpfs:1m:full", setup=s_write("full/.mnt", ""), slow=True),
@@ -528,7 +528,7 @@ ROWS: list[Row] = [
                           "--batch-size", "2", "--checkpoint-every", "1", "--cpu", "--no-progress"], ("no space left", "full"),
       runner="tmpfs:256k:full", setup=s_all(s_images(), s_write("full/.mnt", "")), slow=True,
       allow_left=("w", "w/metrics.jsonl")),  # the work dir keeps its log; no half checkpoint
-    # --- config files (test_train_teacher.py + issue 13) ---
+    # --- config files (test_train_teacher.py) ---
     R("config-unknown-key", [*TEACHER, "--config", "{tmp}/c.toml", "-o", O], ("unknown key 'max-stepz'", "valid keys:", "max-steps"),
       setup=s_write("c.toml", "max-stepz = 3\n")),
     R("config-yaml-wrong-type", [*TEACHER, "--config", "{tmp}/c.yaml", "-o", O], "learning_rate must be a finite number",
@@ -575,7 +575,7 @@ ROWS: list[Row] = [
     R("teacher-nan", [*TEACHER, "--data", "{tmp}/imgs", "-o", O, "--max-steps", "5", "--batch-size", "2", "--learning-rate", "1e30",
                       "--max-grad-norm", "0", "--warmup-steps", "0", "--checkpoint-every", "0", "--cpu", "--no-progress"],
       ("training loss is", "at step"), setup=s_images(), allow_new=("o.train", "o.train/*"), slow=True),
-    # --- data folders (test_data.py + issue 13) ---
+    # --- data folders (test_data.py) ---
     R("data-no-captions", [*TEACHER, "--data", "{tmp}/imgs", *FAST_TRAIN, "-o", O], "no captions file",
       setup=s_images(extra=lambda d, c: (d / "captions.jsonl").unlink())),
     R("data-missing-image", [*TEACHER, "--data", "{tmp}/imgs", *FAST_TRAIN, "-o", O], "'gone.png'",
@@ -593,7 +593,7 @@ ROWS: list[Row] = [
       setup=s_images(captions='{"file": "big.png", "text": "a"}\n', extra=lambda d, c: _bomb_png(d / "big.png")), max_seconds=60),
     R("data-truncated-image", [*TEACHER, "--data", "{tmp}/imgs", *FAST_TRAIN, "-o", O], "cannot read image",
       setup=s_images(n=1, extra=lambda d, c: (d / "im0.png").write_bytes((d / "im0.png").read_bytes()[:40]))),
-    # --- reflow-data (test_reflow_data.py + issue 13) ---
+    # --- reflow-data (test_reflow_data.py) ---
     R("rdata-no-prompt-source", [*RDATA, "-o", O], "prompt source"),
     R("rdata-two-prompt-sources", [*RDATA, "--prompts", "{tmp}/p.txt", "--data", "digits", "-o", O], "prompt source",
       setup=s_write("p.txt", "a\n")),
@@ -609,7 +609,7 @@ ROWS: list[Row] = [
     R("rdata-other-settings", [*RDATA[:3], "--num-pairs", "4", "--steps", "3", *RDATA[7:], "--shard-size", "2", "--prompts",
                                "{tmp}/p.txt", "-o", "{tmp}/p"], ("sampler", "--force"),
       setup=s_all(s_pairs_copy(), s_write("p.txt", "a red fox\n")), needs=("pairs",)),
-    # --- reflow / distill (test_reflow_distill.py, test_losses.py + issue 13) ---
+    # --- reflow / distill (test_reflow_distill.py, test_losses.py) ---
     R("reflow-pairs-missing", [*REFLOW, "--pairs", "{tmp}/nope", "-o", O], "pairs folder"),
     R("reflow-not-pairs", [*REFLOW, "--pairs", "{tmp}/np", "-o", O, *FAST_TRAIN], "not a reflow-data folder", setup=s_write("np/x", "")),
     R("reflow-max-pairs-0", [*REFLOW, "--pairs", "{pairs}", "--max-pairs", "0", "-o", O], "max_pairs", needs=("pairs",)),
@@ -634,7 +634,7 @@ ROWS: list[Row] = [
     R("distill-lpips-bad-safetensors", [*DISTILL, "--pairs", "{pairs}", "--loss", "lpips", "--lpips-weights", "{tmp}/w.safetensors",
                                         "-o", O, *FAST_TRAIN], ("w.safetensors", "corrupt"), needs=("pairs",),
       setup=s_write("w.safetensors", struct.pack("<Q", 2) + b"[]")),
-    # --- convert (test_onnx.py, test_coreml.py + issue 13) ---
+    # --- convert (test_onnx.py, test_coreml.py) ---
     R("convert-not-a-pipeline", ["convert", "{tmp}/empty", "--target", "onnx", "-o", O], "model_index.json", setup=s_write("empty/.x", "")),
     R("convert-unknown-target", ["convert", "{tiny}", "--target", "tflite", "-o", O], ("coreml", "onnx")),
     R("convert-quantize-int4", [*CONV, "--quantize", "int4", "-o", O], ("int4", "fp16, int8-dynamic, int8-static")),
@@ -668,7 +668,7 @@ ROWS: list[Row] = [
       setup=s_block_module("coremltools"), env={"PYTHONPATH": "{tmp}/block"}),
     R("coreml-gate-before-converting", [*CONV_ML, "-o", O, "--compress", "prune-50", "--min-psnr", "99"], ("text_encoder: PSNR", "99.0 dB"),
       code=3, needs=("coremltools",), slow=True),
-    # --- quantize (test_onnx.py + issue 13) ---
+    # --- quantize (test_onnx.py) ---
     R("quantize-scheme-unknown", ["quantize", "{onnx}", "--scheme", "int3", "-o", O], ("int3", "int8-static"), needs=("onnx",)),
     R("quantize-not-an-export", ["quantize", "{tiny}", "--scheme", "fp16", "-o", O], "manifest"),
     R("quantize-missing-source", ["quantize", "{tmp}/nope", "--scheme", "fp16", "-o", O], "not a folder"),
@@ -679,7 +679,7 @@ ROWS: list[Row] = [
       setup=s_existing_out, keep=("{tmp}/o/keep.txt",)),
     R("quantize-gate-missed", ["quantize", "{onnx}", "--scheme", "int8-dynamic", "--min-psnr", "200", "-o", O],
       ("outputs miss their gate", "200.0 dB"), code=3, needs=("onnx",), slow=True),
-    # --- ONNX export folders (test_onnx.py + issue 13) ---
+    # --- ONNX export folders (test_onnx.py) ---
     *[R(f"onnx-external-{how}-{verb}", ([*GEN_ONNX, "-o", O] if verb == "generate" else ["quantize", "{tmp}/x", "--scheme", "fp16", "-o", O]),
         "outside the model folder", needs=("onnx",), setup=s_onnx_external(how))
       for how in ("absolute", "dotdot", "symlink") for verb in ("generate", "quantize")],

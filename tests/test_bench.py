@@ -50,7 +50,7 @@ def test_markdown_table_from_a_report():
 
 
 def test_thread_policy_environments_and_table():
-    from instaflow_edge.bench import threads
+    from studies import threads
 
     env = threads._env({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None})
     assert env["OMP_NUM_THREADS"] == "1" and "OMP_WAIT_POLICY" not in env

@@ -151,7 +151,7 @@ def test_readme_tables_are_generated_from_their_json(capsys):
 def test_a_stale_readme_table_is_named_and_regenerated(tmp_path, capsys):
     from instaflow_edge.bench.tables import main, tables
 
-    src = Path(__file__).resolve().parents[1] / "bench" / "results" / "bench-tiny-cpu.json"
+    src = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench-tiny-cpu.json"
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "b.json").write_text(src.read_text())
     readme = tmp_path / "README.md"

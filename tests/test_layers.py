@@ -30,7 +30,7 @@ HEAVY_THIRD_PARTY = {"torch", "numpy", "scipy", "sklearn", "diffusers", "transfo
 
 # (floor, group): an import may go to a lower floor, or within its own group
 _GROUND = ("errors", "artifacts", "options", "progress", "envinfo", "flow", "tokenizer", "validators", "threads")
-_MODEL = ("pipeline", "generator", "data", "presets", "components", "parity")
+_MODEL = ("pipeline", "model_files", "hub", "generator", "data", "presets", "components", "parity")
 
 
 def place(module: str) -> tuple[int, str]:

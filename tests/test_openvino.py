@@ -256,7 +256,7 @@ def test_bad_openvino_folders_are_one_line(ov_f32, tiny_dir, tmp_path):
 
 
 def test_cpu_paths_ratios_and_table_from_a_report():
-    from instaflow_edge.bench import cpu_paths as cp
+    from studies import cpu_paths as cp
 
     assert cp._paired([2.0, 3.0, 4.0], [1.0, 2.0, 1.0]) == {"median": 2.0, "min": 1.5, "max": 4.0}
 

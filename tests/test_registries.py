@@ -16,14 +16,6 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 
 
-def _targets():
-    import instaflow_edge.convert.coreml  # noqa: F401  (targets register when their module loads)
-    import instaflow_edge.convert.onnx  # noqa: F401
-    import instaflow_edge.convert.openvino  # noqa: F401
-    import instaflow_edge.convert.web  # noqa: F401
-    from instaflow_edge.convert import TARGETS
-
-    return TARGETS
 
 
 def _schemes():
@@ -53,9 +45,10 @@ def _presets():
 
 
 def _backends():
-    from instaflow_edge.runtime import backend_names
+    """generate/eval backends that are not export formats (those are the format contract's)."""
+    from instaflow_edge.runtime import backend_names, names
 
-    return backend_names()
+    return [b for b in backend_names() if b not in names()]
 
 
 def _formats():
@@ -73,17 +66,12 @@ def _prune_methods():
 _COREML_COMPRESS = "test_coreml_compress.py::test_scheme_in_pytorch_and_in_the_package"
 
 COVERAGE = {
-    "convert targets": (_targets, {
-        "onnx": "test_onnx.py::test_fp32_export_layout_and_gates",
-        "coreml": "test_coreml.py::test_export_layout_and_manifest",
-        "openvino": "test_openvino.py::test_convert_f32_layout_parity_and_manifest",
-        "web": "test_web.py::test_page_matches_generate_tiny_fp32",
-    }),
     # the scheme contract (tests/contracts/test_scheme.py) is parametrized over the records themselves
     "quantization schemes (ONNX, OpenVINO)": (_schemes, None),
     "Core ML compressions": (_coreml_compressions, None),  # parametrized over the registry itself, below
-    # the format contract (tests/contracts/test_format.py) is parametrized over runtime.names() itself
-    "export formats": (_formats, None),
+    # the format contract (tests/contracts/test_format.py) is parametrized over runtime.names() itself, and
+    # every convert target is a format (its test_every_convert_target_has_a_format)
+    "export formats and convert targets": (_formats, None),
     "distillation losses": (_losses, {
         "l2": "test_reflow_distill.py::test_distill_loss_is_at_s0_on_z_plus_v",
         "pseudo-huber": "test_losses.py::test_pseudo_huber_by_hand",
@@ -94,11 +82,8 @@ COVERAGE = {
         "sd15": "test_pipeline_io.py::test_sd15_architecture_counts_on_meta_device",
         "digits": "test_digits_preset.py::test_architecture",
     }),
-    "generate backends": (_backends, {
+    "generate backends (besides the export formats)": (_backends, {
         "torch": "test_cli.py::test_init_and_generate",
-        "onnx": "test_onnx.py::test_generate_onnx_matches_torch",
-        "coreml": "test_coreml.py::test_generate_coreml_on_linux_is_one_line",
-        "openvino": "test_openvino.py::test_generate_openvino_matches_torch",
     }),
     "prune methods": (_prune_methods, {
         "blocks": "test_prune.py::test_blocks_variants",
@@ -111,7 +96,7 @@ COVERAGE = {
 
 
 _SELF_PARAMETRIZED = {"Core ML compressions": (_COREML_COMPRESS, "list(cq.SCHEMES)"),
-                      "export formats": ("contracts/test_format.py::test_open_export_facts_and_generate",
+                      "export formats and convert targets": ("contracts/test_format.py::test_open_export_facts_and_generate",
                                          "_runnable()"),
                       "quantization schemes (ONNX, OpenVINO)": (
                           "contracts/test_scheme.py::test_scheme_marks_its_components_and_meets_its_gate", "_records()")}

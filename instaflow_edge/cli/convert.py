@@ -171,8 +171,9 @@ def run(target: str, model: str, output: str, shared: dict, own: dict) -> None:
         typer.echo(format_report(manifest["report"], manifest["gate"]["min_psnr"]), err=True)
         return
     typer.echo(format_table(manifest["parity"], manifest["gates"]))
-    if manifest.get("kind") == "web-site":
-        typer.echo(f"open it: instaflow-edge serve {output}", err=True)
+    note = getattr(cls, "after", None)  # what to do with the output, where the target says (web: serve it)
+    if note:
+        typer.echo(note.format(output=output), err=True)
 
 
 def legacy_argv(argv: list[str]) -> list[str]:

@@ -241,3 +241,21 @@ def test_report_runs_the_format_and_fails_a_planted_export(name, exports, tiny_d
     assert rep["verdicts"][label]["pass"] is True
     planted_label = next(k for k in rep["verdicts"] if k.endswith("planted"))
     assert rep["verdicts"][planted_label]["pass"] is False and "unet" in rep["verdicts"][planted_label]["failed"]
+
+
+def test_no_manifest_kind_outside_the_registry():
+    """Which format a folder is gets decided in runtime/ only: no module elsewhere spells a manifest kind
+    (a format's writer takes its kind from the format's module; readers ask ``runtime.format_of``)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    kinds = {runtime.manifest_kind(n) for n in runtime.names()} - set(runtime.names()) | {"onnx-export-partial"}
+    found = []
+    for top in ("instaflow_edge", "convert", "quantize", "bench", "train", "studies"):
+        for path in sorted((root / top).rglob("*.py")):
+            if path.parent.name == "runtime":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and node.value in kinds:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
+    assert not found, found

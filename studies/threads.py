@@ -1,6 +1,6 @@
 """Training throughput on a quiet and on a busy CPU, for several thread policies.
 
-    python -m instaflow_edge.bench.threads BASE [--steps 60] [--rounds 2] [--policy NAME ...] \
+    python -m studies.threads BASE [--steps 60] [--rounds 2] [--policy NAME ...] \
         [-o threads-cpu.json]
 
 BASE is a digits base pipeline (``instaflow-edge init digits BASE``). For every policy, ``train
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import machine, save_result
+from instaflow_edge.bench.common import machine, save_result
 
 # name -> the environment of the training process (None: unset, so the library default applies).
 # "auto" is the default of `train` (instaflow_edge/threads.py); the others fix the count at start.

@@ -11,7 +11,7 @@ median and p90 per component for both, their ratio, model load time, the page im
 onnxruntime's, the thread count, the machine, and the versions. A site that cannot load in the browser
 (a model past WASM's 4 GB memory) is recorded with the page's error.
 
-    python -m instaflow_edge.bench.web_latency SITE [SITE ...] --threads 2 -o bench/results/web_latency.json \\
+    python -m studies.web_latency SITE [SITE ...] --threads 2 -o docs/results/web_latency.json \\
         [--screenshot docs/images/web.png]
 
 Timings are only meaningful on a quiet machine: run it alone.
@@ -27,10 +27,11 @@ import threading
 import time
 from pathlib import Path
 
-from ..artifacts import read_manifest
-from ..convert.web import COMPONENTS, site_server
-from ..errors import InputError
-from .common import machine, save_result
+from instaflow_edge import runtime
+from instaflow_edge.artifacts import read_manifest
+from instaflow_edge.convert.web import COMPONENTS, site_server
+from instaflow_edge.errors import InputError
+from instaflow_edge.bench.common import machine, save_result
 
 CHROMIUM = "/usr/bin/chromium"
 PAGE_STEPS = ("tokenizer", "noise", *COMPONENTS, "to_image", "total")
@@ -126,10 +127,10 @@ def python_latency(export: Path, prompt: str, seed: int, threads: int, warmup: i
     import numpy as np
     import onnxruntime as ort
 
-    from ..generator import make_noise
-    from ..runtime import onnx_io
-    from ..runtime.onnx import export_facts
-    from ..runtime.sampler import tokenizer_for, unet_feed
+    from instaflow_edge.generator import make_noise
+    from instaflow_edge.runtime import onnx_io
+    from instaflow_edge.runtime.onnx import export_facts
+    from instaflow_edge.runtime.sampler import tokenizer_for, unet_feed
 
     facts = export_facts(export)
     t0 = time.perf_counter()
@@ -258,7 +259,7 @@ def wasm_capacity(sizes_mib: list[int], timeout_s: float = 600) -> dict:
 
     from playwright.sync_api import sync_playwright
 
-    from ..convert.web import ORT_FILES, find_ort_web
+    from instaflow_edge.convert.web import ORT_FILES, find_ort_web
 
     dist, version = find_ort_web()
     rows = []
@@ -277,7 +278,7 @@ def wasm_capacity(sizes_mib: list[int], timeout_s: float = 600) -> dict:
                                                   '{executionProviders: ["wasm"], externalData: '
                                                   '[{path: "model.onnx_data", data: "model.onnx_data"}]}')
                 (site / "index.html").write_text(page_text)
-                (site / "manifest.json").write_text(json.dumps({"kind": "web-site"}))
+                (site / "manifest.json").write_text(json.dumps({"kind": runtime.manifest_kind("web")}))
                 print(f"[web_latency] capacity: {mib} MiB", file=sys.stderr, flush=True)
                 page = browser.new_page()
                 crashed: list[str] = []
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--capacity", default=None,
                     help="instead: probe which model sizes (MiB of float32 weights, comma-separated) WASM loads; SITES ignored")
     ap.add_argument("--note", default=None, help="a note stored in the JSON (e.g. what else the machine was running)")
-    ap.add_argument("-o", "--output", default="bench/results/web_latency.json")
+    ap.add_argument("-o", "--output", default="docs/results/web_latency.json")
     a = ap.parse_args(argv)
     if a.capacity:
         result = wasm_capacity([int(x) for x in a.capacity.split(",")], a.timeout)

@@ -1,6 +1,6 @@
-"""The fastest CPU path: our exports against OpenVINO's default on our plain ONNX export (issue 15).
+"""The fastest CPU path: our exports against OpenVINO's default on our plain ONNX export.
 
-    python -m instaflow_edge.bench.cpu_paths MODEL --ort-fp32 DIR --plain DIR [--ort-int8 DIR] \
+    python -m studies.cpu_paths MODEL --ort-fp32 DIR --plain DIR [--ort-int8 DIR] \
         [--openvino NAME=DIR ...] [--torch-bf16] [--threads 1 2] [--rounds 3] [--warmup 1] \
         [-o studies/results/cpu_paths-NAME.json] [--markdown REPORT.json]
 
@@ -35,14 +35,16 @@ import statistics
 import time
 from pathlib import Path
 
-from ..runtime import onnx_io
-from ..runtime import openvino as ovrt
-from .common import machine, save_result
-from .peaks import measure_peaks
+from instaflow_edge.runtime import onnx_io
+from instaflow_edge.runtime import openvino as ovrt
+from instaflow_edge.bench.common import machine, save_result
+from instaflow_edge.bench.peaks import measure_peaks
+from instaflow_edge.bench.tables import cpu_paths_markdown as markdown  # noqa: F401  (the table of a result)
+from instaflow_edge.bench.tables import cpu_paths_verdict as verdict  # noqa: F401
+from instaflow_edge.bench.tables import CPU_PATHS_PEER as PEER  # noqa: F401
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 BASE = "ORT fp32 (ours)"
-PEER = "OpenVINO default, plain export (peer)"
 
 
 def _rss_mib() -> float:
@@ -104,7 +106,7 @@ _TORCH_ARGS = {"text_encoder": ("input_ids",), "unet": ("sample", "encoder_hidde
 
 
 def _scheme_of(folder: Path) -> tuple[str | None, list[str]]:
-    from ..artifacts import read_manifest
+    from instaflow_edge.artifacts import read_manifest
 
     q = (read_manifest(folder) or {}).get("quantize") or {}
     return q.get("scheme"), list(q.get("components") or [])
@@ -151,10 +153,10 @@ def reference(model: str):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..components import COMPONENTS as SPECS
-    from ..components import EXAMPLE_PROMPTS
-    from ..generator import make_noise
-    from ..pipeline import load_pipeline
+    from instaflow_edge.components import COMPONENTS as SPECS
+    from instaflow_edge.components import EXAMPLE_PROMPTS
+    from instaflow_edge.generator import make_noise
+    from instaflow_edge.pipeline import load_pipeline
 
     pipe = load_pipeline(model, "cpu", "float32", False, local_files_only=True)
     h, w = pipe.image_size(None, None)
@@ -192,7 +194,7 @@ def _next_feed(component: str, out, feed: dict, scaling: float) -> dict:
 
 
 def measure(a, threads: int, rows: dict, feeds: dict, outs: dict, info: dict, note) -> dict:
-    from ..parity import compare, psnr
+    from instaflow_edge.parity import compare, psnr
 
     res: dict = {r: {} for r in rows}
     chain = {r: dict(feeds["unet"]) for r in rows}  # unet's noise/timestep; text/latent filled per row
@@ -277,7 +279,7 @@ def profiles(a, threads: int, feeds: dict, note) -> dict:
 
 def derive(res: dict, flops: dict, peaks: dict) -> None:
     """Ratios vs ORT fp32 and vs the peer, per round; % of the peak of each row's precision."""
-    from .peaks import pct_of_peak
+    from instaflow_edge.bench.peaks import pct_of_peak
 
     for r, comps in res.items():
         for c in (*COMPONENTS, "end_to_end"):
@@ -339,70 +341,8 @@ def _sizes(a) -> dict:
     return out
 
 
-def markdown(report: dict) -> str:
-    """The README table from a saved report: per thread count, UNet / decoder / end to end."""
-    lines = []
-    for threads, block in report["by_threads"].items():
-        lines.append(f"**{threads} thread{'s' * (threads != '1')}**, {report['image'][0]}×{report['image'][1]}, "
-                     f"median of {report['rounds']} interleaved rounds; ×: paired speed-up (min–max)\n")
-        lines.append("| runtime | UNet s | × ORT fp32 | × peer | PSNR | % peak | decoder s | × ORT fp32 | × peer | PSNR | "
-                     "% peak | end to end s | × ORT fp32 | × peer | PSNR e2e |")
-        lines.append("|---|" + "---:|" * 14)
-        for r, x in block["results"].items():
-            cells = []
-            for c in ("unet", "vae_decoder", "end_to_end"):
-                y = x[c]
-                cells += [f"{y['median_s']:.3g}", _ratio(y["vs_ort_fp32"]), _ratio(y["vs_peer"]),
-                          "—" if y["psnr_db"] is None else f"{y['psnr_db']:.1f} dB"]
-                if c != "end_to_end":
-                    cells.append("—" if y.get("pct_of_peak") is None else f"{y['pct_of_peak']:.0f}% {y['precision']}")
-            lines.append(f"| {r} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += _verdict_lines(report)
-    for comp, rows in {k: v for k, v in report.get("profiles", {}).items() if k != "threads"}.items():
-        lines.append(f"**OpenVINO profile, {comp}, {report['profiles']['threads']} thread(s)** (one call; time by op [kernel])\n")
-        for r, p in rows.items():
-            top = "; ".join(f"{t['op']} {t['s']:.2f} s ({100 * t['share']:.0f}%)" for t in p["top"][:5])
-            lines.append(f"- {r}, ran {p['ran_in']}, {p['total_s']:.2f} s: {top}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-TARGET_RATIO, TARGET_PSNR = 1.2, 40.0
-
-
-def verdict(report: dict) -> dict:
-    """Issue 15's target per thread count: among our rows with an end-to-end PSNR ≥ 40 dB, the best
-    paired speed-up over the peer per component and end to end, and whether each reaches 1.2×."""
-    out = {}
-    for threads, block in report["by_threads"].items():
-        ours = {r: x for r, x in block["results"].items() if r != PEER and not r.startswith("OpenVINO ")
-                and (x["end_to_end"]["psnr_db"] is None or x["end_to_end"]["psnr_db"] >= TARGET_PSNR)}
-        v = {}
-        for c in ("unet", "vae_decoder", "end_to_end"):
-            best = max(ours, key=lambda r: ours[r][c]["vs_peer"]["median"]) if ours else None
-            ratio = ours[best][c]["vs_peer"]["median"] if best else None
-            v[c] = {"row": best, "vs_peer": ratio, "met": bool(ratio and ratio >= TARGET_RATIO)}
-        out[threads] = v
-    return out
-
-
-def _verdict_lines(report: dict) -> list[str]:
-    lines = []
-    for threads, v in verdict(report).items():
-        parts = [f"{c}: {x['row']} {x['vs_peer']:.2f}× ({'met' if x['met'] else 'NOT met'})" if x["row"] else f"{c}: no row"
-                 for c, x in v.items()]
-        lines.append(f"- {threads} thread(s), fastest of ours at ≥ {TARGET_PSNR:.0f} dB end to end vs the peer "
-                     f"(target ≥ {TARGET_RATIO}×): " + "; ".join(parts))
-    return lines + [""]
-
-
-def _ratio(p: dict) -> str:
-    return f"{p['median']:.2f} ({p['min']:.2f}–{p['max']:.2f})"
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m instaflow_edge.bench.cpu_paths", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m studies.cpu_paths", description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--ort-fp32")
     ap.add_argument("--ort-int8")
