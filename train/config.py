@@ -38,6 +38,16 @@ class AttentionKernel(str, enum.Enum):
     eager = "eager"
 
 
+class Sharding(str, enum.Enum):
+    """How the weights are spread over processes: ``none`` (each process holds them all: one process or
+    DDP) or ``fsdp2`` (torch's fully_shard per UNet block; weights, gradients, optimizer state and EMA
+    sharded). An accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 2`` asks for
+    ``fsdp2`` too."""
+
+    none = "none"
+    fsdp2 = "fsdp2"
+
+
 class DistillLoss(str, enum.Enum):
     """The distances of ``train distill`` (losses.py implements them)."""
 
@@ -70,6 +80,7 @@ class TrainConfig:
     mixed_precision: MixedPrecision = MixedPrecision.no
     gradient_checkpointing: bool = False
     attention: AttentionKernel = AttentionKernel.sdpa
+    sharding: Sharding = Sharding.none
     checkpoint_every: int = 500  # 0: no checkpoints
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
@@ -97,6 +108,7 @@ class TrainConfig:
         self.mixed_precision = choice("mixed_precision", self.mixed_precision, MixedPrecision)
         self.lr_schedule = choice("lr_schedule", self.lr_schedule, LRSchedule)
         self.attention = choice("attention", self.attention, AttentionKernel)
+        self.sharding = choice("sharding", self.sharding, Sharding)
         self.threads = threads_setting("threads", self.threads)
         if self.batch_size % self.gradient_accumulation_steps:
             raise InputError(

@@ -1,0 +1,279 @@
+"""FSDP2 in the engine, proven in two CPU processes (gloo, an explicit CPU mesh): it trains the weights
+and the EMA one process trains with the same global batch, gradients are averaged (not summed), a rank
+killed with SIGKILL mid-step or mid-checkpoint resumes to the weights of an uninterrupted run, and a
+checkpoint written by two processes resumes in one.
+
+The two-process runs start this file as a script under ``torch.distributed.run`` (see ``worker``), so
+nothing passes through accelerate's FSDP config, which on CPU silently runs DDP: each run reports that
+its weights were DTensor shards and how many FSDP units it had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+STEPS, EVERY = 6, 2
+
+
+def base_config(out: Path, **kw) -> dict:
+    c = dict(output=str(out), max_steps=STEPS, batch_size=8, learning_rate=1e-3, warmup_steps=2,
+             checkpoint_every=EVERY, keep_checkpoints=5, log_every=1, progress=False, ema_decay=0.9, threads=1)
+    c.update(kw)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------
+# the worker: one process of a two-process run
+
+
+def worker(spec: dict) -> None:
+    """Train the engine's tiny UNet on the synthetic source with ``spec["config"]``; ``spec["kill"]``
+    (optional) SIGKILLs rank ``rank`` when objective call ``call`` starts (mid-step) or when checkpoint
+    number ``checkpoint`` starts writing its shards (mid-checkpoint)."""
+    from safetensors.torch import save_file
+    from test_train_engine import SyntheticSource, tiny_unet
+    from torch.distributed.tensor import DTensor
+
+    from instaflow_edge.train import sharding
+    from instaflow_edge.train.config import TrainConfig
+    from instaflow_edge.train.engine import fit, make_accelerator
+    from instaflow_edge.train.objectives import RectifiedFlowObjective
+
+    torch.set_num_threads(1)
+    config = TrainConfig(**spec["config"])
+    acc = make_accelerator(config)
+    rank = acc.process_index
+    kill = spec.get("kill") or {}
+    objective = RectifiedFlowObjective()
+    seen = {"calls": 0, "dtensor": None, "local_numel": 0, "numel": 0}
+
+    def wrapped(model, batch, rnd):
+        seen["calls"] += 1
+        if seen["dtensor"] is None:
+            ps = list(model.parameters())
+            seen["dtensor"] = all(isinstance(p, DTensor) for p in ps)
+            seen["local_numel"] = sum(sharding.local(p).numel() for p in ps)
+            seen["numel"] = sum(p.numel() for p in ps)
+        if kill.get("rank") == rank and kill.get("call") == seen["calls"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return objective(model, batch, rnd)
+
+    if "checkpoint" in kill and kill["rank"] == rank:
+        real, count = sharding.save_dcp, [0]
+
+        def dying_save(folder, *a, **k):
+            count[0] += 1
+            if count[0] == kill["checkpoint"]:
+                (folder / "partial").mkdir(parents=True, exist_ok=True)  # something half-written
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(folder, *a, **k)
+
+        sharding.save_dcp = dying_save
+    model, result = fit(config, acc, tiny_unet(), SyntheticSource(), wrapped)
+    if acc.is_main_process:
+        out = Path(config.output)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "weights.safetensors"))
+        (out / "report.json").write_text(json.dumps({
+            "sharding": result.sharding, "fsdp_units": result.fsdp_units, "step": result.step,
+            "resumed_from": result.resumed_from, "num_processes": acc.num_processes,
+            "distributed_type": str(acc.distributed_type).split(".")[-1], "world": torch.distributed.get_world_size(),
+            **seen}))
+    torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path: Path, spec: dict, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """Two processes under torch.distributed.run, on CPU (no GPU visible to them)."""
+    spec_file = tmp_path / f"spec-{_free_port()}.json"
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(HERE / "test_train_fsdp.py"), str(spec_file)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-4000:]
+    else:
+        assert p.returncode != 0, "the killed run exited 0"
+    return p
+
+
+def weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "weights.safetensors"))
+
+
+def report(out: Path) -> dict:
+    return json.loads((Path(out) / "report.json").read_text())
+
+
+def metrics(work: Path) -> list[dict]:
+    return [json.loads(x) for x in (Path(work) / "metrics.jsonl").read_text().splitlines()]
+
+
+def dcp_weights(checkpoint: Path) -> tuple[dict, dict]:
+    """The raw weights and the EMA of a sharded checkpoint, read whole in this (one) process."""
+    import torch.distributed.checkpoint as dcp
+    from test_train_engine import tiny_unet
+
+    model = tiny_unet()
+    state = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()},
+             "ema": {k: torch.zeros_like(p) for k, p in model.named_parameters()}}
+    dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
+    return state["model"], state["ema"]
+
+
+def assert_close(a: dict, b: dict, init: dict | None = None, *, exact: bool = False) -> None:
+    """Equal bit for bit (``exact``), or to float rounding: the test_train_distributed criterion (Adam
+    turns rounding-level gradient differences of biases whose true gradient is 0 into steps of up to lr;
+    < 1% of the weights may differ by more than 1e-5, none by more than 3e-3)."""
+    assert a.keys() == b.keys()
+    if exact:
+        bad = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not bad, (len(bad), bad[:3], max((a[k] - b[k]).abs().max().item() for k in bad))
+        return
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    if init is not None:
+        assert max((a[k] - init[k]).abs().max().item() for k in init if k in a) > 1e-3  # training moved them
+    assert (diff > 1e-5).float().mean().item() < 0.01, (diff > 1e-5).float().mean().item()
+    assert diff.max().item() < 3e-3, diff.max().item()
+
+
+def one_process(out: Path, **kw):
+    from test_train_engine import SyntheticSource, tiny_unet
+
+    from instaflow_edge.train.config import TrainConfig
+    from instaflow_edge.train.engine import fit, make_accelerator
+    from instaflow_edge.train.objectives import RectifiedFlowObjective
+
+    config = TrainConfig(**base_config(out, **kw))
+    return fit(config, make_accelerator(config), tiny_unet(), SyntheticSource(), RectifiedFlowObjective())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted two-process FSDP2 run: 6 steps, checkpoints at 2, 4, 6."""
+    root = tmp_path_factory.mktemp("fsdp-straight")
+    launch(root, {"config": base_config(root / "out", sharding="fsdp2")})
+    return root / "out"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tests
+
+
+def test_fsdp2_two_processes_train_what_one_process_trains(tmp_path, straight):
+    from test_train_engine import tiny_unet
+
+    r = report(straight)
+    # FSDP really ran: the engine's own fully_shard (accelerate itself says MULTI_CPU), DTensor weights
+    # of which each rank holds about half, one unit per ResNet/transformer block plus the root
+    assert r["sharding"] == "fsdp2" and r["world"] == 2 and r["distributed_type"] == "MULTI_CPU"
+    assert r["dtensor"] is True and r["local_numel"] < 0.6 * r["numel"], r
+    n_blocks = sum(type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock") for m in tiny_unet().modules())
+    assert r["fsdp_units"] == n_blocks + 1 and n_blocks >= 4
+
+    model, res = one_process(tmp_path / "one")
+    assert res.sharding == "none"
+    init = tiny_unet().state_dict()
+    one = {k: v.detach() for k, v in model.state_dict().items()}
+    assert_close(one, weights(straight), init)  # the EMA weights (what the recipe saves)
+    # raw weights and EMA in the last checkpoint, read whole from the two ranks' shards
+    from instaflow_edge.train import checkpoint as ckpt
+
+    raw2, ema2 = dcp_weights(straight.with_name("out.train") / "checkpoint-0000006")
+    c1 = ckpt.load_checkpoint(tmp_path / "one.train" / "checkpoint-0000006")
+    assert_close(c1["model"], raw2, init)
+    assert_close(c1["ema"], ema2)
+    # gradients are averaged over the ranks, not summed: the pre-clip norms agree step by step (a sum
+    # would double them; Adam alone would hide it, being invariant to the gradient's scale)
+    g1 = [m["grad_norm"] for m in metrics(tmp_path / "one.train")]
+    g2 = [m["grad_norm"] for m in metrics(straight.with_name("out.train"))]
+    assert len(g1) == len(g2) == STEPS
+    assert all(abs(a - b) <= 1e-4 * a for a, b in zip(g1, g2)), (g1, g2)
+    assert [m["loss"] for m in metrics(tmp_path / "one.train")] == pytest.approx(
+        [m["loss"] for m in metrics(straight.with_name("out.train"))], rel=1e-5)
+
+
+def test_fsdp2_sigkill_mid_checkpoint_and_mid_step_resume_exactly(tmp_path, straight):
+    out, work = tmp_path / "out", tmp_path / "out.train"
+    from instaflow_edge.train import checkpoint as ckpt
+
+    # rank 1 dies while writing its shard of checkpoint 2 (step 4): checkpoint 1 (step 2) stays the latest
+    launch(tmp_path, {"config": base_config(out, sharding="fsdp2"), "kill": {"rank": 1, "checkpoint": 2}},
+           expect_ok=False)
+    assert [p.name for p in ckpt.list_checkpoints(work)] == ["checkpoint-0000002"]
+    assert any(p.name.startswith(".checkpoint-0000004.tmp-") for p in work.iterdir())  # the half-written one
+    # resumed, rank 1 dies in the forward pass of step 5 (objective call 3 of this run: steps 3, 4, 5)
+    launch(tmp_path, {"config": base_config(out, sharding="fsdp2", resume="latest"),
+                      "kill": {"rank": 1, "call": 3}}, expect_ok=False)
+    assert [p.name for p in ckpt.list_checkpoints(work)] == ["checkpoint-0000002", "checkpoint-0000004"]
+    assert not any(p.name.startswith(".checkpoint-") for p in work.iterdir())  # the stale one was removed
+    launch(tmp_path, {"config": base_config(out, sharding="fsdp2", resume="latest")})
+    r = report(out)
+    assert r["resumed_from"].endswith("checkpoint-0000004") and r["step"] == STEPS and r["sharding"] == "fsdp2"
+    assert_close(weights(out), weights(straight), exact=True)
+    raw_a, ema_a = dcp_weights(straight.with_name("out.train") / "checkpoint-0000006")
+    raw_b, ema_b = dcp_weights(work / "checkpoint-0000006")
+    assert_close(raw_a, raw_b, exact=True)
+    assert_close(ema_a, ema_b, exact=True)
+    assert [m["loss"] for m in metrics(work)] == [m["loss"] for m in metrics(straight.with_name("out.train"))]
+
+
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path, straight):
+    """Resharding: the FSDP2 checkpoint of step 4 (2 ranks' shards) continues in one plain process."""
+    work = tmp_path / "one.train"
+    work.mkdir()
+    shutil.copytree(straight.with_name("out.train") / "checkpoint-0000004", work / "checkpoint-0000004")
+    model, res = one_process(tmp_path / "one", resume="latest")
+    assert res.resumed_from.endswith("checkpoint-0000004") and res.step == STEPS and res.sharding == "none"
+    one = {k: v.detach() for k, v in model.state_dict().items()}
+    assert_close(one, weights(straight))
+
+
+def test_fsdp2_refuses_a_checkpoint_written_without_sharding(tmp_path):
+    one_process(tmp_path / "out", max_steps=2)
+    p = launch(tmp_path, {"config": base_config(tmp_path / "out", sharding="fsdp2", resume="latest")},
+               expect_ok=False)
+    assert "was written without sharding" in p.stdout + p.stderr
+
+
+def test_requested_reads_the_accelerate_launch_environment():
+    from instaflow_edge.errors import InputError
+    from instaflow_edge.train.sharding import DEFAULT_BLOCKS, requested
+
+    assert requested("none", {}) is None
+    assert requested("fsdp2", {}).blocks == DEFAULT_BLOCKS
+    spec = requested("none", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                              "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResnetBlock2D, Transformer2DModel",
+                              "FSDP_RESHARD_AFTER_FORWARD": "false"})
+    assert spec.blocks == ("ResnetBlock2D", "Transformer2DModel") and not spec.reshard_after_forward
+    assert spec.source == "accelerate"
+    with pytest.raises(InputError, match="FSDP version 1"):
+        requested("none", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+
+
+if __name__ == "__main__":
+    worker(json.loads(Path(sys.argv[1]).read_text()))
