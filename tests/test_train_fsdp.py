@@ -260,6 +260,34 @@ def test_fsdp2_refuses_a_checkpoint_written_without_sharding(tmp_path):
     assert "was written without sharding" in p.stdout + p.stderr
 
 
+def test_shipped_fsdp2_config_runs_on_two_cpu_processes(tmp_path, tiny_dir):
+    """`accelerate launch --config_file train/configs/fsdp-8gpu.yaml --num_processes 2` on this GPU-less
+    machine: the CLI's `train teacher` shards with FSDP2 (accelerate itself reports MULTI_CPU), writes
+    sharded checkpoints, and saves the weights one process trains. (`accelerate launch --cpu` would start
+    ONE process: leave it out and pass the engine's --cpu.)"""
+    from test_train_distributed import _assert_same_weights, _unet
+    from test_train_teacher import make_image_folder, run
+
+    images = make_image_folder(tmp_path / "imgs", n=12)
+    train = ["--data", images, "--max-steps", 3, "--batch-size", 8, "--warmup-steps", 1, "--checkpoint-every", 2,
+             "--ema-decay", 0.5, "--no-progress", "--cpu", "--threads", 1]
+    r = run("train", "teacher", tiny_dir, "-o", tmp_path / "one", *train)
+    assert r.exit_code == 0, r.output
+    config = HERE.parent / "train" / "configs" / "fsdp-8gpu.yaml"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+           "-m", "instaflow_edge.cli", "train", "teacher", str(tiny_dir), "-o", str(tmp_path / "two"), *map(str, train)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    t = json.loads((tmp_path / "two" / "manifest.json").read_text())["training"]
+    assert t["num_processes"] == 2 and t["sharding"] == "fsdp2" and t["fsdp_units"] > 2, t
+    from instaflow_edge.train import checkpoint as ckpt
+
+    assert [ckpt.is_sharded(c) for c in ckpt.list_checkpoints(tmp_path / "two.train")] == [True, True]
+    _assert_same_weights(_unet(tmp_path / "one"), _unet(tmp_path / "two"), _unet(tiny_dir))
+
+
 def test_requested_reads_the_accelerate_launch_environment():
     from instaflow_edge.errors import InputError
     from instaflow_edge.train.sharding import DEFAULT_BLOCKS, requested
