@@ -179,7 +179,8 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
         raw, inner_optimizer = accelerator.unwrap_model(model), optimizer.optimizer
     scheduler = LambdaLR(inner_optimizer, lambda s: lr_factor(s, config))
     ema = EMA(raw, config.ema_decay) if config.ema_decay > 0 else None
-    sampler = EpochSampler(len(source), config.seed)
+    # a streamed source (pair shards) orders its epochs itself, within the shards it can hold
+    sampler = source.make_sampler(config.seed) if hasattr(source, "make_sampler") else EpochSampler(len(source), config.seed)
 
     step = 0
     if resume_path is not None:
