@@ -59,8 +59,11 @@ def _child(mode: str, pairs: str, model: str, steps: int, batch: int, window: in
     from .streams import EpochSampler, StepRandom
 
     torch.set_num_threads(1)
+    import psutil
+
     pipe = load_pipeline(model, device="cpu", dtype="float32")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    now0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     if mode == "stream":
         from .pairs import PairShards
@@ -78,8 +81,10 @@ def _child(mode: str, pairs: str, model: str, steps: int, batch: int, window: in
         idx = sampler.take(batch)
         source.get(idx, StepRandom(0, step, 0, batch, batch), "cpu")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    held = psutil.Process().memory_info().rss - now0  # what the data side holds at the end
     return {"mode": mode, "pairs": len(source), "steps": steps, "batch": batch,
-            "peak_rss_mib": round(peak / 1024, 1), "rss_after_model_mib": round(base / 1024, 1),
+            "peak_rss_mib": round(peak / 1024, 1), "peak_rss_before_data_mib": round(base / 1024, 1),
+            "data_rss_growth_mib": round(held / 2**20, 1),
             "seconds": round(time.perf_counter() - t0, 2),
             "shards_held_peak": getattr(source, "peak_cached", None)}
 
@@ -110,8 +115,12 @@ def measure(sizes: list[int], work: Path, steps: int = 300, batch: int = 64, win
     by = {(r["mode"], r["pairs"]): r["peak_rss_mib"] for r in rows}
     lo, hi = min(sizes), max(sizes)
     ratios = {m: round(by[(m, hi)] / by[(m, lo)], 3) for m in modes if (m, hi) in by and (m, lo) in by}
-    return {"what": "peak RSS of the pair trainers' data side: open the set, build the source, draw batches",
-            "rows": rows, f"ratio_{hi}_vs_{lo}": ratios, "window_shards": window, "shard_size": 500,
+    growth = {m: [r["data_rss_growth_mib"] for r in rows if r["mode"] == m] for m in modes}
+    return {"what": "peak RSS of a process that loads the tiny pipeline, opens the pair set, builds the source and "
+                    "draws batches as training does (ru_maxrss), and how much its RSS grew from before the set "
+                    "was opened to the end (the data side's own footprint)",
+            "rows": rows, f"peak_rss_ratio_{hi}_vs_{lo}": ratios, "data_rss_growth_mib": growth,
+            "load_average_at_start": os.getloadavg(), "window_shards": window, "shard_size": 500,
             "latent_shape": [4, 8, 8], "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
                                                    "python": platform.python_version()}}
 
