@@ -288,6 +288,63 @@ def test_shipped_fsdp2_config_runs_on_two_cpu_processes(tmp_path, tiny_dir):
     _assert_same_weights(_unet(tmp_path / "one"), _unet(tmp_path / "two"), _unet(tiny_dir))
 
 
+def _accelerate_fsdp2(tmp_path: Path, args: list) -> dict:
+    """``accelerate launch --config_file train/configs/fsdp-8gpu.yaml --num_processes 2 -m instaflow_edge.cli
+    ARGS`` on CPU; returns the output's manifest."""
+    config = HERE.parent / "train" / "configs" / "fsdp-8gpu.yaml"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+           "-m", "instaflow_edge.cli", *map(str, args)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = Path(args[args.index("-o") + 1])
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.slow  # ~1 min each on 2 busy cores: 1 + 2 processes of the CLI
+@pytest.mark.parametrize("stage", ["reflow", "distill-recovery"])
+def test_reflow_and_recovery_distill_under_fsdp2_match_one_process(tmp_path, tiny_dir, tiny_pipe, stage):
+    """`train reflow` on streamed pairs (more shards than pair_shards_in_memory, set in a --config file)
+    and `train distill --teacher` (a frozen teacher, replicated on every rank; BK-SDM's feature loss
+    through hooks on the sharded student's blocks) under the FSDP2 config on 2 CPU processes: the weights
+    of one process."""
+    from test_train_distributed import _assert_same_weights, _unet
+    from test_train_teacher import run
+
+    from instaflow_edge.train.pairs_memory import PROMPTS, write_tiny_pairs
+
+    pairs = write_tiny_pairs(tmp_path / "pairs", 60, tiny_pipe.tokenize(PROMPTS), shard_size=20)
+    (tmp_path / "c.yaml").write_text("pair-shards-in-memory: 2\n")
+    common = ["--pairs", pairs, "--max-steps", 3, "--batch-size", 8, "--warmup-steps", 1, "--checkpoint-every", 2,
+              "--ema-decay", 0.5, "--no-progress", "--cpu", "--threads", 1, "--config", tmp_path / "c.yaml"]
+    if stage == "reflow":
+        args = ["train", "reflow", tiny_dir, *common]
+    else:
+        args = ["train", "distill", tiny_dir, "--teacher", tiny_dir, "--feature-weight", 0.5, *common]
+    r = run(*args, "-o", tmp_path / "one")
+    assert r.exit_code == 0, r.output
+    m = _accelerate_fsdp2(tmp_path, [*args, "-o", tmp_path / "two"])
+    assert m["training"]["sharding"] == "fsdp2" and m["training"]["num_processes"] == 2
+    assert m["data"]["num_pairs"] == 60
+    _assert_same_weights(_unet(tmp_path / "one"), _unet(tmp_path / "two"), _unet(tiny_dir))
+
+
+def test_fsdp2_gradient_accumulation_and_bf16(tmp_path, straight):
+    """Accumulating 2 micro-steps (gradients reduce-scattered on the last one only) trains the weights of
+    one micro-step of the same global batch; bf16 (fp32 master shards, bf16 compute, fp32 reduction) trains."""
+    launch(tmp_path, {"config": base_config(tmp_path / "acc", sharding="fsdp2", gradient_accumulation_steps=2,
+                                            checkpoint_every=0)})
+    assert_close(weights(tmp_path / "acc"), weights(straight))
+    launch(tmp_path, {"config": base_config(tmp_path / "bf16", sharding="fsdp2", mixed_precision="bf16",
+                                            checkpoint_every=0, max_steps=2)})
+    r = report(tmp_path / "bf16")
+    assert r["sharding"] == "fsdp2" and r["step"] == 2
+    losses = [m["loss"] for m in metrics(tmp_path / "bf16.train")]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16").values())  # fp32 master weights
+
+
 def test_requested_reads_the_accelerate_launch_environment():
     from instaflow_edge.errors import InputError
     from instaflow_edge.train.sharding import DEFAULT_BLOCKS, requested
