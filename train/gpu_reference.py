@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 from ..errors import DeviceError, InputError
+from .config import TrainConfig
+from .engine import fit, make_accelerator
+from .objectives import RectifiedFlowObjective
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD1.x's UNet
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -87,8 +90,6 @@ class _Timed:
     """The RF objective, timing each optimizer step (synchronising the GPU) and noting peak memory."""
 
     def __init__(self, device):
-        from .objectives import RectifiedFlowObjective
-
         self.inner, self.device, self.marks = RectifiedFlowObjective(), device, []
 
     def __call__(self, model, batch, rnd):
@@ -104,9 +105,6 @@ def fsdp2_reflow(a: argparse.Namespace) -> dict:
     import torch
     import torch.distributed as dist
     from diffusers import UNet2DConditionModel
-
-    from .config import TrainConfig
-    from .engine import fit, make_accelerator
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")

@@ -22,6 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+from ..artifacts import make_manifest, write_manifest
+from ..pipeline import load_pipeline
+from ..presets import InitConfig, init
+from .pairs import PairsDataset, PairShards
+from .reflow import PairsSource, StreamingPairsSource
+from .reflow_data import FORMAT, _write_shard, shard_paths
+from .streams import EpochSampler, StepRandom
+
 PROMPTS = [f"a handwritten {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
 
 
@@ -29,9 +37,6 @@ def write_tiny_pairs(folder: Path, n: int, token_ids, shard_size: int = 500, lat
     """A reflow-data folder of ``n`` synthetic pairs (random noise and latents, prompts cycling through
     ``token_ids`` rows), in ``train reflow-data``'s layout: shards + sidecars + manifest."""
     import torch
-
-    from ..artifacts import make_manifest, write_manifest
-    from .reflow_data import FORMAT, _write_shard, shard_paths
 
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -53,28 +58,18 @@ def write_tiny_pairs(folder: Path, n: int, token_ids, shard_size: int = 500, lat
 
 def _child(mode: str, pairs: str, model: str, steps: int, batch: int, window: int) -> dict:
     """Runs in the child: open, build, draw ``steps`` batches; report peak RSS."""
+    import psutil
     import torch
 
-    from ..pipeline import load_pipeline
-    from .streams import EpochSampler, StepRandom
-
     torch.set_num_threads(1)
-    import psutil
-
     pipe = load_pipeline(model, device="cpu", dtype="float32")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     now0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     if mode == "stream":
-        from .pairs import PairShards
-        from .reflow import StreamingPairsSource
-
         source = StreamingPairsSource(PairShards(pairs), pipe, window=window)
         sampler = source.make_sampler(0)
     else:
-        from .pairs import PairsDataset
-        from .reflow import PairsSource
-
         source = PairsSource(PairsDataset(pairs), pipe)
         sampler = EpochSampler(len(source), 0)
     for step in range(steps):
@@ -91,9 +86,6 @@ def _child(mode: str, pairs: str, model: str, steps: int, batch: int, window: in
 
 def measure(sizes: list[int], work: Path, steps: int = 300, batch: int = 64, window: int = 8,
             modes=("stream", "memory")) -> dict:
-    from ..pipeline import load_pipeline
-    from ..presets import InitConfig, init
-
     work.mkdir(parents=True, exist_ok=True)
     model = work / "tiny"
     if not model.is_dir():

@@ -156,7 +156,7 @@ class StreamingPairsSource:
         return len(self.shards)
 
     def make_sampler(self, seed: int):
-        from .streams import ShardWindowSampler
+        from .streams import ShardWindowSampler  # torch: not at the top of a module --help imports
 
         return ShardWindowSampler(self.shards.counts, seed, self.window)
 

@@ -26,7 +26,7 @@ import time
 from ..errors import InputError, NumericsError
 from ..pipeline import ModelInfo
 from ..presets import Built, _assemble, _tokenizer, preset
-from ..threads import Governor
+from ..threads import Governor, threads_setting
 
 TEXT_CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=77, projection_dim=64)
@@ -60,8 +60,6 @@ class DigitsPresetConfig:
     threads: str | int | None = None
 
     def validate(self) -> None:
-        from ..threads import threads_setting
-
         if self.threads is not None:
             self.threads = threads_setting("threads", self.threads)
 
