@@ -1,7 +1,8 @@
 """FSDP2 in the engine, proven in two CPU processes (gloo, an explicit CPU mesh): it trains the weights
 and the EMA one process trains with the same global batch, gradients are averaged (not summed), a rank
 killed with SIGKILL mid-step or mid-checkpoint resumes to the weights of an uninterrupted run, and a
-checkpoint written by two processes resumes in one.
+checkpoint written by two processes resumes in one
+(and one written by one process in two).
 
 The two-process runs start this file as a script under ``torch.distributed.run`` (see ``worker``), so
 nothing passes through accelerate's FSDP config, which on CPU silently runs DDP: each run reports that
@@ -253,11 +254,19 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, straight):
     assert_close(one, weights(straight))
 
 
-def test_fsdp2_refuses_a_checkpoint_written_without_sharding(tmp_path):
-    one_process(tmp_path / "out", max_steps=2)
-    p = launch(tmp_path, {"config": base_config(tmp_path / "out", sharding="fsdp2", resume="latest")},
-               expect_ok=False)
-    assert "was written without sharding" in p.stdout + p.stderr
+def test_one_process_checkpoint_resumes_in_two_fsdp2_processes(tmp_path, straight):
+    """The other direction: a one-process (safetensors) checkpoint of step 4 continues under FSDP2 on 2
+    processes, each keeping its shards of the weights, AdamW state and EMA."""
+    model, _ = one_process(tmp_path / "one")
+    work = tmp_path / "two.train"
+    work.mkdir()
+    shutil.copytree(tmp_path / "one.train" / "checkpoint-0000004", work / "checkpoint-0000004")
+    launch(tmp_path, {"config": base_config(tmp_path / "two", sharding="fsdp2", resume="latest")})
+    r = report(tmp_path / "two")
+    assert r["resumed_from"].endswith("checkpoint-0000004") and r["sharding"] == "fsdp2" and r["step"] == STEPS
+    one = {k: v.detach() for k, v in model.state_dict().items()}
+    assert_close(one, weights(tmp_path / "two"))
+    assert_close(weights(straight), weights(tmp_path / "two"))
 
 
 def test_shipped_fsdp2_config_runs_on_two_cpu_processes(tmp_path, tiny_dir):

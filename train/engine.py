@@ -186,12 +186,8 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
     if resume_path is not None:
         if ckpt.is_sharded(resume_path):
             tr, rng = _resume_sharded(resume_path, raw, inner_optimizer, ema, config)
-        else:
-            if spec is not None:
-                raise InputError(f"checkpoint {resume_path} was written without sharding (one process or DDP) "
-                                 "and FSDP2 resumes only sharded (DCP) checkpoints",
-                                 "resume it without FSDP2 (one process or DDP), or start over with --force")
-            tr, rng = _resume_full(resume_path, raw, optimizer, ema, config)
+        else:  # whole tensors (one process or DDP), into whole weights or into FSDP2's shards
+            tr, rng = _resume_full(resume_path, raw, optimizer, ema, config, sharded=spec is not None)
         scheduler.load_state_dict(tr["scheduler"])
         sampler.load_state_dict(tr["data"])
         if ema is not None:
@@ -316,18 +312,24 @@ def _sharded_micro_step(config, model, params, optimizer, objective, batch, rnd,
     return global_loss, norm
 
 
-def _resume_full(path: Path, raw, optimizer, ema, config):
-    """Read a one-process/DDP checkpoint (safetensors + optimizer.pt) into the model, optimizer and EMA."""
+def _resume_full(path: Path, raw, optimizer, ema, config, sharded: bool = False):
+    """Read a one-process/DDP checkpoint (safetensors + optimizer.pt) into the model, optimizer and EMA;
+    under FSDP2 every rank reads it and keeps its shards (sharding.load_full_into_sharded)."""
     state = ckpt.load_checkpoint(path)
-    try:
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise InputError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]})",
-                         "resume with the same model and options, or start over with --force") from e
     if ema is not None and state["ema"] is None:  # a fresh EMA would silently restart the average
         raise InputError(f"checkpoint {path} holds no EMA weights but --ema-decay is {config.ema_decay}",
                          "resume with --ema-decay 0 (as the run was started), or start over with --force")
+    try:
+        if sharded:
+            sharding.load_full_into_sharded(raw, optimizer, ema, state["model"], state["optimizer"], state["ema"])
+            return state["trainer"], state["rng"]
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]})",
+                         "resume with the same model and options, or start over with --force") from e
     if ema is not None:
         ema.load_local(state["ema"])
     return state["trainer"], state["rng"]

@@ -200,3 +200,34 @@ def load_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     if ema is not None:
         ema.load_local(state["ema"])
+
+
+def load_full_into_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
+                           model_sd: dict, optim_sd: dict, ema_sd: dict | None) -> None:
+    """A one-process/DDP checkpoint (whole tensors; every rank has read it) into this run's shards:
+    weights and AdamW state through DCP's state-dict API (``full_state_dict``: each rank keeps its part),
+    the optimizer's index-keyed state renamed to weight names first; the EMA cut like its weight."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's parameter order
+    groups = optim_sd["param_groups"]
+    if sum(len(g["params"]) for g in groups) != len(names):
+        raise InputError(f"the checkpoint's optimizer holds {sum(len(g['params']) for g in groups)} weights, "
+                         f"this model trains {len(names)}", "resume with the same model, or start over with --force")
+    by_name = {"state": {names[int(i)]: v for i, v in optim_sd["state"].items()},
+               "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in groups]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=opts)
+    if ema is not None:
+        shadow = {}
+        for k, p in ema.params.items():
+            full = ema_sd[k].to(local(p).device, torch.float32)
+            shadow[k] = (distribute_tensor(full, p.device_mesh, p.placements).to_local().clone()
+                         if isinstance(p, DTensor) else full.clone())
+        ema.shadow = shadow
