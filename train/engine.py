@@ -6,6 +6,11 @@ and an objective (``objective(model, batch, rnd) -> loss``, see objectives.py) a
 accumulation, clipping, mixed precision, EMA, NaN/Inf stop, progress, scalar logs, atomic checkpoints
 and exact resume.
 
+Two multi-process modes: DDP (``accelerator.prepare``) and FSDP2, which the engine builds itself
+(sharding.py: ``fully_shard`` per UNet block, EMA kept as local shards, DCP checkpoints that every rank
+writes and any process count reads) when the config says ``sharding = fsdp2`` or an accelerate config asks
+for FSDP version 2. A stage's source may order its own epochs (``make_sampler``: streamed pair shards).
+
 Determinism across process counts: every step draws the indices of its GLOBAL batch from one
 epoch-permutation stream, and every random tensor of a micro-batch (noise, times, prompt dropout) is
 drawn for the whole global batch from a generator seeded by (seed, step); each micro-step of each
