@@ -341,11 +341,12 @@ def test_reflow_and_recovery_distill_under_fsdp2_match_one_process(tmp_path, tin
     _assert_same_weights(_unet(tmp_path / "one"), _unet(tmp_path / "two"), _unet(tiny_dir))
 
 
-def test_fsdp2_gradient_accumulation_and_bf16(tmp_path, straight):
-    """Accumulating 2 micro-steps (gradients reduce-scattered on the last one only) trains the weights of
-    one micro-step of the same global batch; bf16 (fp32 master shards, bf16 compute, fp32 reduction) trains."""
+def test_fsdp2_gradient_accumulation_checkpointing_and_bf16(tmp_path, straight):
+    """Accumulating 2 micro-steps (gradients reduce-scattered on the last one only) with gradient
+    checkpointing inside the sharded blocks trains the weights of one plain micro-step of the same global
+    batch; bf16 (fp32 master shards, bf16 compute, fp32 reduction) trains."""
     launch(tmp_path, {"config": base_config(tmp_path / "acc", sharding="fsdp2", gradient_accumulation_steps=2,
-                                            checkpoint_every=0)})
+                                            gradient_checkpointing=True, checkpoint_every=0)})
     assert_close(weights(tmp_path / "acc"), weights(straight))
     launch(tmp_path, {"config": base_config(tmp_path / "bf16", sharding="fsdp2", mixed_precision="bf16",
                                             checkpoint_every=0, max_steps=2)})
