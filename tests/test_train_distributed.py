@@ -128,7 +128,7 @@ def test_two_processes_match_one_and_only_main_writes(tmp_path, tiny_dir):
 
 @pytest.mark.parametrize("name,kind,nodes", [("ddp-8gpu.yaml", "MULTI_GPU", 1), ("fsdp-8gpu.yaml", "FSDP", 1),
                                              ("ddp-2x8gpu.yaml", "MULTI_GPU", 2), ("fsdp-2x8gpu.yaml", "FSDP", 2)])
-def test_shipped_accelerate_configs_parse(name, kind, nodes):
+def test_shipped_accelerate_configs_parse(name, kind, nodes, monkeypatch):
     """The shipped multi-GPU configs (1 node × 8 GPUs, 2 nodes × 8 GPUs; DDP and FSDP2) are valid accelerate
     configs and launch 8 processes per node (running them needs the GPUs; here accelerate's own launcher
     turns them into the environment it would start with, and the FSDP ones into the FSDP2 request the
@@ -152,6 +152,14 @@ def test_shipped_accelerate_configs_parse(name, kind, nodes):
     if kind == "FSDP":
         assert env["FSDP_VERSION"] == "2" and env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
         assert spec.blocks == DEFAULT_BLOCKS and spec.reshard_after_forward and spec.source == "accelerate"
+        # and accelerate's own FSDP plugin (what Accelerator() builds on the GPUs) accepts that environment
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        for k, v in env.items():
+            if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
+                monkeypatch.setenv(k, v)
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == list(DEFAULT_BLOCKS)
     else:
         assert spec is None
     if nodes > 1:
