@@ -280,8 +280,8 @@ def test_shipped_fsdp2_config_runs_on_two_cpu_processes(tmp_path, tiny_dir):
     from test_train_teacher import make_image_folder, run
 
     images = make_image_folder(tmp_path / "imgs", n=12)
-    train = ["--data", images, "--max-steps", 3, "--batch-size", 8, "--warmup-steps", 1, "--checkpoint-every", 2,
-             "--ema-decay", 0.5, "--no-progress", "--cpu", "--threads", 1]
+    train = ["--data", images, "--max-steps", 3, "--batch-size", 8, "--warmup-steps", 1, "--checkpoint-every", 1,
+             "--keep-checkpoints", 2, "--ema-decay", 0.5, "--no-progress", "--cpu", "--threads", 1]
     r = run("train", "teacher", tiny_dir, "-o", tmp_path / "one", *train)
     assert r.exit_code == 0, r.output
     config = HERE.parent / "train" / "configs" / "fsdp-8gpu.yaml"
@@ -295,7 +295,9 @@ def test_shipped_fsdp2_config_runs_on_two_cpu_processes(tmp_path, tiny_dir):
     assert t["num_processes"] == 2 and t["sharding"] == "fsdp2" and t["fsdp_units"] > 2, t
     from instaflow_edge.train import checkpoint as ckpt
 
-    assert [ckpt.is_sharded(c) for c in ckpt.list_checkpoints(tmp_path / "two.train")] == [True, True]
+    kept = ckpt.list_checkpoints(tmp_path / "two.train")  # 3 written, --keep-checkpoints 2 kept
+    assert [c.name for c in kept] == ["checkpoint-0000002", "checkpoint-0000003"] and all(map(ckpt.is_sharded, kept))
+    assert not [p for p in (tmp_path / "two.train").iterdir() if p.name.startswith(".")]
     _assert_same_weights(_unet(tmp_path / "one"), _unet(tmp_path / "two"), _unet(tiny_dir))
 
 
@@ -355,6 +357,19 @@ def test_fsdp2_gradient_accumulation_checkpointing_and_bf16(tmp_path, straight):
     losses = [m["loss"] for m in metrics(tmp_path / "bf16.train")]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
     assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16").values())  # fp32 master weights
+
+
+def test_deepspeed_and_megatron_are_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from instaflow_edge.errors import InputError
+    from instaflow_edge.train.engine import _refuse_unsupported
+
+    for kind in ("DEEPSPEED", "MEGATRON_LM"):
+        with pytest.raises(InputError, match=f"does not train under {kind}") as e:
+            _refuse_unsupported(SimpleNamespace(distributed_type=f"DistributedType.{kind}"))
+        assert "fsdp-8gpu.yaml" in str(e.value) and "\n" not in str(e.value)
+    _refuse_unsupported(SimpleNamespace(distributed_type="DistributedType.FSDP"))  # FSDP2: the engine's own
 
 
 def test_requested_reads_the_accelerate_launch_environment():
