@@ -148,8 +148,9 @@ def test_shipped_accelerate_configs_parse(name, kind, nodes, monkeypatch):
     env = prepare_multi_gpu_env(args)
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     assert (env.get("ACCELERATE_USE_FSDP") == "true") == (kind == "FSDP")
-    spec = requested("none", env)
+    spec = requested("none", {**env, "LOCAL_WORLD_SIZE": "8"})  # what torchrun sets on each node
     if kind == "FSDP":
+        assert spec.shard_group == (8 if nodes > 1 else None)  # 2 nodes: HSDP, sharded within a node
         assert env["FSDP_VERSION"] == "2" and env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
         assert spec.blocks == DEFAULT_BLOCKS and spec.reshard_after_forward and spec.source == "accelerate"
         # and accelerate's own FSDP plugin (what Accelerator() builds on the GPUs) accepts that environment

@@ -359,6 +359,22 @@ def test_fsdp2_gradient_accumulation_checkpointing_and_bf16(tmp_path, straight):
     assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16").values())  # fp32 master weights
 
 
+def test_hsdp_replicate_across_groups_trains_the_same_weights(tmp_path, straight):
+    """HSDP (shard_group 1 on 2 processes: a (replicate 2, shard 1) mesh, the 2-node layout in miniature):
+    the weights, EMA and checkpoint of plain FSDP2; its DCP checkpoint reads back whole."""
+    launch(tmp_path, {"config": base_config(tmp_path / "h", sharding="fsdp2", shard_group=1)})
+    r = report(tmp_path / "h")
+    assert r["sharding"] == "fsdp2" and r["dtensor"] is True and r["local_numel"] == r["numel"]  # replicated
+    assert_close(weights(tmp_path / "h"), weights(straight))
+    g_h = [m["grad_norm"] for m in metrics(tmp_path / "h.train")]  # averaged across replicas, not summed
+    g_a = [m["grad_norm"] for m in metrics(straight.with_name("out.train"))]
+    assert all(abs(a - b) <= 1e-4 * a for a, b in zip(g_a, g_h)), (g_a, g_h)
+    raw_a, ema_a = dcp_weights(straight.with_name("out.train") / "checkpoint-0000006")
+    raw_h, ema_h = dcp_weights(tmp_path / "h.train" / "checkpoint-0000006")
+    assert_close(raw_a, raw_h)
+    assert_close(ema_a, ema_h)
+
+
 def test_deepspeed_and_megatron_are_refused_in_one_line():
     from types import SimpleNamespace
 
@@ -382,7 +398,11 @@ def test_requested_reads_the_accelerate_launch_environment():
                               "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResnetBlock2D, Transformer2DModel",
                               "FSDP_RESHARD_AFTER_FORWARD": "false"})
     assert spec.blocks == ("ResnetBlock2D", "Transformer2DModel") and not spec.reshard_after_forward
-    assert spec.source == "accelerate"
+    assert spec.source == "accelerate" and spec.shard_group is None
+    hybrid = requested("none", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD",
+                                "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16"})
+    assert hybrid.shard_group == 8  # shard within a node, replicate across nodes
+    assert requested("fsdp2", {}, shard_group=4).shard_group == 4
     with pytest.raises(InputError, match="FSDP version 1"):
         requested("none", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..artifacts import check_output, check_overlap
 from ..errors import InputError
 from ..threads import threads_setting
-from ..validators import boolean, choice, integer, number, seed, short, text_file
+from ..validators import boolean, choice, integer, number, optional_integer, seed, short, text_file
 
 
 class MixedPrecision(str, enum.Enum):
@@ -81,6 +81,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     attention: AttentionKernel = AttentionKernel.sdpa
     sharding: Sharding = Sharding.none
+    shard_group: int | None = None  # fsdp2: shard within groups of N processes, replicate across (HSDP)
     checkpoint_every: int = 500  # 0: no checkpoints
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
@@ -109,6 +110,7 @@ class TrainConfig:
         self.lr_schedule = choice("lr_schedule", self.lr_schedule, LRSchedule)
         self.attention = choice("attention", self.attention, AttentionKernel)
         self.sharding = choice("sharding", self.sharding, Sharding)
+        optional_integer("shard_group", self.shard_group, 1)
         self.threads = threads_setting("threads", self.threads)
         if self.batch_size % self.gradient_accumulation_steps:
             raise InputError(

@@ -159,7 +159,7 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
     resume_path = _prepare_work_dir(config, accelerator, work)
 
     _refuse_unsupported(accelerator)
-    spec = sharding.requested(config.sharding.value)
+    spec = sharding.requested(config.sharding.value, shard_group=config.shard_group)
     configure_unet(model, config)
     model.train().requires_grad_(True)
     template = None
@@ -174,7 +174,8 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         raw, inner_optimizer = model, optimizer
         if accelerator.is_main_process:
-            say("train", f"FSDP2: {units} units ({', '.join(spec.blocks)} + root) over {world} processes "
+            group = f", sharded in groups of {spec.shard_group} (HSDP)" if spec.shard_group not in (None, world) else ""
+            say("train", f"FSDP2: {units} units ({', '.join(spec.blocks)} + root) over {world} processes{group} "
                          f"on {accelerator.device.type}")
     else:
         units = 0

@@ -38,16 +38,21 @@ DEFAULT_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
 @dataclasses.dataclass(frozen=True)
 class ShardSpec:
     """What to shard and how: the block classes wrapped as units, whether blocks free their gathered
-    weights after forward (FULL_SHARD) or keep them until backward (SHARD_GRAD_OP)."""
+    weights after forward (FULL_SHARD) or keep them until backward (SHARD_GRAD_OP), and the shard group:
+    ``None`` shards over all processes; N shards within groups of N processes (one node's GPUs) and
+    replicates across the groups (HSDP: gradients reduce-scattered inside a node, all-reduced across)."""
 
     blocks: tuple[str, ...] = DEFAULT_BLOCKS
     reshard_after_forward: bool = True
+    shard_group: int | None = None
     source: str = "config"  # where the request came from: "config" (sharding = fsdp2) or "accelerate"
 
 
-def requested(sharding: str, environ=os.environ) -> ShardSpec | None:
-    """The FSDP2 request of this run, from the config's ``sharding`` or accelerate's launch environment;
-    ``None`` for DDP / one process. An accelerate FSDP1 config is refused with its fix."""
+def requested(sharding: str, environ=os.environ, shard_group: int | None = None) -> ShardSpec | None:
+    """The FSDP2 request of this run, from the config's ``sharding`` (and ``shard_group``) or accelerate's
+    launch environment (``fsdp_sharding_strategy: HYBRID_SHARD`` shards within each node:
+    ``LOCAL_WORLD_SIZE`` processes); ``None`` for DDP / one process. An accelerate FSDP1 config is refused
+    with its fix."""
     use_fsdp = environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if use_fsdp and environ.get("FSDP_VERSION", "1") != "2":
         raise InputError(f"the accelerate config asks for FSDP version {environ.get('FSDP_VERSION', '1')}; "
@@ -60,13 +65,27 @@ def requested(sharding: str, environ=os.environ) -> ShardSpec | None:
     if names.strip():
         blocks = tuple(n.strip() for n in names.split(",") if n.strip())
     reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "shard_grad_op") if use_fsdp else True
-    return ShardSpec(blocks=blocks, reshard_after_forward=reshard, source="accelerate" if use_fsdp else "config")
+    if use_fsdp and environ.get("FSDP_SHARDING_STRATEGY", "").upper() in ("HYBRID_SHARD", "4"):
+        shard_group = shard_group or int(environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    return ShardSpec(blocks=blocks, reshard_after_forward=reshard, shard_group=shard_group,
+                     source="accelerate" if use_fsdp else "config")
+
+
+def make_mesh(device_type: str, world: int, shard_group: int | None):
+    """A 1-D mesh over all processes, or HSDP's 2-D (replicate, shard) mesh of groups of ``shard_group``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard_group is None or shard_group == world:
+        return init_device_mesh(device_type, (world,))
+    if shard_group < 1 or world % shard_group:
+        raise InputError(f"shard_group {shard_group} does not divide the {world} processes",
+                         "use the processes per node (or leave it unset: shard over all)")
+    return init_device_mesh(device_type, (world // shard_group, shard_group), mesh_dim_names=("replicate", "shard"))
 
 
 def shard_model(model: torch.nn.Module, spec: ShardSpec, device: torch.device, mixed_precision: str) -> int:
-    """Shard ``model`` in place over all processes (a 1-D mesh on ``device``'s type: an explicit CPU mesh
-    on CPU, so a visible GPU is never picked by accident). Returns the number of FSDP units."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """Shard ``model`` in place (a mesh on ``device``'s type: an explicit CPU mesh on CPU, so a visible GPU
+    is never picked by accident; 2-D for HSDP). Returns the number of FSDP units."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -74,7 +93,7 @@ def shard_model(model: torch.nn.Module, spec: ShardSpec, device: torch.device, m
     if mixed_precision == "fp16":
         raise InputError("--mixed-precision fp16 is not supported with FSDP2 (it needs a sharded grad scaler)",
                          "use --mixed-precision bf16 (or no)")
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    mesh = make_mesh(device.type, torch.distributed.get_world_size(), spec.shard_group)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if mixed_precision == "bf16" else MixedPrecisionPolicy())
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=spec.reshard_after_forward)
@@ -88,7 +107,8 @@ def shard_model(model: torch.nn.Module, spec: ShardSpec, device: torch.device, m
     fully_shard(model, **kw)
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if device.type == "cpu":
-        # gloo's reduce-scatter with ReduceOp.AVG is not to be trusted: SUM plus FSDP2's own division
+        # trackers report gloo's ReduceOp.AVG reduce-scatter returning sums; on torch 2.13 it averaged in
+        # a direct check, but SUM plus FSDP2's own division is the documented workaround: use it on CPU
         for m in units:
             m.set_force_sum_reduction_for_comms(True)
     return len(units)
