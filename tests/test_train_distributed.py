@@ -126,22 +126,42 @@ def test_two_processes_match_one_and_only_main_writes(tmp_path, tiny_dir):
     assert other_writes == "", other_writes[:2000]
 
 
-@pytest.mark.parametrize("name,kind", [("ddp-8gpu.yaml", "MULTI_GPU"), ("fsdp-8gpu.yaml", "FSDP")])
-def test_shipped_accelerate_configs_parse(name, kind):
-    """The README's multi-GPU configs are valid accelerate configs and launch 8 processes (running them
-    needs 8 GPUs; here accelerate's own launcher turns them into the environment it would start with)."""
+@pytest.mark.parametrize("name,kind,nodes", [("ddp-8gpu.yaml", "MULTI_GPU", 1), ("fsdp-8gpu.yaml", "FSDP", 1),
+                                             ("ddp-2x8gpu.yaml", "MULTI_GPU", 2), ("fsdp-2x8gpu.yaml", "FSDP", 2)])
+def test_shipped_accelerate_configs_parse(name, kind, nodes, monkeypatch):
+    """The shipped multi-GPU configs (1 node × 8 GPUs, 2 nodes × 8 GPUs; DDP and FSDP2) are valid accelerate
+    configs and launch 8 processes per node (running them needs the GPUs; here accelerate's own launcher
+    turns them into the environment it would start with, and the FSDP ones into the FSDP2 request the
+    engine reads)."""
     from accelerate.commands.launch import (
         _validate_launch_command,
         launch_command_parser,
     )
     from accelerate.utils.launch import prepare_multi_gpu_env
 
+    from instaflow_edge.train.sharding import DEFAULT_BLOCKS, requested
+
     path = Path(__file__).resolve().parents[1] / "train" / "configs" / name
     args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
     args, _, _ = _validate_launch_command(args)
-    assert args.num_processes == 8
+    assert args.num_processes == 8 * nodes and args.num_machines == nodes
     env = prepare_multi_gpu_env(args)
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     assert (env.get("ACCELERATE_USE_FSDP") == "true") == (kind == "FSDP")
+    spec = requested("none", {**env, "LOCAL_WORLD_SIZE": "8"})  # what torchrun sets on each node
     if kind == "FSDP":
-        assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
+        assert spec.shard_group == (8 if nodes > 1 else None)  # 2 nodes: HSDP, sharded within a node
+        assert env["FSDP_VERSION"] == "2" and env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+        assert spec.blocks == DEFAULT_BLOCKS and spec.reshard_after_forward and spec.source == "accelerate"
+        # and accelerate's own FSDP plugin (what Accelerator() builds on the GPUs) accepts that environment
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        for k, v in env.items():
+            if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
+                monkeypatch.setenv(k, v)
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == list(DEFAULT_BLOCKS)
+    else:
+        assert spec is None
+    if nodes > 1:
+        assert args.main_process_ip and args.machine_rank == 0

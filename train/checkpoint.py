@@ -8,6 +8,11 @@ A checkpoint is a folder ``WORK/checkpoint-0000500`` holding
 * ``rng_state.json`` — python/numpy/torch(/cuda) RNG states of EVERY process, gathered to the main one,
 * ``trainer_state.json`` — step, LR-scheduler state, data-order state, EMA update count, process count.
 
+A sharded checkpoint (FSDP2, sharding.py) holds ``dcp/`` instead of the first three: a
+``torch.distributed.checkpoint`` folder (weights, optimizer state and EMA, every rank's shard of the global
+tensors, plus DCP's ``.metadata``), which any number of processes reads back (resharding). Every rank
+writes its shard into the same temporary folder; the main process adds the JSON files and renames it.
+
 It is built in a hidden temporary sibling and renamed into place (``artifacts.atomic_dir``), so a crash
 mid-write leaves the previous checkpoint as the latest one; ``latest`` ignores hidden folders and
 folders without ``trainer_state.json``, and the next run in the work dir removes them
@@ -38,6 +43,8 @@ _STALE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)-[A-Za-z0-9_]+$")  # atomic_di
 ORDER_SETTINGS = ("batch_size", "seed")
 STATE = "trainer_state.json"
 FILES = ("model.safetensors", "optimizer.pt", "rng_state.json", STATE)
+DCP_DIR = "dcp"
+SHARDED_FILES = (f"{DCP_DIR}/.metadata", "rng_state.json", STATE)
 
 
 def checkpoint_name(step: int) -> str:
@@ -91,7 +98,7 @@ def resolve_resume(resume: str | None, work: Path) -> Path | None:
         found = list_checkpoints(work)
         return found[-1] if found else None
     path = Path(resume)
-    missing = [f for f in FILES if not (path / f).is_file()]
+    missing = [f for f in (SHARDED_FILES if is_sharded(path) else FILES) if not (path / f).is_file()]
     if not path.is_dir() or missing:
         raise InputError(f"{path} is not a complete checkpoint (missing {', '.join(missing) or 'the folder'})",
                          f"pass --resume latest, or a {PREFIX}N folder from the work dir")
@@ -166,6 +173,53 @@ def save_checkpoint(work: Path, step: int, model_state: dict, ema_state: dict | 
     for old in list_checkpoints(work)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def is_sharded(path: Path) -> bool:
+    """A DCP (sharded) checkpoint rather than safetensors + optimizer.pt."""
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def save_sharded_checkpoint(work: Path, step: int, write_shards, rng_states: list[dict], trainer_state: dict,
+                            keep: int, is_main: bool) -> Path:
+    """Write ``checkpoint-<step>`` with every rank's shard (a collective: every rank calls it).
+
+    The main process makes the hidden temporary folder and tells the others its name; all ranks write
+    their shards into ``DCP_DIR`` inside it (``write_shards(folder)``, which returns on the main process
+    only once every rank has written, DCP's last step gathers their results); then the main process
+    writes the JSON files, renames the folder into place and drops all but the newest ``keep``. A rank
+    killed anywhere before the rename leaves only a hidden folder, which ``latest`` ignores."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    target = work / checkpoint_name(step)
+    with contextlib.ExitStack() as stack:
+        name = [None]
+        if is_main:
+            work.mkdir(parents=True, exist_ok=True)
+            name = [str(stack.enter_context(atomic_dir(target, force=True)))]
+        dist.broadcast_object_list(name, src=0)
+        tmp = Path(name[0])
+        write_shards(tmp / DCP_DIR)
+        if is_main:
+            atomic_write_text(tmp / "rng_state.json", json.dumps(rng_states))
+            atomic_write_text(tmp / STATE, json.dumps({**trainer_state, "step": step, "format": "dcp"}, indent=2) + "\n")
+    if is_main:
+        for old in list_checkpoints(work)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # no rank runs ahead (and, say, resumes) before the folder is in place
+    return target
+
+
+def load_sharded_meta(path: Path) -> dict[str, Any]:
+    """The JSON half of a sharded checkpoint (the tensors are read by ``sharding.load_dcp``)."""
+    try:
+        return {"rng": json.loads((path / "rng_state.json").read_text()),
+                "trainer": json.loads((path / STATE).read_text())}
+    except Exception as e:
+        raise InputError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]})",
+                         "resume from an earlier checkpoint (pass its folder to --resume)") from e
 
 
 def _contiguous(state: dict) -> dict:

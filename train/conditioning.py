@@ -34,6 +34,16 @@ class PromptConditioning:
             self.text_encoder = pipe.text_encoder
             self.empty_ids = pipe.tokenize([""])[0]
 
+    def cond_ids(self, ids, drop, device):
+        """The conditioning of a batch given its token ids (B, 77) rather than prompt indices: the frozen
+        encoder runs on them (the uncached path, for sets too large to index up front)."""
+        import torch
+
+        ids = torch.where(drop[:, None], self.empty_ids, ids)
+        with torch.no_grad():
+            out = self.text_encoder(ids.to(self.text_encoder.device), return_dict=False)[0].float()
+        return out.to(device)
+
     def cond(self, prompt_index, drop, device):
         import torch
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..artifacts import check_output, check_overlap
 from ..errors import InputError
 from ..threads import threads_setting
-from ..validators import boolean, choice, integer, number, seed, short, text_file
+from ..validators import boolean, choice, integer, number, optional_integer, seed, short, text_file
 
 
 class MixedPrecision(str, enum.Enum):
@@ -36,6 +36,16 @@ class AttentionKernel(str, enum.Enum):
 
     sdpa = "sdpa"
     eager = "eager"
+
+
+class Sharding(str, enum.Enum):
+    """How the weights are spread over processes: ``none`` (each process holds them all: one process or
+    DDP) or ``fsdp2`` (torch's fully_shard per UNet block; weights, gradients, optimizer state and EMA
+    sharded). An accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 2`` asks for
+    ``fsdp2`` too."""
+
+    none = "none"
+    fsdp2 = "fsdp2"
 
 
 class DistillLoss(str, enum.Enum):
@@ -70,6 +80,8 @@ class TrainConfig:
     mixed_precision: MixedPrecision = MixedPrecision.no
     gradient_checkpointing: bool = False
     attention: AttentionKernel = AttentionKernel.sdpa
+    sharding: Sharding = Sharding.none
+    shard_group: int | None = None  # fsdp2: shard within groups of N processes, replicate across (HSDP)
     checkpoint_every: int = 500  # 0: no checkpoints
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
@@ -97,6 +109,8 @@ class TrainConfig:
         self.mixed_precision = choice("mixed_precision", self.mixed_precision, MixedPrecision)
         self.lr_schedule = choice("lr_schedule", self.lr_schedule, LRSchedule)
         self.attention = choice("attention", self.attention, AttentionKernel)
+        self.sharding = choice("sharding", self.sharding, Sharding)
+        optional_integer("shard_group", self.shard_group, 1)
         self.threads = threads_setting("threads", self.threads)
         if self.batch_size % self.gradient_accumulation_steps:
             raise InputError(

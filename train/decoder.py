@@ -35,6 +35,7 @@ from ..artifacts import (
 from ..errors import InputError, ModelError
 from ..pipeline import load_pipeline
 from ..presets import count_params
+from ..threads import Governor, threads_setting
 from ..validators import boolean, integer, number, seed
 from .macs import decoder_macs
 from .teacher import cache_latents
@@ -71,6 +72,7 @@ class DecoderConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     seed: int = 0
+    threads: str | int = "auto"  # CPU threads: follow the machine's load (threads.py), or a fixed count
     allow_pickle: bool = False
     force: bool = False
     progress: bool = True
@@ -97,6 +99,7 @@ class DecoderConfig:
         integer("batch_size", self.batch_size, 1)
         self.learning_rate = number("learning_rate", self.learning_rate, 0.0, open_low=True)
         seed("seed", self.seed)
+        self.threads = threads_setting("threads", self.threads)
         for name in ("allow_pickle", "force", "progress"):
             boolean(name, getattr(self, name))
 
@@ -158,7 +161,7 @@ def train_decoder(config: DecoderConfig) -> dict:
     from diffusers import AutoencoderKL, AutoencoderTiny
     from tqdm.auto import tqdm
 
-    with atomic_dir(config.output, config.force, config.inputs()) as tmp:
+    with atomic_dir(config.output, config.force, config.inputs()) as tmp, Governor(config.threads) as governor:
         pipe = load_pipeline(config.model, device="cpu", dtype="float32", allow_pickle=config.allow_pickle)
         if not isinstance(pipe.vae, AutoencoderKL):
             raise InputError(f"{config.model}'s vae is a {type(pipe.vae).__name__}, not an AutoencoderKL to distil from",
@@ -178,6 +181,7 @@ def train_decoder(config: DecoderConfig) -> dict:
         bar = tqdm(range(config.max_steps), desc="train decoder", unit="step", disable=not config.progress)
         losses: list[float] = []
         for _ in bar:
+            governor.tick()
             idx = torch.randint(0, len(pool), (config.batch_size,), generator=g)
             x = pool[idx]
             with torch.no_grad():

@@ -6,6 +6,11 @@ and an objective (``objective(model, batch, rnd) -> loss``, see objectives.py) a
 accumulation, clipping, mixed precision, EMA, NaN/Inf stop, progress, scalar logs, atomic checkpoints
 and exact resume.
 
+Two multi-process modes: DDP (``accelerator.prepare``) and FSDP2, which the engine builds itself
+(sharding.py: ``fully_shard`` per UNet block, EMA kept as local shards, DCP checkpoints that every rank
+writes and any process count reads) when the config says ``sharding = fsdp2`` or an accelerate config asks
+for FSDP version 2. A stage's source may order its own epochs (``make_sampler``: streamed pair shards).
+
 Determinism across process counts: every step draws the indices of its GLOBAL batch from one
 epoch-permutation stream, and every random tensor of a micro-batch (noise, times, prompt dropout) is
 drawn for the whole global batch from a generator seeded by (seed, step); each micro-step of each
@@ -32,7 +37,9 @@ from ..errors import DeviceError, InputError, NumericsError, OutputExistsError
 from ..progress import say
 from ..threads import Governor
 from . import checkpoint as ckpt
+from . import sharding
 from .config import AttentionKernel, TrainConfig
+from .sharding import EMA  # noqa: F401  (part of the engine's API)
 from .streams import EpochSampler, StepRandom, derive_seed  # noqa: F401  (part of the engine's API)
 from .tracking import MetricsLog
 
@@ -43,30 +50,6 @@ class BatchSource(Protocol):
     def __len__(self) -> int: ...
 
     def get(self, indices: torch.Tensor, rnd: StepRandom, device) -> dict[str, torch.Tensor]: ...
-
-
-class EMA:
-    """Exponential moving average of the trainable weights, with the usual warm-up
-    ``decay_n = min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the init."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, p in model.named_parameters():
-            if k in self.shadow:
-                self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
-
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        for k, p in model.named_parameters():
-            if k in self.shadow:
-                p.copy_(self.shadow[k].to(p.dtype))
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -132,6 +115,8 @@ class FitResult:
     seconds: float
     resumed_from: str | None
     ema: bool  # the returned model holds the EMA weights
+    sharding: str = "none"  # fsdp2: the engine sharded the model itself (sharding.py)
+    fsdp_units: int = 0
 
 
 def claimed(config: TrainConfig, accelerator) -> contextlib.AbstractContextManager:
@@ -173,39 +158,48 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
     work = config.work_path
     resume_path = _prepare_work_dir(config, accelerator, work)
 
-    sharded = _check_sharded(config, accelerator)
+    _refuse_unsupported(accelerator)
+    spec = sharding.requested(config.sharding.value, shard_group=config.shard_group)
     configure_unet(model, config)
     model.train().requires_grad_(True)
-    # under FSDP the wrapped module's weights are shards: keep an unsharded twin for the result
-    template = copy.deepcopy(model) if sharded and accelerator.is_main_process else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
-    scheduler = LambdaLR(optimizer.optimizer, lambda s: lr_factor(s, config))
+    template = None
+    if spec is not None:
+        # the FSDP2 path (sharding.py): the engine shards the model itself; accelerate only launched the
+        # processes. The main process keeps an unsharded CPU twin to receive the gathered final weights.
+        if accelerator.is_main_process:
+            template = copy.deepcopy(model).to("cpu")
+        model.to(accelerator.device)
+        units = sharding.shard_model(model, spec, accelerator.device, config.mixed_precision.value)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        raw, inner_optimizer = model, optimizer
+        if accelerator.is_main_process:
+            group = f", sharded in groups of {spec.shard_group} (HSDP)" if spec.shard_group not in (None, world) else ""
+            say("train", f"FSDP2: {units} units ({', '.join(spec.blocks)} + root) over {world} processes{group} "
+                         f"on {accelerator.device.type}")
+    else:
+        units = 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        raw, inner_optimizer = accelerator.unwrap_model(model), optimizer.optimizer
+    scheduler = LambdaLR(inner_optimizer, lambda s: lr_factor(s, config))
     ema = EMA(raw, config.ema_decay) if config.ema_decay > 0 else None
-    sampler = EpochSampler(len(source), config.seed)
+    # a streamed source (pair shards) orders its epochs itself, within the shards it can hold
+    sampler = source.make_sampler(config.seed) if hasattr(source, "make_sampler") else EpochSampler(len(source), config.seed)
 
     step = 0
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path)
-        try:
-            raw.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise InputError(f"checkpoint {resume_path} does not fit this model ({str(e).splitlines()[0][:120]})",
-                             "resume with the same model and options, or start over with --force") from e
-        tr = state["trainer"]
+        if ckpt.is_sharded(resume_path):
+            tr, rng = _resume_sharded(resume_path, raw, inner_optimizer, ema, config)
+        else:  # whole tensors (one process or DDP), into whole weights or into FSDP2's shards
+            tr, rng = _resume_full(resume_path, raw, optimizer, ema, config, sharded=spec is not None)
         scheduler.load_state_dict(tr["scheduler"])
         sampler.load_state_dict(tr["data"])
-        if ema is not None and state["ema"] is None:  # a fresh EMA would silently restart the average
-            raise InputError(f"checkpoint {resume_path} holds no EMA weights but --ema-decay is {config.ema_decay}",
-                             "resume with --ema-decay 0 (as the run was started), or start over with --force")
         if ema is not None:
-            ema.shadow = {kk: v.float() for kk, v in state["ema"].items()}
             ema.updates = int(tr.get("ema_updates", 0))
-        if len(state["rng"]) == world:
-            ckpt.restore_rng(state["rng"][rank])
+        if len(rng) == world:
+            ckpt.restore_rng(rng[rank])
         step = int(tr["step"])
 
     log = MetricsLog(work, accelerator, resume_step=step)
@@ -231,24 +225,25 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
                 mine = indices[start:start + local]
                 rnd = StepRandom(config.seed, step, start, local, config.batch_size)
                 batch = source.get(mine, rnd, accelerator.device)
-                with accelerator.accumulate(model):
-                    loss = objective(model, batch, rnd)
-                    global_loss = accelerator.reduce(loss.detach().float().reshape(1), "mean")
-                    if not torch.isfinite(global_loss).all():
-                        raise NumericsError(
-                            f"training loss is {global_loss.item()} at step {step + 1}",
-                            "lower --learning-rate or --max-grad-norm, or use --mixed-precision no/bf16; "
-                            "--resume latest restarts from the last checkpoint")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                if spec is not None:
+                    global_loss, norm = _sharded_micro_step(config, model, params, optimizer, objective, batch, rnd,
+                                                            accelerator, step, last=j == k - 1)
+                    grad_norm = norm if norm is not None else grad_norm
+                else:
+                    with accelerator.accumulate(model):
+                        loss = objective(model, batch, rnd)
+                        global_loss = accelerator.reduce(loss.detach().float().reshape(1), "mean")
+                        _check_finite(global_loss, step)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and config.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 step_loss += global_loss.item() / k
-            if not accelerator.optimizer_step_was_skipped:
+            if spec is not None or not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
                 if ema is not None:
-                    ema.update(raw)
+                    ema.update()
             step += 1
             losses.append(step_loss)
             window.append(step_loss)
@@ -266,32 +261,103 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
                 })
                 window, steps_since_log, t_log = [], 0, now
             if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.max_steps):
-                _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step, work)
+                _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step, work,
+                            sharded=spec is not None)
     if ema is not None:
-        ema.copy_to(raw)
-    if sharded:
-        full = accelerator.get_state_dict(model)  # a collective: gathers the shards on the main process
+        ema.copy_to()
+    if spec is not None:
+        full = sharding.full_state_dict(model)  # a collective: gathers the shards onto the main process
         if template is not None:
             template.load_state_dict(full)
-            raw = template
+            raw = template.to(accelerator.device)
     tail = losses[-50:]
     result = FitResult(step=step, final_loss=sum(tail) / len(tail) if tail else None,
                        seconds=time.perf_counter() - t_start,
-                       resumed_from=str(resume_path) if resume_path else None, ema=ema is not None)
+                       resumed_from=str(resume_path) if resume_path else None, ema=ema is not None,
+                       sharding="fsdp2" if spec is not None else "none", fsdp_units=units)
     return raw, result
 
 
-def _check_sharded(config: TrainConfig, accelerator) -> bool:
-    """FSDP/DeepSpeed shard weights and optimizer state across processes. The engine gathers the final
-    weights, but its EMA and checkpoints are per-tensor and not shard-aware yet: refuse them there."""
+def _refuse_unsupported(accelerator) -> None:
+    """DeepSpeed and Megatron-LM shard in their own formats, which the engine's EMA and checkpoints do
+    not read: refuse them (FSDP2 is the engine's sharded mode)."""
     kind = str(accelerator.distributed_type).split(".")[-1]
-    if kind not in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        return False
-    if config.ema_decay > 0 or config.checkpoint_every > 0 or config.resume is not None:
-        raise InputError(f"EMA, checkpoints and resume are not supported under {kind} yet",
-                         "pass --ema-decay 0 --checkpoint-every 0 (no --resume), or launch with DDP "
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise InputError(f"the engine does not train under {kind}",
+                         "launch with an FSDP2 config (train/configs/fsdp-8gpu.yaml) or DDP "
                          "(train/configs/ddp-8gpu.yaml)")
-    return True
+
+
+def _check_finite(global_loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(global_loss).all():
+        raise NumericsError(
+            f"training loss is {global_loss.item()} at step {step + 1}",
+            "lower --learning-rate or --max-grad-norm, or use --mixed-precision no/bf16; "
+            "--resume latest restarts from the last checkpoint")
+
+
+def _sharded_micro_step(config, model, params, optimizer, objective, batch, rnd, accelerator, step: int,
+                        last: bool):
+    """One micro-step under FSDP2: gradients are reduce-scattered only on the last micro-step of an
+    optimizer step (``set_requires_gradient_sync``), which then clips and steps. Returns the global mean
+    loss and the gradient norm before clipping (None when not clipping or not the last micro-step)."""
+    k = config.gradient_accumulation_steps
+    sharding.set_gradient_sync(model, last)
+    loss = objective(model, batch, rnd)
+    global_loss = accelerator.reduce(loss.detach().float().reshape(1), "mean")
+    _check_finite(global_loss, step)
+    (loss / k).backward()
+    if not last:
+        return global_loss, None
+    norm = None
+    if config.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        norm = sharding.local(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return global_loss, norm
+
+
+def _resume_full(path: Path, raw, optimizer, ema, config, sharded: bool = False):
+    """Read a one-process/DDP checkpoint (safetensors + optimizer.pt) into the model, optimizer and EMA;
+    under FSDP2 every rank reads it and keeps its shards (sharding.load_full_into_sharded)."""
+    state = ckpt.load_checkpoint(path)
+    if ema is not None and state["ema"] is None:  # a fresh EMA would silently restart the average
+        raise InputError(f"checkpoint {path} holds no EMA weights but --ema-decay is {config.ema_decay}",
+                         "resume with --ema-decay 0 (as the run was started), or start over with --force")
+    try:
+        if sharded:
+            sharding.load_full_into_sharded(raw, optimizer, ema, state["model"], state["optimizer"], state["ema"])
+            return state["trainer"], state["rng"]
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]})",
+                         "resume with the same model and options, or start over with --force") from e
+    if ema is not None:
+        ema.load_local(state["ema"])
+    return state["trainer"], state["rng"]
+
+
+def _resume_sharded(path: Path, raw, optimizer, ema, config):
+    """Read a DCP checkpoint written by any number of processes into this run's shards (or whole
+    weights, in one process or DDP)."""
+    meta = ckpt.load_sharded_meta(path)
+    tr = meta["trainer"]
+    if ema is not None and not tr.get("ema", False):
+        raise InputError(f"checkpoint {path} holds no EMA weights but --ema-decay is {config.ema_decay}",
+                         "resume with --ema-decay 0 (as the run was started), or start over with --force")
+    try:
+        sharding.load_dcp(path / ckpt.DCP_DIR, raw, optimizer, ema)
+    except InputError:
+        raise
+    except Exception as e:  # DCP: missing keys, wrong shapes, a truncated shard file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"checkpoint {path} cannot be loaded into this model ({type(e).__name__}: {first[:120]})",
+                         "resume with the same model and options, or from an earlier checkpoint") from e
+    return tr, meta["rng"]
 
 
 def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | None:
@@ -318,24 +384,29 @@ def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | No
     return resume_path
 
 
-def _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step: int, work: Path) -> None:
+def _checkpoint(config, accelerator, model, optimizer, scheduler, sampler, ema, step: int, work: Path,
+                sharded: bool = False) -> None:
     from accelerate.utils import gather_object
 
-    model_state = accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
     rng_states = gather_object([ckpt.capture_rng()])  # every process's RNG, in rank order
+    trainer_state = json.loads(json.dumps({
+        "scheduler": scheduler.state_dict(),
+        "data": sampler.state_dict(),
+        "ema_updates": ema.updates if ema is not None else 0,
+        "ema": ema is not None,
+        "num_processes": accelerator.num_processes,
+        "batch_size": config.batch_size,
+        "max_steps": config.max_steps,
+        "seed": config.seed,
+    }))
+    if sharded:  # every rank writes its shard (a collective); the main process renames the folder
+        ckpt.save_sharded_checkpoint(work, step, lambda folder: sharding.save_dcp(folder, model, optimizer, ema),
+                                     rng_states, trainer_state, config.keep_checkpoints, accelerator.is_main_process)
+        return
+    model_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        trainer_state = {
-            "scheduler": scheduler.state_dict(),
-            "data": sampler.state_dict(),
-            "ema_updates": ema.updates if ema is not None else 0,
-            "num_processes": accelerator.num_processes,
-            "batch_size": config.batch_size,
-            "max_steps": config.max_steps,
-            "seed": config.seed,
-        }
         ckpt.save_checkpoint(work, step, model_state, ema.shadow if ema is not None else None,
-                             optimizer.state_dict(), rng_states, json.loads(json.dumps(trainer_state)),
-                             config.keep_checkpoints)
+                             optimizer.state_dict(), rng_states, trainer_state, config.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
@@ -349,6 +420,8 @@ def training_summary(config: TrainConfig, result: FitResult, accelerator) -> dic
         "weights": "ema" if result.ema else "raw",
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "sharding": result.sharding,  # fsdp2: the engine sharded the model itself
+        "fsdp_units": result.fsdp_units,
         "device": str(accelerator.device),
         "global_batch_size": config.batch_size,
         "metrics_log": str(Path(config.work_path) / "metrics.jsonl"),

@@ -34,6 +34,7 @@ from ..artifacts import (
 from ..errors import InputError, ModelError
 from ..pipeline import check_pipeline_folder, load_pipeline
 from ..presets import count_params
+from ..threads import Governor, threads_setting
 from ..validators import boolean, choice, number
 from .macs import unet_macs
 
@@ -63,6 +64,7 @@ class PruneConfig:
     method: PruneMethod = PruneMethod.blocks
     variant: BlockVariant = BlockVariant.small
     ratio: float | None = None  # channels: share of each stage's channels removed, in (0, 1)
+    threads: str | int = "auto"  # CPU threads: follow the machine's load (threads.py), or a fixed count
     allow_pickle: bool = False
     force: bool = False
 
@@ -79,6 +81,7 @@ class PruneConfig:
             self.ratio = number("ratio", self.ratio, 0.0, 1.0, open_low=True, open_high=True)
         boolean("allow_pickle", self.allow_pickle)
         boolean("force", self.force)
+        self.threads = threads_setting("threads", self.threads)
 
     @property
     def effective_ratio(self) -> float:
@@ -436,13 +439,18 @@ def prune(config: PruneConfig) -> dict:
         plan_blocks(cfg, config.variant)
     else:
         plan_channels(cfg, config.effective_ratio)
-    with atomic_dir(config.output, config.force, (config.model,)) as tmp:
+    # no loop here: the governor re-measures between the phases (load, count, prune, count, save)
+    with atomic_dir(config.output, config.force, (config.model,)) as tmp, Governor(config.threads) as governor:
         pipe = load_pipeline(config.model, device="cpu", dtype="float32", allow_pickle=config.allow_pickle)
         shape = pipe.latent_shape(pipe.default_size, pipe.default_size)
         text_len = pipe.tokenizer.model_max_length
+        governor.tick()
         before = {"params": count_params(pipe.unet), "macs_per_image": unet_macs(pipe.unet, shape, text_len)}
+        governor.tick()
         new, new_cfg, kept = prune_unet(pipe.unet, config.method, config.variant, config.effective_ratio)
+        governor.tick()
         after = {"params": count_params(new), "macs_per_image": unet_macs(new, shape, text_len)}
+        governor.tick()
         pipe.unet = new
         info = dataclasses.replace(pipe.info, source=config.model)
         pipe.save(tmp, info)

@@ -28,7 +28,7 @@ from ..presets import count_params
 from ..validators import boolean, choice, integer, number, optional_integer
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from .config import DistillLoss, TrainConfig
-from .pairs import PairsDataset
+from .pairs import PairsDataset, PairShards
 from .teacher import _end_distributed
 
 
@@ -40,6 +40,10 @@ class PairsTrainConfig(TrainConfig):
     model: str
     pairs: str
     max_pairs: int | None = None  # train on the first N pairs only (pair-count studies); None: all
+    # a set of more shards than this is streamed: at most this many (+1) in memory per process, each
+    # epoch shuffled within windows of this many shards; a smaller set is held and shuffled whole.
+    # 8 shards of 500 SD1.5 pairs (64×64 latents, fp32 noise + latent): about 0.5 GB.
+    pair_shards_in_memory: int = 8
     allow_pickle: bool = False
 
     def __post_init__(self) -> None:
@@ -49,6 +53,7 @@ class PairsTrainConfig(TrainConfig):
         if not isinstance(self.pairs, str) or not Path(self.pairs).is_dir():
             raise InputError(f"pairs folder {self.pairs} does not exist", "make it with `instaflow-edge train reflow-data`")
         optional_integer("max_pairs", self.max_pairs, 1)
+        integer("pair_shards_in_memory", self.pair_shards_in_memory, 1)
         boolean("allow_pickle", self.allow_pickle)
 
     def inputs(self) -> tuple[str, ...]:
@@ -118,17 +123,94 @@ class PairsSource:
                 "cond": self.conditioning.cond(self.prompt_index[indices], drop, device)}
 
 
+class StreamingPairsSource:
+    """The pairs of a reflow-data folder, streamed from its shards: :meth:`make_sampler` gives the engine
+    an epoch order that stays within ``window`` shards at a time (streams.ShardWindowSampler), and
+    :meth:`get` reads the shards it needs into a cache of ``window + 1`` shards, so memory is bounded by
+    a few shards, not the set (3 M pairs need what 3 k need). Conditioning as :class:`PairsSource`: one
+    cached embedding per unique prompt when the set has few (found by scanning the shards' token ids,
+    one shard at a time), else the frozen encoder per batch."""
+
+    def __init__(self, shards: PairShards, pipe, cfg_dropout: float = 0.0, window: int = 8,
+                 max_cached_prompts: int = MAX_CACHED_PROMPTS):
+        import torch
+
+        self.shards, self.window, self.cfg_dropout = shards, window, cfg_dropout
+        self.ends = torch.tensor(shards.counts).cumsum(0)
+        self.starts = (self.ends - torch.tensor(shards.counts)).tolist()
+        self.cache: dict = {}  # shard number → tensors, oldest first (dicts keep insertion order)
+        self.peak_cached = 0
+        self.lookup: dict[bytes, int] = {}
+        rows = []
+        for k in range(len(shards.counts)):
+            for row in torch.unique(shards.token_rows(k), dim=0):
+                key = row.numpy().tobytes()
+                if key not in self.lookup:
+                    self.lookup[key] = len(rows)
+                    rows.append(row)
+            if len(rows) > max_cached_prompts:
+                break  # too many to cache: encode per batch
+        self.conditioning = PromptConditioning(pipe, torch.stack(rows), max_cached_prompts)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def make_sampler(self, seed: int):
+        from .streams import ShardWindowSampler  # torch: not at the top of a module --help imports
+
+        return ShardWindowSampler(self.shards.counts, seed, self.window)
+
+    def _shard(self, k: int) -> dict:
+        if k in self.cache:
+            self.cache[k] = self.cache.pop(k)  # most recently used last
+        else:
+            while len(self.cache) >= self.window + 1:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[k] = self.shards.load(k)
+        self.peak_cached = max(self.peak_cached, len(self.cache))
+        return self.cache[k]
+
+    def get(self, indices, rnd, device) -> dict:
+        import torch
+
+        drop = rnd.uniform() < self.cfg_dropout  # drawn even at 0 so the random stream never shifts
+        which = torch.searchsorted(self.ends, indices, right=True)
+        parts: dict[str, list] = {"noise": [], "latents": [], "input_ids": []}
+        order = []
+        for k in torch.unique(which).tolist():
+            sel = (which == k).nonzero().flatten()
+            t = self._shard(k)
+            local = indices[sel] - self.starts[k]
+            for key in parts:
+                parts[key].append(t[key][local])
+            order.append(sel)
+        back = torch.argsort(torch.cat(order))  # rows back in the order of ``indices``
+        z, x1, ids = (torch.cat(parts[key])[back] for key in ("noise", "latents", "input_ids"))
+        if self.conditioning.embeddings is not None:
+            index = torch.tensor([self.lookup[row.numpy().tobytes()] for row in ids])
+            cond = self.conditioning.cond(index, drop, device)
+        else:
+            cond = self.conditioning.cond_ids(ids, drop, device)
+        return {"z": z.to(device), "x1": x1.to(device), "cond": cond}
+
+
+def _pairs_source(cfg, pairs: PairShards, pipe, cfg_dropout: float = 0.0):
+    """A set of at most ``pair_shards_in_memory`` shards is held whole (PairsSource, as before streaming:
+    the same memory the streamed reader may use, the same epoch order); a larger one is streamed."""
+    if len(pairs.counts) <= cfg.pair_shards_in_memory:
+        data = PairsDataset(cfg.pairs, verify=False)  # PairShards has just verified every shard
+        if cfg.max_pairs is not None:
+            data.truncate(cfg.max_pairs)
+        return PairsSource(data, pipe, cfg_dropout)
+    return StreamingPairsSource(pairs, pipe, cfg_dropout, cfg.pair_shards_in_memory)
+
+
 def _load(cfg, accelerator):
-    pairs = PairsDataset(cfg.pairs)  # verified first: a corrupt shard fails before the model loads
-    if cfg.max_pairs is not None:
-        if cfg.max_pairs > len(pairs):
-            raise InputError(f"--max-pairs {cfg.max_pairs} but {cfg.pairs} holds {len(pairs)} pairs",
-                             f"pass --max-pairs {len(pairs)} or less, or make more pairs")
-        pairs.truncate(cfg.max_pairs)
+    pairs = PairShards(cfg.pairs, max_pairs=cfg.max_pairs)  # verified first: a corrupt shard fails before the model loads
     dev = accelerator.device
     pipe = load_pipeline(cfg.model, device=dev.type if dev.type in ("cpu", "mps") else str(dev), dtype="float32",
                          allow_pickle=cfg.allow_pickle)
-    shape = tuple(pairs.noise.shape[1:])
+    shape = pairs.latent_shape
     want = (pipe.unet.config.in_channels, pipe.default_size // pipe.vae_scale_factor,
             pipe.default_size // pipe.vae_scale_factor)
     if shape[0] != want[0]:
@@ -180,7 +262,7 @@ def train_reflow(config: ReflowConfig) -> str:
     accelerator = make_accelerator(config)
     with claimed(config, accelerator):  # the main process holds the output's lock for the whole run
         pipe, pairs = _load(config, accelerator)
-        source = PairsSource(pairs, pipe, config.cfg_dropout)
+        source = _pairs_source(config, pairs, pipe, config.cfg_dropout)
         unet, result = fit(config, accelerator, pipe.unet, source, RectifiedFlowObjective(), describe="train reflow")
         info = ModelInfo(flow="rectified_flow", default_steps=config.default_steps, source=config.model)
         _save(config, accelerator, pipe, unet, result, info, "reflow", pairs, {})
@@ -199,7 +281,7 @@ def train_distill(config: DistillConfig) -> str:
     with claimed(config, accelerator):  # the main process holds the output's lock for the whole run
         pipe, pairs = _load(config, accelerator)
         distance = make_distance(config.loss, pipe, config.lpips_weights, config.allow_pickle)
-        source = PairsSource(pairs, pipe)
+        source = _pairs_source(config, pairs, pipe)
         if config.teacher:
             objective = TeacherDistillObjective(_teacher_unet(config, pipe), distance, config.feature_weight)
         else:

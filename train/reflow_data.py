@@ -40,6 +40,7 @@ from ..artifacts import (
 from ..errors import InputError, NumericsError, OutputExistsError, writing_to
 from ..options import Device, DType
 from ..pipeline import load_pipeline, resolve_device
+from ..threads import Governor, threads_setting
 from ..validators import boolean, choice, image_side, integer, number, prompt_file, seed
 
 FORMAT = "instaflow-edge/reflow-data/1"
@@ -78,9 +79,14 @@ class ReflowDataConfig:
     dtype: DType = DType.float32
     allow_pickle: bool = False
     force: bool = False
+    # CPU threads: "auto" follows the machine's load (threads.py), N fixes the count; None keeps torch's
+    # count, so a regenerated shard is bit-identical to the one it replaces ("auto" cannot promise it)
+    threads: str | int | None = None
 
     def __post_init__(self) -> None:
         """Check the options once and turn choice strings into their enums: a made config is valid."""
+        if self.threads is not None:
+            self.threads = threads_setting("threads", self.threads)
         for name in ("teacher", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InputError(f"no {name} given", "pass the teacher pipeline and -o OUT")
@@ -219,8 +225,6 @@ def _make_reflow_data(config: ReflowDataConfig, state: dict, progress: bool) -> 
     import torch
     from tqdm.auto import tqdm
 
-    from ..generator import generate_latents, make_noise
-
     prompts = load_prompts(config)
     device = state["device"] if state["world"] > 1 else resolve_device(config.device.value)
     pipe = load_pipeline(config.teacher, str(device) if device.type == "cuda" else device.type, config.dtype.value,
@@ -247,12 +251,34 @@ def _make_reflow_data(config: ReflowDataConfig, state: dict, progress: bool) -> 
     bar = tqdm(total=total, desc=f"reflow pairs (rank {state['rank']})" if state["world"] > 1 else "reflow pairs",
                unit="pair", disable=not progress or total == 0)
     t0 = time.perf_counter()
+    # CPU threads follow the machine's load per batch (a GPU run leaves them alone)
+    on_cpu = pipe.device.type == "cpu" and config.threads is not None
+    with Governor(config.threads if on_cpu else torch.get_num_threads()) as governor:
+        _generate(config, pipe, out, todo, prompts, shape, identity, state, bar, governor)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    state["barrier"]()
+    manifest = make_manifest("reflow-data", config, identity=identity, num_pairs=config.num_pairs,
+                             shards=[shard_paths(out, k)[0].name for k in range(n_shards)],
+                             generated_pairs=total, seconds=round(elapsed, 2),
+                             pairs_per_second=round(total / elapsed, 2) if total and elapsed > 0 else None)
+    if state["rank"] == 0:
+        write_manifest(out, manifest)
+    return manifest
+
+
+def _generate(config, pipe, out: Path, todo, prompts, shape, identity, state, bar, governor) -> None:
+    import torch
+
+    from ..generator import generate_latents, make_noise
+
     for k, start, end in todo:
         idx = list(range(start, end))
         seeds = [pair_seed(config.seed, i) for i in idx]
         texts = [prompts[i % len(prompts)] for i in idx]
         z_all, x_all = [], []
         for b in range(0, len(idx), config.batch_size):
+            governor.tick()
             z = make_noise(seeds[b:b + config.batch_size], shape)
             x1 = generate_latents(pipe, texts[b:b + config.batch_size], z, config.steps, config.guidance,
                                   config.negative_prompt).float().cpu()
@@ -267,16 +293,6 @@ def _make_reflow_data(config: ReflowDataConfig, state: dict, progress: bool) -> 
                 "identity": identity, "made_by_rank": state["rank"]}
         with writing_to(out):  # a full disk names the output folder
             _write_shard(out, k, tensors, meta)
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    state["barrier"]()
-    manifest = make_manifest("reflow-data", config, identity=identity, num_pairs=config.num_pairs,
-                             shards=[shard_paths(out, k)[0].name for k in range(n_shards)],
-                             generated_pairs=total, seconds=round(elapsed, 2),
-                             pairs_per_second=round(total / elapsed, 2) if total and elapsed > 0 else None)
-    if state["rank"] == 0:
-        write_manifest(out, manifest)
-    return manifest
 
 
 def _dist_state(cpu: bool = False) -> dict:

@@ -26,6 +26,7 @@ import time
 from ..errors import InputError, NumericsError
 from ..pipeline import ModelInfo
 from ..presets import Built, _assemble, _tokenizer, preset
+from ..threads import Governor, threads_setting
 
 TEXT_CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=77, projection_dim=64)
@@ -53,8 +54,14 @@ class DigitsPresetConfig:
     text_steps: int = 300       # CLIP-style pretraining of the text tower (0: keep it random)
     text_batch_size: int = 128
     text_lr: float = 2e-3
+    # CPU threads of both loops: "auto" follows the machine's load (threads.py), N fixes the count; None
+    # keeps torch's count, so that a build is bit-identical to another with the same seed (which
+    # "auto" cannot promise: the thread count changes the order of float sums)
+    threads: str | int | None = None
 
     def validate(self) -> None:
+        if self.threads is not None:
+            self.threads = threads_setting("threads", self.threads)
 
         for name in ("vae_steps", "vae_batch_size", "text_steps", "text_batch_size"):
             v = getattr(self, name)
@@ -63,6 +70,12 @@ class DigitsPresetConfig:
                 raise InputError(f"{name} must be an integer ≥ {low}, got {v!r}", f"set {name} to {low} or more")
         if not self.vae_lr > 0 or not self.text_lr > 0 or not self.kl_weight >= 0:
             raise InputError("vae_lr must be > 0 and kl_weight ≥ 0", "use the defaults of DigitsPresetConfig")
+
+
+def _threads(config: DigitsPresetConfig) -> str | int:
+    import torch
+
+    return torch.get_num_threads() if config.threads is None else config.threads
 
 
 def _own_rng(fn):
@@ -135,25 +148,27 @@ def train_vae(vae, config: DigitsPresetConfig, seed: int, progress: bool = True)
     vae.train().requires_grad_(True)
     bar = tqdm(range(config.vae_steps), desc="training the digits VAE", unit="step", disable=not progress)
     perm, pos = torch.randperm(len(x), generator=g), 0
-    for _ in bar:
-        if pos + config.vae_batch_size > len(x):
-            perm, pos = torch.randperm(len(x), generator=g), 0
-        batch = x[perm[pos:pos + config.vae_batch_size]]
-        pos += config.vae_batch_size
-        post = vae.encode(batch).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, batch)
-        loss = mse + config.kl_weight * post.kl().mean()
-        if not torch.isfinite(loss):
+    with Governor(_threads(config)) as governor:  # threads follow the machine's load (threads.py)
+        for _ in bar:
+            governor.tick()
+            if pos + config.vae_batch_size > len(x):
+                perm, pos = torch.randperm(len(x), generator=g), 0
+            batch = x[perm[pos:pos + config.vae_batch_size]]
+            pos += config.vae_batch_size
+            post = vae.encode(batch).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            rec = vae.decode(z).sample
+            mse = F.mse_loss(rec, batch)
+            loss = mse + config.kl_weight * post.kl().mean()
+            if not torch.isfinite(loss):
 
-            raise NumericsError(f"digits VAE loss is {loss.item()} at step {bar.n}", "report it with `instaflow-edge env`")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}", refresh=False)
+                raise NumericsError(f"digits VAE loss is {loss.item()} at step {bar.n}", "report it with `instaflow-edge env`")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(mse=f"{mse.item():.4f}", refresh=False)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         means = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
@@ -225,28 +240,30 @@ def train_text_encoder(pipe, config: DigitsPresetConfig, seed: int, progress: bo
                                                 pct_start=0.1)
     bar = tqdm(range(config.text_steps), desc="pretraining the digits text encoder (tiny CLIP)", unit="step",
                disable=not progress)
-    for _ in bar:
-        idx = torch.randint(len(x), (config.text_batch_size,), generator=g)
-        labels = y[idx]
-        prompts = [digit_prompt(int(d), g) for d in labels]
-        ids = pipe.tokenize(prompts)
-        t = F.normalize(text_proj(te(ids).pooler_output), dim=-1)
-        v = F.normalize(image_tower(x[idx]), dim=-1)
-        logits = log_scale.exp().clamp(max=100) * t @ v.T
-        pos = (labels[:, None] == labels[None, :]).float()
-        target = pos / pos.sum(1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
-        if not torch.isfinite(loss):
+    with Governor(_threads(config)) as governor:  # threads follow the machine's load (threads.py)
+        for _ in bar:
+            governor.tick()
+            idx = torch.randint(len(x), (config.text_batch_size,), generator=g)
+            labels = y[idx]
+            prompts = [digit_prompt(int(d), g) for d in labels]
+            ids = pipe.tokenize(prompts)
+            t = F.normalize(text_proj(te(ids).pooler_output), dim=-1)
+            v = F.normalize(image_tower(x[idx]), dim=-1)
+            logits = log_scale.exp().clamp(max=100) * t @ v.T
+            pos = (labels[:, None] == labels[None, :]).float()
+            target = pos / pos.sum(1, keepdim=True)
+            loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                          + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+            if not torch.isfinite(loss):
 
-            raise NumericsError(f"digits text-encoder loss is {loss.item()} at step {bar.n}",
-                                "report it with `instaflow-edge env`")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                raise NumericsError(f"digits text-encoder loss is {loss.item()} at step {bar.n}",
+                                    "report it with `instaflow-edge env`")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     te.eval().requires_grad_(False)
     return {
         "steps": config.text_steps,
