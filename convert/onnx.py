@@ -44,7 +44,7 @@ from ..artifacts import (
 from ..errors import MissingDependencyError, ModelError
 from ..parity import check_all, compare
 from ..quantize.onnx import apply_scheme, default_gate
-from ..quantize.schemes import OnnxScheme, QuantEngine, get_scheme
+from ..quantize.schemes import QuantEngine, get_scheme
 from ..runtime import onnx_io
 from ..runtime.onnx import KIND, run_one_step, write_partial
 from ..validators import prompt_file

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -34,7 +35,6 @@ import torch
 
 from ..artifacts import claim_output, output_lock
 from ..errors import DeviceError, InputError, NumericsError, OutputExistsError
-from ..progress import say
 from ..threads import Governor
 from . import checkpoint as ckpt
 from . import sharding
@@ -42,6 +42,8 @@ from .config import AttentionKernel, TrainConfig
 from .sharding import EMA  # noqa: F401  (part of the engine's API)
 from .streams import EpochSampler, StepRandom, derive_seed  # noqa: F401  (part of the engine's API)
 from .tracking import MetricsLog
+
+logger = logging.getLogger(__name__)
 
 
 class BatchSource(Protocol):
@@ -175,7 +177,7 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
         raw, inner_optimizer = model, optimizer
         if accelerator.is_main_process:
             group = f", sharded in groups of {spec.shard_group} (HSDP)" if spec.shard_group not in (None, world) else ""
-            say("train", f"FSDP2: {units} units ({', '.join(spec.blocks)} + root) over {world} processes{group} "
+            logger.info(f"FSDP2: {units} units ({', '.join(spec.blocks)} + root) over {world} processes{group} "
                          f"on {accelerator.device.type}")
     else:
         units = 0
@@ -372,7 +374,7 @@ def _prepare_work_dir(config: TrainConfig, accelerator, work: Path) -> Path | No
         raise OutputExistsError(f"work dir {work} holds checkpoints of an earlier run",
                                 "pass --resume latest to continue it, or --force to start over")
     if config.resume == "latest" and resume_path is None and accelerator.is_main_process:
-        say("train", f"no checkpoint in {work} yet: starting from step 0")
+        logger.info(f"no checkpoint in {work} yet: starting from step 0")
     accelerator.wait_for_everyone()  # every process has read the folder before the main one edits it
     if accelerator.is_main_process:
         ckpt.remove_stale(work)  # temporary checkpoint folders of a killed run (we hold the work dir's lock)

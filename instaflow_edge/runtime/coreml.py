@@ -14,10 +14,10 @@ Core ML prediction exists only on macOS; elsewhere this fails in one line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
+from ..artifacts import read_manifest
 from ..errors import DeviceError, InputError, ModelError, require
 from ..tokenizer import BOS, EOS
 from .base import ONE_STEP, Export, ExportFacts, RuntimeFormat
@@ -60,14 +60,14 @@ def export_facts(folder: Path, manifest: dict) -> ExportFacts:
     return dataclasses.replace(facts, sizes=sizes)
 
 
-def load_folder(folder: str | Path) -> dict:
-    """The export's manifest, after checking the folder holds a Core ML export."""
+def load_folder(folder: str | Path, manifest: dict | None = None) -> dict:
+    """The export's manifest (read here unless given), after checking the folder holds a Core ML export."""
     folder = Path(folder)
-    man = folder / "manifest.json"
-    if not man.is_file() or json.loads(man.read_text()).get("kind") != KIND:
+    if manifest is None:
+        manifest = read_manifest(folder) if folder.is_dir() else None
+    if (manifest or {}).get("kind") != KIND:
         raise InputError(f"{folder} is not a Core ML export (no manifest.json of kind 'coreml')",
-                         "pass a folder made by `instaflow-edge convert MODEL --target coreml -o OUT`")
-    manifest = json.loads(man.read_text())
+                         "pass a folder made by `instaflow-edge convert coreml MODEL -o OUT`")
     for name in PACKAGES:
         if not (folder / f"{name}.mlpackage").is_dir():
             raise InputError(f"{folder / (name + '.mlpackage')} is missing", "re-run the conversion")
@@ -151,7 +151,7 @@ def open_coreml(folder: Path, manifest: dict, *, steps: int | None = None, guida
                 threads: int | None = None, device: str = "cpu") -> Export:  # pragma: no cover - macOS only
     """Open a Core ML export on macOS (``runtime.open_export`` refuses elsewhere, before this runs)."""
     check_platform()
-    manifest = load_folder(folder)
+    manifest = load_folder(folder, manifest)
     if (steps or 1) != 1 or guidance > 1.0:
         raise InputError("the Core ML export is the one-step generator: no --steps > 1, no --guidance > 1",
                          "drop --steps/--guidance, or use --backend torch for N-step sampling")
