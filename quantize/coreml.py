@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from typing import Callable
 
-from ..errors import InputError, require
+from ..errors import InputError, quiet_loggers, require
 from ..validators import choice
 from .schemes import MIN_TARGET_IOS, CoreMLCompression, MinTarget
 from .schemes import scheme as common_scheme
@@ -183,17 +183,9 @@ def _quiet():
     """coremltools' k-means logs a progress line per layer at INFO: raised to WARNING inside, restored after;
     its pruner warns that the finalized mask (0.49997 of the weights) is not exactly its 0.5 schedule,
     which it calls harmless itself: ERROR (a one-line error must stay one line)."""
-    wanted = {"coremltools": logging.WARNING, "coremltools.optimize.torch._utils.k_means": logging.WARNING,
-              "coremltools.optimize.torch.pruning._base_pruning_method": logging.ERROR}
-    loggers = [logging.getLogger(n) for n in wanted]
-    levels = [lg.level for lg in loggers]
-    for lg, level in zip(loggers, wanted.values()):
-        lg.setLevel(level)
-    try:
+    with quiet_loggers("coremltools", "coremltools.optimize.torch._utils.k_means", level=logging.WARNING), \
+            quiet_loggers("coremltools.optimize.torch.pruning._base_pruning_method"):
         yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -259,3 +259,20 @@ def test_no_manifest_kind_outside_the_registry():
                 if isinstance(node, ast.Constant) and node.value in kinds:
                     found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
     assert not found, found
+
+
+def test_report_of_an_openvino_export_is_openvinos_own(exports, tiny_dir, tmp_path):
+    """The defect that started the registry: ``report`` once ran PyTorch for an OpenVINO export (inf dB,
+    "Core ML cannot predict"). Now its rows are OpenVINO's: what ran says OpenVINO, the figures are finite
+    and differ from the ONNX export's, which onnxruntime computed."""
+    pytest.importorskip("openvino")
+    from instaflow_edge.report.build import ReportConfig, make_report
+
+    onnx, ov = exports("onnx"), exports("openvino")
+    rep = make_report(ReportConfig(model=str(tiny_dir), output=str(tmp_path / "r"), exports=[str(onnx), str(ov)]),
+                      progress=False)
+    lo, lv = runtime.export_label(onnx), runtime.export_label(ov)
+    assert rep["runtimes"][lv]["how"].startswith("OpenVINO") and "cannot predict" not in rep["runtimes"][lv]["how"]
+    assert rep["runtimes"][lo]["how"].startswith("onnxruntime")
+    po, pv = rep["parity"][lo]["end_to_end"]["psnr"], rep["parity"][lv]["end_to_end"]["psnr"]
+    assert pv is not None and np.isfinite(pv) and pv != po
