@@ -276,3 +276,20 @@ def test_report_of_an_openvino_export_is_openvinos_own(exports, tiny_dir, tmp_pa
     assert rep["runtimes"][lo]["how"].startswith("onnxruntime")
     po, pv = rep["parity"][lo]["end_to_end"]["psnr"], rep["parity"][lv]["end_to_end"]["psnr"]
     assert pv is not None and np.isfinite(pv) and pv != po
+
+
+def test_export_facts_are_checked_and_never_assumed(tmp_path):
+    """A manifest's runtime facts are typed once; a bad value is a one-line error naming it, and a size
+    multiple that is not recorded is derived from the export's UNet config or refused, never guessed."""
+    from instaflow_edge.errors import ModelError
+    from instaflow_edge.runtime.base import ExportFacts
+
+    block = {"latent_shape": [4, 8, 8], "height": 64, "width": 64, "scaling_factor": 0.18215,
+             "flow": "rectified_flow", "default_steps": 1, "components": ["text_encoder", "unet", "vae_decoder"]}
+    with pytest.raises(ModelError, match="records no size_multiple"):
+        ExportFacts.from_block(block, tmp_path / "manifest.json", fixed_size=True)
+    (tmp_path / "config.json").write_text(json.dumps({"block_out_channels": [32, 64]}))
+    f = ExportFacts.from_block(block, tmp_path / "manifest.json", unet_config=tmp_path / "config.json")
+    assert f.size_multiple == 16 and f.latent_for(96, 64) == (4, 12, 8)
+    with pytest.raises(ModelError, match="latent_shape must be 3 positive integers"):
+        ExportFacts.from_block({**block, "latent_shape": [4, "8", 8], "size_multiple": 8}, tmp_path / "manifest.json")
