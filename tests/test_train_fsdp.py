@@ -256,6 +256,7 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, straight):
     assert_close(one, weights(straight))
 
 
+@pytest.mark.slow  # the default suite keeps FSDP2 = 1 process, kill-and-resume and 2 -> 1 resharding
 def test_one_process_checkpoint_resumes_in_two_fsdp2_processes(tmp_path, straight):
     """The other direction: a one-process (safetensors) checkpoint of step 4 continues under FSDP2 on 2
     processes, each keeping its shards of the weights, AdamW state and EMA."""
@@ -271,6 +272,7 @@ def test_one_process_checkpoint_resumes_in_two_fsdp2_processes(tmp_path, straigh
     assert_close(weights(straight), weights(tmp_path / "two"))
 
 
+@pytest.mark.slow  # the default suite keeps FSDP2 = 1 process, kill-and-resume and 2 -> 1 resharding
 def test_shipped_fsdp2_config_runs_on_two_cpu_processes(tmp_path, tiny_dir):
     """`accelerate launch --config_file train/configs/fsdp-8gpu.yaml --num_processes 2` on this GPU-less
     machine: the CLI's `train teacher` shards with FSDP2 (accelerate itself reports MULTI_CPU), writes
@@ -343,6 +345,7 @@ def test_reflow_and_recovery_distill_under_fsdp2_match_one_process(tmp_path, tin
     _assert_same_weights(_unet(tmp_path / "one"), _unet(tmp_path / "two"), _unet(tiny_dir))
 
 
+@pytest.mark.slow  # the default suite keeps FSDP2 = 1 process, kill-and-resume and 2 -> 1 resharding
 def test_fsdp2_gradient_accumulation_checkpointing_and_bf16(tmp_path, straight):
     """Accumulating 2 micro-steps (gradients reduce-scattered on the last one only) with gradient
     checkpointing inside the sharded blocks trains the weights of one plain micro-step of the same global
@@ -359,6 +362,7 @@ def test_fsdp2_gradient_accumulation_checkpointing_and_bf16(tmp_path, straight):
     assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16").values())  # fp32 master weights
 
 
+@pytest.mark.slow  # the default suite keeps FSDP2 = 1 process, kill-and-resume and 2 -> 1 resharding
 def test_hsdp_replicate_across_groups_trains_the_same_weights(tmp_path, straight):
     """HSDP (shard_group 1 on 2 processes: a (replicate 2, shard 1) mesh, the 2-node layout in miniature):
     the weights, EMA and checkpoint of plain FSDP2; its DCP checkpoint reads back whole."""

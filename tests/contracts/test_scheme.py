@@ -21,7 +21,9 @@ BACKENDS = ("onnx", "openvino")
 def _records():
     out = []
     for s in all_schemes(BACKENDS):
-        out.append(pytest.param(s, id=f"{s.backend}-{s.name}"))
+        # NNCF's calibrated schemes take ~35 s each on tiny: the slow suite runs them (make test-slow)
+        slow = (pytest.mark.slow,) if s.backend == "openvino" and s.calibrated else ()
+        out.append(pytest.param(s, id=f"{s.backend}-{s.name}", marks=slow))
     return out
 
 
