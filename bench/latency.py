@@ -324,7 +324,7 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
             skipped[label] = why
             continue
         # opened when its runner is built (the sequential mode holds one runtime at a time)
-        makers[label] = lambda folder=folder, label=label: export_runner(_open(label, folder), inputs)
+        makers[label] = lambda folder=folder, label=label, m=m: export_runner(_open(label, folder, m), inputs)
         formats[label] = fmt.name
         for run_name, make_run in fmt.extras(folder, m, threads=threads, device=device).items():
             makers[f"{label} {run_name}"] = lambda make_run=make_run: whole_runner(make_run(), inputs)
@@ -332,8 +332,8 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
             base_of[f"{label} {run_name}"] = label
         folders[label] = folder
 
-    def _open(label, folder):
-        export = runtime.open_export(folder, threads=threads, device=device)
+    def _open(label, folder, manifest):
+        export = runtime.open_export(folder, threads=threads, device=device, manifest=manifest)
         precisions[label] = export.stage_precisions
         return export
 

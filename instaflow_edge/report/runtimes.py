@@ -22,7 +22,6 @@ from typing import Callable
 
 from .. import runtime
 from ..artifacts import read_manifest
-from ..errors import InputError
 
 COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "end_to_end")
 
@@ -135,7 +134,7 @@ def open_runtime(label: str, folder: Path, pipe, params: dict[str, int]) -> Runt
     fmt = runtime.get(runtime.format_of(folder, m))
     if fmt.open is not None and fmt.unavailable("cpu") and fmt.name in STAND_INS:
         return STAND_INS[fmt.name](label, folder, m, pipe)
-    return _from_export(label, runtime.open_export(folder), params)
+    return _from_export(label, runtime.open_export(folder, manifest=m), params)
 
 
 def open_exports(exports: list[str], pipe, params: dict[str, int]) -> list[Runtime]:

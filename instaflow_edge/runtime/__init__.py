@@ -95,11 +95,6 @@ def is_export(folder: str | Path) -> bool:
     return _by_kind((m or {}).get("kind")) is not None
 
 
-def runnable(name: str) -> bool:
-    """Whether format ``name`` has a runtime in Python (a web site has none: it runs in a browser)."""
-    return get(name).open is not None
-
-
 def _check_available(fmt: RuntimeFormat, device: str) -> None:
     why = fmt.open is not None and fmt.unavailable(device)
     if why:
@@ -107,19 +102,20 @@ def _check_available(fmt: RuntimeFormat, device: str) -> None:
 
 
 def open_export(folder: str | Path, *, expect: str | None = None, steps: int | None = None, guidance: float = 1.0,
-                threads: int | None = None, device: str = "cpu") -> Export:
+                threads: int | None = None, device: str = "cpu", manifest: dict | None = None) -> Export:
     """Open the export in ``folder`` with its own runtime, for sampling ``steps`` (None: its default).
 
     ``expect``: the format the caller was told (``--backend``); a folder of another format is a one-line
-    error. Everything that can be refused (manifest, files, sizes, platform) is refused before the first
-    model loads."""
+    error. ``manifest``: the folder's manifest when the caller has read it already. Everything that can be
+    refused (manifest, files, sizes, platform) is refused before the first model loads."""
     folder = Path(folder)
     if expect is not None:  # what the caller asked for cannot run here: say so before reading the folder
         _check_available(get(expect), device)
     if not folder.is_dir():
         raise ModelError(f"{folder} is not a folder", "pass a folder written by `instaflow-edge convert`")
-    manifest = read_manifest(folder) or {}
-    if expect is not None and not is_export(folder):
+    if manifest is None:
+        manifest = read_manifest(folder) or {}
+    if expect is not None and _by_kind(manifest.get("kind")) is None:
         fmt = get(expect)
         raise ModelError(f"{folder} has no {fmt.title or expect} export manifest",
                          f"pass a folder written by `instaflow-edge convert {expect}`")

@@ -141,8 +141,6 @@ class Export:
     gates: dict[str, float] = dataclasses.field(default_factory=dict)
     sizes: dict[str, dict] = dataclasses.field(default_factory=dict)
     stage_precisions: dict[str, str] = dataclasses.field(default_factory=dict)
-    source_sha256: str | None = None
-    source_model: str | None = None
     max_batch: int | None = None  # None: any batch; 1: compiled for batch 1
     device: str = "cpu"
     runtime: str = ""  # what runs it, in tables ("onnxruntime"; the format's name when empty)

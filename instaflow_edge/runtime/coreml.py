@@ -163,9 +163,7 @@ def open_coreml(folder: Path, manifest: dict, *, steps: int | None = None, guida
     return Export(folder=folder, format="coreml", label=label(manifest), facts=facts, steps=1,
                   tokenize=tokenizer_for(folder), calls=calls, precision=precision + (f"+{comp}" if comp else ""),
                   ran=f"Core ML predict ({precision}{', ' + comp if comp else ''})", scheme=comp, gates=gates(manifest),
-                  sizes=sizes(manifest), stage_precisions={s: p for s in (*ONE_STEP, "end_to_end", "generator")},
-                  source_sha256=(manifest.get("model") or {}).get("content_sha256"),
-                  source_model=(manifest.get("model") or {}).get("source"), max_batch=1, device="coreml", runtime="Core ML",
+                  sizes=sizes(manifest), stage_precisions={s: p for s in (*ONE_STEP, "end_to_end", "generator")}, max_batch=1, device="coreml", runtime="Core ML",
                   details={"target_bits": bits})
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts import package_versions, read_manifest, write_manifest
-from ..errors import DeviceError, InputError, ModelError
+from ..errors import DeviceError, ModelError
 from . import onnx_io
 from .base import ONE_STEP, Export, ExportFacts, RuntimeFormat
 from .sampler import check_io, check_sampling, sample, session_calls, tokenizer_for
@@ -126,8 +126,6 @@ def open_onnx(folder: Path, manifest: dict, *, steps: int | None = None, guidanc
                   tokenize=tokenizer_for(folder), calls=session_calls(sessions), precision=scheme or "fp32", ran=ran,
                   scheme=scheme, gates={k: float(v) for k, v in (manifest.get("gates") or {}).items()}, sizes=sizes,
                   stage_precisions=stage_precisions(scheme, comps),
-                  source_sha256=(manifest.get("source") or {}).get("content_sha256"),
-                  source_model=(manifest.get("source") or {}).get("model"),
                   device=where.lower(), runtime="onnxruntime", details={"quantize": q or None})
 
 
@@ -139,9 +137,3 @@ FORMAT = RuntimeFormat(
     name="onnx", kind=KIND, open=open_onnx, title="ONNX", label=label, label_prefix="ort ", unavailable=unavailable, extras=extras,
     description="ONNX Runtime: text_encoder/, unet/, vae_decoder/ model.onnx in optimum's layout",
 )
-
-
-def check_dtype(dtype: str, backend: str, fix: str) -> None:
-    """``--dtype`` other than auto/float32 does not apply to an export (its precision is fixed at export)."""
-    if dtype not in ("auto", "float32"):
-        raise InputError(f"--dtype {dtype} does not apply to --backend {backend} (precision is fixed at export)", fix)

@@ -181,8 +181,7 @@ def open_openvino(folder: Path, manifest: dict, *, steps: int | None = None, gui
                   steps=steps, tokenize=tokenizer_for(folder), calls=session_calls(sessions),
                   precision=block["precision"] + (f"+{scheme}" if scheme else ""), ran=how, scheme=scheme,
                   gates={k: float(v) for k, v in (manifest.get("gates") or {}).items()}, sizes=sizes,
-                  stage_precisions=stages, source_sha256=(manifest.get("source") or {}).get("content_sha256"),
-                  source_model=(manifest.get("source") or {}).get("model"), max_batch=1, runtime="OpenVINO",
+                  stage_precisions=stages, max_batch=1, runtime="OpenVINO",
                   details={"ran_precision": "/".join(sorted(set(ran.values()))), "quantize": scheme})
 
 
