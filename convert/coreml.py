@@ -31,7 +31,6 @@ import dataclasses
 import gc
 import json
 import logging
-import re
 import shutil
 import time
 import warnings
@@ -41,10 +40,10 @@ from ..artifacts import (
     atomic_dir,
     check_output,
     make_manifest,
-    package_versions,
     read_manifest,
     write_manifest,
 )
+from ..copying import check_links
 from ..errors import InputError, require
 from ..pipeline import detect_info, load_pipeline, write_slow_tokenizer_files
 from ..quantize import coreml as cq
@@ -53,22 +52,11 @@ from ..runtime.coreml import KIND
 from . import coreml_apple as apple
 from .config import ConvertConfig, CoreMLLayout, Precision, Target, parse_sizes, target
 from .coreml_check import report_rows
+from .coreml_meta import NAMES, describe
 from .coreml_quality import QualityChain, as_shipped, fp16_tail_figure, quality_size  # noqa: F401  (as_shipped, quality_size: API)
 
 log = logging.getLogger(__name__)
 
-NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "generator": "Generator"}
-DESCRIPTIONS = {
-    "input_ids": "CLIP token ids (batch, 77) as float32: <|startoftext|>, the prompt's tokens, <|endoftext|>, padded with <|endoftext|>",
-    "last_hidden_state": "CLIP text encoder last hidden states (batch, 77, hidden): the UNet's encoder_hidden_states",
-    "sample": "N(0, 1) noise latents z (batch, 4, H/8, W/8)",
-    "encoder_hidden_states": "the TextEncoder's last_hidden_state",
-    "out_sample": "final latents x = z + v(z, τ=1000, text): one Euler step of the rectified flow (no guidance)",
-    "latent_sample": "the Unet's out_sample divided by the VAE scaling_factor",
-    "noise": "N(0, 1) noise latents z (batch, 4, H/8, W/8)",
-    "image": "RGB image in [0, 1], (batch, 3, H, W)",
-}
-DESCRIPTIONS_OUT = {("vae_decoder", "sample"): "RGB image in [-1, 1], (batch, 3, H, W): map with x/2 + 0.5"}
 GATE_FIX = "use a less aggressive --compress, --precision fp32, or lower the gate explicitly with --min-psnr"
 
 
@@ -242,7 +230,7 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: QualityC
         t = time.perf_counter()
         ml = _to_coreml(config, spec, shipped_fp32, shapes)
         timing["convert_s"] = round(time.perf_counter() - t, 2)
-    _describe(ml, config, name, spec, pipe)
+    describe(ml, config, name, spec, pipe)
     path = tmp / info["file"]
     ml.save(str(path))
     del ml
@@ -336,61 +324,11 @@ def _to_coreml(config, spec, module, shapes: list):
                           skip_model_load=True)
 
 
-def _describe(ml, config, name: str, spec, pipe) -> None:
-
-    v = package_versions()
-    ml.author = "instaflow-edge"
-    ml.license = _license(config.model)
-    ml.version = v.get("instaflow-edge") or ""
-    is_apple = config.options.layout is CoreMLLayout.apple and name != "generator"
-    ml.short_description = apple.SHORT[name] if is_apple else {
-        "text_encoder": "CLIP text encoder of a one-step InstaFlow generator",
-        "unet": "One-step rectified-flow denoiser: x = z + v(z, τ=1000, text) (UNet plus one Euler step)",
-        "vae_decoder": "VAE decoder: latents ÷ scaling_factor → image",
-        "generator": "Fused one-step generator: token ids + noise → image",
-    }[name]
-    for t in spec.inputs:
-        ml.input_description[t.name] = apple.DESCRIPTIONS[name][t.name] if is_apple else DESCRIPTIONS[t.name]
-    for t in spec.outputs:
-        ml.output_description[t.name] = (apple.DESCRIPTIONS[name][t.name] if is_apple else
-                                         DESCRIPTIONS_OUT.get((name, t.name)) or DESCRIPTIONS[t.name])
-    meta = {
-        "source": config.model, "component": name, "flow": pipe.info.flow, "timestep": "1000",
-        "scaling_factor": str(pipe.scaling_factor), "min_target": config.options.min_target.value,
-        "precision": config.options.precision.value, "attention": config.options.attention.value,
-        "compression": config.options.compress.value if config.options.compress else "none", "target_bits": "" if config.options.target_bits is None else str(config.options.target_bits),
-        "layout": config.options.layout.value,
-        **{f"version.{k}": str(val) for k, val in v.items() if val},
-    }
-    if config.options.layout is CoreMLLayout.apple:
-        meta.update({"scheduler": apple.SCHEDULER, "step_count": str(apple.STEP_COUNT),
-                     "timestep": str(apple.ONE_STEP["timestep"]), "velocity_timestep": "1000",
-                     "alpha": repr(float(apple.ONE_STEP["alpha"])), "sigma": repr(float(apple.ONE_STEP["sigma"])),
-                     "decoder_scale_factor": repr(float(apple.DECODER_SCALE_FACTOR))})
-    ml.user_defined_metadata.update(meta)
-
-
-def _license(model: str) -> str:
-    """The source's license: its manifest's ``license`` or its model card's front matter; else unspecified."""
-    folder = Path(model)
-    if folder.is_dir():
-        man = folder / "manifest.json"
-        if man.is_file():
-            lic = json.loads(man.read_text()).get("license")
-            if lic:
-                return str(lic)
-        card = folder / "README.md"
-        if card.is_file():
-            m = re.search(r"^license:\s*(\S+)", card.read_text(errors="replace")[:4000], re.M)
-            if m:
-                return m.group(1)
-    return "unspecified (see the source model's card)"
-
-
 def _copy_tokenizer(model: str, pipe, tmp: Path) -> None:
 
     src = Path(model) / "tokenizer"
     if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        check_links(src, root=model)
         shutil.copyfile(src / "vocab.json", tmp / "vocab.json")
         shutil.copyfile(src / "merges.txt", tmp / "merges.txt")
         return

@@ -41,6 +41,7 @@ from ..artifacts import (
     sha256_tree,
     write_manifest,
 )
+from ..copying import check_links
 from ..errors import MissingDependencyError, ModelError
 from ..parity import check_all, compare
 from ..quantize.onnx import apply_scheme, default_gate
@@ -310,7 +311,8 @@ def attention_to_mha(model) -> int:
 
 def copy_pipeline_files(src: Path, dst: Path, names: list[str]) -> None:
     """The non-graph files of optimum's layout: tokenizer/, scheduler/ (PIPELINE_SCHEDULER), model_index.json
-    and each component's config.json."""
+    and each component's config.json; a symlink out of ``src`` is refused, never copied."""
+    check_links(src)
     shutil.copytree(src / "tokenizer", dst / "tokenizer")
     (dst / "scheduler").mkdir()
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(PIPELINE_SCHEDULER, indent=2) + "\n")

@@ -38,6 +38,7 @@ from ..artifacts import (
     sha256_tree,
     write_manifest,
 )
+from ..copying import copy_tree
 from ..errors import InputError, MissingDependencyError, ModelError
 from ..pipeline import write_slow_tokenizer_files, detect_info
 from ..runtime import onnx_io
@@ -218,7 +219,7 @@ def export_web(cfg: ConvertConfig) -> dict:
         if is_export:
             log.info(f"copying the ONNX export {src}")
             onnx_io.check_folder(src)
-            shutil.copytree(src, model_dir, ignore=shutil.ignore_patterns(".*"))
+            copy_tree(src, model_dir, ignore=shutil.ignore_patterns(".*"))
             onnx_manifest = read_manifest(model_dir)
         else:
             onnx_manifest = export_onnx(dataclasses.replace(
@@ -302,6 +303,24 @@ def site_server(site: str | os.PathLike, port: int = 8000, quiet: bool = False):
                 self.send_header(k, v)
             self.send_header("Cache-Control", "no-cache")
             super().end_headers()
+
+        def send_head(self):
+            # Only regular files whose real path is inside the site: a symlink out of it (leak.txt ->
+            # /etc/passwd, model/etc -> /etc) is "not found", and so is a folder without index.html (no listings).
+            path = Path(self.translate_path(self.path))
+            if path.is_dir() and Path(os.path.realpath(path)).is_relative_to(folder):
+                if not self.path.split("?", 1)[0].split("#", 1)[0].endswith("/"):
+                    return super().send_head()  # a redirect to FOLDER/ (no content)
+                path = path / "index.html"
+            real = Path(os.path.realpath(path))
+            if not real.is_relative_to(folder) or not real.is_file():
+                self.send_error(404, "File not found")
+                return None
+            return super().send_head()
+
+        def list_directory(self, path):
+            self.send_error(404, "File not found")
+            return None
 
         def log_message(self, format, *args):  # noqa: A002 - the base class's name
             if not quiet:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import InputError, OutputBusyError, OutputExistsError, writing_to
+from .validators import json_file, with_article
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("torch", "diffusers", "transformers", "numpy", "onnx", "onnxruntime", "coremltools", "accelerate")
@@ -194,7 +195,9 @@ def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as e:
-        if fd >= 0:
+        if fd >= 0:  # ours (locked or just created): a full disk must not keep it
+            with contextlib.suppress(OSError):
+                os.unlink(lp)
             os.close(fd)
         _remove_empty(made)
         raise InputError(f"cannot write beside {what} {path} ({e.strerror or e})",
@@ -399,10 +402,7 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path} is not valid JSON ({str(e)[:100]})", "restore or delete the manifest") from e
+    manifest = json_file(path, "manifest", "restore or delete the manifest")
     if not isinstance(manifest, dict):
-        raise InputError(f"{path} is not a JSON object (it is a {type(manifest).__name__})", "restore or delete the manifest")
+        raise InputError(f"{path} is not a JSON object (it is {with_article(type(manifest).__name__)})", "restore or delete the manifest")
     return manifest

@@ -21,6 +21,7 @@ from .generator import (
     VaeDecoderComponent,
     make_noise,
 )
+from .options import ONE_STEP  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,5 +150,4 @@ COMPONENTS: dict[str, ComponentSpec] = {
     ),
 }
 
-ONE_STEP = ("text_encoder", "unet", "vae_decoder")
 

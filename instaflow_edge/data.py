@@ -15,6 +15,7 @@ Every dataset is a :class:`TextImageDataset` whose items are ``{"image": (3, S, 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 import re
@@ -43,6 +44,7 @@ PROMPT_TEMPLATES = [
 SPLITS = ("train", "validation")
 VALIDATION_FRACTION = 0.15
 DIGITS_SIZE = 32
+EAGER_BYTES = 256 * 2**20  # a digits split up to this size is upscaled once, up front; a bigger one per item
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -104,15 +106,30 @@ class TextImageDataset(Dataset):
 
 def digits_arrays(size: int = DIGITS_SIZE):
     """All 1,797 digits as ``(images (N, 3, size, size) float32 in [-1, 1], labels (N,) int64)``."""
-    import torch.nn.functional as F
+    x, labels = _digits_8x8()
+    return _upscale(x, size), labels
+
+
+def _digits_8x8():
+    """``(images (N, 1, 8, 8) float32 in [0, 1], labels (N,) int64)``: scikit-learn's digits as they are."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(d.images).float().div_(16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
-    # bilinear is a convex combination of pixels, so the range stays [0, 1]
+    return torch.from_numpy(d.images).float().div_(16.0).unsqueeze(1), torch.from_numpy(d.target).long()
+
+
+def _upscale(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 1, 8, 8) in [0, 1] → (N, 3, size, size) in [-1, 1]; each image on its own (bilinear is a convex
+    combination of its pixels, so the range stays [0, 1])."""
+    import torch.nn.functional as F
+
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x * 2 - 1).clamp_(-1, 1).expand(-1, 3, -1, -1).contiguous()
-    return x, torch.from_numpy(d.target).long()
+    return (x * 2 - 1).clamp_(-1, 1).expand(-1, 3, -1, -1).contiguous()
+
+
+def _upscaled_digit(small: torch.Tensor, size: int, i: int) -> torch.Tensor:
+    """Item ``i`` of ``digits_arrays(size)``, upscaled from its 8×8 original when it is read."""
+    return _upscale(small[i:i + 1], size)[0]
 
 
 def digits_split_indices(split: str, seed: int = 0) -> list[int]:
@@ -135,13 +152,19 @@ def digits_dataset(split: str = "train", seed: int = 0, size: int = DIGITS_SIZE)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}", "pass a seed of 0 or larger")
     idx = digits_split_indices(split, seed)
-    images, labels = digits_arrays(size)
-    images, labels = images[idx], labels[idx].tolist()
+    if len(idx) * 3 * size * size * 4 <= EAGER_BYTES:
+        images, labels = digits_arrays(size)
+        images, labels = images[idx], labels[idx].tolist()
+        load = images.__getitem__
+    else:  # at SD's 512² the split would be 5 GB in memory: each image is upscaled when it is read
+        small, labels = _digits_8x8()
+        small, labels = small[idx], labels[idx].tolist()
+        load = functools.partial(_upscaled_digit, small, size)
     # the template of item i: a fixed function of (seed, split, i)
     rng = np.random.default_rng([seed, SPLITS.index(split), 0xD161])
     templates = rng.integers(0, len(PROMPT_TEMPLATES), size=len(idx)).tolist()
     prompts = [digit_prompt(lab, t) for lab, t in zip(labels, templates)]
-    return TextImageDataset(prompts, labels, images.__getitem__, size, f"digits:{split}:seed{seed}")
+    return TextImageDataset(prompts, labels, load, size, f"digits:{split}:seed{seed}")
 
 
 def eval_prompts(num_per_digit: int) -> list[tuple[str, int]]:

@@ -15,6 +15,11 @@ import re
 from typing import Iterator
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while a command runs (the CLI raises it; Ctrl-C raises a plain KeyboardInterrupt): a command
+    that treats Ctrl-C as its normal stop (``serve``) still exits 143 on this."""
+
+
 class InstaflowError(Exception):
     """A problem the user can fix. ``fix`` says how."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .validators import short
+from .validators import json_file, short, with_article
 
 # the subfolders of a Stable Diffusion-style pipeline folder (model_index.json names each)
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -120,10 +120,7 @@ def _require_readable(path: Path) -> None:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ModelError(f"{path} is not valid JSON ({str(e)[:100]})", f"restore {what}") from e
+    return json_file(path, "file", f"restore {what}", error=ModelError)
 
 
 def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
@@ -147,7 +144,7 @@ def _check_pipeline_folder(folder: Path, allow_pickle: bool) -> dict:
         )
     index = _read_json(index_path, "the file")
     if not isinstance(index, dict):
-        raise ModelError(f"{index_path} is not a JSON object (it is a {type(index).__name__})",
+        raise ModelError(f"{index_path} is not a JSON object (it is {with_article(type(index).__name__)})",
                          "restore the file: it maps each component to its [library, class]")
     for comp in SUBFOLDERS:
         if comp not in index:

@@ -8,6 +8,13 @@ from __future__ import annotations
 import enum
 
 
+class Flow(str, enum.Enum):
+    """What a model without our manifest is: ``--flow`` (docs/DESIGN.md, the flow math)."""
+
+    rectified_flow = "rectified-flow"
+    diffusion = "diffusion"
+
+
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"
@@ -23,3 +30,7 @@ class DType(str, enum.Enum):
 
 
 # The --backend choices (torch and the export formats) come from the format registry: runtime.Backend.
+
+
+# the components of a one-step export, in calling order (token ids → hidden states → latents → image)
+ONE_STEP = ("text_encoder", "unet", "vae_decoder")

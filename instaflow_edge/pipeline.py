@@ -8,8 +8,10 @@ diffusion model (epsilon/v-prediction SD; sampled with its own diffusers schedul
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -25,6 +27,8 @@ from .model_files import (  # noqa: F401  (the checks are part of the pipeline A
     check_safetensors,
 )
 from .validators import image_size, short, size_multiple
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -176,10 +180,53 @@ def resolve_dtype(name: str, device) -> "Any":
 
 
 FLOWS = ("rectified_flow", "diffusion")
+DEFAULT_STEPS = {"rectified_flow": 1, "diffusion": 25}
+# What the user said a model without our manifest is (`instaflow-edge --flow … --default-steps …`, or
+# :func:`assume_model` in Python): (flow or None, default steps or None)
+_ASSUMED: contextvars.ContextVar[tuple[str | None, int | None]] = contextvars.ContextVar("assumed_model", default=(None, None))
+_TOLD: set[str] = set()  # sources whose guess was printed (once per process)
+
+
+def _said(flow: str | None, default_steps: int | None) -> tuple[str | None, int | None]:
+    if flow is not None:
+        flow = str(getattr(flow, "value", flow)).replace("-", "_")
+        if flow not in FLOWS:
+            raise InputError(f"--flow {short(flow, 40)} is not one of rectified-flow, diffusion", "pass --flow rectified-flow or --flow diffusion")
+    if default_steps is not None and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or not 1 <= default_steps <= 1000):
+        raise InputError(f"--default-steps must be an integer from 1 to 1000, got {short(default_steps, 40)}", "e.g. --default-steps 1")
+    return flow, default_steps
+
+
+def set_assumed_model(flow: str | None = None, default_steps: int | None = None) -> None:
+    """What every model without our manifest is taken to be from now on (the CLI's root options)."""
+    _ASSUMED.set(_said(flow, default_steps))
+
+
+@contextlib.contextmanager
+def assumptions_scope() -> Iterator[None]:
+    """What :func:`set_assumed_model` sets inside is undone on exit (the CLI runs each command in one)."""
+    token = _ASSUMED.set(_ASSUMED.get())
+    try:
+        yield
+    finally:
+        _ASSUMED.reset(token)
+
+
+@contextlib.contextmanager
+def assume_model(flow: str | None = None, default_steps: int | None = None) -> Iterator[None]:
+    """Inside, a model without our manifest is the given flow / default steps (a Python caller's
+    ``--flow`` / ``--default-steps``); a model with our manifest is what its manifest says."""
+    token = _ASSUMED.set(_said(flow, default_steps))
+    try:
+        yield
+    finally:
+        _ASSUMED.reset(token)
 
 
 def detect_info(source: str, folder: Path | None, index: dict | None) -> ModelInfo:
-    """Rectified flow or diffusion, and default steps: our manifest first, then the pipeline's own hints."""
+    """Rectified flow or diffusion, and default steps: our manifest first, then what the user said
+    (``--flow``/``--default-steps``), then a guess from the pipeline's class and name, printed once."""
+    said_flow, said_steps = _ASSUMED.get()
     manifest = read_manifest(folder) if folder is not None else None
     if manifest and isinstance(manifest.get("model"), dict):
         m = manifest["model"]
@@ -191,13 +238,25 @@ def detect_info(source: str, folder: Path | None, index: dict | None) -> ModelIn
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ModelError(f"{where}: model.default_steps must be a positive integer, got {short(steps, 40)}",
                              "restore the manifest, or re-create the model")
+        if (said_flow not in (None, flow)) or (said_steps not in (None, steps)):
+            raise InputError(f"{where} says the model is {flow.replace('_', '-')} with {steps} default steps; "
+                             "--flow/--default-steps are for a model without our manifest", "drop --flow/--default-steps")
         return ModelInfo(flow=flow, default_steps=steps, source=source)
     cls = str((index or {}).get("_class_name", ""))
     name = source.lower()
     if "rectifiedflow" in cls.lower() or "instaflow" in name or "rectified_flow" in name:
         # InstaFlow-0.9B is one step; the 2-RF is sampled with a few Euler steps
-        return ModelInfo(flow="rectified_flow", default_steps=1 if "instaflow" in name else 4, source=source)
-    return ModelInfo(flow="diffusion", default_steps=25, source=source)
+        guess, why = ("rectified_flow", 1 if "instaflow" in name else 4), "its class or name"
+    else:
+        guess, why = ("diffusion", 25), "no rectified-flow class or name"
+    flow = said_flow or guess[0]
+    steps = said_steps or (guess[1] if flow == guess[0] else DEFAULT_STEPS[flow])
+    if said_flow is None and source not in _TOLD:
+        _TOLD.add(source)
+        log.warning(f"{source} has no instaflow-edge manifest: taken as a {flow.replace('_', '-')} model with {steps} "
+                    f"default steps ({why}); if it is not, say so: instaflow-edge --flow rectified-flow|diffusion "
+                    "--default-steps N COMMAND …", extra={"tag": "model"})
+    return ModelInfo(flow=flow, default_steps=steps, source=source)
 
 
 def load_pipeline(

@@ -9,6 +9,7 @@ exactly once, when it is made. This module is imported by ``--help``: keep it fr
 from __future__ import annotations
 
 import enum
+import json
 import math
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +28,10 @@ MAX_IMAGE_SIDE = 4096
 MAX_IMAGES = 1_000_000
 # text files read whole (prompt lists, config files): a bigger file is a mistake, not a prompt list
 MAX_TEXT_BYTES = 64 * 2**20
+# JSON files we read (manifests, configs, bench results): a tokenizer.json is a few MB; nesting deeper
+# than this is a crafted file (the C decoder would raise RecursionError, a traceback)
+MAX_JSON_BYTES = 64 * 2**20
+MAX_JSON_DEPTH = 64
 
 
 def flag(name: str) -> str:
@@ -166,6 +171,47 @@ def text_file(path: Path, what: str, fix: str, limit: int = MAX_TEXT_BYTES) -> s
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})", fix) from e
+
+
+def json_file(path: Path, what: str, fix: str, limit: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
+              error: type[Exception] = InputError) -> Any:
+    """The parsed JSON of ``path``, at most ``limit`` bytes and ``max_depth`` levels deep; a huge, binary,
+    malformed or too deeply nested file is a one-line ``error`` (an :class:`InputError` unless told)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > limit:
+        raise error(f"{what} {path} is too large ({size:,} bytes; at most {limit:,})", fix)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})", fix) from e
+    except RecursionError as e:
+        raise error(f"{what} {path} is nested too deeply to be ours (more than {max_depth} levels)", fix) from e
+    except ValueError as e:
+        raise error(f"{what} {path} is not valid JSON ({str(e)[:100]})", fix) from e
+    if json_depth(data) > max_depth:
+        raise error(f"{what} {path} is nested too deeply to be ours (more than {max_depth} levels)", fix)
+    return data
+
+
+def json_depth(obj: Any) -> int:
+    """How many containers deep ``obj`` goes (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(obj, 0)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            o = o.values()
+        elif not isinstance(o, list):
+            deepest = max(deepest, d)
+            continue
+        deepest = max(deepest, d + 1)
+        stack.extend((v, d + 1) for v in o)
+    return deepest
+
+
+def with_article(noun: str) -> str:
+    """``noun`` with its indefinite article: ``a list``, ``an AutoencoderTiny``, ``an int``."""
+    return f"{'an' if str(noun)[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def short(v: Any, limit: int = 60) -> str:

@@ -23,6 +23,7 @@ from ..artifacts import (
     read_manifest,
     write_manifest,
 )
+from ..copying import copy_tree
 from ..errors import InputError, ModelError
 from ..runtime import onnx_io
 from ..runtime.onnx import KIND as onnx_kind
@@ -93,7 +94,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     prompts = prompt_file(cfg.calibration_prompts, source_manifest.get("prompts") or CALIBRATION_PROMPTS, "calibration prompts")
     gate = cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.scheme)
     with atomic_dir(cfg.output, cfg.force, (cfg.source, cfg.calibration_prompts)) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST, ".*"))
+        copy_tree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST, ".*"))
         write_partial(tmp, source_manifest_block)  # calibration reads it
         apply_scheme(tmp, cfg.scheme, names, prompts)
         rows = []

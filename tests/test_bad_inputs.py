@@ -40,7 +40,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ERROR_LINE_MAX = 600  # characters: one readable line, not an expanded YAML bomb
 # what may precede the error line on stderr: stage lines ("[onnx  3s] unet: exporting") and progress bars
-STAGE_LINE = re.compile(r"^\[(onnx|quantize|coreml|train|demo)\b[^\]]*\] |^[\w ()-]+:\s+\d+%\|")
+STAGE_LINE = re.compile(r"^\[(onnx|quantize|coreml|train|demo|model|bench|web)\b[^\]]*\] |^[\w ()-]+:\s+\d+%\|")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,6 +368,50 @@ def s_all(*fns):
             f(ctx)
 
     return setup
+
+
+def s_bench(edit=None, raw: str | None = None):
+    """A bench result at {tmp}/b.json: a valid one (optionally edited), or ``raw`` text."""
+    def setup(ctx):
+        if raw is not None:
+            ctx.write("b.json", raw)
+            return
+        data = {"kind": "bench", "device": "cpu", "threads": 1, "repeats": 2, "interleaved": True, "note": None,
+                "results": {"torch eager fp32": {"end_to_end": {"median_s": 0.1, "p90_s": 0.12}}},
+                "memory": {}, "skipped": {}, "machine": {"cpu": {"logical_cores": 2}}}
+        ctx.write("b.json", json.dumps(edit(data) if edit else data))
+
+    return setup
+
+
+def s_link_out(rel: str, folder: str = "m"):
+    """``{tmp}/<folder>/<rel>`` → ``{tmp}/secret.txt`` (outside the folder a command copies)."""
+    def setup(ctx):
+        secret = ctx.write("secret.txt", "the converter's own private key\n")
+        link = ctx.tmp / folder / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(secret)
+
+    return setup
+
+
+def s_onnx_sparse(d, ctx):
+    """One initializer of the UNet moved into ``sparse_initializer``, its values pointing outside the folder."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    secret = ctx.write("secret.bin", b"\0" * 4096)
+    model = onnx.load(str(d / "unet" / "model.onnx"))
+    t = next(t for t in model.graph.initializer if len(t.dims) == 1 and t.dims[0] >= 4)
+    values = numpy_helper.from_array(numpy_helper.to_array(t)[:1].copy(), t.name)
+    values.ClearField("raw_data")
+    values.data_location = onnx.TensorProto.EXTERNAL
+    values.external_data.add(key="location", value=str(secret))
+    indices = numpy_helper.from_array(__import__("numpy").array([0], dtype="int64"), t.name + "_indices")
+    sparse = helper.make_sparse_tensor(values, indices, list(t.dims))
+    model.graph.initializer.remove(t)
+    model.graph.sparse_initializer.append(sparse)
+    onnx.save(model, str(d / "unet" / "model.onnx"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -715,6 +759,48 @@ ROWS: list[Row] = [
     R("demo-output-under-file", ["demo", "--quick", "-o", "{tmp}/f/out"], ("f", "is a file"), setup=s_write("f", "x")),
     R("demo-output-is-file", ["demo", "--quick", "-o", "{tmp}/f"], ("f", "not a folder"), setup=s_write("f", "x")),
     R("demo-seed-negative", ["demo", "--quick", "--seed", "-1", "-o", O], "seed"),
+    # --- robustness, second round: inputs from someone else (issue "Robustness, second round") ---
+    R("report-bench-script-in-number", ["report", "{tiny}", "-o", O, "--bench", "{tmp}/b.json"], ("'repeats'", "non-negative integer"),
+      setup=s_bench(lambda d: {**d, "repeats": "<script>alert(1)</script>"})),
+    R("report-bench-deep", ["report", "{tiny}", "-o", O, "--bench", "{tmp}/b.json"], ("b.json", "nested too deeply"),
+      setup=s_bench(raw="[" * 100_000 + "]" * 100_000)),
+    R("report-bench-results-not-objects", ["report", "{tiny}", "-o", O, "--bench", "{tmp}/b.json"], ("results[", "an object"),
+      setup=s_bench(lambda d: {**d, "results": {"ort fp32": 1}})),
+    R("report-bench-string-number", ["report", "{tiny}", "-o", O, "--bench", "{tmp}/b.json"], ("median_s", "finite number"),
+      setup=s_bench(lambda d: {**d, "results": {"ort fp32": {"end_to_end": {"median_s": "fast"}}}})),
+    R("report-bench-huge", ["report", "{tiny}", "-o", O, "--bench", "{tmp}/b.json"], ("b.json", "too large"),
+      setup=s_bench(lambda d: {**d, "note": "x" * (9 * 2**20)})),
+    R("report-bench-stage-not-object", ["report", "{tiny}", "-o", O, "--bench", "{tmp}/b.json"], ("end_to_end", "an object"),
+      setup=s_bench(lambda d: {**d, "results": {"ort fp32": {"end_to_end": [1, 2]}}})),
+    R("convert-onnx-tokenizer-link-out", ["convert", "{m}", "--target", "onnx", "-o", O], ("symlink out of", "secret.txt"),
+      setup=s_all(s_model, s_link_out("tokenizer/special_tokens_map.json.extra"))),
+    R("quantize-export-link-out", ["quantize", "{tmp}/x", "--scheme", "fp16", "-o", O], ("symlink out of", "secret.txt"),
+      needs=("onnx",), setup=s_all(s_onnx_copy(), s_link_out("tokenizer/leak.txt", "x"))),
+    R("web-export-link-out", ["convert", "{tmp}/x", "--target", "web", "-o", O], ("symlink out of", "secret.txt"),
+      needs=("onnx", "ort-web"), setup=s_all(s_onnx_copy(), s_link_out("tokenizer/leak.txt", "x"))),
+    R("web-export-folder-link-out", ["convert", "{tmp}/x", "--target", "web", "-o", O], ("symlink out of",),
+      needs=("onnx", "ort-web"), setup=s_all(s_onnx_copy(), lambda c: (c.tmp / "x" / "etc").symlink_to(c.tmp.parent))),
+    *[R(f"onnx-external-sparse-{verb}", cmd, "outside the model folder", needs=need, setup=s_onnx_copy(s_onnx_sparse))
+      for verb, cmd, need in (("generate", [*GEN_ONNX, "-o", O], ("onnx",)),
+                              ("quantize", ["quantize", "{tmp}/x", "--scheme", "fp16", "-o", O], ("onnx",)),
+                              ("web", ["convert", "{tmp}/x", "--target", "web", "-o", O], ("onnx", "ort-web")))],
+    R("decoder-channels-huge", ["train", "decoder", "{tiny}", "-o", O, "--channels", "100000,100000,100000"],
+      ("--channels 100000", "at most 1024")),
+    R("decoder-batch-huge", ["train", "decoder", "{tiny}", "-o", O, "--batch-size", "100000000"], ("--batch-size", "1024")),
+    R("prune-layers-per-block-string", ["prune", "{m}", "-o", O], ("layers_per_block", "'two'", "positive integer"),
+      setup=s_unet_config("layers_per_block", "two")),
+    R("prune-block-out-channels-strings", ["prune", "{m}", "-o", O], ("block_out_channels", "positive integers"),
+      setup=s_unet_config("block_out_channels", ["32", "64"])),
+    R("prune-unet-config-deep", ["prune", "{m}", "-o", O], ("config.json", "nested too deeply"),
+      setup=s_all(s_model, lambda c: (c.tmp / "m" / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000))),
+    R("model-flow-unknown", ["--flow", "consistency", "generate", "{tiny}", "a fox", "-o", O], ("--flow", "rectified-flow")),
+    R("model-default-steps-0", ["--default-steps", "0", "generate", "{tiny}", "a fox", "-o", O], ("--default-steps", "1 to 1000")),
+    R("model-flow-against-manifest", ["--flow", "diffusion", "generate", "{tiny}", "a fox", "-o", O], ("says the model is rectified-flow", "--flow")),
+    R("bench-same-folder-twice", ["bench", "{tiny}", "{onnx}", "{onnx}", "-o", "{tmp}/b.json"], ("given twice",), needs=("onnx",)),
+    R("full-bench", ["bench", "{tiny}", "--repeats", "1", "--warmup", "0", "-o", "{tmp}/full/b.json"], ("no space left",),
+      runner="tmpfs:4k:full", setup=s_write("full/.mnt", ""), slow=True),
+    R("distill-teacher-missing", [*DISTILL, "--pairs", "{pairs}", "--teacher", "{tmp}/nope", "-o", O, *FAST_TRAIN],
+      ("--teacher", "nope", "does not exist"), needs=("pairs",), max_seconds=30),
     # --- the command line itself ---
     R("cli-unknown-command", ["frobnicate"], "No such command"),
     R("cli-unknown-option", [*GEN, "--frob", "-o", O], "No such option"),
@@ -888,6 +974,8 @@ def _run(row: Row, base: Path, shared: dict, caps: dict) -> Outcome:
             return Outcome(row, skip="on macOS Core ML can predict")
         if need == "no-gpu" and caps["gpu"]:
             return Outcome(row, skip="a GPU is present")
+        if need == "ort-web" and not caps["ort-web"]:
+            return Outcome(row, skip="onnxruntime-web's files are not installed (npm ci)")
     tmp = base / row.id
     tmp.mkdir(parents=True)
     ctx = Ctx(tmp, shared)
@@ -956,7 +1044,7 @@ def outcomes(request, tiny_dir):
     os.chmod(base, 0o755)
     caps = {"unshare": _can_unshare_mount(), "nobody": _nobody_prefix(),
             "coremltools": importlib.util.find_spec("coremltools") is not None,
-            "gpu": _has_gpu()}
+            "gpu": _has_gpu(), "ort-web": _has_ort_web()}
     needs = {n for row in selected for n in row.needs}
     shared = _build_shared(tiny_dir, base, needs)
     shared_before = {k: _hashes(v) for k, v in shared.items()}
@@ -970,6 +1058,18 @@ def outcomes(request, tiny_dir):
         Path(os.environ["INSTAFLOW_TEST_TIMES"]).write_text("".join(f"{t:6.1f}  {i}\n" for t, i in times))
     yield {"rows": results, "shared": shared, "shared_before": shared_before}
     shutil.rmtree(base, ignore_errors=True)
+
+
+def _has_ort_web() -> bool:
+    from instaflow_edge.errors import MissingDependencyError
+
+    try:
+        from instaflow_edge.convert.web import find_ort_web
+
+        find_ort_web()
+        return True
+    except MissingDependencyError:
+        return False
 
 
 def _has_gpu() -> bool:

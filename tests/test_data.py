@@ -178,3 +178,17 @@ def test_truncated_image_fails_at_load_with_one_line(tmp_path):
     ds = folder_dataset(d)
     with pytest.raises(InputError, match="cannot read image"):
         ds[0]
+
+
+def test_digits_at_sd_size_are_upscaled_per_item_with_the_same_numbers(monkeypatch):
+    """Above EAGER_BYTES the split is not held at full size (5 GB at 512²): each image is upscaled when read,
+    to the very numbers the eager path computes."""
+    import instaflow_edge.data as data
+
+    eager = data.digits_dataset("train", size=48)
+    monkeypatch.setattr(data, "EAGER_BYTES", 0)
+    lazy = data.digits_dataset("train", size=48)
+    assert len(lazy) == len(eager) and lazy.prompts == eager.prompts and lazy.labels == eager.labels
+    for i in (0, 1, 500, len(eager) - 1):
+        assert torch.equal(lazy[i]["image"], eager[i]["image"])
+    assert data.digits_dataset("train", size=512)._load.func is data._upscaled_digit  # 512²: lazy at the default bound

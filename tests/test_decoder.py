@@ -121,3 +121,24 @@ def test_decoder_bad_inputs_are_one_line(tmp_path, tiny_dec, tiny_dir, images):
         lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
         assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (args, r.output)
         assert list((tmp_path / "work").iterdir()) == [], (args, list((tmp_path / "work").iterdir()))
+
+
+def test_large_latents_train_on_crops_in_micro_batches(tmp_path, tiny_dir, images, monkeypatch):
+    """At SD's size a step sees latent crops (and their image crops), micro-batched, with gradient
+    checkpointing: forced here on tiny by a crop of 4 latents (32 px) and a 1-image micro-batch budget."""
+    import instaflow_edge.train.decoder as dec
+    from instaflow_edge.train import teacher
+
+    monkeypatch.setattr(dec, "CROP", 4)
+    calls = []
+    real = teacher.chunk_size
+    monkeypatch.setattr(dec, "chunk_size", lambda px, megapixels=1.0, most=64: calls.append((px, megapixels)) or
+                        (1 if megapixels < 1 else real(px, megapixels, most)))
+    out = tmp_path / "cropped"
+    m = dec.train_decoder(dec.DecoderConfig(model=str(tiny_dir), output=str(out), data=str(images), channels="8,8,8,8",
+                                            blocks="1,1,1,1", one_step_latents=4, held_out=2, max_steps=3, batch_size=3,
+                                            progress=False))
+    assert (32 * 32, 0.25) in calls  # the micro-batch was sized for a 32² crop
+    d = m["decoder"]
+    assert d["steps"] == 3 and d["first_loss"] > 0 and d["held_out_psnr_db"] > 0
+    assert (out / "vae" / "config.json").is_file()

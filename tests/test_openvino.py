@@ -282,3 +282,19 @@ def test_cpu_paths_ratios_and_table_from_a_report():
     v = cp.verdict(report)["1"]
     assert v["unet"] == {"row": cp.BASE, "vs_peer": 0.5, "met": False}
     assert any("NOT met" in line for line in rows)
+
+
+def test_truncated_weights_name_the_bin_and_openvino_reasons_keep_their_message(ov_f32, tmp_path):
+    from instaflow_edge.runtime.openvino import openvino_reason
+
+    cut = tmp_path / "cut"
+    shutil.copytree(ov_f32, cut)
+    b = cut / "unet" / "model.bin"
+    size = b.stat().st_size
+    with open(b, "r+b") as f:
+        f.truncate(size // 2)
+    r = run("generate", cut, "a fox", "--backend", "openvino", "-o", tmp_path / "a")
+    assert_one_line_error(r, 2, "model.bin is truncated", f"{size // 2:,} bytes", nothing_at=tmp_path / "a")
+    e = RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\nCheck 'is_valid_weights_range(x)' failed at "
+                     "src/core/xml_util/src/xml_deserialize_util.cpp:900:\nIncorrect weights in bin file!\n\n")
+    assert openvino_reason(e) == "Incorrect weights in bin file!"

@@ -152,3 +152,48 @@ def test_loading_leaves_library_logging_as_it_was(tiny_dir):
     after = (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity(),
              torch.random.get_rng_state())
     assert before[:2] == after[:2] and torch.equal(before[2], after[2])
+
+
+def test_a_model_without_our_manifest_is_guessed_aloud_or_taken_as_told(tiny_dir, tmp_path):
+    """InstaFlow's released checkpoints in ./models/iflow have no manifest: the guess (a 25-step diffusion
+    model, from the name) is printed once; `--flow rectified-flow --default-steps 1` says what it is."""
+    import subprocess
+    import sys
+
+    from instaflow_edge.pipeline import assume_model, detect_info
+
+    iflow = tmp_path / "models" / "iflow"
+    shutil.copytree(tiny_dir, iflow)
+    (iflow / "manifest.json").unlink()
+    cli = [sys.executable, "-m", "instaflow_edge.cli"]
+    r = subprocess.run([*cli, "generate", str(iflow), "a fox", "-o", str(tmp_path / "a"), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    told = [ln for ln in r.stderr.splitlines() if "no instaflow-edge manifest" in ln]
+    assert len(told) == 1 and "diffusion model with 25 default steps" in told[0] and "--flow" in told[0], r.stderr
+    r = subprocess.run([*cli, "--flow", "rectified-flow", "--default-steps", "1", "generate", str(iflow), "a fox",
+                        "-o", str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0 and "no instaflow-edge manifest" not in r.stderr and "1 step," in r.stdout, r.stdout + r.stderr
+    s = json.loads((tmp_path / "b" / "manifest.json").read_text())["sampling"]
+    assert s["steps"] == 1
+    with assume_model("rectified-flow", 1):
+        info = detect_info(str(iflow), iflow, json.loads((iflow / "model_index.json").read_text()))
+    assert (info.flow, info.default_steps) == ("rectified_flow", 1)
+    assert detect_info(str(iflow), iflow, {}).flow == "diffusion"  # the block is over: guessed again
+    with assume_model("diffusion"), pytest.raises(InputError, match="says the model is rectified-flow"):
+        detect_info(str(tiny_dir), tiny_dir, {})  # our manifest is not overridden
+
+
+def test_bench_labels_one_folder_once_and_number_name_collisions(tiny_dir, tmp_path):
+    from instaflow_edge.runtime import parse_exports
+
+    made = []
+    for i in range(3):  # three exports whose folders share a name and whose manifests share a label
+        d = tmp_path / f"p{i}" / "onnx"
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"kind": "onnx-export", "precision": "fp32"}))
+        made.append(str(d))
+    labels = list(parse_exports(made))
+    assert len(set(labels)) == 3 and labels[0] == "ort fp32", labels
+    with pytest.raises(InputError, match="given twice"):
+        parse_exports([made[0], str(tmp_path / "p0" / "." / "onnx")])

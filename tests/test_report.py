@@ -257,3 +257,30 @@ def test_summary_table_from_a_report_json():
     assert rows[2] == "| torch fp32 (reference) | 4 | 32.00 | reference | 0.500 | 10.00 | 20 (1.00×) | 1 (1.00×) | reference |"
     assert rows[3] == "| ort int8-static | 1 | 8.00 | 48.0 (25) | 0.490 | 10.50 | 10 (2.00×) | – | pass |"
     assert rows[4].startswith("| real digits (ceiling) |") and "0.990 | 2.00" in rows[4]
+
+
+HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>|`x`[l](javascript:alert(3))"
+
+
+def test_report_escapes_every_string_from_its_inputs(tiny_dir, tmp_path):
+    """Strings of a bench result from someone else (a runtime name, the note, the device, a skip reason)
+    and a path reach report.html HTML-escaped and report.md inert: no live tag, link or table break."""
+    bench = _bench_json(tmp_path / "bench.json", ["torch eager fp32", HOSTILE])
+    data = json.loads(bench.read_text())
+    data.update(note=HOSTILE, device="cpu" + HOSTILE, created=HOSTILE, skipped={HOSTILE: HOSTILE})
+    bench.write_text(json.dumps(data))
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(app, ["report", str(tiny_dir), "-o", str(out), "--bench", str(bench)])
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for text in (page, md):
+        assert "<script" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    assert not re.search(r"(?<!\\)\]\(javascript:", md)  # the brackets are escaped: no link
+    # every markdown table row keeps its column count (a | in a cell is escaped)
+    for block in md.split("\n\n"):
+        rows = [ln for ln in block.splitlines() if ln.startswith("|")]
+        if rows:
+            counts = {len(re.findall(r"(?<!\\)\|", ln)) for ln in rows}
+            assert len(counts) == 1, rows

@@ -392,3 +392,53 @@ def test_page_matches_generate_digits(browser, digits_student, scheme, tmp_path)
     assert r.exit_code == 0, r.output
     assert json.loads((site / "manifest.json").read_text())["web"]["latent_shape"] == [4, 8, 8]
     check_page_matches_generate(browser, site, "digits", tmp_path)
+
+
+def _fake_site(root: Path) -> Path:
+    """A folder ``serve`` accepts (a web-site manifest and index.html), with links out of it planted."""
+    site = root / "site"
+    (site / "model").mkdir(parents=True)
+    (site / "manifest.json").write_text(json.dumps({"kind": "web-site"}))
+    (site / "index.html").write_text("<!doctype html><p>Generate</p>")
+    (site / "model" / "unet.onnx").write_bytes(b"\0" * 16)
+    secret = root / "secret.txt"
+    secret.write_text("the server's own file\n")
+    (site / "leak.txt").symlink_to(secret)  # a file link out of the site
+    (site / "model" / "etc").symlink_to(root)  # a folder link out of the site
+    (site / "inside.onnx").symlink_to(site / "model" / "unet.onnx")  # a link that stays inside: served
+    (site / "empty").mkdir()  # a folder without index.html: no listing
+    return site
+
+
+def test_serve_sends_only_regular_files_inside_the_site(tmp_path):
+    site = _fake_site(tmp_path)
+    with serving(site) as url:
+        with urllib.request.urlopen(url) as r:
+            assert b"Generate" in r.read()
+        with urllib.request.urlopen(url + "model/unet.onnx") as r:
+            assert r.read() == b"\0" * 16
+        with urllib.request.urlopen(url + "inside.onnx") as r:
+            assert r.read() == b"\0" * 16
+        for path in ("leak.txt", "model/etc/secret.txt", "model/etc/", "model/etc", "empty/", "model/",
+                     "%2e%2e/secret.txt", "model/%2e%2e/%2e%2e/secret.txt"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(url + path)
+            assert e.value.code == 404, path
+
+
+def test_serve_sigterm_exits_143_and_ctrl_c_0(tmp_path):
+    import signal
+
+    site = _fake_site(tmp_path)
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 0)):
+        proc = subprocess.Popen([sys.executable, "-m", "instaflow_edge.cli", "serve", str(site), "--port", "0", "--quiet"],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert "http://127.0.0.1:" in proc.stderr.readline()
+            proc.send_signal(sig)
+            assert proc.wait(timeout=20) == code
+            rest = proc.stderr.read()
+            assert "Traceback" not in rest and ("SIGTERM" in rest if code else "stopped" in rest), rest
+        finally:
+            proc.kill()
+            proc.wait()

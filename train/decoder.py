@@ -32,18 +32,26 @@ from ..artifacts import (
     sha256_tree,
     write_manifest,
 )
-from ..errors import InputError, ModelError
+from ..errors import IMPORT_CHATTER, InputError, ModelError, quiet_loggers
 from ..pipeline import load_pipeline
 from ..presets import count_params
 from ..threads import Governor, threads_setting
-from ..validators import boolean, integer, number, seed
+from ..validators import boolean, integer, number, seed, with_article
 from .macs import decoder_macs
-from .teacher import cache_latents
+from .teacher import cache_latents, chunk_size
 
 DIGITS = "digits"
 
 
-def _int_list(name: str, v, low: int = 1) -> list[int] | None:
+# A tiny decoder is TAESD-sized (64 channels, ≤ 3 blocks a stage); the full SD decoder is 512 wide. Past these
+# bounds the "tiny" model outgrows the one it replaces, and a typo (--channels 100000) would allocate 100s of GB.
+MAX_CHANNELS = 1024
+MAX_BLOCKS = 16
+MAX_BATCH = 1024
+CROP = 32  # latent side a training step sees at most: a 256² image crop at SD's 8× VAE
+
+
+def _int_list(name: str, v, low: int = 1, high: int | None = None) -> list[int] | None:
     if v is None:
         return None
     if isinstance(v, str):
@@ -53,6 +61,9 @@ def _int_list(name: str, v, low: int = 1) -> list[int] | None:
             raise InputError(f"{name} must be comma-separated integers, got {v!r}", f"e.g. --{name.replace('_', '-')} 64,64,64,64") from e
     if not isinstance(v, (list, tuple)) or not v or any(isinstance(x, bool) or not isinstance(x, int) or x < low for x in v):
         raise InputError(f"{name} must be a list of integers ≥ {low}, got {v!r}", f"e.g. --{name.replace('_', '-')} 64,64,64,64")
+    if high is not None and max(v) > high:
+        raise InputError(f"--{name.replace('_', '-')} {max(v)} is more than a tiny decoder takes (at most {high})",
+                         f"e.g. --{name.replace('_', '-')} 64,64,64,64 (TAESD)")
     return list(v)
 
 
@@ -85,8 +96,8 @@ class DecoderConfig:
             raise InputError("no training data given", "pass --data digits or --data FOLDER")
         if self.data != DIGITS and not Path(self.data).is_dir():
             raise InputError(f"data folder {self.data} does not exist", "pass --data digits or a folder of images")
-        self.channels = _int_list("channels", self.channels)
-        self.blocks = _int_list("blocks", self.blocks, 0)
+        self.channels = _int_list("channels", self.channels, 1, MAX_CHANNELS)
+        self.blocks = _int_list("blocks", self.blocks, 0, MAX_BLOCKS)
         if self.channels and len(set(self.channels)) != 1:
             # DecoderTiny's stages hand their width on unchanged (TAESD is 64 throughout)
             raise InputError(f"--channels {','.join(map(str, self.channels))}: AutoencoderTiny's stages must share one width",
@@ -97,6 +108,8 @@ class DecoderConfig:
         integer("held_out", self.held_out, 1)
         integer("max_steps", self.max_steps, 1)
         integer("batch_size", self.batch_size, 1)
+        if self.batch_size > MAX_BATCH:
+            raise InputError(f"--batch-size {self.batch_size} is more than {MAX_BATCH}", "pass a smaller --batch-size")
         self.learning_rate = number("learning_rate", self.learning_rate, 0.0, open_low=True)
         seed("seed", self.seed)
         self.threads = threads_setting("threads", self.threads)
@@ -134,45 +147,66 @@ def _dataset(config: DecoderConfig, size: int):
 
 
 def _latents(pipe, config: DecoderConfig, dataset, progress: bool):
-    """(image latents, their images, one-step latents, held-out one-step latents) — all scaled latents."""
+    """(image latents, one-step latents, held-out one-step latents) — all scaled latents; the images
+    themselves stay in the dataset (read per batch), so memory holds latents only (64 kB each at 512²)."""
     import torch
 
+    size = pipe.default_size
     lat, _, _ = cache_latents(pipe, dataset, progress=progress)
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     prompts = [dataset[i % len(dataset)]["prompt"] for i in range(config.one_step_latents + config.held_out)]
     g = torch.Generator().manual_seed(config.seed)
-    shape = pipe.latent_shape(pipe.default_size, pipe.default_size)
+    shape = pipe.latent_shape(size, size)
     outs = []
-    for start in range(0, len(prompts), 64):
-        chunk = prompts[start:start + 64]
+    step = chunk_size(size * size)
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start:start + step]
         z = torch.randn((len(chunk), *shape), generator=g)
         with torch.no_grad():
             cond = pipe.text_encoder(pipe.tokenize(chunk), return_dict=False)[0]
             tau = torch.full((len(chunk),), 1000.0)  # one step: x = z + v(z, τ=1000) (flow.py)
             outs.append(z + pipe.unet(z, tau, encoder_hidden_states=cond, return_dict=False)[0])
     gen = torch.cat(outs) if outs else torch.zeros((0, *shape))
-    return lat, images, gen[:config.one_step_latents], gen[config.one_step_latents:]
+    return lat, gen[:config.one_step_latents], gen[config.one_step_latents:]
+
+
+def _crop(x, side: int, offsets):
+    """The ``side``² window at ``offsets`` (one (top, left) per item) of each item of ``x``."""
+    import torch
+
+    if side >= x.shape[-1] and side >= x.shape[-2]:
+        return x
+    return torch.stack([t[..., i:i + side, j:j + side] for t, (i, j) in zip(x, offsets)])
 
 
 def train_decoder(config: DecoderConfig) -> dict:
     """Distil the tiny VAE and write the pipeline with it; returns the manifest."""
     import torch
     import torch.nn.functional as F
-    from diffusers import AutoencoderKL, AutoencoderTiny
     from tqdm.auto import tqdm
+
+    with quiet_loggers(*IMPORT_CHATTER):  # torchao's kernels it cannot load on a CPU: five lines otherwise
+        from diffusers import AutoencoderKL, AutoencoderTiny
 
     with atomic_dir(config.output, config.force, config.inputs()) as tmp, Governor(config.threads) as governor:
         pipe = load_pipeline(config.model, device="cpu", dtype="float32", allow_pickle=config.allow_pickle)
         if not isinstance(pipe.vae, AutoencoderKL):
-            raise InputError(f"{config.model}'s vae is a {type(pipe.vae).__name__}, not an AutoencoderKL to distil from",
+            raise InputError(f"{config.model}'s vae is {with_article(type(pipe.vae).__name__)}, not an AutoencoderKL to distil from",
                              "pass the pipeline with the full VAE")
         full, sf = pipe.vae, pipe.scaling_factor
         tiny_cfg = tiny_vae_config(dict(full.config), pipe.vae_scale_factor, config.channels, config.blocks)
         torch.manual_seed(config.seed)
         tiny = AutoencoderTiny(**tiny_cfg).train()
         dataset = _dataset(config, pipe.default_size)
-        lat_img, images, lat_gen, held = _latents(pipe, config, dataset, config.progress)
+        lat_img, lat_gen, held = _latents(pipe, config, dataset, config.progress)
         pool = torch.cat([lat_img, lat_gen])
+        # Memory is bounded at any size: each step sees latent crops of at most CROP² (a 256² image; the
+        # whole latent at the digits' and tiny's sizes), in micro-batches whose gradients add up to the
+        # batch's, with the tiny model's activations recomputed in backward above 128² crops.
+        f = pipe.vae_scale_factor
+        side = min(CROP, pool.shape[-1], pool.shape[-2])
+        micro = chunk_size((side * f) ** 2, megapixels=0.25, most=config.batch_size)
+        if side * f > 128:
+            tiny.enable_gradient_checkpointing()
         opt = torch.optim.Adam(tiny.parameters(), lr=config.learning_rate)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.max_steps))))
@@ -183,18 +217,30 @@ def train_decoder(config: DecoderConfig) -> dict:
         for _ in bar:
             governor.tick()
             idx = torch.randint(0, len(pool), (config.batch_size,), generator=g)
-            x = pool[idx]
-            with torch.no_grad():
-                target = full.decode(x / sf, return_dict=False)[0]
-            img = tiny.decode(x, return_dict=False)[0]
-            loss = F.l1_loss(img, target) + F.mse_loss(img, target)
-            ii = torch.randint(0, len(images), (config.batch_size,), generator=g)
-            loss = loss + F.mse_loss(tiny.encode(images[ii], return_dict=False)[0], lat_img[ii])
+            ii = torch.randint(0, len(lat_img), (config.batch_size,), generator=g)
+            hi, wi = pool.shape[-2] - side + 1, pool.shape[-1] - side + 1
+            at = (torch.stack([torch.randint(0, hi, (config.batch_size,), generator=g),
+                               torch.randint(0, wi, (config.batch_size,), generator=g)], 1).tolist()
+                  if hi > 1 or wi > 1 else [(0, 0)] * config.batch_size)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            for a in range(0, config.batch_size, micro):
+                part = slice(a, a + micro)
+                x = _crop(pool[idx[part]], side, at[part])
+                with torch.no_grad():
+                    target = full.decode(x / sf, return_dict=False)[0]
+                img = tiny.decode(x, return_dict=False)[0]
+                loss = F.l1_loss(img, target) + F.mse_loss(img, target)
+                images = torch.stack([dataset[int(j)]["image"] for j in ii[part]])
+                images = _crop(images, side * f, [(i * f, j * f) for i, j in at[part]])
+                enc = _crop(lat_img[ii[part]], side, at[part])
+                loss = loss + F.mse_loss(tiny.encode(images, return_dict=False)[0], enc)
+                w = len(idx[part]) / config.batch_size
+                (loss * w).backward()
+                total += loss.item() * w
             opt.step()
             sched.step()
-            losses.append(loss.item())
+            losses.append(total)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if not math.isfinite(losses[-1]):
                 raise InputError(f"decoder training loss is {losses[-1]}", "lower --learning-rate")
@@ -202,9 +248,11 @@ def train_decoder(config: DecoderConfig) -> dict:
         tiny = tiny.eval().requires_grad_(False)
         shape = pipe.latent_shape(pipe.default_size, pipe.default_size)
         with torch.no_grad():  # held-out one-step latents: the tiny decoder's image vs the full one's
-            ref = full.decode(held / sf, return_dict=False)[0]
-            got = tiny.decode(held, return_dict=False)[0]
-            psnr = float(10 * torch.log10(4.0 / F.mse_loss(got.clamp(-1, 1), ref.clamp(-1, 1))))
+            step = chunk_size((pool.shape[-1] * f) ** 2)
+            err = sum(F.mse_loss(tiny.decode(h, return_dict=False)[0].clamp(-1, 1),
+                                 full.decode(h / sf, return_dict=False)[0].clamp(-1, 1), reduction="sum")
+                      for h in held.split(step))
+            psnr = float(10 * torch.log10(4.0 / (err / (len(held) * 3 * (pool.shape[-2] * f) * (pool.shape[-1] * f)))))
         before = {"params": count_params(full.decoder) + count_params(full.post_quant_conv or torch.nn.Identity()),
                   "macs_per_image": decoder_macs(full, shape)}
         after = {"params": count_params(tiny.decoder), "macs_per_image": decoder_macs(tiny, shape)}

@@ -35,7 +35,7 @@ from ..errors import InputError, ModelError
 from ..pipeline import check_pipeline_folder, load_pipeline
 from ..presets import count_params
 from ..threads import Governor, threads_setting
-from ..validators import boolean, choice, number
+from ..validators import boolean, choice, json_file, number, short
 from .macs import unet_macs
 
 
@@ -95,8 +95,6 @@ class PruneConfig:
 def _unet_config_of(model: str, allow_pickle: bool) -> dict:
     """The UNet's config.json, after the folder checks; a pipeline whose UNet is not a
     UNet2DConditionModel is refused before anything heavy loads."""
-    import json
-
     folder = Path(model)
     if not folder.is_dir():
         raise ModelError(f"model path {model} is not a folder", "pass a local diffusers pipeline folder (prune writes a copy)")
@@ -106,11 +104,41 @@ def _unet_config_of(model: str, allow_pickle: bool) -> dict:
     if cls != "UNet2DConditionModel":
         raise ModelError(f"{folder}'s unet is a {cls or 'unknown class'}, not a UNet2DConditionModel",
                          "prune takes Stable Diffusion-style pipelines (UNet2DConditionModel)")
-    cfg = json.loads((folder / "unet" / "config.json").read_text())
+    path = folder / "unet" / "config.json"
+    cfg = json_file(path, "UNet config", "restore the UNet's config", error=ModelError)
+    check_unet_config(cfg, path)
+    return cfg
+
+
+def _ints(v, low: int = 1) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v)
+
+
+def check_unet_config(cfg, path: Path) -> None:
+    """Every field prune reads has the type diffusers writes; else one line naming the field."""
+    def bad(key: str, want: str):
+        raise ModelError(f"{path}: {key} is {short(cfg.get(key), 40)}, not {want}", "restore the UNet's config")
+
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path} is not a JSON object", "restore the UNet's config")
     for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block"):
         if key not in cfg:
-            raise ModelError(f"{folder / 'unet' / 'config.json'} has no {key}", "restore the UNet's config")
-    return cfg
+            raise ModelError(f"{path} has no {key}", "restore the UNet's config")
+    n = len(cfg["block_out_channels"]) if isinstance(cfg["block_out_channels"], list) else 0
+    if not _ints(cfg["block_out_channels"]):
+        bad("block_out_channels", "a list of positive integers")
+    for key in ("down_block_types", "up_block_types"):
+        v = cfg[key]
+        if not (isinstance(v, list) and len(v) == n and all(isinstance(x, str) for x in v)):
+            bad(key, f"a list of {n} block class names")
+    lpb = cfg["layers_per_block"]
+    if not ((isinstance(lpb, int) and not isinstance(lpb, bool) and lpb >= 1) or (_ints(lpb) and len(lpb) == n)):
+        bad("layers_per_block", f"a positive integer or a list of {n}")
+    heads = cfg.get("attention_head_dim")
+    if heads is not None and not ((isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1) or (_ints(heads) and len(heads) == n)):
+        bad("attention_head_dim", f"a positive integer or a list of {n}")
+    if not isinstance(cfg.get("mid_block_type", ""), (str, type(None))):
+        bad("mid_block_type", "a block class name or null")
 
 
 def _layers(cfg: dict) -> list[int]:

@@ -23,7 +23,8 @@ from ..artifacts import (
     write_manifest,
 )
 from ..errors import InputError
-from ..pipeline import ModelInfo, load_pipeline
+from ..hub import HUB_ID
+from ..pipeline import ModelInfo, check_pipeline_folder, load_pipeline
 from ..presets import count_params
 from ..validators import boolean, choice, integer, number, optional_integer
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
@@ -87,6 +88,12 @@ class DistillConfig(PairsTrainConfig):
         self.loss = choice("loss", self.loss, DistillLoss)
         if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher):
             raise InputError(f"teacher must be a pipeline folder, got {self.teacher!r}", "pass --teacher MODEL")
+        if self.teacher is not None:  # before the student and the pairs load: a typo fails in a second
+            if Path(self.teacher).exists():
+                check_pipeline_folder(Path(self.teacher), self.allow_pickle)
+            elif not HUB_ID.match(self.teacher) or self.teacher.startswith((".", "/", "~")):
+                raise InputError(f"--teacher {self.teacher} does not exist",
+                                 "pass the pipeline folder MODEL was pruned from (or a hub id like org/name)")
         self.feature_weight = number("feature_weight", self.feature_weight, 0.0)
         if self.feature_weight > 0 and self.teacher is None:
             raise InputError("--feature-weight needs the unpruned model's block outputs",

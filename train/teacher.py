@@ -24,7 +24,7 @@ from ..artifacts import (
 from ..errors import InputError
 from ..pipeline import ModelInfo, load_pipeline
 from ..presets import count_params
-from ..validators import boolean, integer, number, short
+from ..validators import boolean, integer, number, short, with_article
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
 from .config import TrainConfig
 
@@ -93,17 +93,25 @@ def load_dataset(config: TeacherConfig, size: int):
     return folder_dataset(config.data, config.captions, size=size)
 
 
-def cache_latents(pipe, dataset, batch_size: int = 64, progress: bool = True):
-    """(latents (N, C, h, w) = VAE posterior mean × scaling_factor, prompt index (N,), unique prompts)."""
+def chunk_size(pixels: int, megapixels: float = 1.0, most: int = 64) -> int:
+    """How many images of ``pixels`` each one forward pass takes: about ``megapixels`` of images at a
+    time (a convolution stack's memory grows with the pixels it sees), so 64 at 128², 4 at 512² (1 … ``most``)."""
+    return max(1, min(most, int(megapixels * 2**20 / max(1, pixels))))
+
+
+def cache_latents(pipe, dataset, batch_size: int | None = None, progress: bool = True):
+    """(latents (N, C, h, w) = VAE posterior mean × scaling_factor, prompt index (N,), unique prompts);
+    ``batch_size`` images per encoder pass (default: :func:`chunk_size` of the images' pixels)."""
     import torch
     from tqdm.auto import tqdm
 
     if type(pipe.vae).__name__ != "AutoencoderKL":  # a tiny VAE (train decoder) has no posterior to take the mean of
-        raise InputError(f"the model's vae is a {type(pipe.vae).__name__}; latents are the AutoencoderKL's posterior means",
+        raise InputError(f"the model's vae is {with_article(type(pipe.vae).__name__)}; latents are the AutoencoderKL's posterior means",
                          "train on the pipeline with the full VAE (the one `train decoder` started from)")
     prompts: dict[str, int] = {}
     index, chunks = [], []
     n = len(dataset)
+    batch_size = batch_size or chunk_size(dataset.size ** 2)
     for start in tqdm(range(0, n, batch_size), desc="caching latents", unit="batch", disable=not progress):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         images = torch.stack([it["image"] for it in items]).to(pipe.device, pipe.vae.dtype)

@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import typer
 from typer.core import TyperGroup
@@ -21,7 +21,8 @@ try:  # typer ≥ 0.20 vendors click as typer._click; older typer uses click its
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
-from ..errors import InstaflowError
+from ..errors import InstaflowError, Terminated
+from ..options import Flow
 from ..progress import stage_lines
 
 
@@ -42,7 +43,7 @@ def _interrupts_raise(received: list[int]) -> Iterator[None]:
 
     def handler(signum, frame):
         received.append(signum)
-        raise KeyboardInterrupt
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     previous = {}
     try:
@@ -73,7 +74,9 @@ class _OneLineErrors(TyperGroup):
         code = 0
         received: list[int] = []
         try:
-            with _interrupts_raise(received), stage_lines():
+            from ..pipeline import assumptions_scope
+
+            with _interrupts_raise(received), stage_lines(), assumptions_scope():
                 from .convert import legacy_argv
 
                 argv = legacy_argv(argv)  # `convert MODEL --target T` → `convert T MODEL`
@@ -163,8 +166,19 @@ def _version(value: bool) -> None:
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    flow: Optional[Flow] = typer.Option(
+        None, "--flow", envvar="INSTAFLOW_EDGE_FLOW",
+        help="What a model without an instaflow-edge manifest is (e.g. InstaFlow's released checkpoints: "
+             "--flow rectified-flow --default-steps 1); otherwise it is guessed from its class and name, and the "
+             "guess is printed."),
+    default_steps: Optional[int] = typer.Option(
+        None, "--default-steps", envvar="INSTAFLOW_EDGE_DEFAULT_STEPS", help="Default sampling steps of such a model."),
 ) -> None:
     """One-step text-to-image generation (InstaFlow): train, convert, quantize, benchmark."""
+    if flow is not None or default_steps is not None:
+        from ..pipeline import set_assumed_model
+
+        set_assumed_model(flow, default_steps)
 
 
 def _register() -> None:

@@ -27,6 +27,7 @@ def generate_command(
     backend: Backend = typer.Option(Backend.torch, "--backend", help="Runtime that runs the model: torch on a pipeline folder, or an export's own runtime (MODEL is that export)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (for logs and scripts)."),
 ) -> None:
     """Generate images: one Euler step for one-step models (x = z + v(z, 1000)), N steps otherwise."""
     from ..generate import GenerateConfig, generate
@@ -36,7 +37,7 @@ def generate_command(
         guidance=guidance, negative_prompt=negative_prompt, height=height, width=width, device=device,
         dtype=dtype, backend=backend, allow_pickle=allow_pickle, force=force,
     )
-    manifest = generate(cfg)
+    manifest = generate(cfg, progress=not no_progress)
     n = len(manifest["images"])
     s = manifest["sampling"]
     typer.echo(

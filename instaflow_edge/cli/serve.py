@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ..errors import Terminated
+
 
 def serve_command(
     site: Path = typer.Argument(..., help="Folder written by `instaflow-edge convert MODEL --target web -o SITE`."),
@@ -16,10 +18,12 @@ def serve_command(
     from ..convert.web import site_server
 
     server = site_server(site, port, quiet=quiet)
-    typer.echo(f"serving {site} at http://127.0.0.1:{server.server_address[1]}/ (cross-origin isolated; Ctrl-C stops)", err=True)
-    try:
+    try:  # the line inside: a Ctrl-C right after it still stops cleanly
+        typer.echo(f"serving {site} at http://127.0.0.1:{server.server_address[1]}/ (cross-origin isolated; Ctrl-C stops)", err=True)
         server.serve_forever()
-    except KeyboardInterrupt:
+    except Terminated:
+        raise  # SIGTERM: the CLI reports it and exits 143, as every command does
+    except KeyboardInterrupt:  # Ctrl-C: the normal way to stop
         typer.echo("stopped", err=True)
     finally:
         server.server_close()

@@ -27,6 +27,7 @@ from ..artifacts import (
 )
 from ..errors import InputError
 from ..validators import boolean, integer, prompt_file, seed
+from .bench_input import read_bench
 from .runtimes import COMPONENT_ORDER, Runtime, open_exports, reference, used_params
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,7 @@ class ReportConfig:
             if not folder.is_dir():
                 raise InputError(f"export {item}: no such folder", "pass an export folder (or LABEL=DIR)")
             runtime.format_of(folder)
-        for b in self.bench:
-            p = Path(b)
-            if not p.is_file():
-                raise InputError(f"--bench {b}: no such file", "pass a JSON file written by `instaflow-edge bench`")
-            try:
-                data = json.loads(p.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise InputError(f"--bench {b} is not JSON ({str(e)[:80]})", "pass a file written by `instaflow-edge bench`") from e
-            if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or data.get("kind") not in ("bench", None):
-                raise InputError(f"--bench {b} is not a bench result (no 'results')", "pass a file written by `instaflow-edge bench`")
+        self._benches = [read_bench(b) for b in self.bench]  # bounded and checked before any model loads
 
 
 def digits_prompts(n: int = 6) -> list[str]:
@@ -238,7 +230,7 @@ def make_report(config: ReportConfig, progress: bool = True) -> dict:
         parity[rt.label], images[rt.label] = run_all(rt, ids_list, noise_list, ref, sf)
         verdicts[rt.label] = verdict(rt.label, parity[rt.label])
     digits_block = _digits(config, [ref_rt, *exports], progress) if digits and config.digits_images else None
-    benches = [json.loads(Path(b).read_text(encoding="utf-8")) for b in config.bench]
+    benches = config._benches
     latency = figures.latency_rows(benches, [ref_rt.label] + [rt.label for rt in exports])
     report = make_manifest("report", config, model=config.model, prompts=prompts,
                            seeds=[config.seed + i for i in range(len(prompts))],

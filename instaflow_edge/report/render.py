@@ -1,6 +1,8 @@
 """``report.json`` → ``report.html`` (self-contained, readable on a phone) and ``report.md``.
 
-Every figure on the page comes from ``report.json``; each table cell that shows one carries its place
+Every string from an input (labels, paths, bench fields, options) is escaped: HTML-escaped on the page;
+in the markdown, ``&<>`` become entities (no raw HTML reaches a renderer), table pipes, link brackets,
+emphasis and backquotes are backslash-escaped and newlines folded. Every figure on the page comes from ``report.json``; each table cell that shows one carries its place
 in the JSON (``data-path``), so a test can check that the page says what the JSON says.
 """
 
@@ -9,9 +11,20 @@ from __future__ import annotations
 import base64
 import html as _html
 import json
+import re
 from pathlib import Path
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "end_to_end")
+
+
+_MD_META = re.compile(r"([\\`*\[\]|~])")
+
+
+def _md(v) -> str:
+    """``v`` as inert markdown text on one line."""
+    s = " ".join(str(v).split())
+    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_META.sub(r"\\\1", s)
 
 
 def _psnr(v):
@@ -153,7 +166,7 @@ def html(report: dict, folder: Path) -> str:
            f"<title>instaflow-edge report: {e(report['model'])}</title><style>{CSS}</style></head><body>",
            f"<h1>Parity report: {e(report['model'])}</h1>",
            f"<p class=meta>{e(report['created'])} · {len(report['prompts'])} prompts, seeds "
-           f"{report['seeds'][0]}–{report['seeds'][-1]} · image {report['image_size'][0]}×{report['image_size'][1]} · "
+           f"{e(str(report['seeds'][0]))}–{e(str(report['seeds'][-1]))} · image {e(str(report['image_size'][0]))}×{e(str(report['image_size'][1]))} · "
            f"instaflow-edge {e(str(report['versions'].get('instaflow-edge')))}, torch {e(str(report['versions'].get('torch')))}, "
            f"onnxruntime {e(str(report['versions'].get('onnxruntime')))}</p>",
            "<h2>Verdicts</h2><ul>"]
@@ -189,37 +202,39 @@ def html(report: dict, folder: Path) -> str:
                    f"(FID of {d['real']['fid_n']} real images vs the validation set, the same N).</p>")
     lat = report.get("latency") or {}
     for src in lat.get("sources", []):
-        out.append(f"<p class=meta>Bench result {src['bench']} ({e(str(src['device']))}, {e(str(src['created']))}, "
-                   f"{src['threads']} thread(s), {src['repeats']} rounds, {'interleaved' if src['interleaved'] else 'sequential'})"
+        out.append(f"<p class=meta>Bench result {e(str(src['bench']))} ({e(str(src['device']))}, {e(str(src['created']))}, "
+                   f"{e(str(src['threads']))} thread(s), {e(str(src['repeats']))} rounds, {'interleaved' if src['interleaved'] else 'sequential'})"
                    + (f": {e(str(src['note']))}" if src.get("note") else "") + "</p>")
     if lat.get("gpu_missing"):
         out.append("<p class=meta>GPU rows are missing: no <code>instaflow-edge bench --device cuda</code> result was given.</p>")
-    out.append(f"<p class=meta>Made by <code>{e(' '.join(report['command']))}</code> in {report['seconds']} s.</p></body></html>\n")
+    out.append(f"<p class=meta>Made by <code>{e(' '.join(report['command']))}</code> in {e(str(report['seconds']))} s.</p></body></html>\n")
     return "\n".join(out)
 
 
 def markdown(report: dict) -> str:
     """The report for a pull request or a model card (images referenced as the folder's files)."""
-    out = [f"# Parity report: {report['model']}", "",
-           f"{len(report['prompts'])} prompts, seeds {report['seeds'][0]}–{report['seeds'][-1]}, "
-           f"image {report['image_size'][0]}×{report['image_size'][1]}; {report['created']}.", "", "## Verdicts", ""]
-    out += [f"- {v['line']}" for v in report["verdicts"].values()] or ["- no exports given"]
+    m = _md
+    out = [f"# Parity report: {m(report['model'])}", "",
+           f"{len(report['prompts'])} prompts, seeds {m(report['seeds'][0])}–{m(report['seeds'][-1])}, "
+           f"image {m(report['image_size'][0])}×{m(report['image_size'][1])}; {m(report['created'])}.", "", "## Verdicts", ""]
+    out += [f"- {m(v['line'])}" for v in report["verdicts"].values()] or ["- no exports given"]
     out += ["", "## How each runtime ran", ""]
-    out += [f"- **{k}**: {rt['how']}" for k, rt in report["runtimes"].items()]
+    out += [f"- **{m(k)}**: {m(rt['how'])}" for k, rt in report["runtimes"].items()]
     out += ["", "## Images", "", f"![image grid]({report['files']['grid']})", ""]
     for key, title, head, rows in _rows(report):
         if key == "latency" and report["files"].get("chart"):
-            out += [f"## {title}", "", f"![latency]({report['files']['chart']})", ""]
+            out += [f"## {m(title)}", "", f"![latency]({report['files']['chart']})", ""]
         else:
-            out += [f"## {title}", ""]
-        out.append("| " + " | ".join(head) + " |")
+            out += [f"## {m(title)}", ""]
+        out.append("| " + " | ".join(m(h) for h in head) + " |")
         out.append("|" + "---|" * len(head))
-        out += ["| " + " | ".join(str(cell[0]) for cell in row) + " |" for row in rows]
+        out += ["| " + " | ".join(m(cell[0]) for cell in row) + " |" for row in rows]
         out.append("")
         if key == "parity":
             for label, name in report["files"].get("heatmaps", {}).items():
-                out += [f"![{label} difference]({name})", ""]
+                out += [f"![{m(label)} difference]({name})", ""]
         if key == "latency":
-            out += [f"- bench result {s['bench']} ({s['device']}, {s['created']}, {s['threads']} thread(s), {s['repeats']} rounds)"
-                    + (f": {s['note']}" if s.get("note") else "") for s in report["latency"].get("sources", [])] + [""]
+            out += [f"- bench result {m(s['bench'])} ({m(s['device'])}, {m(s['created'])}, {m(s['threads'])} thread(s), "
+                    f"{m(s['repeats'])} rounds)" + (f": {m(s['note'])}" if s.get("note") else "")
+                    for s in report["latency"].get("sources", [])] + [""]
     return "\n".join(out)

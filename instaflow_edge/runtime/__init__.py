@@ -140,12 +140,16 @@ def parse_exports(items: list[str]) -> dict[str, Path]:
     """``[DIR | LABEL=DIR]`` → ``{label: folder}``, every folder recognized as an export of a known format;
     a user's label takes its format's prefix (``ort ``); labels made unique with the folder's name."""
     out: dict[str, Path] = {}
+    seen: dict[Path, str] = {}  # real folder -> its label
     for item in items:
         label, sep, d = str(item).partition("=")
         own = bool(sep) and not Path(item).exists()
         folder = Path(d if own else item)
         if not folder.is_dir():
             raise InputError(f"export {item}: no such folder", "pass an export folder (or LABEL=DIR)")
+        real = folder.resolve()
+        if real in seen:
+            raise InputError(f"export {folder} is given twice (the first time as {seen[real]!r})", "pass each export once")
         m = read_manifest(folder) or {}
         fmt = get(format_of(folder, m))
         name = label if own else fmt.label(m)
@@ -153,9 +157,11 @@ def parse_exports(items: list[str]) -> dict[str, Path]:
             name = fmt.label_prefix + name
         if name in out:
             name = f"{name} ({folder.name})"
-        if name in out:
-            raise InputError(f"export {folder} is given twice", "pass each export once")
+        base, k = name, 2
+        while name in out:  # three folders of one name and kind: number them
+            name, k = f"{base} #{k}", k + 1
         out[name] = folder
+        seen[real] = name
     return out
 
 

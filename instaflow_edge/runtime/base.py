@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ModelError
+from ..options import ONE_STEP  # noqa: F401  (re-exported to the runtimes)
 from ..validators import short, size_multiple
 from .sampler import sample
 
 FLOWS = ("rectified_flow", "diffusion")
-ONE_STEP = ("text_encoder", "unet", "vae_decoder")
 
 
 def _positive_int(v) -> bool:

@@ -23,10 +23,41 @@ EXTERNAL_DATA = "model.onnx_data"  # optimum's name for the weights file beside 
 PROTOBUF_LIMIT = 2_000_000_000  # a single ModelProto cannot exceed 2 GB: bigger weights go external
 
 
-def _all_tensors(model):
-    from onnx.external_data_helper import _get_all_tensors
+def _sparse(sp):
+    yield sp.values
+    yield sp.indices
 
-    return _get_all_tensors(model)
+
+def _graph_tensors(graph):
+    """Every TensorProto of ``graph`` and its subgraphs: initializers, sparse initializers (their values
+    and indices) and node attributes (dense and sparse), which are all places external data can hide."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield from _sparse(sp)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node):
+    for a in node.attribute:
+        if a.HasField("t"):
+            yield a.t
+        yield from a.tensors
+        if a.HasField("sparse_tensor"):
+            yield from _sparse(a.sparse_tensor)
+        for sp in a.sparse_tensors:
+            yield from _sparse(sp)
+        if a.HasField("g"):
+            yield from _graph_tensors(a.g)
+        for g in a.graphs:
+            yield from _graph_tensors(g)
+
+
+def _all_tensors(model):
+    yield from _graph_tensors(model.graph)
+    for f in model.functions:
+        for node in f.node:
+            yield from _node_tensors(node)
 
 
 def check_model_file(path: str | os.PathLike):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from pathlib import Path
 
 from ..artifacts import read_manifest
@@ -113,14 +114,36 @@ def compile_model(path: Path, precision: OvPrecision | str = OvPrecision.auto, t
         raise ModelError(f"{path} is missing", "re-export the model (instaflow-edge convert --target openvino)")
     if path.suffix == ".xml" and not path.with_suffix(".bin").is_file():
         raise ModelError(f"{path.with_suffix('.bin')} is missing", "re-export the model (instaflow-edge convert --target openvino)")
+    if path.suffix == ".xml":
+        check_weights_file(path)
     core = core or ov.Core()
     try:
         model = core.read_model(str(path))
         compiled = core.compile_model(model, "CPU", compile_config(precision, threads))
     except RuntimeError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelError(f"{path} is not a model OpenVINO can load ({first})", "re-export the model") from e
+        raise ModelError(f"{path} is not a model OpenVINO can load ({openvino_reason(e)})", "re-export the model") from e
     return Session(compiled, path)
+
+
+_WEIGHTS_RANGE = re.compile(rb'offset="(\d+)"\s+size="(\d+)"')
+
+
+def check_weights_file(xml: Path) -> None:
+    """The ``.bin`` beside ``xml`` holds every byte range the IR's constants name; a truncated one is a
+    one-line error naming the ``.bin`` (OpenVINO itself says "Incorrect weights in bin file!")."""
+    need = max((int(o) + int(n) for o, n in _WEIGHTS_RANGE.findall(xml.read_bytes())), default=0)
+    have = xml.with_suffix(".bin").stat().st_size
+    if have < need:
+        raise ModelError(f"{xml.with_suffix('.bin')} is truncated ({have:,} bytes; {xml.name} needs {need:,})",
+                         "re-export the model (instaflow-edge convert --target openvino)")
+
+
+def openvino_reason(e: BaseException) -> str:
+    """The informative line of an OpenVINO exception: not its "Exception from src/…cpp:84:" header nor
+    its "Check '…' failed at …" source location."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith("Exception from ") and not re.match(r"^Check '.*' failed at ", ln)]
+    return ((useful or lines or [type(e).__name__])[-1])[:200]
 
 
 def export_facts(folder: Path, manifest: dict | None = None) -> tuple[ExportFacts, dict]:
