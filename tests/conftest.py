@@ -41,6 +41,17 @@ def tiny_pipe(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_fp32(tmp_path_factory, tiny_dir) -> Path:
+    """The session's plain ONNX fp32 export of tiny (``--optimize none``), shared read-only by the tests
+    that only read an export (bench, report, the scheme contracts): one conversion instead of one each."""
+    from instaflow_edge.convert import ConvertConfig, export
+
+    out = tmp_path_factory.mktemp("shared-onnx") / "onnx-fp32"
+    export(ConvertConfig.of("onnx", model=str(tiny_dir), output=str(out), optimize="none"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def coreml_run(tmp_path_factory, tiny_dir):
     """The session's Core ML export through the CLI with the defaults (Apple layout, fp16) plus
     split-einsum and two sizes: ``(folder, CLI output, {component: module as traced})``. The traced modules

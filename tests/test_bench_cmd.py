@@ -74,12 +74,8 @@ def test_rss_probe_sees_a_run_allocate():
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tiny_dir, tmp_path_factory):
-    from instaflow_edge.convert import ConvertConfig, export
-
-    out = tmp_path_factory.mktemp("bench") / "onnx"
-    export(ConvertConfig.of("onnx", model=str(tiny_dir), output=str(out), optimize="none"))
-    return out
+def tiny_onnx(tiny_onnx_fp32):
+    return tiny_onnx_fp32
 
 
 def test_bench_tiny_records_what_the_issue_asks(tiny_dir, tiny_onnx, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 and both train end to end on the tiny preset into pipelines that generate."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,14 @@ def test_reflow_then_distill_end_to_end(tmp_path, tiny_dir, pairs_dir):
                                      **common))
     m = json.loads((tmp_path / "st" / "manifest.json").read_text())
     assert m["one_step"] and m["model"]["default_steps"] == 1 and m["loss"] == "pseudo-huber"
+    # the text encoder and VAE were parked during training (not run) and come back unchanged from MODEL
+    from safetensors.torch import load_file
+
+    for sub in ("text_encoder", "vae"):
+        before, after = (sorted((Path(d) / sub).glob("*.safetensors")) for d in (rf, tmp_path / "st"))
+        assert [f.name for f in before] == [f.name for f in after] and before, sub
+        a, b = load_file(before[0]), load_file(after[0])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     # the prompts it learnt from are kept, and its int8 export calibrates on them (not on generic prompts)
     from instaflow_edge.artifacts import prompt_sample
     from instaflow_edge.convert import ConvertConfig, export

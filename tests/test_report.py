@@ -103,12 +103,9 @@ def _bench_json(path: Path, labels: list[str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_exports(tiny_dir, tmp_path_factory):
-    from instaflow_edge.convert import ConvertConfig, export
-
-    root = tmp_path_factory.mktemp("report-exports")
-    export(ConvertConfig.of("onnx", model=str(tiny_dir), output=str(root / "onnx-fp32"), optimize="none"))
-    return root
+def tiny_exports(tiny_onnx_fp32):
+    """The folder holding the shared ``onnx-fp32`` export."""
+    return tiny_onnx_fp32.parent
 
 
 def test_report_tiny_onnx_in_chromium(tiny_dir, tiny_exports, tmp_path):

@@ -272,6 +272,11 @@ def _fit(config: TrainConfig, accelerator, model: torch.nn.Module, source: Batch
         if template is not None:
             template.load_state_dict(full)
             raw = template.to(accelerator.device)
+    # The optimizer's moments and the last gradients are not needed to save the weights: free them before
+    # the caller saves (serializing a model copies it), so the save's memory does not stack on top of them.
+    raw.zero_grad(set_to_none=True)
+    inner_optimizer.state.clear()
+    accelerator.free_memory()  # accelerate's own references to the prepared model and optimizer
     tail = losses[-50:]
     result = FitResult(step=step, final_loss=sum(tail) / len(tail) if tail else None,
                        seconds=time.perf_counter() - t_start,

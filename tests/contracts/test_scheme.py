@@ -33,12 +33,8 @@ def test_the_cli_choices_are_the_registry(backend):
 
 
 @pytest.fixture(scope="session")
-def onnx_fp32(tiny_dir, tmp_path_factory):
-    from instaflow_edge.convert import ConvertConfig, export
-
-    out = tmp_path_factory.mktemp("scheme-contract") / "fp32"
-    export(ConvertConfig.of("onnx", model=str(tiny_dir), output=str(out), optimize="none"))
-    return out
+def onnx_fp32(tiny_onnx_fp32):
+    return tiny_onnx_fp32
 
 
 def _onnx_signature(path) -> set[str]:
