@@ -110,7 +110,7 @@ def test_decoder_bad_inputs_are_one_line(tmp_path, tiny_dec, tiny_dir, images):
     (tmp_path / "notpipe").mkdir()
     out = tmp_path / "work" / "o"
     cases = [
-        (["train", "decoder", tiny_dec[0], "-o", out, "--data", images], "not an AutoencoderKL"),
+        (["train", "decoder", tiny_dec[0], "-o", out, "--data", images], "vae is an AutoencoderTiny, not an AutoencoderKL"),
         (["train", "decoder", tiny_dir, "-o", out, "--data", images, "--channels", "8,16,8,8"], "one width"),
         (["train", "decoder", tiny_dir, "-o", out, "--data", images, "--channels", "8,8"], "needs 4 stages"),
         (["train", "decoder", tiny_dir, "-o", out, "--data", tmp_path / "nope"], "does not exist"),
@@ -142,3 +142,17 @@ def test_large_latents_train_on_crops_in_micro_batches(tmp_path, tiny_dir, image
     d = m["decoder"]
     assert d["steps"] == 3 and d["first_loss"] > 0 and d["held_out_psnr_db"] > 0
     assert (out / "vae" / "config.json").is_file()
+
+
+def test_a_decoder_run_prints_no_library_import_chatter(tmp_path, tiny_dir, images):
+    """torchao's kernels that cannot load on a CPU and torch's pytree notices stay out of its stderr."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "instaflow_edge.cli", "train", "decoder", str(tiny_dir), "-o",
+                        str(tmp_path / "d"), "--data", str(images), "--channels", "8,8,8,8", "--blocks", "1,1,1,1",
+                        "--one-step-latents", "1", "--max-steps", "1", "--batch-size", "2",
+                        "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for noise in ("torchao", "_pytree", "Failed to load", "Unable to import"):
+        assert noise not in r.stderr, r.stderr
