@@ -171,9 +171,13 @@ def test_a_model_without_our_manifest_is_guessed_aloud_or_taken_as_told(tiny_dir
     assert r.returncode == 0, r.stderr
     told = [ln for ln in r.stderr.splitlines() if "no instaflow-edge manifest" in ln]
     assert len(told) == 1 and "diffusion model with 25 default steps" in told[0] and "--flow" in told[0], r.stderr
-    r = subprocess.run([*cli, "--flow", "rectified-flow", "--default-steps", "1", "generate", str(iflow), "a fox",
-                        "-o", str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True)
-    assert r.returncode == 0 and "no instaflow-edge manifest" not in r.stderr and "1 step," in r.stdout, r.stdout + r.stderr
+    from typer.testing import CliRunner
+
+    from instaflow_edge.cli import app
+
+    r = CliRunner().invoke(app, ["--flow", "rectified-flow", "--default-steps", "1", "generate", str(iflow), "a fox",
+                                 "-o", str(tmp_path / "b"), "--no-progress"])
+    assert r.exit_code == 0 and "no instaflow-edge manifest" not in r.output and "1 step," in r.output, r.output
     s = json.loads((tmp_path / "b" / "manifest.json").read_text())["sampling"]
     assert s["steps"] == 1
     with assume_model("rectified-flow", 1):

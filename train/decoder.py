@@ -32,8 +32,8 @@ from ..artifacts import (
     sha256_tree,
     write_manifest,
 )
-from ..errors import IMPORT_CHATTER, InputError, ModelError, quiet_loggers
-from ..pipeline import load_pipeline
+from ..errors import InputError, ModelError
+from ..pipeline import load_pipeline, quiet_libraries
 from ..presets import count_params
 from ..threads import Governor, threads_setting
 from ..validators import boolean, integer, number, seed, with_article
@@ -184,7 +184,7 @@ def train_decoder(config: DecoderConfig) -> dict:
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    with quiet_loggers(*IMPORT_CHATTER):  # torchao's kernels it cannot load on a CPU: five lines otherwise
+    with quiet_libraries():  # torchao's kernels it cannot load on a CPU, diffusers' notice of it: five lines otherwise
         from diffusers import AutoencoderKL, AutoencoderTiny
 
     with atomic_dir(config.output, config.force, config.inputs()) as tmp, Governor(config.threads) as governor:

@@ -24,7 +24,7 @@ from ..artifacts import (
 )
 from ..errors import InputError
 from ..hub import HUB_ID
-from ..pipeline import ModelInfo, check_pipeline_folder, load_pipeline
+from ..pipeline import ModelInfo, check_pipeline_folder, load_pipeline, quiet_libraries
 from ..presets import count_params
 from ..validators import boolean, choice, integer, number, optional_integer
 from .conditioning import MAX_CACHED_PROMPTS, PromptConditioning
@@ -244,8 +244,6 @@ def _park_unused(cfg, pipe, source) -> list[str]:
 def _unpark(cfg, pipe, parked: list[str]) -> None:
     """Reload the parked components from MODEL (unchanged: inputs are never written)."""
     import torch
-
-    from ..pipeline import quiet_libraries
 
     with quiet_libraries():
         for name in parked:
