@@ -79,6 +79,7 @@ class Ctx:
         self.tiny: Path = shared["tiny"]
         self.onnx: Path | None = shared.get("onnx")
         self.pairs: Path | None = shared.get("pairs")
+        self.openvino: Path | None = shared.get("openvino")
         self.chmods: list[tuple[Path, int]] = []
 
     def fmt(self, s: str) -> str:
@@ -797,6 +798,13 @@ ROWS: list[Row] = [
     R("model-default-steps-0", ["--default-steps", "0", "generate", "{tiny}", "a fox", "-o", O], ("--default-steps", "1 to 1000")),
     R("model-flow-against-manifest", ["--flow", "diffusion", "generate", "{tiny}", "a fox", "-o", O], ("says the model is rectified-flow", "--flow")),
     R("bench-same-folder-twice", ["bench", "{tiny}", "{onnx}", "{onnx}", "-o", "{tmp}/b.json"], ("given twice",), needs=("onnx",)),
+    R("openvino-truncated-bin", ["generate", "{tmp}/v", "a fox", "--backend", "openvino", "-o", O],
+      ("unet/model.bin is truncated", "model.xml needs"), needs=("openvino",), slow=True,
+      setup=lambda c: (shutil.copytree(c.openvino, c.tmp / "v"),
+                       os.truncate(c.tmp / "v" / "unet" / "model.bin", (c.tmp / "v" / "unet" / "model.bin").stat().st_size // 2))),
+    R("openvino-corrupt-xml", ["generate", "{tmp}/v", "a fox", "--backend", "openvino", "-o", O],
+      ("model.xml is not a model OpenVINO can load",), needs=("openvino",), slow=True,
+      setup=lambda c: (shutil.copytree(c.openvino, c.tmp / "v"), (c.tmp / "v" / "unet" / "model.xml").write_text("<net>not ir"))),
     R("full-bench", ["bench", "{tiny}", "--repeats", "1", "--warmup", "0", "-o", "{tmp}/full/b.json"], ("no space left",),
       runner="tmpfs:4k:full", setup=s_write("full/.mnt", ""), slow=True),
     R("distill-teacher-missing", [*DISTILL, "--pairs", "{pairs}", "--teacher", "{tmp}/nope", "-o", O, *FAST_TRAIN],
@@ -966,7 +974,7 @@ class Outcome:
 
 def _run(row: Row, base: Path, shared: dict, caps: dict) -> Outcome:
     for need in row.needs:
-        if need in ("onnx", "pairs") and shared.get(need) is None:
+        if need in ("onnx", "pairs", "openvino") and shared.get(need) is None:
             return Outcome(row, skip=f"the shared {need} fixture could not be built")
         if need == "coremltools" and not caps["coremltools"]:
             return Outcome(row, skip="coremltools is not installed")
@@ -1022,6 +1030,14 @@ def _build_shared(tiny: Path, base: Path, needs: set[str]) -> dict:
             shared["onnx"] = base / "shared-onnx"
         except Exception as e:  # e.g. onnxruntime missing: those rows are skipped
             print(f"shared onnx export failed: {e}", file=sys.stderr)
+    if "openvino" in needs:
+        try:
+            from instaflow_edge.convert import ConvertConfig, export
+
+            export(ConvertConfig.of("openvino", model=str(tiny), output=str(base / "shared-openvino"), precision="f32"))
+            shared["openvino"] = base / "shared-openvino"
+        except Exception as e:  # openvino missing: those rows are skipped
+            print(f"shared openvino export failed: {e}", file=sys.stderr)
     if "pairs" in needs:
         from instaflow_edge.train.reflow_data import ReflowDataConfig, make_reflow_data
 

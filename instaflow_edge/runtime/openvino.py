@@ -126,12 +126,17 @@ def compile_model(path: Path, precision: OvPrecision | str = OvPrecision.auto, t
 
 
 _WEIGHTS_RANGE = re.compile(rb'offset="(\d+)"\s+size="(\d+)"')
+_IR_NET = re.compile(rb'<net\b[^>]*\bversion="\d+"')
 
 
 def check_weights_file(xml: Path) -> None:
     """The ``.bin`` beside ``xml`` holds every byte range the IR's constants name; a truncated one is a
     one-line error naming the ``.bin`` (OpenVINO itself says "Incorrect weights in bin file!")."""
-    need = max((int(o) + int(n) for o, n in _WEIGHTS_RANGE.findall(xml.read_bytes())), default=0)
+    text = xml.read_bytes()
+    if not _IR_NET.search(text[:4096]):  # not IR: OpenVINO would try its other frontends, which log in C++
+        raise ModelError(f"{xml} is not a model OpenVINO can load (no <net … version=…> IR header)",
+                         "re-export the model (instaflow-edge convert --target openvino)")
+    need = max((int(o) + int(n) for o, n in _WEIGHTS_RANGE.findall(text)), default=0)
     have = xml.with_suffix(".bin").stat().st_size
     if have < need:
         raise ModelError(f"{xml.with_suffix('.bin')} is truncated ({have:,} bytes; {xml.name} needs {need:,})",
