@@ -31,7 +31,7 @@ from .evaluate import EvalConfig, evaluate
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """Sizes of one demo run. ``full`` is the README's table (≤ 20 min on a 2-core CPU); ``quick`` (CI)
+    """Sizes of one demo run. ``full`` is the README's table (26–35 min on a 2-core CPU, measured); ``quick`` (CI)
     runs every stage with small numbers (≤ 3 min) — its figures show the plumbing, not the claim."""
 
     vae_steps: int  # the digits preset's VAE training
