@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     dec_b, dec_a = dm["before"]["macs_per_image"], dm["after"]["macs_per_image"]
     result = {
         "machine": {**machine(), "note": "2-core machine, one heavy job at a time"},
-        "model": str(model), "steps": steps, "limit_gib": args.limit_gib,
+        "model": args.model, "steps": steps, "limit_gib": args.limit_gib,
         "within_limit": {k: v["peak_rss_gib"] <= args.limit_gib for k, v in steps.items()},
         "unet": {"params_before": pm["before"]["params"], "params_after": pm["after"]["params"],
                  "macs_before": unet_b, "macs_after": unet_a, "macs_reduction": pm["macs_reduction"]},
