@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from ..artifacts import atomic_write_text, make_manifest
+from ..artifacts import make_manifest, write_json
 from ..envinfo import collect
 
 MACHINE_KEYS = ("cpu", "memory_gib", "torch_threads", "platform")
@@ -18,11 +17,8 @@ def machine() -> dict:
 
 
 def save_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write ``obj`` as indented JSON, atomically, creating the folder; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-    return path
+    """Write ``obj`` as indented JSON, atomically, creating the folder (``artifacts.write_json``)."""
+    return write_json(path, obj)
 
 
 def save_result(path: str | os.PathLike, name: str, result: dict) -> Path:

@@ -308,6 +308,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically, creating the folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return path
+
+
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses, enums and paths → plain JSON values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

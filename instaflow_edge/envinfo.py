@@ -16,7 +16,7 @@ REPORTED = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxsc
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "avx_vnni")
 
 
-def _cpuinfo() -> dict:
+def cpu_info() -> dict:
     """The CPU's model name and its matrix-relevant flags, from /proc/cpuinfo (Linux; empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -38,7 +38,7 @@ def collect() -> dict:
     info: dict = {"versions": package_versions(REPORTED)}
     info["platform"] = platform.platform()
     info["cpu"] = {"machine": platform.machine(), "processor": platform.processor() or None, "logical_cores": os.cpu_count(),
-                   **_cpuinfo()}
+                   **cpu_info()}
     try:
         with open("/proc/meminfo") as f:
             kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])

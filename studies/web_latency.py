@@ -32,19 +32,10 @@ from instaflow_edge.artifacts import read_manifest
 from instaflow_edge.convert.web import COMPONENTS, site_server
 from instaflow_edge.errors import InputError
 from instaflow_edge.bench.common import machine, save_result
+from instaflow_edge.envinfo import cpu_info
 
 CHROMIUM = "/usr/bin/chromium"
 PAGE_STEPS = ("tokenizer", "noise", *COMPONENTS, "to_image", "total")
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _stats(values: list[float]) -> dict:
@@ -202,7 +193,7 @@ def web_latency(sites: list[str], prompt: str, seed: int, threads: int, warmup: 
             rows.append(row)
         browser.close()
     return {"prompt": prompt, "seed": seed, "threads": threads, "warmup": warmup, "repeats": repeats,
-            "chromium": version, "machine": {**machine(), "cpu_model": _cpu_model()},
+            "chromium": version, "machine": {**machine(), "cpu_model": cpu_info().get("model")},
             "note": "2-core machine; the browser's WASM backend and onnxruntime's Python CPU session use the same "
                     "thread count; each component timed around its session.run (the page with performance.now())",
             "rows": rows}
@@ -319,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.capacity:
         result = wasm_capacity([int(x) for x in a.capacity.split(",")], a.timeout)
-        result["chromium_path"], result["machine"] = CHROMIUM, {**machine(), "cpu_model": _cpu_model()}
+        result["chromium_path"], result["machine"] = CHROMIUM, {**machine(), "cpu_model": cpu_info().get("model")}
         result["run_note"] = a.note
         for row in result["rows"]:
             print(f"{row['weights_mib']:>6} MiB: " + (f"loaded and ran in {row['load_run_ms']} ms" if row["loaded"] else f"failed: {row['error']}"))

@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..artifacts import make_manifest, write_manifest
+from ..artifacts import make_manifest, write_json, write_manifest
+from ..envinfo import cpu_info
 from ..pipeline import load_pipeline
 from ..presets import InitConfig, init
 from .pairs import PairsDataset, PairShards
@@ -113,18 +114,8 @@ def measure(sizes: list[int], work: Path, steps: int = 300, batch: int = 64, win
                     "was opened to the end (the data side's own footprint)",
             "rows": rows, f"peak_rss_ratio_{hi}_vs_{lo}": ratios, "data_rss_growth_mib": growth,
             "load_average_at_start": os.getloadavg(), "window_shards": window, "shard_size": 500,
-            "latent_shape": [4, 8, 8], "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
+            "latent_shape": [4, 8, 8], "machine": {"cpu": cpu_info().get("model") or platform.processor(), "cores": os.cpu_count(),
                                                    "python": platform.python_version()}}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,8 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(a.sizes, a.work, a.steps)
     print(json.dumps(result, indent=2))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(a.json, result)
 
 
 if __name__ == "__main__":

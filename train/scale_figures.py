@@ -19,6 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..artifacts import write_json
+
 A100_BF16 = 312e12  # dense bf16 tensor-core peak, FLOP/s (A100 SXM)
 H100_BF16 = 989e12  # dense bf16 tensor-core peak, FLOP/s (H100 SXM)
 PAPER_A100_DAYS = 199  # InstaFlow-0.9B, the paper's total
@@ -151,8 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     result = compute(a.mfu)
     print(json.dumps(result, indent=2))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(a.json, result)
 
 
 if __name__ == "__main__":
