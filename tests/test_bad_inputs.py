@@ -872,7 +872,12 @@ def _nobody_prefix() -> list[str] | None:
     if os.geteuid() != 0:
         return []
     if shutil.which("setpriv"):
-        return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+        # nobody must reach this checkout and its venv (a clone inside a 0700 folder, as `mktemp -d`
+        # makes, is out of its reach): else those rows cannot run as nobody and are skipped
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import instaflow_edge.cli"], capture_output=True,
+                               cwd="/", timeout=120)
+        return prefix if probe.returncode == 0 else None
     return None
 
 
@@ -937,7 +942,7 @@ def _command(row: Row, ctx: Ctx, caps: dict) -> tuple[list[str], dict, str | Non
     if kind == "nobody":
         prefix = caps["nobody"]
         if prefix is None:
-            return cli, env, "cannot switch to an unprivileged user (no setpriv)"
+            return cli, env, "cannot run as an unprivileged user (no setpriv, or nobody cannot reach this checkout and its venv)"
         return [*prefix, *cli], env, None
     if kind in ("tmpfs", "rofs"):
         if not caps["unshare"]:
