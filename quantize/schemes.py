@@ -37,6 +37,12 @@ class OvScheme(str, enum.Enum):
     int4_weights = "int4-weights"
 
 
+class EtScheme(str, enum.Enum):
+    """``convert --target executorch --quantize``: PT2E with XNNPACK's quantizer (``quantize/executorch.py``)."""
+
+    int8 = "int8"
+
+
 class QuantEngine(str, enum.Enum):
     """``convert --engine``: onnxruntime's quantizer, or Intel Neural Compressor (int8-static only)."""
 
@@ -89,8 +95,9 @@ def listing(cls: type[enum.Enum], sep: str = " | ") -> str:
 
 # the modules that register each backend's schemes
 BACKEND_MODULES = {"onnx": "instaflow_edge.quantize.onnx", "openvino": "instaflow_edge.quantize.openvino",
-                   "coreml": "instaflow_edge.quantize.coreml"}
-CHOICES: dict[str, type[enum.Enum]] = {"onnx": OnnxScheme, "openvino": OvScheme, "coreml": CoreMLCompression}
+                   "coreml": "instaflow_edge.quantize.coreml", "executorch": "instaflow_edge.quantize.executorch"}
+CHOICES: dict[str, type[enum.Enum]] = {"onnx": OnnxScheme, "openvino": OvScheme, "coreml": CoreMLCompression,
+                                       "executorch": EtScheme}
 
 
 @dataclasses.dataclass(frozen=True)

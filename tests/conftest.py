@@ -52,6 +52,18 @@ def tiny_onnx_fp32(tmp_path_factory, tiny_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_executorch(tmp_path_factory, tiny_dir) -> Path:
+    """The session's ExecuTorch fp32 export of tiny (about 2 minutes: lowering to XNNPACK is Python-heavy),
+    shared read-only by the format contracts and tests/test_executorch.py."""
+    pytest.importorskip("executorch")
+    from instaflow_edge.convert import ConvertConfig, export
+
+    out = tmp_path_factory.mktemp("shared-executorch") / "executorch-fp32"
+    export(ConvertConfig.of("executorch", model=str(tiny_dir), output=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
 def coreml_run(tmp_path_factory, tiny_dir):
     """The session's Core ML export through the CLI with the defaults (Apple layout, fp16) plus
     split-einsum and two sizes: ``(folder, CLI output, {component: module as traced})``. The traced modules

@@ -32,3 +32,29 @@ def test_demo_quick_has_every_row(tmp_path):
     assert pruned["method"] == "channels" and pruned["after"]["macs_per_image"] < pruned["before"]["macs_per_image"]
     assert json.loads((out / "pruned-recovered" / "manifest.json").read_text())["teacher"] == str(out / "instaflow")
     assert json.loads((out / "tiny-decoder" / "manifest.json").read_text())["decoder"]["macs_ratio"] > 10
+
+    _student_runs_in_executorch(out / "instaflow", tmp_path)
+
+
+def _student_runs_in_executorch(student, tmp_path):
+    """The trained digits student exports to ExecuTorch, passes its gates, and ``generate --backend
+    executorch`` gives PyTorch's image (to a level of 8-bit rounding)."""
+    import importlib.util
+
+    if importlib.util.find_spec("executorch") is None:
+        return
+    import numpy as np
+    from PIL import Image
+
+    from instaflow_edge.convert import ConvertConfig, export
+    from instaflow_edge.generate import GenerateConfig, generate
+
+    m = export(ConvertConfig.of("executorch", model=str(student), output=str(tmp_path / "et")))
+    assert all(r["psnr"] >= m["gates"][r["component"]] for r in m["parity"])
+    assert m["executorch"]["delegation"]["unet"]["flop_share"] >= 0.99 and "unet_velocity" not in m["sizes"]
+    images = {}
+    for backend, model in (("executorch", tmp_path / "et"), ("torch", student)):
+        g = generate(GenerateConfig(model=str(model), prompts=["a handwritten seven"], output=str(tmp_path / backend),
+                                    seed=1, backend=backend), progress=False)
+        images[backend] = np.asarray(Image.open(tmp_path / backend / g["images"][0]["file"])).astype(int)
+    assert np.abs(images["executorch"] - images["torch"]).max() <= 1

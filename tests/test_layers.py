@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"instaflow_edge": "instaflow_edge", "train": "instaflow_edge.train", "convert": "instaflow_edge.convert",
                 "quantize": "instaflow_edge.quantize", "bench": "instaflow_edge.bench"}
 HEAVY_THIRD_PARTY = {"torch", "numpy", "scipy", "sklearn", "diffusers", "transformers", "onnx", "onnxruntime",
-                     "coremltools", "accelerate", "neural_compressor", "PIL", "safetensors", "openvino", "nncf"}
+                     "coremltools", "accelerate", "neural_compressor", "PIL", "safetensors", "openvino", "nncf",
+                     "executorch", "torchao"}
 
 # (floor, group): an import may go to a lower floor, or within its own group
 _GROUND = ("errors", "artifacts", "copying", "options", "progress", "envinfo", "flow", "tokenizer", "validators", "threads")

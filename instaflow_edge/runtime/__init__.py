@@ -28,6 +28,7 @@ BUILTIN: dict[str, tuple[str, str, bool, str]] = {
     "openvino": ("openvino-export", "instaflow_edge.runtime.openvino", True, "instaflow_edge.convert.config:OpenVINOOptions"),
     "coreml": ("coreml", "instaflow_edge.runtime.coreml", True, "instaflow_edge.convert.config:CoreMLOptions"),
     "web": ("web-site", "instaflow_edge.runtime.web", False, "instaflow_edge.convert.config:WebOptions"),  # a browser runs it
+    "executorch": ("executorch-export", "instaflow_edge.runtime.executorch", True, "instaflow_edge.convert.executorch:ExecuTorchOptions"),
 }
 _REGISTERED: dict[str, RuntimeFormat] = {}
 

@@ -60,10 +60,30 @@ def _perturb_openvino(folder: Path) -> None:
     tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
 
 
+def _perturb_executorch(folder: Path) -> None:
+    """The largest UNet convolution weight of the source pipeline, found in the .pte (XNNPACK keeps it
+    in OHWI order) and perturbed in place."""
+    from safetensors.numpy import load_file
+
+    src = runtime.source_pipeline(folder)
+    weights = load_file(str(next((src / "unet").glob("*.safetensors"))))
+    path = folder / "unet" / "model.pte"
+    data = bytearray(path.read_bytes())
+    for w in sorted((w for w in weights.values() if w.ndim == 4), key=lambda w: -w.size):
+        packed = np.ascontiguousarray(w.transpose(0, 2, 3, 1), np.float32)
+        at = data.find(packed.tobytes())
+        if at >= 0:
+            noisy = packed + np.random.default_rng(0).normal(0, 0.5, packed.shape).astype(np.float32) * np.abs(packed).mean()
+            data[at: at + packed.nbytes] = noisy.tobytes()
+            path.write_bytes(bytes(data))
+            return
+    raise AssertionError("no UNet convolution weight found in the .pte")
+
+
 # how to plant a broken export of each format (its UNet weights perturbed, everything else as shipped)
-PERTURB = {"onnx": _perturb_onnx, "openvino": _perturb_openvino}
+PERTURB = {"onnx": _perturb_onnx, "openvino": _perturb_openvino, "executorch": _perturb_executorch}
 # session fixtures that already hold a default-enough export of a format (saves converting twice)
-REUSE = {"coreml": "coreml_run"}
+REUSE = {"coreml": "coreml_run", "executorch": "tiny_executorch"}
 
 
 def _runnable_here(name: str) -> bool:
@@ -79,7 +99,8 @@ def exports(tiny_dir, tmp_path_factory, request):
     def get(name: str) -> Path:
         if name not in made:
             if name in REUSE:
-                made[name] = request.getfixturevalue(REUSE[name])[0]
+                held = request.getfixturevalue(REUSE[name])
+                made[name] = held[0] if isinstance(held, tuple) else held
             else:
                 from instaflow_edge.convert import ConvertConfig, export
 

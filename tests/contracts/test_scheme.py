@@ -15,14 +15,15 @@ import pytest
 
 from instaflow_edge.quantize.schemes import CHOICES, all_schemes
 
-BACKENDS = ("onnx", "openvino")
+BACKENDS = ("onnx", "openvino", "executorch")
 
 
 def _records():
     out = []
     for s in all_schemes(BACKENDS):
-        # NNCF's calibrated schemes take ~35 s each on tiny: the slow suite runs them (make test-slow)
-        slow = (pytest.mark.slow,) if s.backend == "openvino" and s.calibrated else ()
+        # NNCF's calibrated schemes take ~35 s each on tiny, ExecuTorch's int8 about 3.5 minutes (PT2E,
+        # then lowering): the slow suite runs them (make test-slow)
+        slow = (pytest.mark.slow,) if s.backend in ("openvino", "executorch") and s.calibrated else ()
         out.append(pytest.param(s, id=f"{s.backend}-{s.name}", marks=slow))
     return out
 
@@ -53,8 +54,21 @@ def _openvino_signature(path) -> set[str]:
                                                 for o in ops if o.get_type_name() == "Constant"}
 
 
+def _executorch_signature(manifest: dict):
+    """The ops the lowering put inside the UNet's XNNPACK delegates and beside them (the .pte's delegate
+    payload is XNNPACK's own serialization; the exporter records what it lowered)."""
+    d = manifest["executorch"]["delegation"]["unet"]
+    return lambda path: set(d["delegated_ops"]) | set(d["portable_ops"])
+
+
 def _apply(record, tiny_dir, onnx_fp32, out):
     """The scheme applied with its defaults: ``(manifest, path of a quantized component's graph)``."""
+    if record.backend == "executorch":
+        pytest.importorskip("executorch")
+        from instaflow_edge.convert import ConvertConfig, export
+
+        m = export(ConvertConfig.of("executorch", model=str(tiny_dir), output=str(out), quantize=record.name))
+        return m, out / "unet" / "model.pte", _executorch_signature(m)
     if record.backend == "onnx":
         from instaflow_edge.quantize.onnx_folder import QuantizeConfig, quantize
 

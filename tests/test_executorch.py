@@ -1,0 +1,123 @@
+"""``convert --target executorch``: the programs an app loads, their delegation to XNNPACK, and what a
+broken or foreign ``.pte`` gets (one line each). The format contracts (tests/contracts/) run generate,
+eval, bench and report on the same session export (``tiny_executorch``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from instaflow_edge import runtime
+from instaflow_edge.errors import InputError, ModelError
+
+pytest.importorskip("executorch")
+
+
+def test_the_export_is_what_an_app_loads(tiny_executorch):
+    m = json.loads((tiny_executorch / "manifest.json").read_text())
+    block = m["executorch"]
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert (tiny_executorch / name / "model.pte").read_bytes()[4:8] == b"ET12"
+        assert m["sizes"][name] == (tiny_executorch / name / "model.pte").stat().st_size
+    assert (tiny_executorch / "tokenizer" / "vocab.json").is_file() and (tiny_executorch / "torch_randn.mjs").is_file()
+    assert block["method"] == "forward" and block["batch"] == 1 and "manual_seed(seed)" in block["noise"]
+    rows = {r["component"]: r["psnr"] for r in m["parity"]}
+    assert rows["end_to_end"] >= 60 and all(v >= 60 for v in rows.values())
+
+
+def test_unet_and_decoder_run_entirely_in_xnnpack(tiny_executorch):
+    """The rewrites leave nothing of the UNet and the decoder on portable kernels: one delegate each,
+    all of their FLOPs in XNNPACK; the text encoder keeps only its token gather (and shape ops) outside."""
+    d = json.loads((tiny_executorch / "manifest.json").read_text())["executorch"]["delegation"]
+    for name in ("unet", "vae_decoder"):
+        assert d[name]["flop_share"] >= 0.99 and d[name]["portable_ops"] == {} and d[name]["delegates"] == 1, d[name]
+        assert "aten.convolution.default" in d[name]["delegated_ops"]
+    assert {"aten.native_group_norm.default", "aten.upsample_nearest2d.vec"}.isdisjoint(d["vae_decoder"]["delegated_ops"])
+    assert set(d["text_encoder"]["portable_ops"]) <= {"aten.embedding.default", "aten.expand_copy.default",
+                                                      "aten.view_copy.default"}
+
+
+def test_the_rewrites_keep_the_arithmetic(tiny_pipe):
+    """GroupNorm, LayerNorm and nearest upsampling as rewritten equal PyTorch's own to float rounding."""
+    import torch
+
+    from instaflow_edge.convert import executorch as ex
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 5, 7)
+    w, b = torch.randn(32), torch.randn(32)
+    torch.testing.assert_close(ex._group_norm(x, 8, w, b, 1e-6), torch.nn.functional.group_norm(x, 8, w, b, 1e-6))
+    y = torch.randn(2, 9, 16)
+    torch.testing.assert_close(ex._layer_norm(y, [16], w[:16], b[:16]), torch.nn.functional.layer_norm(y, [16], w[:16], b[:16]))
+    torch.testing.assert_close(ex._upsample_nearest2d(x, None, [2.0, 3.0]),
+                               torch.nn.functional.interpolate(x, scale_factor=(2, 3), mode="nearest"), rtol=0, atol=0)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_truncated_or_corrupt_program_is_one_line(tiny_executorch, tmp_path):
+    bad = _copy(tiny_executorch, tmp_path / "cut")
+    pte = bad / "unet" / "model.pte"
+    pte.write_bytes(pte.read_bytes()[: pte.stat().st_size // 2])
+    with pytest.raises(ModelError) as e:
+        runtime.open_export(bad)
+    assert str(pte) in e.value.message and "\n" not in e.value.message and e.value.fix
+    pte.write_bytes(b"\0" * 4096)
+    with pytest.raises(ModelError, match="no ET12 header"):
+        runtime.open_export(bad)
+    pte.unlink()
+    with pytest.raises(ModelError, match="is missing"):
+        runtime.open_export(bad)
+
+
+def test_a_program_of_another_component_or_model_is_refused(tiny_executorch, tmp_path):
+    bad = _copy(tiny_executorch, tmp_path / "swapped")
+    shutil.copy(bad / "vae_decoder" / "model.pte", bad / "unet" / "model.pte")
+    with pytest.raises(ModelError, match="its inputs .* are not this export's unet inputs"):
+        runtime.open_export(bad)
+    other = _copy(tiny_executorch, tmp_path / "resized")
+    m = json.loads((other / "manifest.json").read_text())
+    m["executorch"].update(latent_shape=[4, 16, 16], height=128, width=128)  # the manifest of a larger model
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="not this export's"):
+        runtime.open_export(other)
+
+
+def test_a_missing_method_and_a_wrong_input_shape(tiny_executorch, tmp_path):
+    import torch
+    from executorch.exir import to_edge
+
+    bad = _copy(tiny_executorch, tmp_path / "nomethod")
+    ep = torch.export.export(torch.nn.Linear(4, 4).eval(), (torch.zeros(1, 4),))
+    (bad / "vae_decoder" / "model.pte").write_bytes(to_edge({"run": ep}).to_executorch().buffer)
+    with pytest.raises(ModelError, match="has no method 'forward' \\(it has: run\\)"):
+        runtime.open_export(bad)
+    export = runtime.open_export(tiny_executorch)
+    ids = export.tokenize(["a red fox in snow"])
+    with pytest.raises(InputError, match="compiled for"):
+        export.calls["unet"](np.zeros((1, 4, 9, 9), np.float32), export.calls["text_encoder"](ids))
+    with pytest.raises(InputError, match="compiled for"):
+        export.sample(np.concatenate([ids, ids]), np.zeros((2, *export.facts.latent_shape), np.float32))
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--fused"], "--fused does not apply"),
+    (["--quantize", "int8", "--precision", "fp16"], "quantizes an fp32 graph"),
+    (["--calibration-prompts", "p.txt"], "applies only to a calibrated"),
+    (["--quantize-component", "unet"], "needs --quantize"),
+    (["--quantize", "int4"], "int4"),
+])
+def test_bad_options_are_refused_before_any_work(flags, match, tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from instaflow_edge.cli import app
+
+    r = CliRunner().invoke(app, ["convert", str(tiny_dir), "--target", "executorch", "-o", str(tmp_path / "o"), *flags])
+    assert r.exit_code != 0 and match in r.output, r.output
+    assert not (tmp_path / "o").exists()
