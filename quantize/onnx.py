@@ -28,6 +28,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from ..envinfo import cpu_info
 from ..parity import DEFAULT_MIN_PSNR
 from ..runtime import onnx_io
 from ..runtime.onnx_io import EXTERNAL_DATA
@@ -96,6 +97,18 @@ def _int8_dynamic(src: Path, dst: Path, component: str, calibration: Calibration
     _tidy_external(dst)
 
 
+def x86_without_vnni() -> bool:
+    """Whether this is an x86 CPU without VNNI (AVX-512 VNNI, AVX-VNNI, AMX int8): there onnxruntime's
+    u8×s8 kernels sum pairs in int16 (``vpmaddubsw``) and saturate with full-range 8-bit weights, so int8
+    weights are quantized with 7 bits (``reduce_range``, onnxruntime's advice for non-VNNI machines)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    flags = set(cpu_info().get("flags") or ())
+    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 @scheme("onnx", OnnxScheme.int8_static, gate_db=INT8_GATE_DB, calibrated=True,
         marks=("QuantizeLinear", "DequantizeLinear", "int8 weights"),
         description="QDQ int8, per-channel weights, MinMax-calibrated uint8 activations")
@@ -117,7 +130,7 @@ def _int8_static(src: Path, dst: Path, component: str, calibration: Calibration 
         quantize_static(
             str(src), str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=STATIC_OP_TYPES, per_channel=True, activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=activation_matmuls(src),
+            weight_type=QuantType.QInt8, nodes_to_exclude=activation_matmuls(src), reduce_range=x86_without_vnni(),
             use_external_data_format=_big(src), calibrate_method=CalibrationMethod.MinMax,
             # MatMul outputs stay fp32: every one feeds a bias Add or attention (fp32 either way), and ORT
             # then runs DQ→MatMul as MatMulIntegerToFloat instead of requantizing and dequantizing at once
