@@ -13,7 +13,7 @@ from ..bench.latency import BenchDevice
 
 def bench_command(
     model: str = typer.Argument(..., help="The pipeline folder the exports were made from (the torch reference)."),
-    exports: Optional[List[str]] = typer.Argument(None, help="Export folders (ONNX, OpenVINO or Core ML), each optionally LABEL=DIR."),
+    exports: Optional[List[str]] = typer.Argument(None, help="Export folders (ONNX, OpenVINO, ExecuTorch or Core ML), each optionally LABEL=DIR."),
     output: Path = typer.Option(..., "-o", "--output", help="The JSON result to write."),
     threads: int = typer.Option(1, "--threads", help="Intra-op threads for torch, onnxruntime and OpenVINO."),
     device: BenchDevice = typer.Option(BenchDevice.cpu, "--device", help="cpu, or cuda: the GPU reference (torch fp16 eager and torch.compile; exports through ORT's CUDA provider)."),
