@@ -43,8 +43,8 @@ from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
-from ..artifacts import atomic_dir, check_output, make_manifest, read_manifest, sha256_tree, write_manifest
-from ..errors import InputError, MissingDependencyError, ModelError
+from ..artifacts import atomic_dir, make_manifest, read_manifest, sha256_tree, write_manifest
+from ..errors import InputError, MissingDependencyError
 from ..pipeline import quiet_libraries
 from ..quantize.schemes import QUANTIZABLE_COMPONENTS, EtScheme, get_scheme
 from ..runtime import executorch as etrt
@@ -453,11 +453,7 @@ def _export(cfg: ConvertConfig) -> dict:
 
     require_executorch_export()
     etrt.require_executorch()
-    prompt_file(cfg.calibration_prompts, [], "calibration prompts")  # a missing/empty file fails now
-    check_output(cfg.output, cfg.force, (cfg.model, cfg.calibration_prompts))
-    src = Path(cfg.model)
-    if not src.is_dir():
-        raise ModelError(f"model path {src} is not a folder", "pass a local pipeline folder (instaflow-edge init / train output)")
+    src = reference.check_source(cfg)  # prompts file, output vs inputs, model folder: before any load
     from importlib.metadata import version
 
     t0 = time.perf_counter()

@@ -24,17 +24,14 @@ import gc
 import logging
 import shutil
 import time
-from pathlib import Path
 
 from ..artifacts import (
     atomic_dir,
-    check_output,
     make_manifest,
     read_manifest,
     sha256_tree,
     write_manifest,
 )
-from ..errors import ModelError
 from ..parity import DEFAULT_MIN_PSNR, check_all, compare
 from ..quantize import openvino as oq
 from ..quantize.calibration import Calibration
@@ -73,11 +70,7 @@ def export_openvino(cfg: ConvertConfig) -> dict:
     ovrt.require_openvino()
     if cfg.options.quantize is not None:
         oq.require_nncf()
-    prompt_file(cfg.calibration_prompts, [], "calibration prompts")  # a missing/empty file fails now
-    check_output(cfg.output, cfg.force, (cfg.model, cfg.calibration_prompts))
-    src = Path(cfg.model)
-    if not src.is_dir():
-        raise ModelError(f"model path {src} is not a folder", "pass a local pipeline folder (instaflow-edge init / train output)")
+    src = reference.check_source(cfg)  # prompts file, output vs inputs, model folder: before any load
     import openvino as ov
 
     t0 = time.perf_counter()

@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ..artifacts import check_output
+from ..errors import ModelError
 from ..pipeline import load_pipeline
 from ..runtime.base import ExportFacts
+from ..validators import prompt_file
 
 
 @dataclasses.dataclass
@@ -33,6 +36,18 @@ class Reference:
 
     def output(self, name: str):
         return self.components[name][1]
+
+
+def check_source(cfg) -> Path:
+    """What an exporter refuses before loading anything: a missing or empty calibration prompts file, an
+    output that overlaps an input (``--force`` never replaces one), a model path that is not a folder.
+    Returns the model folder."""
+    prompt_file(cfg.calibration_prompts, [], "calibration prompts")
+    check_output(cfg.output, cfg.force, (cfg.model, cfg.calibration_prompts))
+    src = Path(cfg.model)
+    if not src.is_dir():
+        raise ModelError(f"model path {src} is not a folder", "pass a local pipeline folder (instaflow-edge init / train output)")
+    return src
 
 
 def load_source(model: str | Path, allow_pickle: bool, height: int | None, width: int | None):
