@@ -89,3 +89,20 @@ class DigitsScorer:
         print(f"{label:24s} accuracy {row['accuracy']:.3f}  FID {row['fid']:7.2f}  PSNR vs torch fp32 "
               f"{'-' if p is None else f'{p:.1f}'}", flush=True)
         return row
+
+    def score_export(self, label: str, folder: str | os.PathLike, fmt: str, labels, reference, extra: dict | None = None) -> dict:
+        """Score an export folder as ``eval --backend FMT`` does: its own runtime generates the fixed prompt
+        set and seeds (the same as the PyTorch reference's ``labels``), then one row as ``score``."""
+        import time
+
+        from instaflow_edge.digits.evaluate import EvalConfig, generate_eval_images_export
+        from instaflow_edge.runtime import open_export
+
+        t0 = time.perf_counter()
+        exp = open_export(folder, expect=fmt, steps=1)
+        cfg = EvalConfig(model=str(folder), steps=1, num_images=len(labels), backend=fmt)
+        images, labels_o, info = generate_eval_images_export(exp, cfg, progress=False)
+        if labels_o != labels:
+            raise RuntimeError(f"{folder}: the export's prompt labels differ from the reference's")
+        return self.score(label, images, labels_o, reference, time.perf_counter() - t0,
+                          {"folder": str(folder), "export_precision": info["export_precision"], **(extra or {})})

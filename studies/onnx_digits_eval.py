@@ -27,10 +27,9 @@ VARIANTS = {
 
 def main(argv: list[str] | None = None) -> dict:
     from instaflow_edge.convert import ConvertConfig, export
-    from instaflow_edge.digits.evaluate import EvalConfig, generate_eval_images, generate_eval_images_export
+    from instaflow_edge.digits.evaluate import EvalConfig, generate_eval_images
     from instaflow_edge.pipeline import load_pipeline
     from instaflow_edge.quantize.onnx_folder import QuantizeConfig, quantize
-    from instaflow_edge.runtime import open_export
     from studies.common import DigitsScorer, digits_eval_args, save_digits_eval
 
     args = digits_eval_args(__doc__, VARIANTS, "runs/onnx_digits_eval", "studies/results/onnx_digits_eval.json", argv)
@@ -56,13 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     calibration_prompts=cal, force=True))
         folders[f"onnx {label}"] = (out, comps or "default")
     for label, (folder, comps) in folders.items():
-        ecfg = EvalConfig(model=str(folder), steps=1, num_images=args.num_images, backend="onnx")
-        t0 = time.perf_counter()
-        images, labels_o, info = generate_eval_images_export(open_export(folder, expect="onnx", steps=1), ecfg, progress=False)
-        assert labels_o == labels
-        rows.append(scorer.score(label, images, labels_o, reference, time.perf_counter() - t0,
-                                 {"folder": str(folder), "export_precision": info["export_precision"],
-                                  "components_quantized": comps, "calibration_prompts": args.calibration_label}))
+        rows.append(scorer.score_export(label, folder, "onnx", labels, reference,
+                                        {"components_quantized": comps, "calibration_prompts": args.calibration_label}))
     return save_digits_eval(args.json, "onnx_digits_eval", args.model, args.num_images, rows, scorer.real,
                             "variant", "psnr_vs_torch_fp32_db", "image PSNR vs torch fp32 (dB)")
 

@@ -121,3 +121,39 @@ def test_bad_options_are_refused_before_any_work(flags, match, tiny_dir, tmp_pat
     r = CliRunner().invoke(app, ["convert", str(tiny_dir), "--target", "executorch", "-o", str(tmp_path / "o"), *flags])
     assert r.exit_code != 0 and match in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_runtime_prints_only_our_line(tiny_executorch, tmp_path):
+    """ExecuTorch's C++ runtime probes cpuinfo on fd 2 when its threadpool starts: a user of `generate`
+    sees our one line and nothing else."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "fox"
+    p = subprocess.run([sys.executable, "-m", "instaflow_edge.cli", "generate", str(tiny_executorch), "a red fox",
+                        "--backend", "executorch", "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip() == "", p.stderr
+    assert p.stdout.strip().splitlines() == [p.stdout.strip()] and p.stdout.startswith("wrote 1 image"), p.stdout
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_the_exporter_leaves_the_root_logger_as_it_was():
+    """The XNNPACK partitioner's import calls logging.basicConfig and logs through logging.debug: inside
+    root_logging_kept neither installs a root handler, so our log lines print once."""
+    import logging
+
+    from instaflow_edge.convert.executorch import require_executorch_export, root_logging_kept
+
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    root.handlers[:] = []  # a CLI process: no handler on the root until ours
+    try:
+        with root_logging_kept():
+            require_executorch_export()
+            logging.basicConfig(level=logging.DEBUG)  # what an import inside may do
+            logging.debug("from inside")
+        assert root.handlers == [] and root.level == level
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)

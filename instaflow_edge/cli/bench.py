@@ -15,7 +15,7 @@ def bench_command(
     model: str = typer.Argument(..., help="The pipeline folder the exports were made from (the torch reference)."),
     exports: Optional[List[str]] = typer.Argument(None, help="Export folders (ONNX, OpenVINO, ExecuTorch or Core ML), each optionally LABEL=DIR."),
     output: Path = typer.Option(..., "-o", "--output", help="The JSON result to write."),
-    threads: int = typer.Option(1, "--threads", help="Intra-op threads for torch, onnxruntime and OpenVINO."),
+    threads: int = typer.Option(1, "--threads", help="Intra-op threads for torch, onnxruntime, OpenVINO and ExecuTorch."),
     device: BenchDevice = typer.Option(BenchDevice.cpu, "--device", help="cpu, or cuda: the GPU reference (torch fp16 eager and torch.compile; exports through ORT's CUDA provider)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed rounds (each runs every runtime once)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed rounds first."),
