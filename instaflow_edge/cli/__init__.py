@@ -189,6 +189,7 @@ def _register() -> None:
     from . import eval as eval_cmd
     from . import generate as generate_cmd
     from . import init as init_cmd
+    from . import merge as merge_cmd
     from . import prune as prune_cmd
     from . import quantize as quantize_cmd
     from . import report as report_cmd
@@ -204,6 +205,7 @@ def _register() -> None:
     app.command("eval")(eval_cmd.eval_command)
     app.command("quantize")(quantize_cmd.quantize_command)
     app.command("prune")(prune_cmd.prune_command)
+    app.command("merge")(merge_cmd.merge_command)
     app.command("serve")(serve_cmd.serve_command)
     app.command("bench")(bench_cmd.bench_command)
     app.command("report")(report_cmd.report_command)
