@@ -215,19 +215,25 @@ def read_captions(path: Path) -> list[tuple[str, str]]:
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
+    return load_image(path, size, size, "replace or remove it from the captions file")
+
+
+def load_image(path: Path, height: int, width: int, fix: str = "pass a PNG or JPEG image") -> torch.Tensor:
+    """An image file as a (3, height, width) tensor in [-1, 1], resized (bicubic) when its size differs;
+    an unreadable or oversized file is a one-line error."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            if im.size != (width, height):
+                im = im.resize((width, height), Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.float32)
     except Image.DecompressionBombError as e:
         raise _too_large(path, e) from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"cannot read image {path} ({type(e).__name__}: {str(e)[:150]})", "replace or remove it from the captions file") from e
+        raise InputError(f"cannot read image {path} ({type(e).__name__}: {str(e)[:150]})", fix) from e
     return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
 
 

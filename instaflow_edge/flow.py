@@ -29,6 +29,27 @@ def euler_schedule(num_steps: int) -> list[float]:
     return [(1.0 - i / num_steps) * TAU_MAX for i in range(num_steps)]
 
 
+def edit_schedule(strength: float, num_steps: int) -> list[tuple[float, float]]:
+    """Image-to-image: ``(tau_i, ds)`` of ``num_steps`` Euler steps from ``s0 = 1 - strength`` to ``s = 1``
+    (step ``ds = strength / N`` at ``s_i = s0 + i·ds``). ``strength = 1`` is :func:`euler_schedule`."""
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    ds = strength / num_steps
+    s0 = 1.0 - strength
+    return [(TAU_MAX * (1.0 - (s0 + i * ds)), ds) for i in range(num_steps)]
+
+
+def edit_start(z: torch.Tensor, x1: torch.Tensor, strength: float) -> torch.Tensor:
+    """Where an edit starts: the straight path at ``s0 = 1 - strength``, ``x = s0·x1 + (1 - s0)·z``
+    (``x1`` the image's latent, ``z`` the seed's noise; ``strength = 1`` is the noise itself)."""
+    if strength == 1.0:
+        return z
+    s0 = 1.0 - strength
+    return s0 * x1 + (1.0 - s0) * z
+
+
 def euler_step(x: torch.Tensor, v: torch.Tensor, num_steps: int) -> torch.Tensor:
     """One Euler step of size ``1/N``: ``x + v / N``."""
     return x + v * (1.0 / num_steps)

@@ -23,6 +23,9 @@ from .runtime import Backend
 from .validators import backend_choice, boolean, choice, image_count, image_side, image_size, number, optional_integer, seed
 
 
+DEFAULT_STRENGTH = 0.8  # image-to-image, as diffusers' pipelines default
+
+
 @dataclasses.dataclass
 class GenerateConfig:
     """Options of ``instaflow-edge generate``; ``steps=None`` means the model's default (1 for one-step)."""
@@ -40,6 +43,8 @@ class GenerateConfig:
     device: Device = Device.auto
     dtype: DType = DType.auto
     backend: str = Backend.torch.value  # "torch", or the format of an export (runtime.backend_names())
+    image: str | None = None  # image-to-image: the image to edit
+    strength: float | None = None  # how far back toward the noise the edit starts, in (0, 1]; default 0.8
     allow_pickle: bool = False
     force: bool = False
 
@@ -62,6 +67,17 @@ class GenerateConfig:
         self.device = choice("device", self.device, Device)
         self.dtype = choice("dtype", self.dtype, DType)
         self.backend = backend_choice("backend", self.backend, runtime.backend_names())
+        if self.strength is not None:
+            if self.image is None:
+                raise InputError("--strength applies to image-to-image", "add --image FILE, or drop --strength")
+            number("strength", self.strength, low=0.0, high=1.0, open_low=True)
+        if self.image is not None:
+            if not isinstance(self.image, str) or not Path(self.image).is_file():
+                raise InputError(f"--image {self.image}: no such file", "pass a PNG or JPEG file to edit")
+            if self.backend != Backend.torch.value:
+                raise InputError(f"--image runs with --backend torch only: a {self.backend} export ships no VAE encoder yet",
+                                 "pass the pipeline folder with --backend torch")
+            self.strength = DEFAULT_STRENGTH if self.strength is None else float(self.strength)
 
 
 @dataclasses.dataclass
@@ -103,10 +119,22 @@ def _torch_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "objec
     h, w = pipe.image_size(config.height, config.width)
     shape = pipe.latent_shape(h, w)
     info.update(steps=steps, height=h, width=w, flow=pipe.info.flow, device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."))
+    image_latents = None
+    if config.image is not None:
+        from .data import load_image
+        from .generator import encode_images
+
+        if pipe.info.flow != "rectified_flow":
+            raise InputError(f"--image edits with a rectified flow; {config.model} is a {pipe.info.flow} model",
+                             "pass a rectified-flow model (a teacher, 2-RF or one-step student of this recipe)")
+        image_latents = encode_images(pipe, load_image(Path(config.image), h, w)[None])
+        info.update(image=Path(config.image).name, strength=config.strength,
+                    start_s=round(1.0 - config.strength, 6), taus=[t for t, _ in _edit_taus(config.strength, steps)])
 
     def render(job: Job):
         noise = make_noise([job.seed], shape)
-        latents = generate_latents(pipe, [job.prompt], noise, steps, config.guidance, config.negative_prompt)
+        latents = generate_latents(pipe, [job.prompt], noise, steps, config.guidance, config.negative_prompt,
+                                   image_latents, config.strength or 1.0)
         image = decode_latents(pipe, latents)
         if not torch.isfinite(image).all() or not torch.isfinite(latents).all():
             raise NumericsError(
@@ -116,6 +144,12 @@ def _torch_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "objec
         return (image[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
 
     return render
+
+
+def _edit_taus(strength: float, steps: int) -> list[tuple[float, float]]:
+    from .flow import edit_schedule
+
+    return [(round(t, 4), ds) for t, ds in edit_schedule(strength, steps)]
 
 
 def export_size(facts, height: int | None, width: int | None) -> tuple[int, int]:
@@ -162,7 +196,7 @@ def generate(config: GenerateConfig, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
 
-    inputs = (config.model,)  # --force replaces a previous output, never the model
+    inputs = (config.model, config.image)  # --force replaces a previous output, never an input
     check_output(config.output, config.force, inputs)
     jobs = plan(config)
     info: dict = {}

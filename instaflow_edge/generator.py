@@ -121,6 +121,29 @@ def sample_rectified_flow(unet, noise, cond, num_steps: int = 1, guidance: float
 
 
 @torch.no_grad()
+def edit_rectified_flow(unet, x1, noise, cond, strength: float, num_steps: int = 1, guidance: float = 1.0,
+                        uncond=None) -> torch.Tensor:
+    """Image-to-image on the straight path: start at ``s0 = 1 - strength`` between the image latent ``x1``
+    and ``noise``, then Euler steps of ``strength / N`` (a one-step model: one step of size ``strength``
+    at ``tau = 1000·strength``). ``strength = 1`` is :func:`sample_rectified_flow`."""
+    x = flow.edit_start(noise, x1, strength)
+    for tau, ds in flow.edit_schedule(strength, num_steps):
+        v = _unet_v(unet, x, tau, cond, uncond, guidance)
+        x = x + v * ds
+    return x
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → the latents the UNet works on: the VAE posterior's mean (no sampling, so the
+    same image gives the same latent on every runtime) × the VAE's scaling factor. A tiny VAE
+    (AutoencoderTiny) returns its latents directly (its factor is 1)."""
+    out = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype), return_dict=True)
+    lat = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
+    return lat * pipe.scaling_factor
+
+
+@torch.no_grad()
 def sample_diffusion(unet, scheduler, noise, cond, num_steps: int = 25, guidance: float = 1.0, uncond=None) -> torch.Tensor:
     """A diffusion (epsilon/v-prediction) model with its own diffusers scheduler, as SD's pipeline does.
 
@@ -151,11 +174,18 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_latents(pipe, prompts: list[str], noise: torch.Tensor, num_steps: int, guidance: float = 1.0,
-                     negative_prompt: str = "") -> torch.Tensor:
-    """Final latents for ``prompts`` from ``noise`` with the sampler the model calls for."""
+                     negative_prompt: str = "", image_latents: torch.Tensor | None = None,
+                     strength: float = 1.0) -> torch.Tensor:
+    """Final latents for ``prompts`` from ``noise`` with the sampler the model calls for; with
+    ``image_latents`` (rectified flows), an edit of them at ``strength``."""
     cond = encode_prompts(pipe, prompts)
     uncond = encode_prompts(pipe, [negative_prompt] * len(prompts)) if guidance > 1.0 else None
     noise = noise.to(pipe.device, pipe.dtype)
     if pipe.info.flow == "rectified_flow":
+        if image_latents is not None:
+            return edit_rectified_flow(pipe.unet, image_latents.to(pipe.device, pipe.dtype), noise, cond, strength,
+                                       num_steps, guidance, uncond)
         return sample_rectified_flow(pipe.unet, noise, cond, num_steps, guidance, uncond)
+    if image_latents is not None:
+        raise ValueError("image-to-image is implemented for rectified flows only")
     return sample_diffusion(pipe.unet, pipe.scheduler, noise, cond, num_steps, guidance, uncond)

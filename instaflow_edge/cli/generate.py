@@ -25,6 +25,10 @@ def generate_command(
     device: Device = typer.Option(Device.auto, "--device", help="auto picks cuda, then mps, then cpu."),
     dtype: DType = typer.Option(DType.auto, "--dtype", help="auto: float16 on GPUs, float32 on CPU."),
     backend: Backend = typer.Option(Backend.torch, "--backend", help="Runtime that runs the model: torch on a pipeline folder, or an export's own runtime (MODEL is that export)."),
+    image: Optional[str] = typer.Option(None, "--image", help="Image-to-image: edit this image (resized to the "
+                                        "output size). Rectified flows, --backend torch."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="With --image: start at s0 = 1 − STRENGTH on the "
+                                             "straight path from the seed's noise to the image (1: ignore the image). [default: 0.8]"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (for logs and scripts)."),
@@ -35,7 +39,7 @@ def generate_command(
     cfg = GenerateConfig(
         model=model, prompts=list(prompts), output=str(output), seed=seed, num_images=num_images, steps=steps,
         guidance=guidance, negative_prompt=negative_prompt, height=height, width=width, device=device,
-        dtype=dtype, backend=backend, allow_pickle=allow_pickle, force=force,
+        dtype=dtype, backend=backend, image=image, strength=strength, allow_pickle=allow_pickle, force=force,
     )
     manifest = generate(cfg, progress=not no_progress)
     n = len(manifest["images"])
