@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 EXPORTER = "torch.onnx.export(dynamo=False)"
 
 # ORT transformer-optimizer model_type per component
-_MODEL_TYPE = {"text_encoder": "clip", "unet": "unet", "unet_velocity": "unet", "vae_decoder": "vae", "generator": "unet"}
+_MODEL_TYPE = {"text_encoder": "clip", "unet": "unet", "unet_velocity": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
+               "generator": "unet"}
 # fusions whose ops have no CPU kernel (GroupNorm, NhwcConv, BiasSplitGelu, BiasAdd, packed QKV/KV)
 _CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
                       "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
@@ -75,8 +76,24 @@ _CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhw
 # - prev_timestep = 1000 - 1001 // 1 < 0, so alpha_prev = final_alpha_cumprod = 1 (set_alpha_to_one) and
 #   prev = 1 ** 0.5 * x0 + (1 - 1) ** 0.5 * eps = x0 exactly (eta 0: no noise; eps is finite, so 0 * eps = 0);
 # - vae.decode(latents / vae.config.scaling_factor): our vae_decoder/config.json carries the model's factor.
-# The betas only enter eps (times 0); SD's are kept. steps_offset is unused by trailing spacing; 1 keeps
-# diffusers from rewriting the config with a deprecation warning.
+# Image-to-image (``ORTStableDiffusionImg2ImgPipeline``): the pipeline noises the image's latent its own
+# way, x_t = sqrt(abar_t)·x1 + sqrt(1 - abar_t)·eps (add_noise). The betas below make that the straight path
+# up to a factor: abar_t = u² / (u² + t²) with u = 1000 - t, so sqrt(abar_t) / (sqrt(abar_t) + sqrt(1 - abar_t))
+# = 1 - t/1000 = s0 and x_t · r(t), r(t) = sqrt(u² + t²) / 1000, is s0·x1 + (1 - s0)·eps. The UNet graph
+# (``_OneStepUnet``) applies r(t) and returns the straight-path x0 of one Euler step, x + (t/1000)·v(x, t);
+# "sample" prediction with prev_timestep < 0 hands it on as it is. At t = 1000 (text-to-image): abar = 0
+# (beta 1), r = 1 and t/1000 = 1, the graph is z + v(z, 1000) bit for bit and eps = z stays finite.
+# steps_offset is unused by trailing spacing; 1 keeps diffusers from rewriting the config with a warning.
+
+
+def straight_path_betas(num_train_timesteps: int = 1001) -> list[float]:
+    """The betas whose cumulative alphas put DDIM's ``add_noise`` on the straight path (see above):
+    abar_t = (T - t)² / ((T - t)² + t²), T = num_train_timesteps - 1; beta_0 = 0, beta_T = 1."""
+    T = num_train_timesteps - 1
+    abar = [(T - t) ** 2 / ((T - t) ** 2 + t ** 2) for t in range(T + 1)]
+    return [0.0] + [1.0 - abar[t] / abar[t - 1] for t in range(1, T + 1)]
+
+
 PIPELINE_SCHEDULER = {
     "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1001,
@@ -86,10 +103,13 @@ PIPELINE_SCHEDULER = {
     "clip_sample": False,
     "thresholding": False,
     "steps_offset": 1,
-    "beta_schedule": "scaled_linear",
+    "beta_schedule": "scaled_linear",  # overridden by trained_betas (kept so older readers find a schedule)
     "beta_start": 0.00085,
     "beta_end": 0.012,
+    "trained_betas": straight_path_betas(1001),
 }
+# what the manifest's onnx block says the UNet graph computes at timestep t (runtime/onnx.py edits with it)
+UNET_TIMESTEP = "straight-path"
 
 
 def pipeline_scheduler_record(one_step: bool) -> dict:
@@ -101,6 +121,8 @@ def pipeline_scheduler_record(one_step: bool) -> dict:
         "config": "scheduler/scheduler_config.json",
         "reproduces": {"num_inference_steps": 1, "guidance_scale": "<= 1 (no guidance)",
                        "generate": "--backend onnx --steps 1"},
+        "img2img": {"pipeline": "ORTStableDiffusionImg2ImgPipeline", "num_inference_steps": "N with int(N·strength) = 1 "
+                    "(one step, at the last trailing timestep t)", "generate": "--backend onnx --image FILE --strength t/1000"},
         "other_steps": None if one_step else
         "not reproduced by the pipeline: generate --backend onnx --steps N runs unet_velocity with the Euler rule",
     }
@@ -113,16 +135,21 @@ class _OneStepUnet:
     def build(pipe):
         import torch
 
-        from .. import flow
-
         class OneStepUnet(torch.nn.Module):
+            """x = r(t)·sample, then x + (t/1000)·v(x, t): the straight-path x0 after one Euler step from
+            s0 = 1 - t/1000, for a sample noised by the shipped scheduler (PIPELINE_SCHEDULER's betas). At
+            t = 1000: r = 1, so sample + v(sample, 1000), the one-step generator."""
+
             def __init__(self, unet):
                 super().__init__()
                 self.unet = unet
 
             def forward(self, sample, timestep, encoder_hidden_states):
-                v = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-                return flow.one_step(sample, v)
+                t = timestep.reshape(-1, *([1] * (sample.dim() - 1))).to(sample.dtype)
+                r = torch.sqrt((1000.0 - t) ** 2 + t ** 2) / 1000.0
+                x = sample * r
+                v = self.unet(x, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+                return x + v * (t / 1000.0)
 
         return OneStepUnet(pipe.unet)
 
@@ -156,7 +183,7 @@ def check_environment(cfg: ConvertConfig) -> None:
 
 
 def components_for(pipe, fused: bool) -> list[str]:
-    names = ["text_encoder", "unet", "vae_decoder"]
+    names = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     if fused:
         names.append("generator")
     if not pipe.info.one_step:
@@ -322,7 +349,8 @@ def copy_pipeline_files(src: Path, dst: Path, names: list[str]) -> None:
     for name in names:
         index.setdefault(name, ["diffusers" if name != "text_encoder" else "transformers", "OnnxRuntimeModel"])
     (dst / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    cfg_src = {"text_encoder": "text_encoder", "unet": "unet", "unet_velocity": "unet", "vae_decoder": "vae", "generator": "unet"}
+    cfg_src = {"text_encoder": "text_encoder", "unet": "unet", "unet_velocity": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
+               "generator": "unet"}
     for name in names:
         shutil.copy(src / cfg_src[name] / "config.json", dst / name / "config.json")
 
@@ -362,7 +390,7 @@ def export_onnx(cfg: ConvertConfig) -> dict:
             else:
                 export_component(spec, module, inputs, tmp / name / onnx_io.MODEL_FILE, cfg.options.opset)
             timings[f"export_{name}"] = round(time.perf_counter() - t, 2)
-        block = {**ref.facts.block(), "exporter": EXPORTER, "opset": cfg.options.opset,
+        block = {**ref.facts.block(), "exporter": EXPORTER, "opset": cfg.options.opset, "unet_timestep": UNET_TIMESTEP,
                  "pipeline_scheduler": pipeline_scheduler_record(pipe.info.one_step)}
         copy_pipeline_files(src, tmp, names)
         del pipe

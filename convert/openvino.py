@@ -45,7 +45,7 @@ from ..runtime.sampler import sample, session_calls
 from ..validators import prompt_file
 from . import reference
 from .config import ConvertConfig, Target, target
-from .onnx import components_for, copy_pipeline_files, export_component, onnx_spec
+from .onnx import UNET_TIMESTEP, components_for, copy_pipeline_files, export_component, onnx_spec
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def export_openvino(cfg: ConvertConfig) -> dict:
             export_component(spec, spec.module(pipe), ref.components[name][0], scratch / name / onnx_io.MODEL_FILE, opset=18)
             timings[f"export_{name}"] = round(time.perf_counter() - t, 2)
         block = {**ref.facts.block(), "route": ROUTE, "precision": precision.value, "quantize": scheme,
-                 "openvino_version": ov.get_version()}
+                 "unet_timestep": UNET_TIMESTEP, "openvino_version": ov.get_version()}
         copy_pipeline_files(src, scratch, names)
         for name in names:
             (tmp / name).mkdir()

@@ -19,6 +19,7 @@ from .generator import (
     OneStepGenerator,
     TextEncoderComponent,
     VaeDecoderComponent,
+    VaeEncoderComponent,
     make_noise,
 )
 from .options import ONE_STEP  # noqa: F401  (re-exported)
@@ -109,6 +110,8 @@ class ComponentSpec:
                     gen = OneStepGenerator.from_pipeline(pipe)
                     lat = gen.denoise(noise.to(pipe.device, pipe.dtype), gen.encode(ids.to(pipe.device)))
                 out.append((lat / pipe.scaling_factor).float().cpu())
+            elif "image_channels" in spec.dims:  # an image in [-1, 1] (the VAE encoder's input)
+                out.append(make_noise(list(range(seed, seed + shape[0])), shape[1:]).mul(0.5).clamp(-1, 1))
             else:  # noise / sample latents
                 out.append(make_noise(list(range(seed, seed + shape[0])), shape[1:]))
         return tuple(out)
@@ -136,6 +139,12 @@ COMPONENTS: dict[str, ComponentSpec] = {
         "vae_decoder",
         (TensorSpec("latent_sample", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
         (_IMAGE,), lambda pipe: VaeDecoderComponent(pipe.vae), dynamic=_SPATIAL,
+    ),
+    # image-to-image: image in [-1, 1] → the posterior mean (× scaling_factor is the UNet's latent)
+    "vae_encoder": ComponentSpec(
+        "vae_encoder", (_IMAGE,),
+        (TensorSpec("latent_sample", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+        lambda pipe: VaeEncoderComponent(pipe.vae), dynamic=_SPATIAL,
     ),
     # the whole text→image path as one graph (possible only because the model is one step); image in [0, 1]
     "generator": ComponentSpec(

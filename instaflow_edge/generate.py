@@ -74,9 +74,6 @@ class GenerateConfig:
         if self.image is not None:
             if not isinstance(self.image, str) or not Path(self.image).is_file():
                 raise InputError(f"--image {self.image}: no such file", "pass a PNG or JPEG file to edit")
-            if self.backend != Backend.torch.value:
-                raise InputError(f"--image runs with --backend torch only: a {self.backend} export ships no VAE encoder yet",
-                                 "pass the pipeline folder with --backend torch")
             self.strength = DEFAULT_STRENGTH if self.strength is None else float(self.strength)
 
 
@@ -179,9 +176,19 @@ def _export_backend(config: GenerateConfig, info: dict) -> Callable[[Job], "obje
     info.update(steps=export.steps, height=h, width=w, flow=export.facts.flow, device=export.device, dtype="float32",
                 **export.info())
 
+    images = None
+    if config.image is not None:
+        from .data import load_image
+
+        export.check_edit()  # the one-line refusal, before any image
+        images = load_image(Path(config.image), h, w)[None].numpy()
+        info.update(image=Path(config.image).name, strength=config.strength, start_s=round(1.0 - config.strength, 6),
+                    taus=[t for t, _ in _edit_taus(config.strength, export.steps)])
+
     def render(job):
         ids = export.tokenize([job.prompt])
-        image = export.sample(ids, make_noise([job.seed], shape).numpy())
+        noise = make_noise([job.seed], shape).numpy()
+        image = export.sample(ids, noise) if images is None else export.edit(ids, images, noise, config.strength)
         if not np.isfinite(image).all():
             raise NumericsError(f"NaN/Inf in the image for prompt {job.prompt!r} seed {job.seed} ({config.backend} {export.precision})",
                                 "a low-precision export overflowed: use the fp32 or int8 export")

@@ -58,6 +58,20 @@ class VaeDecoderComponent(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class VaeEncoderComponent(nn.Module):
+    """Image ``sample`` in [-1, 1] → ``latent_sample``: the VAE posterior's mean, not scaled (a consumer
+    multiplies by ``scaling_factor``, as diffusers' image-to-image pipelines do). No sampling: the same
+    image gives the same latent on every runtime. A tiny VAE's (AutoencoderTiny) latents as they are."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        out = self.vae.encode(sample, return_dict=True)
+        return out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
+
+
 def to_unit_range(image: torch.Tensor) -> torch.Tensor:
     """VAE output [-1, 1] → displayable [0, 1] (as diffusers' image processor does)."""
     return (image / 2 + 0.5).clamp(0, 1)
@@ -138,9 +152,7 @@ def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] → the latents the UNet works on: the VAE posterior's mean (no sampling, so the
     same image gives the same latent on every runtime) × the VAE's scaling factor. A tiny VAE
     (AutoencoderTiny) returns its latents directly (its factor is 1)."""
-    out = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype), return_dict=True)
-    lat = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
-    return lat * pipe.scaling_factor
+    return VaeEncoderComponent(pipe.vae)(images.to(pipe.vae.device, pipe.vae.dtype)) * pipe.scaling_factor
 
 
 @torch.no_grad()

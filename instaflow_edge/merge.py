@@ -28,6 +28,8 @@ from typing import Any
 
 from .artifacts import atomic_dir, inherited_prompts, make_manifest, sha256_file, sha256_tree, write_manifest
 from .errors import InputError, ModelError
+from .model_files import check_plain_tensors, check_safetensors
+from .pipeline import load_pipeline
 from .validators import boolean, number
 
 COMPONENTS = ("unet", "text_encoder")
@@ -116,8 +118,6 @@ class _Pair:
 
 def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
     """The file's tensors and its metadata (safetensors header metadata; none for pickles)."""
-    from .model_files import check_plain_tensors, check_safetensors
-
     if path.suffix.lower() in _PICKLE:
         import torch
 
@@ -338,8 +338,6 @@ def add_delta(modules: dict, finetune, base, alpha: float, names: tuple[str, str
 
 def merge(config: MergeConfig) -> dict:
     """Fuse the LoRAs and the delta into MODEL and write the pipeline to OUTPUT; returns the manifest."""
-    from .pipeline import load_pipeline
-
     for spec in config.loras:  # every LoRA file read and checked before the model loads
         read_lora(Path(spec.path), config.allow_pickle)
     inputs = (config.model, config.delta, config.base, *(s.path for s in config.loras))

@@ -87,3 +87,39 @@ def coreml_run(tmp_path_factory, tiny_dir):
         TARGETS[Target.coreml] = export_coreml
     assert r.exit_code == 0, r.output
     return out, r.output, traced
+
+
+@pytest.fixture(scope="session")
+def source_image(tmp_path_factory) -> Path:
+    """A 48×40 RGB picture to edit (not a model's size: generate resizes it)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:48]
+    arr = np.stack([xx * 5, yy * 6, (xx + yy) * 3], -1) % 256 + rng.integers(0, 20, (40, 48, 3))
+    path = tmp_path_factory.mktemp("img2img") / "source.png"
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def edit_image(source_image, tmp_path):
+    """``edit_image(model, backend, strength, steps)``: ``generate --image source_image`` of one prompt and
+    seed with that backend, as an int16 (H, W, 3) array; asserts the command succeeded."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from instaflow_edge.cli import app
+
+    def run(model, backend, strength, steps=1, prompt="a red fox in snow", seed=5):
+        out = tmp_path / f"edit-{backend}-{strength}-{steps}"
+        args = ["generate", str(model), prompt, "--backend", backend, "--image", str(source_image), "--strength",
+                str(strength), "--steps", str(steps), "--seed", str(seed), "-o", str(out)]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        (png,) = out.glob("*.png")
+        return np.asarray(Image.open(png)).astype(np.int16)
+
+    return run

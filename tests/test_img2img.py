@@ -24,17 +24,6 @@ def _png(folder):
     return np.asarray(Image.open(f)).astype(np.int16)
 
 
-@pytest.fixture(scope="module")
-def source_image(tmp_path_factory):
-    """A 48×40 RGB picture (not the model's size: generate resizes it)."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:40, 0:48]
-    arr = np.stack([xx * 5, yy * 6, (xx + yy) * 3], -1) % 256 + rng.integers(0, 20, (40, 48, 3))
-    path = tmp_path_factory.mktemp("img2img") / "source.png"
-    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path)
-    return path
-
-
 def _by_hand(pipe, image_path, prompt, seed, strength, steps):
     """The edit written out: encode (posterior mean × factor), x = (1−S)·x1 + S·z, then N Euler steps
     x ← x + (S/N)·v(x, 1000·(1 − s_i)) with s_i = 1 − S + i·S/N, decode, round to 8 bits."""
@@ -89,7 +78,6 @@ def test_strength_one_is_text_to_image_and_a_low_strength_keeps_the_image(tiny_d
     (["--image", "{text}"], "cannot read image"),
     (["--image", "{image}", "--strength", "0"], "strength must be"),
     (["--image", "{image}", "--strength", "1.5"], "strength must be"),
-    (["--image", "{image}", "--backend", "onnx"], "ships no VAE encoder yet"),
 ])
 def test_bad_image_to_image_inputs_are_one_line(args, match, tiny_dir, source_image, tmp_path):
     text = tmp_path / "notes.png"
@@ -97,5 +85,30 @@ def test_bad_image_to_image_inputs_are_one_line(args, match, tiny_dir, source_im
     args = [a.format(missing=tmp_path / "nope.png", text=text, image=source_image) for a in args]
     r = _cli("generate", tiny_dir, "a red fox", *args, "-o", tmp_path / "out")
     assert r.exit_code != 0 and match in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("strength, steps", [(0.6, 1), (1.0, 1)])
+def test_the_onnx_export_edits_as_generate_does(strength, steps, tiny_dir, tiny_onnx_fp32, edit_image):
+    """ONNX Runtime over vae_encoder/ and the straight-path UNet graph: the torch backend's image."""
+    want = edit_image(tiny_dir, "torch", strength, steps)
+    got = edit_image(tiny_onnx_fp32, "onnx", strength, steps)
+    assert np.abs(want - got).max() <= 1, np.abs(want - got).max()
+
+
+def test_an_export_without_an_encoder_refuses_to_edit_in_one_line(tiny_onnx_fp32, source_image, tmp_path):
+    """An export made before image-to-image (its manifest lists no vae_encoder): one line, nothing written."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_onnx_fp32, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["onnx"]["components"].remove("vae_encoder")
+    m["onnx"].pop("unet_timestep")
+    (old / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(old / "vae_encoder")
+    r = _cli("generate", old, "a red fox", "--backend", "onnx", "--image", source_image, "-o", tmp_path / "out")
+    assert r.exit_code != 0 and "cannot edit images" in r.output and "convert the model again" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "out").exists()

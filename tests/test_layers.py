@@ -3,7 +3,7 @@
 Floors only look down::
 
     ground   errors artifacts copying options progress envinfo flow tokenizer validators threads
-    model    pipeline generator data presets components parity
+    model    pipeline generator data presets components parity merge
     runtime  runtime/*  generate
     stages   quantize/*  →  convert/*   (convert may import quantize, never the reverse)
              train/*                    (train and convert never import each other)
@@ -31,7 +31,7 @@ HEAVY_THIRD_PARTY = {"torch", "numpy", "scipy", "sklearn", "diffusers", "transfo
 
 # (floor, group): an import may go to a lower floor, or within its own group
 _GROUND = ("errors", "artifacts", "copying", "options", "progress", "envinfo", "flow", "tokenizer", "validators", "threads")
-_MODEL = ("pipeline", "model_files", "hub", "generator", "data", "presets", "components", "parity")
+_MODEL = ("pipeline", "model_files", "hub", "generator", "data", "presets", "components", "parity", "merge")
 
 
 def place(module: str) -> tuple[int, str]:

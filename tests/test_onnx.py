@@ -62,7 +62,7 @@ def _ops(path):
 
 def test_fp32_export_layout_and_gates(fp32_export):
     m = manifest(fp32_export)
-    names = ["text_encoder", "unet", "vae_decoder", "generator"]
+    names = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "generator"]
     assert m["onnx"]["components"] == names
     for n in names:
         assert (fp32_export / n / "model.onnx").is_file() and (fp32_export / n / "config.json").is_file()

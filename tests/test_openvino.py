@@ -81,7 +81,7 @@ def ov_f32(tiny_dir, tmp_path_factory):
 
 def test_convert_f32_layout_parity_and_manifest(ov_f32):
     m = manifest(ov_f32)
-    for name in ("text_encoder", "unet", "vae_decoder"):
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         assert (ov_f32 / name / "model.xml").is_file() and (ov_f32 / name / "model.bin").is_file()
         assert not (ov_f32 / name / "model.onnx").exists()
     assert not (ov_f32 / ".onnx").exists()  # the scratch ONNX export is gone
@@ -89,7 +89,7 @@ def test_convert_f32_layout_parity_and_manifest(ov_f32):
     assert m["kind"] == "openvino-export" and m["openvino"]["precision"] == "f32"
     assert set(m["parity_ran_in"].values()) == {"f32"}
     psnr = {r["component"]: r["psnr"] for r in m["parity"]}
-    assert set(psnr) == {"text_encoder", "unet", "vae_decoder", "end_to_end"}
+    assert set(psnr) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "end_to_end"}
     assert all(p is None or p >= 60 for p in psnr.values()), psnr  # f32 is the fp32 gate
     assert m["gates"]["end_to_end"] == 60.0
     # static shapes: the IR is compiled for the export's size, batch 1
@@ -111,6 +111,15 @@ def test_generate_openvino_matches_torch(ov_f32, tiny_dir, tmp_path):
     assert m["sampling"]["backend"] == "openvino" and m["sampling"]["ran_precision"] == "f32"
     assert psnr(outs["torch"], outs["ov"]) >= 40
     assert np.abs(outs["torch"] - outs["ov"]).max() <= 1.5 / 255
+
+
+@pytest.mark.parametrize("strength", [0.6, 0.25])
+def test_the_openvino_export_edits_as_generate_does(strength, ov_f32, tiny_dir, edit_image):
+    """Image-to-image through OpenVINO (vae_encoder/ and the straight-path UNet graph, compiled static):
+    the torch backend's image, within a level (f32)."""
+    want = edit_image(tiny_dir, "torch", strength)
+    got = edit_image(ov_f32, "openvino", strength)
+    assert np.abs(want - got).max() <= 1, np.abs(want - got).max()
 
 
 def test_bench_times_an_openvino_export(ov_f32, tiny_dir, tmp_path, monkeypatch):

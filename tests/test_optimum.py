@@ -60,6 +60,19 @@ for job in jobs:
         pipes[key] = getattr(ort_pipelines, job["class"]).from_pretrained(job["export"])
     pipe = pipes[key]
     prompt = job["prompts"][0] if len(job["prompts"]) == 1 else job["prompts"]
+    if job.get("image"):  # image-to-image: optimum's own call, the pipeline draws the noise
+        from PIL import Image
+
+        images = pipe(prompt, image=Image.open(job["image"]).convert("RGB"), strength=job["strength"],
+                      num_inference_steps=job["steps"], guidance_scale=job["guidance"],
+                      generator=torch.Generator("cpu").manual_seed(job["seed"])).images
+        files = []
+        for i, image in enumerate(images):
+            files.append(f"{job['out']}-{i}.png")
+            image.save(files[-1])
+        report["jobs"].append({**job, "files": files, "pipeline": type(pipe).__name__,
+                               "scheduler": type(pipe.scheduler).__name__})
+        continue
     if job.get("latents"):
         noise = {"latents": torch.from_numpy(np.load(job["latents"]))}
     else:  # the pipeline draws the noise: a CPU generator seeded as generate seeds it
@@ -208,3 +221,67 @@ def test_optimum_pipeline_reproduces_generate(preset, scheme, sources, tmp_path)
         print(f"  {cls:27s} batch {batch} guidance {g:.0f} {noise:9s} {prompt!r:24s} PSNR {db:7.2f} dB, "
               f"max diff {levels} levels")
     assert all(db >= GATE_DB for *_, db, _ in rows), rows
+
+
+def _one_step_timestep(steps: int, strength: float) -> int:
+    """The one timestep diffusers' image-to-image pipeline runs for (steps, strength) when
+    int(steps·strength) = 1: its get_timesteps over the shipped DDIM schedule."""
+    from diffusers import DDIMScheduler
+
+    from instaflow_edge.convert.onnx import PIPELINE_SCHEDULER
+
+    sched = DDIMScheduler.from_config(PIPELINE_SCHEDULER)
+    sched.set_timesteps(steps)
+    init = min(int(steps * strength), steps)
+    assert init == 1, "the settings must leave one step"
+    return int(sched.timesteps[steps - init])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "digits"])
+def test_optimum_img2img_pipeline_reproduces_generate_image(preset, sources, tmp_path):
+    """``ORTStableDiffusionImg2ImgPipeline.from_pretrained(EXPORT)(prompt, image=, strength=,
+    num_inference_steps=N, generator=)`` with one step left (int(N·strength) = 1) gives
+    ``generate --backend onnx --image --strength t/1000``'s image, t the pipeline's timestep."""
+    from PIL import Image
+
+    from instaflow_edge.parity import psnr
+
+    python = optimum_python()
+    export = tmp_path / "export"
+    r = run("convert", sources[preset], "--target", "onnx", "-o", export)
+    assert r.exit_code == 0, r.output
+    facts = json.loads((export / "manifest.json").read_text())["onnx"]
+    size = facts["height"]
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:size, 0:size]
+    pic = np.stack([xx * 255 // size, yy * 255 // size, (xx + yy) * 127 // size], -1) + rng.integers(0, 30, (size, size, 3))
+    Image.fromarray(pic.clip(0, 255).astype(np.uint8)).save(tmp_path / "source.png")
+    jobs, expected = [], []
+    for k, (steps, strength) in enumerate([(2, 0.5), (4, 0.3), (5, 0.2)]):
+        t = _one_step_timestep(steps, strength)
+        ours = tmp_path / f"ours-{k}"
+        r = run("generate", export, PROMPTS[preset][0], "--backend", "onnx", "--image", tmp_path / "source.png",
+                "--strength", t / 1000, "--seed", 4, "-o", ours)
+        assert r.exit_code == 0, r.output
+        (f,) = ours.glob("*.png")
+        expected.append((steps, strength, t, _image(f)))
+        jobs.append({"class": "ORTStableDiffusionImg2ImgPipeline", "prompts": PROMPTS[preset][:1], "guidance": 1.0,
+                     "image": str(tmp_path / "source.png"), "strength": strength, "steps": steps, "seed": 4,
+                     "export": str(export), "out": str(tmp_path / f"optimum-{k}")})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "child.py").write_text(CHILD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["HF_HUB_OFFLINE"] = "1"
+    r = subprocess.run([str(python), str(tmp_path / "child.py"), str(tmp_path / "jobs.json"), str(tmp_path / "report.json")],
+                       check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = []
+    for job, (steps, strength, t, ref) in zip(report["jobs"], expected):
+        assert job["pipeline"] == "ORTStableDiffusionImg2ImgPipeline" and job["scheduler"] == "DDIMScheduler"
+        img = _image(job["files"][0])
+        rows.append((steps, strength, t, psnr(ref, img, peak=1.0), int(np.abs(ref - img).max() * 255 + 0.5)))
+    print(f"\n{preset}: optimum {report['versions']['optimum']} image-to-image vs generate --backend onnx --image")
+    for steps, strength, t, db, levels in rows:
+        print(f"  steps {steps} strength {strength} (t = {t}): PSNR {db:7.2f} dB, max diff {levels} levels")
+    assert all(db >= 40 for *_, db, _ in rows), rows

@@ -22,10 +22,10 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 from ..options import ONE_STEP  # noqa: F401  (re-exported to the runtimes)
 from ..validators import short, size_multiple
-from .sampler import sample
+from .sampler import edit, sample
 
 FLOWS = ("rectified_flow", "diffusion")
 
@@ -150,6 +150,22 @@ class Export:
         """Images in [0, 1] (N, 3, H, W): the one-step chain at 1 step, else the Euler rule of ``flow.py``
         over the exported velocity UNet."""
         return sample(self.calls, input_ids, noise, self.facts.scaling_factor, steps or self.steps)
+
+    def edit(self, input_ids, images, noise, strength: float, steps: int | None = None):
+        """Image-to-image: images in [0, 1] from ``images`` in [-1, 1] (N, 3, H, W), noise and token ids,
+        starting at s0 = 1 - strength on the straight path (``runtime/sampler.py: edit``)."""
+        steps = steps or self.steps
+        self.check_edit(steps)
+        return edit(self.calls, input_ids, images, noise, self.facts.scaling_factor, steps, strength)
+
+    def check_edit(self, steps: int | None = None) -> None:
+        """A one-line refusal when this export cannot edit images at ``steps``."""
+        need = ["vae_encoder", "unet_at" if (steps or self.steps) == 1 else "velocity"]
+        missing = [n for n in need if n not in self.calls]
+        if missing:
+            raise InputError(f"this {self.format} export cannot edit images (it has no {' or '.join(missing)}: made before "
+                             "image-to-image, or a target that ships no VAE encoder yet)",
+                             "convert the model again with --target onnx, or run --image with --backend torch")
 
     def info(self) -> dict:
         """What ran, for the manifests of generate and eval."""

@@ -14,7 +14,7 @@ from ..artifacts import package_versions, read_manifest, write_manifest
 from ..errors import DeviceError, ModelError
 from . import onnx_io
 from .base import ONE_STEP, Export, ExportFacts, RuntimeFormat
-from .sampler import check_io, check_sampling, sample, session_calls, tokenizer_for
+from .sampler import check_io, check_sampling, edit_calls, sample, session_calls, tokenizer_for
 
 KIND = "onnx-export"
 # the manifest a half-built export carries while convert/quantize calibrate on it (its facts only)
@@ -115,6 +115,10 @@ def open_onnx(folder: Path, manifest: dict, *, steps: int | None = None, guidanc
     onnx_io.check_folder(folder)
     names = list(ONE_STEP) + (["unet_velocity"] if steps > 1 else [])
     sessions = {n: open_component(folder, n, providers, threads) for n in names}
+    calls = session_calls(sessions)
+    if "vae_encoder" in facts.components:  # image-to-image: opened on the first edit
+        calls.update(edit_calls(lambda: open_component(folder, "vae_encoder", providers, threads), sessions["unet"],
+                                (manifest.get("onnx") or {}).get("unet_timestep")))
     q = manifest.get("quantize") or {}
     scheme = q.get("scheme")
     comps = list(q.get("components") or [])
@@ -123,7 +127,7 @@ def open_onnx(folder: Path, manifest: dict, *, steps: int | None = None, guidanc
         (f"; {scheme} on {', '.join(comps)}" if scheme else "; fp32")
     sizes = {n: {"bytes": (manifest.get("sizes") or {}).get(n), "basis": "ONNX file bytes"} for n in ONE_STEP}
     return Export(folder=folder, format="onnx", label=label(manifest), facts=facts, steps=steps,
-                  tokenize=tokenizer_for(folder), calls=session_calls(sessions), precision=scheme or "fp32", ran=ran,
+                  tokenize=tokenizer_for(folder), calls=calls, precision=scheme or "fp32", ran=ran,
                   scheme=scheme, gates={k: float(v) for k, v in (manifest.get("gates") or {}).items()}, sizes=sizes,
                   stage_precisions=stage_precisions(scheme, comps),
                   device=where.lower(), runtime="onnxruntime", details={"quantize": q or None})

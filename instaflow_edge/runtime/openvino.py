@@ -23,7 +23,7 @@ from pathlib import Path
 from ..artifacts import read_manifest
 from ..errors import DeviceError, MissingDependencyError, ModelError
 from .base import ONE_STEP, Export, ExportFacts, RuntimeFormat
-from .sampler import check_io, check_sampling, session_calls, tokenizer_for
+from .sampler import check_io, check_sampling, edit_calls, session_calls, tokenizer_for
 
 KIND = "openvino-export"
 IR_FILE = "model.xml"
@@ -193,7 +193,12 @@ def open_openvino(folder: Path, manifest: dict, *, steps: int | None = None, gui
     steps = steps or facts.default_steps
     check_sampling(facts, steps, guidance, "openvino")
     names = list(ONE_STEP) + (["unet_velocity"] if steps > 1 else [])
-    sessions = compile_components(folder, names, precision or block["precision"], threads)
+    precision = precision or block["precision"]
+    sessions = compile_components(folder, names, precision, threads)
+    calls = session_calls(sessions)
+    if "vae_encoder" in facts.components:  # image-to-image: compiled on the first edit
+        calls.update(edit_calls(lambda: compile_components(folder, ["vae_encoder"], precision, threads)["vae_encoder"],
+                                sessions["unet"], block.get("unet_timestep")))
     ran = {n: sessions[n].precision for n in ONE_STEP}
     q = manifest.get("quantize") or {}
     scheme, comps = q.get("scheme"), list(q.get("components") or [])
@@ -206,7 +211,7 @@ def open_openvino(folder: Path, manifest: dict, *, steps: int | None = None, gui
            + (f"; NNCF {scheme} on {', '.join(comps)}" if scheme else ""))
     sizes = {n: {"bytes": (manifest.get("sizes") or {}).get(n), "basis": "IR .xml + .bin bytes"} for n in ONE_STEP}
     return Export(folder=folder, format="openvino", label=label(manifest), facts=facts,
-                  steps=steps, tokenize=tokenizer_for(folder), calls=session_calls(sessions),
+                  steps=steps, tokenize=tokenizer_for(folder), calls=calls,
                   precision=block["precision"] + (f"+{scheme}" if scheme else ""), ran=how, scheme=scheme,
                   gates={k: float(v) for k, v in (manifest.get("gates") or {}).items()}, sizes=sizes,
                   stage_precisions=stages, max_batch=1, runtime="OpenVINO",

@@ -39,6 +39,52 @@ def sample(calls: dict[str, Callable], input_ids, noise, scaling_factor: float, 
     return np.clip(np.asarray(img, dtype=np.float32) / 2 + 0.5, 0, 1)
 
 
+def edit(calls: dict[str, Callable], input_ids, images, noise, scaling_factor: float, steps: int, strength: float):
+    """Image-to-image (``generate --image``) over an export's calls: ``vae_encoder`` (image in [-1, 1] →
+    posterior mean), then the straight path from s0 = 1 - strength: one step through ``unet_at`` (the
+    one-step UNet graph at timestep t = 1000·strength, which takes its sample on the shipped scheduler's
+    scale: ÷ r(t)), or N Euler steps of the velocity UNet. Images in [0, 1]."""
+    import numpy as np
+
+    from .. import flow
+
+    hidden = calls["text_encoder"](input_ids)
+    x1 = np.asarray(calls["vae_encoder"](np.asarray(images, np.float32)), np.float32) * np.float32(scaling_factor)
+    noise = np.asarray(noise, np.float32)
+    x = noise if strength == 1.0 else ((1.0 - strength) * x1 + strength * noise).astype(np.float32)
+    if steps == 1:
+        t = 1000.0 * strength
+        r = np.sqrt((1000.0 - t) ** 2 + t ** 2) / 1000.0
+        x = calls["unet_at"]((x / r).astype(np.float32), t, hidden)
+    else:
+        for tau, ds in flow.edit_schedule(strength, steps):
+            v = calls["velocity"](x, np.full((x.shape[0],), tau, np.float32), hidden)
+            x = (x + v * ds).astype(np.float32)
+    img = calls["vae_decoder"]((np.asarray(x) / scaling_factor).astype(np.float32))
+    return np.clip(np.asarray(img, dtype=np.float32) / 2 + 0.5, 0, 1)
+
+
+def edit_calls(open_encoder: Callable, unet, unet_timestep: str | None) -> dict[str, Callable]:
+    """The calls ``edit`` needs beside an export's text-to-image ones: ``vae_encoder`` (its session made by
+    ``open_encoder()`` when first called, so text-to-image never pays for it) and, where the one-step UNet
+    graph takes the straight-path timestep (``unet_timestep == "straight-path"``: exports made since
+    image-to-image), ``unet_at``. ``unet`` is a session with ``run(None, feed)``."""
+    import numpy as np
+
+    opened: dict = {}
+
+    def encode(img):
+        if "s" not in opened:
+            opened["s"] = open_encoder()
+        return opened["s"].run(None, {"sample": np.asarray(img, np.float32)})[0]
+
+    out: dict[str, Callable] = {"vae_encoder": encode}
+    if unet_timestep == "straight-path":
+        out["unet_at"] = lambda x, t, h: unet.run(None, {"sample": np.asarray(x, np.float32), "encoder_hidden_states": h,
+                                                         "timestep": np.full((x.shape[0],), t, np.float32)})[0]
+    return out
+
+
 def unet_feed(sess, sample, encoder_hidden_states) -> dict:
     """Inputs of an exported one-step UNet (exports made before the timestep input have none)."""
     import numpy as np
@@ -62,6 +108,8 @@ def session_calls(sessions: dict) -> dict[str, Callable]:
     if "unet_velocity" in sessions:
         calls["velocity"] = lambda x, t, h: sessions["unet_velocity"].run(
             None, {"sample": x, "timestep": t, "encoder_hidden_states": h})[0]
+    if "vae_encoder" in sessions:
+        calls["vae_encoder"] = lambda img: sessions["vae_encoder"].run(None, {"sample": np.asarray(img, np.float32)})[0]
     return calls
 
 
