@@ -372,7 +372,7 @@ def measure(model: str, exports: dict[str, Path], threads: int, warmup: int, rep
                 pipe = None  # every torch runtime timed: free the pipeline before ORT loads
             gc.collect()
     process_peak = rss.peak_mib()
-    del pipe
+    pipe = None  # noqa: F841  (the pipeline freed before the export rows)
     gc.collect()
     for k, m in memory.items():
         if "load_mib" in m and "run_peak_mib" in m:

@@ -3,7 +3,7 @@
 One converter per component (``specs.ONE_STEP``, plus the fused ``generator`` with ``--fused``), as
 Apple's ``torch2coreml`` has, written with the resource names its Swift ``StableDiffusion`` package
 expects: ``TextEncoder.mlpackage``, ``Unet.mlpackage``, ``VAEDecoder.mlpackage``, ``vocab.json``,
-``merges.txt``, and ``manifest.json``. Two layouts (``--layout``):
+``merges.txt`` (and, for its image to image, ``VAEEncoder.mlpackage``: Apple layout), and ``manifest.json``. Two layouts (``--layout``):
 
 * ``apple`` (default): Apple's names, shapes and dtypes, and a Unet that answers its DPM-Solver++ at
   ``--step-count 1`` with an ε whose x0 is our one-step latent (``coreml_apple.py``), so Apple's Swift
@@ -124,6 +124,8 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
         apple.check_model(pipe.info, config.model)
     shapes = _image_sizes(config, pipe)
     names = ["text_encoder", "unet", "vae_decoder"] + (["generator"] if config.fused else [])
+    if config.options.layout is CoreMLLayout.apple:
+        names.append("vae_encoder")  # Apple's image to image (VAEEncoder.mlpackage), after the decoder's image
     components: dict[str, dict] = {}
     quality = quality_size(config, pipe, shapes[0])
     with atomic_dir(config.output, config.force, (config.model, config.calibration_prompts)) as tmp:

@@ -184,9 +184,9 @@ def report_rows(components: dict, end_to_end: dict | None, scheme: str | None) -
             "psnr_compression_only": (c.get("parity_compression_fp32") or {}).get("psnr"),
         })
     if end_to_end is not None:
-        size = sum(c["size_bytes"] for n, c in components.items() if n != "generator")
-        bits = sum(c["weight_bytes"] * 8 for n, c in components.items() if n != "generator")
-        params = sum(c["params"] for n, c in components.items() if n != "generator")
+        size = sum(c["size_bytes"] for n, c in components.items() if n not in ("generator", "vae_encoder"))
+        bits = sum(c["weight_bytes"] * 8 for n, c in components.items() if n not in ("generator", "vae_encoder"))
+        params = sum(c["params"] for n, c in components.items() if n not in ("generator", "vae_encoder"))
         rows.append({"component": "image (end to end)", "scheme": scheme or "none", "size_mb": round(size / 1e6, 3),
                      "bits_per_weight": round(bits / params, 3), "psnr_vs_fp32": end_to_end["psnr"],
                      "psnr_compression_only": None})

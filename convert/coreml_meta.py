@@ -13,7 +13,8 @@ from ..artifacts import package_versions
 from . import coreml_apple as apple
 from .config import CoreMLLayout
 
-NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "generator": "Generator"}
+NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder",
+         "generator": "Generator"}
 DESCRIPTIONS = {
     "input_ids": "CLIP token ids (batch, 77) as float32: <|startoftext|>, the prompt's tokens, <|endoftext|>, padded with <|endoftext|>",
     "last_hidden_state": "CLIP text encoder last hidden states (batch, 77, hidden): the UNet's encoder_hidden_states",

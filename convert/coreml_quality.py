@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 BIG_UNET = 100_000_000  # parameters: a full-size UNet (SD1.5: 860 M), where each CPU pass costs seconds to minutes
 FP16_QUALITY_SIDE = 128
-_STATE_KEY = {"text_encoder": "hidden", "unet": "latents", "vae_decoder": "image", "generator": "fused_image"}
+_STATE_KEY = {"text_encoder": "hidden", "unet": "latents", "vae_decoder": "image", "vae_encoder": "image_latent",
+              "generator": "fused_image"}
 
 
 def quality_size(config: ConvertConfig, pipe, full):

@@ -47,6 +47,11 @@ class Sizes:
     image_channels: int = 3
     one: int = 1  # a literal 1: Apple's hidden states are (batch, hidden, 1, sequence)
 
+    @property
+    def moments(self) -> int:
+        """Mean and logvar channels of a VAE posterior (Apple's VAEEncoder output)."""
+        return 2 * self.latent_channels
+
     @classmethod
     def of(cls, pipe, batch: int = 1, height: int | None = None, width: int | None = None) -> "Sizes":
         h, w = height or pipe.default_size, width or pipe.default_size

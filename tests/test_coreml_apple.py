@@ -29,8 +29,9 @@ from instaflow_edge.convert.config import ConvertConfig, Precision  # noqa: E402
 from instaflow_edge.parity import psnr  # noqa: E402
 
 PROMPTS = [("a red fox in snow", 0), ("a lighthouse at night", 3)]
-OUTPUTS = {"text_encoder": ["last_hidden_state", "pooled_outputs"], "unet": ["noise_pred"], "vae_decoder": ["image"]}
-FILES = {"TextEncoder": "text_encoder", "Unet": "unet", "VAEDecoder": "vae_decoder"}
+OUTPUTS = {"text_encoder": ["last_hidden_state", "pooled_outputs"], "unet": ["noise_pred"], "vae_decoder": ["image"],
+           "vae_encoder": ["latent"]}
+FILES = {"TextEncoder": "text_encoder", "Unet": "unet", "VAEDecoder": "vae_decoder", "VAEEncoder": "vae_encoder"}
 
 
 def _with_scaling_factor(src, dst, factor: float):
@@ -78,17 +79,17 @@ def _swift_image(export, traced: dict, precision: Precision, prompt: str, seed: 
     m = json.loads((export / "manifest.json").read_text())
     shape = (1, m["latent"]["channels"], *(s // m["latent"]["vae_scale_factor"] for s in m["image_sizes"][0]))
     return swift.generate_images(models["text_encoder"], models["unet"], models["vae_decoder"], tok, prompt, seed=seed,
-                                 latent_shape=shape, **kw)
+                                 latent_shape=shape, encoder=models["vae_encoder"], **kw)
 
 
-def _generate_png(tmp_path, model, prompt: str, seed: int, guidance: float = 1.0) -> np.ndarray:
+def _generate_png(tmp_path, model, prompt: str, seed: int, guidance: float = 1.0, **kw) -> np.ndarray:
     from PIL import Image
 
     from instaflow_edge.generate import GenerateConfig, generate
 
-    out = tmp_path / f"gen-{seed}-{guidance}"
+    out = tmp_path / f"gen-{seed}-{guidance}-{kw.get('strength')}"
     m = generate(GenerateConfig(model=str(model), prompts=[prompt], output=str(out), seed=seed, guidance=guidance,
-                                device="cpu", dtype="float32"), progress=False)
+                                device="cpu", dtype="float32", **kw), progress=False)
     return np.asarray(Image.open(out / m["images"][0]["file"]).convert("RGB"))
 
 
@@ -188,6 +189,36 @@ def test_swift_pipeline_on_fp32_modules_matches_generate(apple_fp32, digits_scal
         assert _psnr8(ours, theirs["image"]) >= 60.0, (prompt, _psnr8(ours, theirs["image"]))
         fused = _swift_image(export, traced, Precision.fp32, prompt, seed, fused=True)  # an fma in convertModelOutput
         assert _psnr8(ours, fused["image"]) >= 60.0
+
+
+def test_swift_image_to_image_on_fp32_modules_matches_generate(apple_fp32, digits_scaled_tiny, tmp_path):
+    """Apple's image to image (``--image START --strength S --step-count N`` with one step left): its
+    planarRGBShapedArray, Encoder.encode (sampling from our VAEEncoder's floor logvar), addNoise on its VP
+    schedule, then the Unet and DPM-Solver++ at timestep t, give ``generate --image START --strength
+    σ_t/(α_t + σ_t)``'s image (≥ 40 dB, fp32)."""
+    from PIL import Image
+
+    export, _, traced = apple_fp32
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:64, 0:64]
+    start = (np.stack([xx * 4, yy * 4, (xx + yy) * 2], -1) % 256 + rng.integers(0, 30, (64, 64, 3))).clip(0, 255).astype(np.uint8)
+    path = tmp_path / "start.png"
+    Image.fromarray(start).save(path)
+    prompt, seed = PROMPTS[0]
+    text_to_image = _generate_png(tmp_path, digits_scaled_tiny, prompt, seed)
+    for steps, strength, t in ((2, 0.5, 500), (4, 0.3, 250), (5, 0.25, 200)):
+        assert apple.img2img_timesteps(steps, strength) == [t]
+        theirs = _swift_image(export, traced, Precision.fp32, prompt, seed, starting_image=start, strength=strength,
+                              step_count=steps)
+        assert theirs["timesteps"] == [t]
+        s = apple.straight_strength(t)
+        ours = _generate_png(tmp_path, digits_scaled_tiny, prompt, seed, image=str(path), strength=s)
+        db = _psnr8(ours, theirs["image"])
+        print(f"steps {steps} strength {strength}: t = {t}, generate --strength {s:.6f}: {db:.2f} dB")
+        assert db >= 40.0, (steps, strength, t, s, db)
+        assert _psnr8(ours, text_to_image) < 40.0  # and the edit is an edit, not the text-to-image picture
+    # text to image is untouched by the timestep lookup (t = 999: the noise itself, one step of size 1)
+    assert swift.DPMSolverMultistepScheduler(1).calculate_timesteps(None) == [999]
 
 
 def test_swift_guidance_is_instaflows_guidance(apple_fp32, digits_scaled_tiny, tmp_path):

@@ -10,9 +10,11 @@ peer, not our reference.
 Covered: the BPE tokenizer and the 77-token framing (``BPETokenizer*.swift``, ``TextEncoder.swift``),
 ``TorchRandomSource`` (the CLI's ``--rng torch``), ``toHiddenStates``, ``performGuidance``,
 ``DPMSolverMultistepScheduler`` (linspace spacing; the first-order update, which is what one step runs),
-``Unet.predictNoise``, ``Decoder.decode`` and ``CGImage.fromShapedArray``. Not covered: PNDM and
-DiscreteFlow (they crash at ``stepCount 1``: PNDM's ``timeSteps.last!`` on an empty list, DiscreteFlow's
-``linspace(…, 1)`` divides by zero), ControlNet, image-to-image, the safety checker.
+``Unet.predictNoise``, ``Decoder.decode`` and ``CGImage.fromShapedArray``; image to image:
+``CGImage.planarRGBShapedArray``, ``Encoder.encode`` (its DiagonalGaussianDistribution sample drawn from
+the same random source, after the noise), ``Scheduler.addNoise`` and ``calculateTimesteps(strength:)``.
+Not covered: PNDM and DiscreteFlow (they crash at ``stepCount 1``: PNDM's ``timeSteps.last!`` on an empty
+list, DiscreteFlow's ``linspace(…, 1)`` divides by zero), ControlNet, the safety checker.
 """
 
 from __future__ import annotations
@@ -182,6 +184,9 @@ class TorchRandomSource:
         self.next_gauss_value = radius * math.sin(theta)
         return radius * math.cos(theta)
 
+    def next_normal(self, mean: float = 0.0, stdev: float = 1.0) -> float:
+        return self.next_gauss() * stdev + mean  # nextNormal(mean:stdev:)
+
     def normal_array(self, count: int, mean: float = 0.0, stdev: float = 1.0) -> np.ndarray:
         if count < 16:  # normalArray(count:mean:stdev:): Box-Muller directly below 16 values
             return np.array([self.next_gauss() * stdev + mean for _ in range(count)], dtype=np.float64)
@@ -261,6 +266,19 @@ class DPMSolverMultistepScheduler:
         self.model_outputs: list[np.ndarray] = []
         self.lower_order_stepped = 0
 
+    def calculate_timesteps(self, strength: float | None) -> list[int]:
+        if strength is None:  # Scheduler.swift: calculateTimesteps(strength:): guard let strength else { return timeSteps }
+            return list(self.time_steps)
+        start_step = max(self.inference_step_count - int(F(self.inference_step_count) * F(strength)), 0)  # Int(Float(n) * strength)
+        return list(self.time_steps[start_step:])  # Array(timeSteps[startStep...])
+
+    def add_noise(self, original_sample: np.ndarray, noise: list[np.ndarray], strength: float) -> list[np.ndarray]:
+        start_step = max(self.inference_step_count - int(F(self.inference_step_count) * F(strength)), 0)  # addNoise(…)
+        alpha_prod_t = self.alphas_cum_prod[self.time_steps[start_step]]  # alphasCumProd[timeSteps[startStep]]
+        beta_prod_t = F(F(1) - alpha_prod_t)  # 1 - alphaProdt
+        sqrt_alpha, sqrt_beta = np.sqrt(alpha_prod_t, dtype=np.float32), np.sqrt(beta_prod_t, dtype=np.float32)  # sqrt (Float)
+        return [self.weighted_sum([float(sqrt_alpha), float(sqrt_beta)], [original_sample, n]) for n in noise]
+
     def convert_model_output(self, model_output: np.ndarray, timestep: int, sample: np.ndarray,
                              fused: bool = False) -> np.ndarray:
         alpha_t, sigma_t = self.alpha_t[timestep], self.sigma_t[timestep]  # convertModelOutput (timestepToIndex: identity)
@@ -330,14 +348,45 @@ def cgimage_from_shaped_array(array: np.ndarray) -> np.ndarray:
     return np.floor(np.clip(interleaved, 0.0, 1.0).astype(np.float64) * 255.0 + 0.5).astype(np.uint8)
 
 
+def planar_rgb_shaped_array(pixels: np.ndarray, min_value: float, max_value: float) -> np.ndarray:
+    """CGImage.planarRGBShapedArray(minValue:maxValue:) of an opaque RGB image, (H, W, 3) uint8 →
+    (1, 3, H, W) float32: ARGB8888 (alpha 255, so the alpha-0 → −1 rule never fires) through
+    vImageConvert_ARGB8888toPlanarF, float = min + (max − min)·pixel/255, planes R, G, B."""
+    assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8
+    lo, hi = F(min_value), F(max_value)
+    planes = [(lo + (hi - lo) * (pixels[:, :, c].astype(np.float32) / F(255))).astype(np.float32) for c in range(3)]
+    return np.stack(planes)[None]  # MLShapedArray(data: red + green + blue, shape: [1, 3, height, width])
+
+
+def encode(encoder, pixels: np.ndarray, scale_factor: float, random: "TorchRandomSource", input_shape: tuple) -> np.ndarray:
+    """Encoder.swift: encode(_:scaleFactor:random:) → the scaled latent (1, 4, h, w)."""
+    image_data = planar_rgb_shaped_array(pixels, -1.0, 1.0)  # image.planarRGBShapedArray(minValue: -1.0, maxValue: 1.0)
+    if tuple(image_data.shape) != tuple(input_shape):  # guard imageData.shape == inputShape
+        raise ValueError("sampleInputShapeNotCorrect")
+    out = encoder({"x": image_data})  # [inputName: MLMultiArray(imageData)]
+    output = np.asarray(next(iter(out.values())), dtype=np.float32)  # result.featureNames.first!
+    mean = output[0][0:4]  # output[0][0..<4]
+    logvar = np.clip(output[0][4:8], F(-30), F(20)).astype(np.float32)  # min(max($0, -30), 20)
+    std = np.exp(F(0.5) * logvar).astype(np.float32)  # exp(0.5 * $0)
+    latent = np.empty_like(mean)
+    flat_mean, flat_std, flat = mean.reshape(-1), std.reshape(-1), latent.reshape(-1)
+    for i in range(flat.size):  # zip(mean.scalars, std.scalars).map { Float32(random.nextNormal(mean:stdev:)) }, in order
+        flat[i] = F(random.next_normal(float(flat_mean[i]), float(flat_std[i])))
+    return (latent * F(scale_factor)).astype(np.float32)[None]  # $0 * scaleFactor, shape [1] + latent.shape
+
+
 # ---------------------------------------------------------------------------------------------------
-# pipeline/StableDiffusionPipeline.swift: generateImages, text to image, DPM-Solver++
+# pipeline/StableDiffusionPipeline.swift: generateImages, text to image or image to image, DPM-Solver++
 
 
 def generate_images(text_encoder, unet, decoder, tokenizer: BPETokenizer, prompt: str, *, seed: int, step_count: int = 1,
                     guidance_scale: float = 0.0, negative_prompt: str = "", decoder_scale_factor: float = 0.18215,
-                    latent_shape: tuple | None = None, latents: np.ndarray | None = None, fused: bool = False) -> dict:
-    """One image, ``imageCount`` 1, ``--scheduler dpmpp --rng torch``. Returns the pixels and what led to them."""
+                    latent_shape: tuple | None = None, latents: np.ndarray | None = None, fused: bool = False,
+                    encoder=None, starting_image: np.ndarray | None = None, strength: float = 1.0,
+                    encoder_scale_factor: float = 0.18215) -> dict:
+    """One image, ``imageCount`` 1, ``--scheduler dpmpp --rng torch``; image to image when
+    ``starting_image`` ((H, W, 3) uint8) is given with ``strength`` < 1. Returns the pixels and what led to them."""
+    image_to_image = starting_image is not None and strength < 1.0  # Configuration.mode: .imageToImage
     prompt_embedding = text_encoder_encode(text_encoder, tokenizer, prompt)  # textEncoder.encode(config.prompt)
     if guidance_scale >= 1.0:  # concatenate [negative, prompt]
         negative = text_encoder_encode(text_encoder, tokenizer, negative_prompt)
@@ -347,9 +396,16 @@ def generate_images(text_encoder, unet, decoder, tokenizer: BPETokenizer, prompt
     if latents is None:  # generateLatentSamples: sampleShape[0] = 1, stdev = initNoiseSigma
         random = TorchRandomSource(seed)
         latents = random.normal_shaped_array(latent_shape, 0.0, float(scheduler.init_noise_sigma)).astype(np.float32)  # MLShapedArray<Float32>(converting:)
+        if image_to_image:  # if let image = config.startingImage, config.mode == .imageToImage
+            if encoder is None:
+                raise ValueError("startingImageProvidedWithoutEncoder")
+            image_shape = (1, 3, starting_image.shape[0], starting_image.shape[1])
+            latent = encode(encoder, starting_image, encoder_scale_factor, random, image_shape)  # the same random, after the noise
+            latents = scheduler.add_noise(latent, [latents], strength)[0]  # scheduler.addNoise(originalSample:noise:strength:)
     noise0 = latents.copy()
     denoised = latents.copy()
-    for t in scheduler.time_steps:  # for (step, t) in timeSteps.enumerated()
+    time_steps = scheduler.calculate_timesteps(strength if image_to_image else None)  # timestepStrength
+    for t in time_steps:  # for (step, t) in timeSteps.enumerated()
         if guidance_scale >= 1.0:  # a batch-1 Unet: serial predictions, uncond then text
             noise = np.concatenate([predict_noise(unet, latents, t, hidden_states[0:1]),
                                     predict_noise(unet, latents, t, hidden_states[1:2])], axis=0)
@@ -360,8 +416,8 @@ def generate_images(text_encoder, unet, decoder, tokenizer: BPETokenizer, prompt
         denoised = scheduler.model_outputs[-1]  # denoisedLatents[i] = scheduler[i].modelOutputs.last ?? latents[i]
     image = decode(decoder, [denoised], decoder_scale_factor)[0]  # decodeToImages(denoisedLatents, …)
     return {"image": image, "ids": text_encoder_ids(tokenizer, prompt), "noise": noise0, "x0": denoised,
-            "timesteps": list(scheduler.time_steps), "alpha": scheduler.alpha_t[scheduler.time_steps[0]],
-            "sigma": scheduler.sigma_t[scheduler.time_steps[0]]}
+            "timesteps": list(time_steps), "alpha": scheduler.alpha_t[time_steps[0]],
+            "sigma": scheduler.sigma_t[time_steps[0]]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,6 +453,12 @@ CONTRACT = {
     "VAEDecoder": {
         "inputs": [("z", ("B", 4, "h", "w"), _F16_OR_F32)],
         "outputs": [("image", ("B", 3, "H", "W"), _F32)],
+    },
+    # convert_vae_encoder: input "x" (the image in [-1, 1]), output ["latent"] = quant_conv(encoder(x)), the
+    # posterior's mean and logvar (Encoder.swift reads channels 0..<4 and 4..<8)
+    "VAEEncoder": {
+        "inputs": [("x", ("B", 3, "H", "W"), _F16_OR_F32)],
+        "outputs": [("latent", ("B", 8, "h", "w"), _F32)],
     },
 }
 # StableDiffusionPipeline+Resources.swift, ResourceURLs(resourcesAt:): the files it loads (compiled .mlmodelc
