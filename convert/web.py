@@ -57,6 +57,7 @@ PAGE_FILES = ("index.html", "app.mjs", "clip_tokenizer.mjs", "torch_randn.mjs")
 ORT_FILES = ("ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
 ORT_ENV = "INSTAFLOW_EDGE_ORT_WEB"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+EDIT_COMPONENTS = ("vae_encoder",)  # image to image, when the ONNX export ships it
 # what the page's tokenizer port implements (transformers' CLIPTokenizer, tokenizers backend)
 _CLIP_SPLIT = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 # options that shape an ONNX export: given with an export folder as MODEL they would be silently unused
@@ -236,7 +237,8 @@ def export_web(cfg: ConvertConfig) -> dict:
             "example_prompt": (prompts or ["a red fox in snow"])[0] if isinstance(prompts, list) and prompts else "a red fox in snow",
             "latent_shape": list(facts.latent_shape), "height": facts.height, "width": facts.width,
             "scaling_factor": facts.scaling_factor,
-            "components": {n: _component_files(tmp, n) for n in COMPONENTS},
+            "components": {n: _component_files(tmp, n) for n in COMPONENTS + EDIT_COMPONENTS if n in facts.components},
+            "unet_timestep": (onnx_manifest.get("onnx") or {}).get("unet_timestep"),
             "tokenizer": {"vocab": "model/tokenizer/vocab.json", "merges": "model/tokenizer/merges.txt",
                           **tokenizer_facts(model_dir / "tokenizer")},
             "noise": "torch.randn(latent_shape, generator=torch.Generator('cpu').manual_seed(seed)), float32, "
@@ -244,7 +246,8 @@ def export_web(cfg: ConvertConfig) -> dict:
                      "differs in the last bit of some values)",
             "torch_cpu_capability": _cpu_capability(),
             "onnxruntime_web": {"version": version, "files": [f"ort/{f}" for f in ORT_FILES]},
-            "same_image_as": "instaflow-edge generate SITE/model PROMPT --seed SEED --backend onnx",
+            "same_image_as": "instaflow-edge generate SITE/model PROMPT --seed SEED --backend onnx "
+                             "[--image START --strength S: a starting image at the model's size]",
         }
         manifest = make_manifest(
             SITE_KIND, cfg,

@@ -273,9 +273,12 @@ def page_images(browser, site: Path, jobs: list[tuple[str, int]], screenshot: Pa
             page.goto(url + "?" + query)
             page.wait_for_function("document.getElementById('status').dataset.state !== 'loading'", timeout=180_000)
             assert page.get_attribute("#status", "data-state") == "ready", page.text_content("#status")
-            for k, (prompt, seed) in enumerate(jobs):
+            for k, (prompt, seed, *edit) in enumerate(jobs):
                 page.fill("#prompt", prompt)
                 page.fill("#seed", str(seed))
+                if edit:  # (prompt, seed, starting image, strength): image to image
+                    page.set_input_files("#start", str(edit[0]))
+                    page.fill("#strength", str(edit[1]))
                 page.click("#generate")
                 page.wait_for_function(f"window.instaflow.runs === {k + 1} || "
                                        "document.getElementById('status').dataset.state === 'error'", timeout=180_000)
@@ -334,6 +337,35 @@ def check_page_matches_generate(browser, site: Path, preset: str, tmp_path: Path
 def test_page_matches_generate_tiny_fp32(browser, tiny_site, tmp_path):
     site, _ = tiny_site
     check_page_matches_generate(browser, site, "tiny", tmp_path)
+
+
+def test_page_edits_as_generate_does(browser, tiny_site, tmp_path):
+    """Image to image on the page (a starting image at the model's size, two strengths): the image of
+    ``generate SITE/model --backend onnx --image START --strength S``, ≥ 40 dB."""
+    from PIL import Image
+
+    site, _ = tiny_site
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:64, 0:64]
+    start = tmp_path / "start.png"
+    Image.fromarray((np.stack([xx * 4, yy * 3, (xx + yy) * 2], -1) % 256 + rng.integers(0, 25, (64, 64, 3)))
+                    .clip(0, 255).astype(np.uint8)).save(start)
+    jobs = [("a red fox in snow", 3, start, 0.6), ("a cat wearing a hat", 9, start, 0.35)]
+    page, facts = page_images(browser, site, jobs)
+    figures = []
+    for k, (prompt, seed, image, strength) in enumerate(jobs):
+        out = tmp_path / f"edit-{k}"
+        r = run("generate", site / "model", prompt, "--seed", seed, "--backend", "onnx", "--image", image,
+                "--strength", strength, "-o", out)
+        assert r.exit_code == 0, r.output
+        ref = np.asarray(Image.open(next(out.glob("*.png"))).convert("RGB"))
+        figures.append(round(psnr8(page[k], ref), 2))
+        assert facts["runs"][k]["strength"] == strength and not facts["runs"][k]["resized"]
+    print(f"\nimage to image on the page vs generate --image: {figures} dB")
+    assert all(p >= GATE_DB for p in figures), figures
+    assert "vae_encoder" in facts["latency_rows"]
+    text_only, _ = page_images(browser, site, [jobs[0][:2]])
+    assert psnr8(text_only[0], page[0]) < GATE_DB  # the edit is not the text-to-image picture
 
 
 def test_page_refuses_a_bad_seed(browser, tiny_site):

@@ -1,6 +1,8 @@
 // The page: token ids (clip_tokenizer.mjs) and noise (torch_randn.mjs) exactly as the Python pipeline makes
 // them, then text encoder -> one-step UNet (sample + v at timestep 1000) -> VAE decoder with
-// onnxruntime-web, and the image converted to 8 bits as `instaflow-edge generate` does.
+// onnxruntime-web, and the image converted to 8 bits as `instaflow-edge generate` does. With a starting
+// image, image to image as `generate --image --strength S`: VAE encoder, the straight-path point
+// (1 - S)·x1 + S·z, the UNet graph at timestep 1000·S (its input ÷ r(t)), the decoder.
 // Everything it loads is in this folder (manifest.json says where); nothing comes from the network.
 import * as ort from "./ort/ort.min.mjs";
 import { ClipTokenizer } from "./clip_tokenizer.mjs";
@@ -47,6 +49,14 @@ async function fetchText(url) {
   return r.text();
 }
 
+function openSession(spec) {
+  const options = { executionProviders: [state.backend], graphOptimizationLevel: "all" };
+  if (spec.external_data && spec.external_data.length) {
+    options.externalData = spec.external_data.map((e) => ({ path: e.path, data: e.url }));
+  }
+  return ort.InferenceSession.create(spec.url, options);
+}
+
 async function load() {
   const t0 = performance.now();
   const manifest = await fetchJson("manifest.json");
@@ -68,13 +78,12 @@ async function load() {
 
   state.sessions = {};
   for (const [name, spec] of Object.entries(web.components)) {
+    if (name === "vae_encoder") continue; // image to image only: loaded on the first edit
     setStatus(`Loading ${name}…`, "loading");
-    const options = { executionProviders: [state.backend], graphOptimizationLevel: "all" };
-    if (spec.external_data && spec.external_data.length) {
-      options.externalData = spec.external_data.map((e) => ({ path: e.path, data: e.url }));
-    }
-    state.sessions[name] = await ort.InferenceSession.create(spec.url, options);
+    state.sessions[name] = await openSession(spec);
   }
+  const canEdit = Boolean(web.components.vae_encoder) && web.unet_timestep === "straight-path";
+  $("edit").hidden = !canEdit;
   state.load_ms = performance.now() - t0;
   state.ready = true;
   $("generate").disabled = false;
@@ -110,9 +119,34 @@ function toRgba(data, h, w) {
   return out;
 }
 
-async function generate(prompt, seedText) {
+function parseStrength(text) {
+  const s = String(text).trim();
+  const v = Number(s);
+  if (s === "" || !Number.isFinite(v) || v <= 0 || v > 1) throw new Error("the strength must be a number in (0, 1]");
+  return v;
+}
+
+/** The starting image as generate reads it: RGB bytes, v / 127.5 - 1 in float32, planar (1, 3, H, W).
+ *  An image of another size is scaled by the browser (generate resizes bicubic: pixels differ). */
+async function imageInput(file, h, w) {
+  const bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  const canvas = new OffscreenCanvas(w, h);
+  const ctx = canvas.getContext("2d", { colorSpace: "srgb" });
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(bitmap, 0, 0, w, h);
+  const rgba = ctx.getImageData(0, 0, w, h).data;
+  const plane = h * w;
+  const out = new Float32Array(3 * plane);
+  for (let c = 0; c < 3; c++) {
+    for (let i = 0; i < plane; i++) out[c * plane + i] = f(f(rgba[i * 4 + c] / 127.5) - 1);
+  }
+  return { data: out, resized: bitmap.width !== w || bitmap.height !== h };
+}
+
+async function generate(prompt, seedText, edit) {
   const web = state.web;
   const seed = parseSeed(seedText);
+  const strength = edit ? parseStrength(edit.strength) : 1;
   const ms = {};
   let t = performance.now();
   const t0 = t;
@@ -126,8 +160,27 @@ async function generate(prompt, seedText) {
   const s = state.sessions;
   const ehs = (await s.text_encoder.run({ input_ids: new ort.Tensor("int64", ids, [1, ids.length]) })).last_hidden_state;
   lap("text_encoder");
-  const feed = { sample: new ort.Tensor("float32", noise, [1, c, lh, lw]), encoder_hidden_states: ehs };
-  if (s.unet.inputNames.includes("timestep")) feed.timestep = new ort.Tensor("float32", Float32Array.of(1000), [1]);
+  let sample = noise;
+  let timestep = 1000;
+  let resized = false;
+  if (edit && strength !== 1) {
+    // sampler.edit in float32: x1 = mean · scaling_factor; x = (1 - S)·x1 + S·z; the graph takes x / r(t)
+    if (!s.vae_encoder) s.vae_encoder = await openSession(web.components.vae_encoder);
+    const img = await imageInput(edit.file, web.height, web.width);
+    resized = img.resized;
+    const mean = await (await s.vae_encoder.run({ sample: new ort.Tensor("float32", img.data, [1, 3, web.height, web.width]) }))
+      .latent_sample.getData();
+    lap("vae_encoder");
+    const sf = f(web.scaling_factor);
+    const a = f(1 - strength), b = f(strength);
+    timestep = f(1000 * strength);
+    const t = 1000 * strength;
+    const r = f(Math.sqrt((1000 - t) ** 2 + t ** 2) / 1000);
+    sample = new Float32Array(noise.length);
+    for (let i = 0; i < noise.length; i++) sample[i] = f(f(f(a * f(mean[i] * sf)) + f(b * noise[i])) / r);
+  }
+  const feed = { sample: new ort.Tensor("float32", sample, [1, c, lh, lw]), encoder_hidden_states: ehs };
+  if (s.unet.inputNames.includes("timestep")) feed.timestep = new ort.Tensor("float32", Float32Array.of(timestep), [1]);
   const lat = (await s.unet.run(feed)).out_sample;
   lap("unet");
   const latData = await lat.getData();
@@ -147,7 +200,7 @@ async function generate(prompt, seedText) {
   canvas.getContext("2d").putImageData(new ImageData(toRgba(imgData, h, w), w, h), 0, 0);
   lap("to_image");
   ms.total = performance.now() - t0;
-  return { prompt, seed: seed.toString(), ms, height: h, width: w };
+  return { prompt, seed: seed.toString(), ms, height: h, width: w, strength: edit ? strength : null, resized };
 }
 
 function showLatency(ms) {
@@ -168,11 +221,13 @@ $("form").addEventListener("submit", async (ev) => {
   $("generate").disabled = true;
   setStatus("Generating…", "busy");
   try {
-    const r = await generate($("prompt").value, $("seed").value);
+    const file = $("edit").hidden ? null : $("start").files[0];
+    const r = await generate($("prompt").value, $("seed").value, file ? { file, strength: $("strength").value } : null);
     state.last = r;
     state.runs += 1;
     showLatency(r.ms);
-    setStatus(`Done: seed ${r.seed}, ${r.width}×${r.height}, ${r.ms.total.toFixed(1)} ms.`, "done");
+    const how = r.strength === null ? "" : `, edited at strength ${r.strength}${r.resized ? " (the image was scaled to the model's size)" : ""}`;
+    setStatus(`Done: seed ${r.seed}, ${r.width}×${r.height}${how}, ${r.ms.total.toFixed(1)} ms.`, "done");
   } catch (e) {
     state.last = null;
     setStatus(`Error: ${e.message}`, "error");
