@@ -122,8 +122,10 @@ def test_report_tiny_onnx_in_chromium(tiny_dir, tiny_exports, tmp_path):
     report = check_in_browser(out, _artifacts(tmp_path) / "report-tiny-onnx.png", n_images=3)
     assert report["prompts"] == ["a red fox in snow", "a blue house"] and report["seeds"] == [0, 1]
     par = report["parity"]["ort fp32"]
-    assert set(par) == {"text_encoder", "unet", "vae_decoder", "end_to_end"}
-    assert all(row["gate"] == 60.0 and row["pass"] and row["psnr"] > 60 for row in par.values())
+    # image to image too: the export's encoder and its edit of the reference's next image (strength 0.6)
+    assert set(par) == {"text_encoder", "unet", "vae_decoder", "end_to_end", "vae_encoder", "image_to_image"}
+    assert all(row["gate"] == 60.0 and row["pass"] and (row["psnr"] is None or row["psnr"] > 60) for row in par.values()), par
+    assert report["image_to_image"]["strength"] == 0.6 and report["image_to_image"]["exports"] == {"ort fp32": True}
     assert report["verdicts"]["ort fp32"]["pass"] is True
     sizes = report["runtimes"]["ort fp32"]["sizes"]["unet"]
     assert sizes["params"] > 0 and 30 < sizes["bits_per_weight"] < 40  # fp32 weights + the graph
@@ -133,7 +135,7 @@ def test_report_tiny_onnx_in_chromium(tiny_dir, tiny_exports, tmp_path):
                                                                             "ort fp32 (CUDA provider)"]
     assert report["digits"] is None  # tiny is not a digits model
     md = (out / "report.md").read_text()
-    assert "ort fp32: PASS" in md and "![image grid](grid.png)" in md
+    assert "ort fp32: PASS" in md and "![image grid](grid.png)" in md and "| ort fp32 | image_to_image |" in md
     from instaflow_edge.bench.tables import tables
 
     rows = tables(report).splitlines()

@@ -26,9 +26,10 @@ from ..artifacts import (
     write_manifest,
 )
 from ..errors import InputError
+from ..runtime.sampler import edit
 from ..validators import boolean, integer, prompt_file, seed
 from .bench_input import read_bench
-from .runtimes import COMPONENT_ORDER, Runtime, open_exports, reference, used_params
+from .runtimes import COMPONENT_ORDER, EDIT_STRENGTH, Runtime, open_exports, reference, used_params
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,36 @@ def run_all(rt: Runtime, ids_list, noise_list, ref: dict, sf: float) -> tuple[di
     rows = {}
     for c in COMPONENT_ORDER:
         rows[c] = _parity(c, np.concatenate(refs[c]), np.concatenate([np.asarray(x) for x in comp[c]]), rt.gates.get(c))
+    if can_edit(rt) and "edit_image" in ref:
+        rows.update(edit_rows(rt, ids_list, noise_list, ref, sf))
     return rows, images
+
+
+def can_edit(rt: Runtime) -> bool:
+    """The runtime edits images with its own calls (a stand-in computed in PyTorch does not count)."""
+    return "vae_encoder" in rt.calls and "unet_at" in rt.calls and not rt.emulated
+
+
+def edit_images(rt: Runtime, ids_list, noise_list, starts, sf: float) -> tuple[list, list]:
+    """Each prompt's edit of its starting image at EDIT_STRENGTH through ``rt``'s own calls (the
+    runtimes' ``edit``), as images in [-1, 1]; and the encoder's latents of the starting images."""
+    import numpy as np
+
+    out, enc = [], []
+    for ids, z, start in zip(ids_list, noise_list, starts):
+        enc.append(np.asarray(rt.calls["vae_encoder"](start), dtype=np.float32))
+        out.append(edit(rt.calls, ids, start, z, sf, 1, EDIT_STRENGTH) * 2 - 1)
+    return out, enc
+
+
+def edit_rows(rt: Runtime, ids_list, noise_list, ref: dict, sf: float) -> dict:
+    """The image-to-image rows: the encoder on the reference's starting images, and the edit end to end."""
+    import numpy as np
+
+    got, enc = edit_images(rt, ids_list, noise_list, ref["edit_start"], sf)
+    return {"vae_encoder": _parity("vae_encoder", np.concatenate(ref["edit_latent"]), np.concatenate(enc), rt.gates.get("vae_encoder")),
+            "image_to_image": _parity("image_to_image", np.concatenate(ref["edit_image"]), np.concatenate(got),
+                                      rt.gates.get("end_to_end"))}
 
 
 def verdict(label: str, rows: dict) -> dict:
@@ -223,6 +253,9 @@ def make_report(config: ReportConfig, progress: bool = True) -> dict:
             ref["latents"].append(lat)
             ref["image"].append(ref_rt.calls["vae_decoder"](lat / sf))
     ref_images = [np.clip(x[0] / 2 + 0.5, 0, 1).transpose(1, 2, 0) for x in ref["image"]]
+    if pipe.info.flow == "rectified_flow" and any(can_edit(rt) for rt in exports):
+        ref["edit_start"] = [np.clip(ref["image"][(i + 1) % len(prompts)], -1, 1) for i in range(len(prompts))]
+        ref["edit_image"], ref["edit_latent"] = edit_images(ref_rt, ids_list, noise_list, ref["edit_start"], sf)
     parity, verdicts, images = {}, {}, {ref_rt.label: ref_images}
     for rt in exports:
         if progress:
@@ -237,6 +270,8 @@ def make_report(config: ReportConfig, progress: bool = True) -> dict:
                            image_size=list(pipe.image_size()),
                            runtimes={rt.label: rt.info() for rt in [ref_rt, *exports]},
                            parity=parity, verdicts=verdicts, digits=digits_block, latency=latency,
+                           image_to_image={"strength": EDIT_STRENGTH, "start": "the reference's image of the next prompt",
+                                           "exports": {rt.label: "image_to_image" in parity[rt.label] for rt in exports}},
                            bench_files=[str(b) for b in config.bench])
     with atomic_dir(config.output, config.force, inputs) as tmp:
         files = {"grid": "grid.png"}

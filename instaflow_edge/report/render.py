@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "end_to_end")
+EDIT_ROWS = ("vae_encoder", "image_to_image")  # exports that edit images (see report.json's image_to_image)
 
 
 _MD_META = re.compile(r"([\\`*\[\]|~])")
@@ -77,7 +78,7 @@ def _rows(report: dict):
     tables = [_summary(report)]
     rows = []
     for label, comps in report["parity"].items():
-        for c in COMPONENTS:
+        for c in [c for c in (*COMPONENTS, *EDIT_ROWS) if c in comps]:
             r = comps[c]
             p = ["parity", label, c]
             if r.get("error"):

@@ -24,6 +24,10 @@ from .. import runtime
 from ..artifacts import read_manifest
 
 COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "end_to_end")
+# image to image, for the exports that can (their calls have vae_encoder and unet_at): the encoder on the
+# starting images, and the edit end to end (prompt i edits the reference's image of prompt i + 1)
+EDIT_ORDER = ("vae_encoder", "image_to_image")
+EDIT_STRENGTH = 0.6
 
 
 @dataclasses.dataclass
@@ -53,7 +57,7 @@ def _torch_calls(pipe) -> dict[str, Callable]:
 
     from ..components import COMPONENTS
 
-    mods = {n: COMPONENTS[n].module(pipe) for n in ("text_encoder", "unet", "vae_decoder")}
+    mods = {n: COMPONENTS[n].module(pipe) for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
 
     def wrap(m):
         def call(*xs):
@@ -62,7 +66,17 @@ def _torch_calls(pipe) -> dict[str, Callable]:
 
         return call
 
-    return {n: wrap(m) for n, m in mods.items()}
+    def unet_at(x, t, h):
+        """The straight-path one-step graph the exports ship (convert/onnx.py: _OneStepUnet), in PyTorch:
+        x·r(t), then one Euler step of size t/1000 at timestep t."""
+        r = float(np.sqrt((1000.0 - t) ** 2 + t ** 2) / 1000.0)
+        with torch.no_grad():
+            xr = torch.from_numpy(np.ascontiguousarray(x)) * r
+            tt = torch.full((xr.shape[0],), float(t))
+            v = pipe.unet(xr, tt, encoder_hidden_states=torch.from_numpy(np.ascontiguousarray(h)), return_dict=False)[0]
+            return (xr + v * (t / 1000.0)).float().numpy()
+
+    return {**{n: wrap(m) for n, m in mods.items()}, "unet_at": unet_at}
 
 
 def used_params(pipe) -> dict[str, int]:
