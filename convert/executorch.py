@@ -54,6 +54,7 @@ from ..runtime.sampler import sample
 from ..validators import choice, optional_choice, prompt_file
 from . import reference
 from .config import _CAL_HELP, _QC_HELP, ConvertConfig, _components, opt, target
+from .onnx import UNET_TIMESTEP, _OneStepUnet, components_for, copy_pipeline_files
 
 log = logging.getLogger(__name__)
 
@@ -361,23 +362,19 @@ def lower(ep):
 
 
 def _one_step_unet(pipe):
-    """The one-step UNet (``OneStepDenoiser``'s ``z + v(z, τ=1000, text)``) with τ held as a buffer: the
-    timestep embedding is then a constant, folded at export (no shape ops left outside XNNPACK)."""
+    """The one-step UNet graph the ONNX export ships (``convert/onnx.py: _OneStepUnet``): (sample,
+    timestep, text) → x + (t/1000)·v(x, t), x = r(t)·sample; text to image feeds t = 1000 (``z + v(z,
+    1000)``), image to image t = 1000·strength. The timestep embedding's few ops run inside XNNPACK too
+    (measured on tiny: 99.9999% of FLOPs delegated, one delegate; an expand and a dim-order copy portable)."""
+    return _OneStepUnet.build(pipe).eval()
+
+
+def _unet_inputs(xs: tuple) -> tuple:
+    """The reference's (noise, hidden) for the one-step UNet with the text-to-image timestep between."""
     import torch
 
-    from .. import flow
-
-    class OneStep(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-            self.register_buffer("tau", torch.full((1,), float(flow.TAU_MAX)), persistent=False)
-
-        def forward(self, noise, encoder_hidden_states):
-            v = self.unet(noise, self.tau, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-            return flow.one_step(noise, v)
-
-    return OneStep(pipe.unet).eval()
+    noise, hidden = xs
+    return (noise, torch.full((noise.shape[0],), 1000.0), hidden)
 
 
 def component_module(pipe, name: str):
@@ -422,9 +419,7 @@ def calibration_inputs(pipe, name: str, prompts: list[str], latent_shape) -> lis
                 continue
             hidden = gen.encode(ids)
             noise = make_noise([i], latent_shape)
-            if name == "unet":
-                out.append((noise, hidden))
-            elif name == "unet_velocity":
+            if name in ("unet", "unet_velocity"):
                 out.append((noise, torch.full((1,), 1000.0), hidden))
             else:
                 out.append(((gen.denoise(noise, hidden) / pipe.scaling_factor).float(),))
@@ -449,7 +444,6 @@ def _export(cfg: ConvertConfig) -> dict:
     from ..components import COMPONENTS
     from ..parity import check_all, compare
     from ..quantize.onnx import CALIBRATION_PROMPTS
-    from .onnx import components_for, copy_pipeline_files
 
     require_executorch_export()
     etrt.require_executorch()
@@ -479,7 +473,7 @@ def _export(cfg: ConvertConfig) -> dict:
         for name in names:
             t = time.perf_counter()
             module = component_module(pipe, name)
-            inputs = ref.components[name][0]
+            inputs = _unet_inputs(ref.components[name][0]) if name == "unet" else ref.components[name][0]
             if precision is EtPrecision.fp16:
                 module = _Half(module)
             log.info(f"{name}: torch.export and decompositions")
@@ -502,14 +496,15 @@ def _export(cfg: ConvertConfig) -> dict:
         gc.collect()
         block = {**ref.facts.block(), "route": ROUTE, "precision": precision.value, "quantize": scheme,
                  "executorch_version": version("executorch"), "method": etrt.METHOD, "file": etrt.PROGRAM_FILE,
+                 "unet_timestep": UNET_TIMESTEP,
                  "batch": 1, "delegation": records,
                  "noise": "torch.randn(latent_shape, generator=torch.Generator('cpu').manual_seed(seed)), float32 "
                           "(torch_randn.mjs: the same stream, mt19937 and torch's Box-Muller, in 150 lines to port)",
                  "same_image_as": "instaflow-edge generate EXPORT PROMPT --seed SEED --backend executorch"}
         log.info(f"parity vs PyTorch ({precision.value}{'+' + scheme if scheme else ''}): {', '.join(names)}, end to end")
         progs = etrt.load_programs(tmp, names, ref.facts)
-        rows = [compare(name, ref.output(name), progs[name](*[x.numpy() for x in ref.components[name][0]]))
-                for name in names]
+        rows = [compare(name, ref.output(name), progs[name](*[x.numpy() for x in (
+            _unet_inputs(ref.components[name][0]) if name == "unet" else ref.components[name][0])])) for name in names]
         calls = etrt.program_calls({n: progs[n] for n in ONE_STEP})
         rows.append(compare("end_to_end", ref.image, sample(calls, ref.ids, ref.noise, ref.facts.scaling_factor, 1)))
         del progs, calls

@@ -2,13 +2,15 @@
 
 One program per component, each with the one method ``forward``, as an app loads them::
 
-    text_encoder/model.pte  unet/model.pte  vae_decoder/model.pte  [unet_velocity/model.pte]
+    text_encoder/model.pte  unet/model.pte  vae_decoder/model.pte  vae_encoder/model.pte  [unet_velocity/model.pte]
     tokenizer/  scheduler/  model_index.json  torch_randn.mjs  manifest.json  (manifest["executorch"])
 
 The programs are run with ExecuTorch's own runtime (``executorch.runtime``: the C++ runtime an Android or
 iOS app links, with the XNNPACK delegate), batch 1 at the export's image size. Every program is checked
 before the first image: it loads, has ``forward``, and its inputs are the component's (count, dtypes and
 shapes); a call with an input of another shape is refused in one line, never handed to the runtime.
+The UNet program takes (sample, timestep, text) (``convert/onnx.py: _OneStepUnet``): t = 1000 is text to
+image, t = 1000·strength with ``vae_encoder`` (loaded on the first edit) image to image (``--image``).
 This module stays light at import: executorch loads inside the functions.
 """
 
@@ -24,7 +26,7 @@ from ..artifacts import read_manifest
 from ..errors import DeviceError, InputError, MissingDependencyError, ModelError
 from ..pipeline import quiet_libraries
 from .base import ONE_STEP, Export, ExportFacts, RuntimeFormat
-from .sampler import check_sampling, tokenizer_for
+from .sampler import check_sampling, edit_calls, tokenizer_for
 
 KIND = "executorch-export"
 PROGRAM_FILE = "model.pte"
@@ -158,18 +160,21 @@ def export_facts(folder: Path, manifest: dict | None = None) -> tuple[ExportFact
     return facts, block
 
 
-def expected_inputs(facts: ExportFacts, name: str, hidden_shape: tuple[int, ...] | None) -> list | None:
+def expected_inputs(facts: ExportFacts, name: str, hidden_shape: tuple[int, ...] | None, timestep: bool = False) -> list | None:
     """(shape, dtype) of each input of component ``name`` at the export's size (batch 1); the UNets'
     text input is checked against the text encoder's output (``hidden_shape``)."""
     latent = (1, *facts.latent_shape)
     if name == "text_encoder":
         return None  # its token length is the tokenizer's; checked through its output below
-    if name == "unet":
-        return [(latent, "float32"), (hidden_shape, "float32")]
+    if name == "unet":  # with the timestep input: exports made since image to image
+        return [(latent, "float32"), ((1,), "float32"), (hidden_shape, "float32")] if timestep else \
+            [(latent, "float32"), (hidden_shape, "float32")]
     if name == "unet_velocity":
         return [(latent, "float32"), ((1,), "float32"), (hidden_shape, "float32")]
     if name == "vae_decoder":
         return [(latent, "float32")]
+    if name == "vae_encoder":
+        return [((1, 3, facts.height, facts.width), "float32")]
     return None
 
 
@@ -183,7 +188,7 @@ def load_programs(folder: Path, names, facts: ExportFacts) -> dict[str, Program]
                          "the folder mixes up components or models; " + _FIX)
     hidden = te.outputs[0][0]
     for n in names:
-        want = expected_inputs(facts, n, hidden)
+        want = expected_inputs(facts, n, hidden, timestep=n == "unet" and len(progs[n].inputs) == 3)
         if want is not None:
             progs[n].check(want)
     dec = progs["vae_decoder"].outputs[0][0]
@@ -194,12 +199,35 @@ def load_programs(folder: Path, names, facts: ExportFacts) -> dict[str, Program]
 
 
 def program_calls(progs: dict[str, Program]) -> dict:
+    import numpy as np
+
+    unet = progs["unet"]
     calls = {"text_encoder": lambda ids: progs["text_encoder"](ids),
-             "unet": lambda z, h: progs["unet"](z, h),
              "vae_decoder": lambda x: progs["vae_decoder"](x)}
+    if len(unet.inputs) == 3:  # the straight-path graph (exports since image to image): t = 1000 is text to image
+        calls["unet"] = lambda z, h: unet(z, np.full((1,), 1000.0, np.float32), h)
+    else:
+        calls["unet"] = lambda z, h: unet(z, h)
     if "unet_velocity" in progs:
         calls["velocity"] = lambda x, t, h: progs["unet_velocity"](x, t, h)
     return calls
+
+
+def _open_encoder(folder: Path, facts: ExportFacts) -> "_Session":
+    """The VAE encoder program (image to image), checked, as a session."""
+    prog = Program(Path(folder) / "vae_encoder" / PROGRAM_FILE, "vae_encoder", require_executorch())
+    prog.check(expected_inputs(facts, "vae_encoder", None))
+    return _Session(prog, ("sample",))
+
+
+class _Session:
+    """A program behind the ``run(None, feed)`` face of a session (what ``sampler.edit_calls`` takes)."""
+
+    def __init__(self, program: "Program", names: tuple[str, ...]):
+        self.program, self.names = program, names
+
+    def run(self, _outputs, feed: dict) -> list:
+        return [self.program(*(feed[n] for n in self.names))]
 
 
 def open_executorch(folder: Path, manifest: dict, *, steps: int | None = None, guidance: float = 1.0,
@@ -213,6 +241,10 @@ def open_executorch(folder: Path, manifest: dict, *, steps: int | None = None, g
     names = list(ONE_STEP) + (["unet_velocity"] if steps > 1 else [])
     set_threads(threads)
     progs = load_programs(folder, names, facts)
+    calls = program_calls(progs)
+    if "vae_encoder" in facts.components and block.get("unet_timestep") == "straight-path":  # image to image
+        calls.update(edit_calls(lambda: _open_encoder(folder, facts),
+                                _Session(progs["unet"], ("sample", "timestep", "encoder_hidden_states")), "straight-path"))
     q = manifest.get("quantize") or {}
     scheme, comps = q.get("scheme"), list(q.get("components") or [])
     computes_int8 = bool(scheme) and not str(scheme).endswith("-weights")
@@ -224,7 +256,7 @@ def open_executorch(folder: Path, manifest: dict, *, steps: int | None = None, g
            + (f"; {scheme} (PT2E, XNNPACK quantizer) on {', '.join(comps)}" if scheme else ""))
     sizes = {n: {"bytes": (manifest.get("sizes") or {}).get(n), "basis": ".pte bytes"} for n in ONE_STEP}
     return Export(folder=folder, format="executorch", label=label(manifest), facts=facts, steps=steps,
-                  tokenize=tokenizer_for(folder), calls=program_calls(progs),
+                  tokenize=tokenizer_for(folder), calls=calls,
                   precision=block["precision"] + (f"+{scheme}" if scheme else ""), ran=how, scheme=scheme,
                   gates={k: float(v) for k, v in (manifest.get("gates") or {}).items()}, sizes=sizes,
                   stage_precisions=stages, max_batch=1, runtime="ExecuTorch",
