@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                 out.append(decode_latents(pipe, lat) * 2 - 1)
             images = torch.cat(out)
             s = score_images(judge, images, prompt_labels, ref_stats)
-            kept = float((judge.predict(images) == torch.as_tensor(src_labels)).double().mean())
+            kept = float((judge.logits(images).argmax(1).cpu() == torch.as_tensor(src_labels)).double().mean())
             row = {"model": label, "folder": sub, "steps": steps, "strength": strength,
                    "accuracy": s["accuracy"], "source_kept": round(kept, 4), "fid": s["fid"],
                    "mean_abs_change": round(float((images - sources).abs().mean() / 2), 4),
