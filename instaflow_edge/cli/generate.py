@@ -26,7 +26,7 @@ def generate_command(
     dtype: DType = typer.Option(DType.auto, "--dtype", help="auto: float16 on GPUs, float32 on CPU."),
     backend: Backend = typer.Option(Backend.torch, "--backend", help="Runtime that runs the model: torch on a pipeline folder, or an export's own runtime (MODEL is that export)."),
     image: Optional[str] = typer.Option(None, "--image", help="Image-to-image: edit this image (resized to the "
-                                        "output size). Rectified flows, --backend torch."),
+                                        "output size). Rectified flows; --backend torch, onnx, openvino or executorch (exports with vae_encoder/)."),
     strength: Optional[float] = typer.Option(None, "--strength", help="With --image: start at s0 = 1 − STRENGTH on the "
                                              "straight path from the seed's noise to the image (1: ignore the image). [default: 0.8]"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
