@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..components import ComponentSpec, TensorSpec
+from ..generator import VaeEncoderComponent
 from ..errors import InputError
 
 # Apple's DPMSolverMultistepScheduler defaults (DPMSolverMultistepScheduler.swift, init) and the
@@ -196,11 +197,11 @@ class AppleVaeEncoder(torch.nn.Module):
 
     def __init__(self, vae, scaling_factor: float):
         super().__init__()
-        self.vae = vae
+        self.encoder = VaeEncoderComponent(vae)  # the posterior mean (a tiny VAE's latents as they are)
         self.rescale = float(np.float32(scaling_factor) / ENCODER_SCALE_FACTOR)
 
     def forward(self, x):
-        mean = self.vae.encode(x, return_dict=False)[0].mean
+        mean = self.encoder(x)
         if self.rescale != 1.0:
             mean = mean * self.rescale
         return torch.cat([mean, torch.full_like(mean, LOGVAR_FLOOR)], dim=1)
