@@ -174,8 +174,10 @@ def tables(data: dict) -> str:
         from ..digits.demo import format_markdown
 
         return format_markdown(data)
-    if data.get("name") in ("openvino_digits_eval", "onnx_digits_eval"):
+    if data.get("name") in ("openvino_digits_eval", "onnx_digits_eval", "executorch_digits_eval"):
         return digits_eval_markdown(data)
+    if data.get("name") == "img2img_digits":
+        return img2img_markdown(data)
     if data.get("name") == "web_latency":
         return web_markdown(data)
     if data.get("name") == "cpu_paths":
@@ -197,6 +199,19 @@ def digits_eval_markdown(data: dict) -> str:
                      f"{r['fid']:.2f} | {r['fid'] / base:.3f} | {'–' if p is None else f'{p:.1f}'} |")
     c = data["ceiling"]
     lines.append(f"| real digits (ceiling) | | {c['accuracy']:.3f} | {c['fid']:.2f} | | |")
+    return "\n".join(lines)
+
+
+def img2img_markdown(data: dict) -> str:
+    """``studies/img2img_digits.py``'s rows: per model and strength, how often the edit shows the prompt's
+    digit and the source's, its digits-FID and the mean pixel change; then the real-digit ceiling."""
+    lines = ["| model | steps | strength | follows the prompt | keeps the source digit | digits-FID | mean pixel change |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['steps']} | {r['strength']:.1f} | {r['accuracy']:.3f} | {r['source_kept']:.3f} | "
+                     f"{r['fid']:.2f} | {r['mean_abs_change']:.3f} |")
+    c = data["ceiling"]
+    lines.append(f"| real digits (ceiling) | | | {c['accuracy']:.3f} | | {c['fid']:.2f} | |")
     return "\n".join(lines)
 
 

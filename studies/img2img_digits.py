@@ -14,6 +14,7 @@ student was distilled at s = 0 only; the teacher and the 2-RF were trained on ev
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from instaflow_edge.generator import decode_latents, encode_images, generate_latents, make_noise
     from instaflow_edge.pipeline import load_pipeline
     from instaflow_edge.bench.common import machine, save_result
+    from instaflow_edge.bench.tables import img2img_markdown
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("demo", help="a `make demo` output folder (runs/demo)")
@@ -87,19 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine(), "demo": args.demo, "num_images": n, "rows": rows,
               "ceiling": {"accuracy": real["accuracy"], "fid": real["fid"]},
               "sources": "digits validation split (held out), cycled; prompt digit (d + 1 + j mod 9) mod 10"}
-    save_result(args.json, "img2img_digits", result)
-    print(table(rows))
+    saved = save_result(args.json, "img2img_digits", result)
+    print(img2img_markdown(json.loads(Path(saved).read_text())))
     return result
-
-
-def table(rows: list[dict]) -> str:
-    """Markdown: one line per (model, strength)."""
-    out = ["| model | steps | strength | follows the prompt | keeps the source digit | digits-FID | mean pixel change |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['model']} | {r['steps']} | {r['strength']:.1f} | {r['accuracy']:.3f} | {r['source_kept']:.3f} | "
-                   f"{r['fid']:.2f} | {r['mean_abs_change']:.3f} |")
-    return "\n".join(out)
 
 
 if __name__ == "__main__":
