@@ -145,11 +145,12 @@ class _OneStepUnet:
                 self.unet = unet
 
             def forward(self, sample, timestep, encoder_hidden_states):
-                t = timestep.reshape(-1, *([1] * (sample.dim() - 1))).to(sample.dtype)
-                r = torch.sqrt((1000.0 - t) ** 2 + t ** 2) / 1000.0
+                # u = t/1000 and r = √((1 − u)² + u²): the same r(t), with no t² to overflow a float16 graph
+                u = timestep.reshape(-1, *([1] * (sample.dim() - 1))).to(sample.dtype) / 1000.0
+                r = torch.sqrt((1.0 - u) ** 2 + u ** 2)
                 x = sample * r
                 v = self.unet(x, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-                return x + v * (t / 1000.0)
+                return x + v * u
 
         return OneStepUnet(pipe.unet)
 
