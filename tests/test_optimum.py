@@ -197,14 +197,7 @@ def test_optimum_pipeline_reproduces_generate(preset, scheme, sources, tmp_path)
         job.update(export=str(export), out=str(tmp_path / f"optimum-{k}"))
         if "latents" in job:
             job["latents"] = str(tmp_path / job["latents"])
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    (tmp_path / "child.py").write_text(CHILD)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env["HF_HUB_OFFLINE"] = "1"
-    r = subprocess.run([str(python), str(tmp_path / "child.py"), str(tmp_path / "jobs.json"), str(tmp_path / "report.json")],
-                       check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = _run_jobs(python, jobs, tmp_path)
 
     rows = []
     for job in report["jobs"]:
@@ -221,6 +214,18 @@ def test_optimum_pipeline_reproduces_generate(preset, scheme, sources, tmp_path)
         print(f"  {cls:27s} batch {batch} guidance {g:.0f} {noise:9s} {prompt!r:24s} PSNR {db:7.2f} dB, "
               f"max diff {levels} levels")
     assert all(db >= GATE_DB for *_, db, _ in rows), rows
+
+
+def _run_jobs(python, jobs: list[dict], tmp_path) -> dict:
+    """Run CHILD in optimum's venv on ``jobs``; its report (one entry per job, in order)."""
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "child.py").write_text(CHILD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["HF_HUB_OFFLINE"] = "1"
+    r = subprocess.run([str(python), str(tmp_path / "child.py"), str(tmp_path / "jobs.json"), str(tmp_path / "report.json")],
+                       check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads((tmp_path / "report.json").read_text())
 
 
 def _one_step_timestep(steps: int, strength: float) -> int:
@@ -268,14 +273,7 @@ def test_optimum_img2img_pipeline_reproduces_generate_image(preset, sources, tmp
         jobs.append({"class": "ORTStableDiffusionImg2ImgPipeline", "prompts": PROMPTS[preset][:1], "guidance": 1.0,
                      "image": str(tmp_path / "source.png"), "strength": strength, "steps": steps, "seed": 4,
                      "export": str(export), "out": str(tmp_path / f"optimum-{k}")})
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    (tmp_path / "child.py").write_text(CHILD)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env["HF_HUB_OFFLINE"] = "1"
-    r = subprocess.run([str(python), str(tmp_path / "child.py"), str(tmp_path / "jobs.json"), str(tmp_path / "report.json")],
-                       check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = _run_jobs(python, jobs, tmp_path)
     rows = []
     for job, (steps, strength, t, ref) in zip(report["jobs"], expected):
         assert job["pipeline"] == "ORTStableDiffusionImg2ImgPipeline" and job["scheduler"] == "DDIMScheduler"
