@@ -5,14 +5,22 @@ manifest's ``kind`` and opens it with that format's own runtime into an :class:`
 ``generate``, ``eval``, ``bench`` and ``report`` open every export this way; none of them knows a
 format. The built-in formats are named here with their manifest kind and module, and their module is
 imported only when a folder of that kind is opened (``import instaflow_edge.runtime`` stays light; no
-registration happens as an import side effect). :func:`register` adds a format at run time (a plug-in,
-or a test's toy format).
+registration happens as an import side effect). :func:`register` adds a format at run time (a test's
+toy format, a script's own).
+
+A plug-in package adds a format for the command line too, with an entry point in the group
+``instaflow_edge.formats`` naming its :class:`~.base.RuntimeFormat` (``toy = "my_pkg.runtime:FORMAT"`` under
+``[project.entry-points."instaflow_edge.formats"]``): its name becomes a ``--backend`` choice and its
+exports open in ``generate``, ``eval``, ``bench`` and ``report``. Only the entry points' names are read at
+import; a plug-in module is imported when its format is first needed.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import importlib
+import logging
 from pathlib import Path
 
 from ..artifacts import read_manifest
@@ -31,6 +39,31 @@ BUILTIN: dict[str, tuple[str, str, bool, str]] = {
     "executorch": ("executorch-export", "instaflow_edge.runtime.executorch", True, "instaflow_edge.convert.executorch:ExecuTorchOptions"),
 }
 _REGISTERED: dict[str, RuntimeFormat] = {}
+ENTRY_POINTS = "instaflow_edge.formats"  # the entry-point group of plug-in formats
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _plugins() -> dict:
+    """Installed plug-in formats: entry-point name -> entry point (not loaded). A name that is a built-in
+    format is ignored: the built-in one is used."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS) if ep.name not in BUILTIN and ep.name != "torch"}
+
+
+def _load_plugin(name: str) -> RuntimeFormat:
+    """Import the plug-in format ``name`` and register it; a plug-in that fails to import, or that names
+    something other than a RuntimeFormat of that name, is a one-line error."""
+    ep = _plugins()[name]
+    fix = f"reinstall or uninstall the package that provides it (entry point {ep.value!r} in {ENTRY_POINTS})"
+    try:
+        fmt = ep.load()
+    except Exception as e:  # a plug-in's own bug: said in one line, with where it comes from
+        raise ModelError(f"the plug-in format {name!r} failed to load ({type(e).__name__}: {e})", fix) from e
+    if not isinstance(fmt, RuntimeFormat) or fmt.name != name:
+        raise ModelError(f"the plug-in format {name!r} is not a RuntimeFormat named {name!r} (got {type(fmt).__name__})", fix)
+    return register(fmt)
 
 
 def register(fmt: RuntimeFormat) -> RuntimeFormat:
@@ -44,24 +77,27 @@ def unregister(name: str) -> None:
 
 
 def names() -> list[str]:
-    """Every format's name, built-in first."""
-    return list(BUILTIN) + [n for n in _REGISTERED if n not in BUILTIN]
+    """Every format's name: built-in first, then installed plug-ins, then those registered at run time."""
+    out = list(BUILTIN) + [n for n in _plugins() if n not in BUILTIN]
+    return out + [n for n in _REGISTERED if n not in out]
 
 
 def manifest_kind(name: str) -> str:
     """The manifest ``kind`` an export of format ``name`` carries (what convert writes)."""
-    if name in _REGISTERED:
-        return _REGISTERED[name].kind
-    return BUILTIN[name][0]
+    if name in BUILTIN and name not in _REGISTERED:
+        return BUILTIN[name][0]
+    return get(name).kind
 
 
 def get(name: str) -> RuntimeFormat:
     """The format record ``name``; an unknown name is a one-line error listing the known ones."""
     if name in _REGISTERED:
         return _REGISTERED[name]
-    if name not in BUILTIN:
-        raise InputError(f"unknown export format {name!r}", f"choose one of: {', '.join(names())}")
-    return importlib.import_module(BUILTIN[name][1]).FORMAT
+    if name in BUILTIN:
+        return importlib.import_module(BUILTIN[name][1]).FORMAT
+    if name in _plugins():
+        return _load_plugin(name)
+    raise InputError(f"unknown export format {name!r}", f"choose one of: {', '.join(names())}")
 
 
 def _by_kind(kind) -> str | None:
@@ -71,11 +107,30 @@ def _by_kind(kind) -> str | None:
     for n, (k, *_) in BUILTIN.items():
         if k == kind:
             return n
+    if not isinstance(kind, str):  # a pipeline folder, or no manifest: no plug-in is imported to say so
+        return None
+    for n in _plugins():
+        if n in _REGISTERED:
+            continue
+        try:
+            fmt = _load_plugin(n)
+        except ModelError as e:  # a broken plug-in does not stop the folders of every other format
+            log.warning("skipping %s", e)
+            continue
+        if fmt.kind == kind:
+            return n
     return None
 
 
 def kinds() -> list[str]:
-    return [manifest_kind(n) for n in names()]
+    """The manifest kinds of every format that loads (for messages: a broken plug-in is left out)."""
+    out = []
+    for n in names():
+        try:
+            out.append(manifest_kind(n))
+        except ModelError:
+            continue
+    return out
 
 
 def format_of(folder: str | Path, manifest: dict | None = None) -> str:
@@ -190,10 +245,13 @@ def source_hash(folder: str | Path) -> str | None:
 
 def backend_names() -> list[str]:
     """``torch`` and every format with a runtime in Python: the choices of ``--backend``."""
-    return ["torch"] + [n for n in names() if (_REGISTERED[n].open is not None if n in _REGISTERED else BUILTIN[n][2])]
+    return ["torch"] + [n for n in names() if (BUILTIN[n][2] if n in BUILTIN else get(n).open is not None)]
 
 
-# The --backend choices of generate and eval, made from the built-in formats (Typer needs an enum; a
-# format registered at run time is accepted by the Python API's configs, which check ``backend_names()``).
-Backend = enum.Enum("Backend", {n: n for n in ["torch"] + [n for n, (_, _, py, _) in BUILTIN.items() if py]}, type=str)
+# The --backend choices of generate and eval: the built-in formats with a runtime in Python and the
+# installed plug-ins, by name (Typer needs an enum; a plug-in that turns out to have no runtime is refused
+# in one line when opened). A format registered at run time is accepted by the Python API's configs, which
+# check ``backend_names()``.
+Backend = enum.Enum("Backend", {n: n for n in ["torch"] + [n for n, (_, _, py, _) in BUILTIN.items() if py] + list(_plugins())},
+                    type=str)
 Backend.__doc__ = "``--backend``: PyTorch on the pipeline folder, or an export's own runtime."

@@ -1,51 +1,23 @@
 """A format registered inside a test flows through generate, eval, bench and report with no other file
 edited: the registry is the only place a format is known.
 
-The toy format's "export" is a folder with a manifest of kind ``toy-export`` naming the pipeline it was
-made from; its runtime runs that pipeline's PyTorch modules, with the UNet's output scaled by the
-manifest's ``gain`` (1.0: exact; 1.5: a broken export the report must fail).
+The toy format (``toy_plugin.py``) runs the pipeline its manifest names, with the UNet's output scaled by
+the manifest's ``gain`` (1.0: exact; 1.5: a broken export the report must fail).
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
+from toy_plugin import FORMAT, write_toy_export
 
 from instaflow_edge import runtime
-from instaflow_edge.runtime.base import ONE_STEP, Export, ExportFacts, RuntimeFormat
-
-
-def _open_toy(folder, manifest, *, steps=None, guidance=1.0, threads=None, device="cpu"):
-    from instaflow_edge.components import Sizes
-    from instaflow_edge.pipeline import load_pipeline
-    from instaflow_edge.report.runtimes import _torch_calls
-
-    pipe = load_pipeline(manifest["source"]["model"], "cpu", "float32")
-    calls = _torch_calls(pipe)
-    gain = float(manifest["gain"])
-    unet = calls["unet"]
-    calls["unet"] = lambda z, h: unet(z, h) * gain
-    facts = ExportFacts.of(pipe, Sizes.of(pipe), ONE_STEP)
-    return Export(folder=folder, format="toy", label=f"toy x{gain:g}", facts=facts, steps=1,
-                  tokenize=lambda prompts: pipe.tokenize(prompts).numpy(), calls=calls, precision="fp32",
-                  ran="the toy runtime (PyTorch, UNet output scaled)",
-                  gates={c: 60.0 for c in (*ONE_STEP, "end_to_end")},
-                  stage_precisions={s: "fp32" for s in (*ONE_STEP, "end_to_end", "generator")})
 
 
 @pytest.fixture
 def toy(tiny_dir, tmp_path):
-    fmt = runtime.register(RuntimeFormat(name="toy", kind="toy-export", open=_open_toy, description="a test's toy",
-                                         label=lambda m: f"toy x{m['gain']:g}"))
-    folders = {}
-    for gain in (1.0, 1.5):
-        d = tmp_path / f"toy-{gain:g}"
-        d.mkdir()
-        (d / "manifest.json").write_text(json.dumps({"kind": "toy-export", "gain": gain, "source": {"model": str(tiny_dir)}}))
-        folders[gain] = d
-    yield folders
+    fmt = runtime.register(FORMAT)
+    yield {gain: write_toy_export(tmp_path / f"toy-{gain:g}", tiny_dir, gain) for gain in (1.0, 1.5)}
     runtime.unregister(fmt.name)
 
 
