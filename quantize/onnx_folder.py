@@ -25,6 +25,7 @@ from ..artifacts import (
 )
 from ..copying import copy_tree
 from ..errors import InputError, ModelError
+from .. import runtime
 from ..runtime import onnx_io
 from ..runtime.onnx import KIND as onnx_kind
 from ..runtime.onnx import (
@@ -36,7 +37,7 @@ from ..runtime.onnx import (
 )
 from ..validators import boolean, choice, number, prompt_file
 from .calibration import Calibration
-from .schemes import OnnxScheme, get_scheme, listing
+from .schemes import CHOICES, OnnxScheme, get_scheme, listing
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,19 @@ class QuantizeConfig:
         self.force = boolean("force", self.force)
 
 
+def _refuse_other_formats(src: Path) -> None:
+    """An export of another format is quantized by its own converter: say which option does it."""
+    if not runtime.is_export(src) or runtime.format_of(src) == "onnx":
+        return
+    name = runtime.format_of(src)
+    fmt = runtime.get(name)
+    how = (f"`instaflow-edge convert MODEL --target {name} --{'compress' if name == 'coreml' else 'quantize'} "
+           f"{listing(CHOICES[name], '|')}`" if name in CHOICES else "`instaflow-edge convert MODEL --target onnx`, then quantize that")
+    title = fmt.title or name
+    raise InputError(f"{src} is {'an' if title[0] in 'AEIOU' else 'a'} {title} export: `quantize` takes ONNX exports "
+                     "(the other formats are quantized when converted)", f"run {how}")
+
+
 def quantize(cfg: QuantizeConfig) -> dict:
     """Quantize ``cfg.source`` into ``cfg.output``; returns the manifest."""
     import numpy as np
@@ -76,6 +90,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     src = Path(cfg.source)
     if not src.is_dir():
         raise ModelError(f"{src} is not a folder", "pass a folder written by `instaflow-edge convert --target onnx`")
+    _refuse_other_formats(src)
     facts = export_facts(src)
     source_manifest_block = (read_manifest(src) or {})["onnx"]
     onnx_io.check_folder(src)  # external data stays inside; every model parses

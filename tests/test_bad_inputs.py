@@ -716,6 +716,11 @@ ROWS: list[Row] = [
     # --- quantize (test_onnx.py) ---
     R("quantize-scheme-unknown", ["quantize", "{onnx}", "--scheme", "int3", "-o", O], ("int3", "int8-static"), needs=("onnx",)),
     R("quantize-not-an-export", ["quantize", "{tiny}", "--scheme", "fp16", "-o", O], "manifest"),
+    R("quantize-openvino-export", ["quantize", "{tmp}/v", "--scheme", "fp16", "-o", O],
+      ("openvino export", "takes onnx exports", "--target openvino --quantize int8|"),
+      setup=s_write("v/manifest.json", '{"kind": "openvino-export"}')),
+    R("quantize-coreml-export", ["quantize", "{tmp}/c", "--scheme", "fp16", "-o", O],
+      ("core ml export", "--target coreml --compress palettize-4|"), setup=s_write("c/manifest.json", '{"kind": "coreml"}')),
     R("quantize-missing-source", ["quantize", "{tmp}/nope", "--scheme", "fp16", "-o", O], "not a folder"),
     R("quantize-unknown-component", ["quantize", "{onnx}", "--scheme", "fp16", "-c", "vae", "-o", O], "'vae'", needs=("onnx",)),
     R("quantize-calibration-binary", ["quantize", "{onnx}", "--scheme", "int8-static", "--calibration-prompts", "{tmp}/c.txt", "-o", O],
