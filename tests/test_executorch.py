@@ -169,3 +169,44 @@ def test_the_exporter_leaves_the_root_logger_as_it_was():
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_shared_provenance_lowers_to_the_same_program():
+    """``shared_provenance`` (no deep copy of node provenance per pass) changes the lowering's speed, not
+    its program: the same bytes as torch.fx's own deep copies, and the patch is gone afterwards."""
+    import io
+
+    import torch
+    import torch.fx.traceback as fxtb
+
+    from instaflow_edge.convert.executorch import lower, shared_provenance
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lin = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    ep = torch.export.export(Net().eval(), (torch.randn(1, 3, 8, 8),))
+    before = fxtb.NodeSource.__init__
+
+    def program(shared: bool) -> bytes:
+        import contextlib
+        from unittest import mock
+
+        ctx = contextlib.nullcontext() if shared else mock.patch("instaflow_edge.convert.executorch.shared_provenance",
+                                                                 contextlib.nullcontext)
+        with ctx:
+            prog, _ = lower(ep)
+        buf = io.BytesIO()
+        prog.write_to_file(buf)
+        return buf.getvalue()
+
+    assert program(True) == program(False)
+    assert fxtb.NodeSource.__init__ is before
+    with shared_provenance():
+        assert fxtb.NodeSource.__init__ is not before
+    assert fxtb.NodeSource.__init__ is before
