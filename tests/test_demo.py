@@ -2,14 +2,21 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from instaflow_edge.cli import app
 
 
-def test_demo_quick_has_every_row(tmp_path):
-    out = tmp_path / "demo"
-    r = CliRunner().invoke(app, ["demo", "--quick", "-o", str(out), "--no-progress"])
+@pytest.fixture(scope="module")
+def demo_quick(tmp_path_factory):
+    """``demo --quick`` run once for this module: (its output folder, the command's result)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, CliRunner().invoke(app, ["demo", "--quick", "-o", str(out), "--no-progress"])
+
+
+def test_demo_quick_has_every_row(demo_quick):
+    out, r = demo_quick
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     rows = [(row["model"], row["steps"]) for row in res["rows"]]
@@ -33,22 +40,21 @@ def test_demo_quick_has_every_row(tmp_path):
     assert json.loads((out / "pruned-recovered" / "manifest.json").read_text())["teacher"] == str(out / "instaflow")
     assert json.loads((out / "tiny-decoder" / "manifest.json").read_text())["decoder"]["macs_ratio"] > 10
 
-    _student_runs_in_executorch(out / "instaflow", tmp_path)
 
-
-def _student_runs_in_executorch(student, tmp_path):
+@pytest.mark.slow  # two minutes of ExecuTorch lowering; the tiny preset's export is in the default suite
+def test_the_demo_student_runs_in_executorch(demo_quick, tmp_path):
     """The trained digits student exports to ExecuTorch, passes its gates, and ``generate --backend
     executorch`` gives PyTorch's image (to a level of 8-bit rounding)."""
-    import importlib.util
-
-    if importlib.util.find_spec("executorch") is None:
-        return
+    pytest.importorskip("executorch")
     import numpy as np
     from PIL import Image
 
     from instaflow_edge.convert import ConvertConfig, export
     from instaflow_edge.generate import GenerateConfig, generate
 
+    out, r = demo_quick
+    assert r.exit_code == 0, r.output
+    student = out / "instaflow"
     m = export(ConvertConfig.of("executorch", model=str(student), output=str(tmp_path / "et")))
     assert all(r["psnr"] >= m["gates"][r["component"]] for r in m["parity"])
     assert m["executorch"]["delegation"]["unet"]["flop_share"] >= 0.99 and "unet_velocity" not in m["sizes"]
