@@ -316,7 +316,37 @@ def exported(module, inputs, for_quantizer: bool = False):
 
     quant = {n.target for n in ep.graph.nodes if n.op == "call_function"
              and str(getattr(n.target, "namespace", "")) in ("quantized_decomposed", "torchao")}
-    return constant_prop_pass(ep, custom_skip_targets=set(get_default_skip_targets_no_quant()) | quant)
+    return distinct_cat_inputs(constant_prop_pass(ep, custom_skip_targets=set(get_default_skip_targets_no_quant()) | quant))
+
+
+def distinct_cat_inputs(ep):
+    """``ep`` with every ``cat`` that repeats a tensor given ``x·1`` in place of each repeat: XNNPACK
+    concatenates two or more *distinct* tensors, and a UNet pruned of its mid-block concatenates the last
+    down block's output with itself (it is its own skip connection). Left as is, that ``cat`` runs outside
+    XNNPACK and splits the UNet into two delegates, and with int8 the split is where XNNPACK's
+    channels-last pass fails (a partition output that is a dequantize). The multiply is exact."""
+    import torch
+
+    cat, mul = torch.ops.aten.cat.default, torch.ops.aten.mul.Tensor
+    graph = ep.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not cat or not isinstance(node.args[0], (list, tuple)):
+            continue
+        tensors, seen = list(node.args[0]), set()
+        for i, t in enumerate(tensors):
+            if isinstance(t, torch.fx.Node) and t in seen:
+                with graph.inserting_before(node):
+                    copy = graph.call_function(mul, (t, 1.0))
+                copy.meta.update({k: t.meta[k] for k in ("val", "tensor_meta") if k in t.meta})
+                tensors[i] = copy
+                changed = True
+            seen.add(t)
+        node.args = (tensors, *node.args[1:])
+    if changed:
+        graph.lint()
+        ep.graph_module.recompile()
+    return ep
 
 
 # ----------------------------------------------------------------------------------------------------------

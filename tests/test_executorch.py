@@ -210,3 +210,40 @@ def test_shared_provenance_lowers_to_the_same_program():
     with shared_provenance():
         assert fxtb.NodeSource.__init__ is not before
     assert fxtb.NodeSource.__init__ is before
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_cat_of_one_tensor_with_itself_stays_in_xnnpack(quantized):
+    """A UNet pruned of its mid-block concatenates a tensor with itself (its own skip): XNNPACK takes only
+    distinct inputs, so without ``distinct_cat_inputs`` that cat splits the graph in two delegates (and
+    with int8, a pruned tiny UNet's lowering failed inside XNNPACK: KeyError 'val' in its channels-last
+    pass, at the split)."""
+    import torch
+
+    from instaflow_edge.convert.executorch import exported, lower
+    from instaflow_edge.quantize.schemes import get_scheme
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(16, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.cat([h, h], dim=1)) + h[:, :4]
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(1, 3, 8, 8)
+    module = net
+    if quantized:
+        module = get_scheme("executorch", "int8").apply(exported(net, (x,), for_quantizer=True).module(), (x,),
+                                                         [(torch.randn(1, 3, 8, 8),) for _ in range(4)])
+    program, record = lower(exported(module, (x,)))
+    assert record["delegates"] == 1 and "aten.cat.default" not in record["portable_ops"], record
+    from executorch.runtime import Runtime
+
+    buf = program.buffer
+    out = Runtime.get().load_program(buf).load_method("forward").execute([x])[0]
+    ref = net(x).detach()
+    err = (out - ref).abs().max().item()
+    assert err < (0.1 * ref.abs().max().item() if quantized else 1e-5), err
