@@ -41,7 +41,6 @@ def test_demo_quick_has_every_row(demo_quick):
     assert json.loads((out / "tiny-decoder" / "manifest.json").read_text())["decoder"]["macs_ratio"] > 10
 
 
-@pytest.mark.slow  # two minutes of ExecuTorch lowering; the tiny preset's export is in the default suite
 def test_the_demo_student_runs_in_executorch(demo_quick, tmp_path):
     """The trained digits student exports to ExecuTorch, passes its gates, and ``generate --backend
     executorch`` gives PyTorch's image (to a level of 8-bit rounding)."""

@@ -183,6 +183,28 @@ def test_open_export_facts_and_generate(name, exports, tiny_pipe, tmp_path):
 
 
 @pytest.mark.parametrize("name", _runnable())
+def test_generate_edits_an_image_with_the_formats_own_runtime(name, exports, edit_image, source_image):
+    """``generate --image --strength`` on an export is the opened export's own ``edit`` of that picture
+    (every format with a runtime here ships its VAE encoder), and differs from its text-to-image image."""
+    if not _runnable_here(name):
+        pytest.skip(f"{name} cannot run here: {runtime.get(name).unavailable('cpu')}")
+    from instaflow_edge.data import load_image
+    from instaflow_edge.generator import make_noise
+
+    folder = exports(name)
+    export = runtime.open_export(folder)
+    assert "vae_encoder" in export.facts.components, f"{name} exports no vae_encoder"
+    got = edit_image(folder, name, 0.6, prompt=PROMPT, seed=SEED)
+    f = export.facts
+    picture = load_image(source_image, f.height, f.width)[None].numpy()
+    noise = make_noise([SEED], f.latent_shape).numpy()
+    own = export.edit(export.tokenize([PROMPT]), picture, noise, 0.6)
+    np.testing.assert_array_equal(got, (own[0].transpose(1, 2, 0) * 255).round().astype("uint8"))
+    text = export.sample(export.tokenize([PROMPT]), noise)
+    assert np.abs(own - text).max() > 0.05  # the picture changed the result
+
+
+@pytest.mark.parametrize("name", _runnable())
 def test_eval_scores_the_export_with_its_runtime(name, exports):
     if not _runnable_here(name):
         pytest.skip(f"{name} cannot run here: {runtime.get(name).unavailable('cpu')}")
@@ -260,6 +282,9 @@ def test_report_runs_the_format_and_fails_a_planted_export(name, exports, tiny_d
     own = _own_parity(runtime.open_export(folder), tiny_pipe, DEFAULT_PROMPTS, 0)
     assert rep["parity"][label]["end_to_end"]["psnr"] == pytest.approx(own, abs=1e-3)
     assert rep["verdicts"][label]["pass"] is True
+    # image to image, by the same runtime: the encoder and the edited image have rows of their own
+    assert {"vae_encoder", "image_to_image"} <= set(rep["parity"][label]), sorted(rep["parity"][label])
+    assert rep["image_to_image"]["exports"][label] is True
     planted_label = next(k for k in rep["verdicts"] if k.endswith("planted"))
     assert rep["verdicts"][planted_label]["pass"] is False and "unet" in rep["verdicts"][planted_label]["failed"]
 
