@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -15,6 +16,7 @@ def init_command(
     seed: int = typer.Option(0, "--seed", help="Weight seed: the same seed gives identical weights."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars for builds that train (digits)."),
+    threads: Optional[str] = typer.Option(None, "--threads", help="Presets that train (digits): CPU threads: 'auto' follows the cores other programs leave free (re-checked every second), N fixes the count (default: every core, fixed, so the same seed gives the same weights)."),
 ) -> None:
     """Write a preset base pipeline.
 
@@ -26,7 +28,8 @@ def init_command(
 
     from ..presets import InitConfig, get_preset, init
 
-    cfg = InitConfig(preset=preset, output=str(output), seed=seed, force=force, progress=progress)
+    cfg = InitConfig(preset=preset, output=str(output), seed=seed, force=force, progress=progress,
+                     options={"threads": threads} if threads is not None else {})
     typer.echo(f"building preset {preset!r}: {get_preset(preset).description}")
     t0 = time.perf_counter()
     init(cfg)

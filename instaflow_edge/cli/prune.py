@@ -18,12 +18,13 @@ def prune_command(
     ratio: Optional[float] = typer.Option(None, "--ratio", help=f"channels: share of each stage's channels removed, in (0, 1) (default {DEFAULT_RATIO})."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights in MODEL; only for sources you trust."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    threads: str = typer.Option("auto", "--threads", help="CPU threads: 'auto' follows the cores other programs leave free (re-checked every second), N fixes the count."),
 ) -> None:
     """Prune the UNet into a smaller diffusers config (recover it with `train distill`)."""
     from ..train.prune import PruneConfig, prune
 
     cfg = PruneConfig(model=model, output=str(output), method=method, variant=variant, ratio=ratio,
-                      allow_pickle=allow_pickle, force=force)
+                      allow_pickle=allow_pickle, force=force, threads=threads)
     p = prune(cfg)["prune"]
     b, a = p["before"], p["after"]
     typer.echo(f"wrote {output}: UNet {b['params']:,} → {a['params']:,} params, {b['macs_per_image'] / 1e6:,.1f} → "

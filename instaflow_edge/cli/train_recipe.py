@@ -39,6 +39,7 @@ def reflow_data_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for sources you trust."),
     force: bool = typer.Option(False, "--force", help="Delete OUTPUT's shards and start over."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    threads: Optional[str] = typer.Option(None, "--threads", help="On the CPU: CPU threads: 'auto' follows the cores other programs leave free (re-checked every second), N fixes the count (default: torch's count, fixed)."),
 ) -> None:
     """Make reflow pairs: noise z → the teacher's ODE → latent x1, in verified, resumable shards."""
     from ..train.reflow_data import ReflowDataConfig, make_reflow_data
@@ -47,7 +48,7 @@ def reflow_data_command(
         teacher=teacher, output=str(output), prompts=str(prompts) if prompts else None, data=data,
         captions=str(captions) if captions else None, num_pairs=num_pairs, shard_size=shard_size, steps=steps,
         guidance=guidance, negative_prompt=negative_prompt, scheduler=scheduler, seed=seed, batch_size=batch_size,
-        height=height, width=width, device=device, dtype=dtype, allow_pickle=allow_pickle, force=force,
+        height=height, width=width, device=device, dtype=dtype, allow_pickle=allow_pickle, force=force, threads=threads,
     )
     m = make_reflow_data(cfg, progress=progress)
     if _is_main():
@@ -162,6 +163,7 @@ def decoder_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights in MODEL."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    threads: str = typer.Option("auto", "--threads", help="CPU threads: 'auto' follows the cores other programs leave free (re-checked every second), N fixes the count."),
 ) -> None:
     """Distil a tiny VAE (AutoencoderTiny, TAESD's architecture) from MODEL's VAE; write MODEL with it."""
     from ..train.decoder import DecoderConfig, train_decoder
@@ -169,7 +171,7 @@ def decoder_command(
     cfg = DecoderConfig(model=model, output=str(output), data=data, captions=str(captions) if captions else None,
                         channels=channels, blocks=blocks, one_step_latents=one_step_latents, max_steps=max_steps,
                         batch_size=batch_size, learning_rate=learning_rate, seed=seed, allow_pickle=allow_pickle,
-                        force=force, progress=progress)
+                        force=force, progress=progress, threads=threads)
     d = train_decoder(cfg)["decoder"]
     typer.echo(f"wrote {output}: decoder {d['before']['macs_per_image'] / 1e6:,.1f} → {d['after']['macs_per_image'] / 1e6:,.2f} "
                f"M MACs/image ({d['macs_ratio']:g}× fewer), held-out PSNR vs the full decoder {d['held_out_psnr_db']:.1f} dB, "
