@@ -111,7 +111,7 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
     ``report`` is the table to show). Every miss of the gate is raised at once, as one PsnrError.
     ``traced``, when given, receives each component's module exactly as it was traced and converted
     (compression applied, float32: the package's ``--precision`` is applied by Core ML)."""
-    from ..parity import check_all
+    from ..parity import Conditioning, check_all, check_conditioning
 
     p = plan(config)
     check_output(config.output, config.force, (config.model, config.calibration_prompts))  # before minutes of work
@@ -134,6 +134,7 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
             components[name] = _convert_one(config, p, pipe, name, shapes, chain, tmp, traced)
             gc.collect()
         check_all(chain.measured, p.gate, against="fp32", source=p.gate_source, fix=GATE_FIX)
+        cond = check_conditioning(Conditioning.from_dict(components["unet"]["conditioning"]))
         end_to_end = chain.parity
         _copy_tokenizer(config.model, pipe, tmp)
         source = read_manifest(config.model) if Path(config.model).is_dir() else None
@@ -150,7 +151,7 @@ def export_coreml(config: ConvertConfig, traced: dict | None = None) -> dict:
             quality_batch=chain.batch,
             quality_image_size=[quality.height, quality.width],
             gate={"min_psnr": p.gate, "source": p.gate_source, "applies_to": "every component and the end-to-end image, as shipped vs fp32 PyTorch"},
-            components=components, end_to_end=end_to_end, report=rows,
+            components=components, end_to_end=end_to_end, report=rows, conditioning=cond.as_dict(),
             seconds=round(time.perf_counter() - t0, 2),
         )
         write_manifest(tmp, manifest)
@@ -179,7 +180,7 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: QualityC
     import torch
 
     from ..components import COMPONENTS
-    from ..parity import compare
+    from ..parity import compare, conditioning
     from .coreml_attention import attention_implementation
 
     layout = config.options.layout
@@ -215,6 +216,12 @@ def _convert_one(config, p: Plan, pipe, name: str, shapes: list, chain: QualityC
                 info["fp16_tail"] = {"x0_psnr_tail_fp32": par.psnr, **tail,
                                      "shipped": "fp32 (the ops after the UNet's last layer)"}
             chain.measured.append(par)
+            if name == "unet":  # the conditioning check, on the module as shipped (Core ML cannot predict here)
+                empty = chain.inputs(name, chain.empty_prompt_state(pipe, specs(layout)["text_encoder"].module(pipe)))
+                info["conditioning"] = conditioning(
+                    ref_out, chain.observed(name, module(*empty), empty),
+                    chain.observed(name, shipped(*cast(ref_in)), ref_in).float(),
+                    chain.observed(name, shipped(*cast(empty)), empty).float()).as_dict()
             if name != "generator":
                 chain.store(name, "ref", ref_out)
                 ship_in = chain.inputs(name, "ship")

@@ -76,9 +76,10 @@ class QualityChain:
     def batch(self) -> int:
         return int(self.ref["input_ids"].shape[0])
 
-    def inputs(self, name: str, which: str) -> tuple:
-        """Component ``name``'s inputs from chain ``which`` (``"ref"`` or ``"ship"``), in the layout's form."""
-        state = getattr(self, which)
+    def inputs(self, name: str, which: str | dict) -> tuple:
+        """Component ``name``'s inputs from chain ``which`` (``"ref"`` or ``"ship"``, or a state dict of
+        its own), in the layout's form."""
+        state = getattr(self, which) if isinstance(which, str) else which
         if self.layout is CoreMLLayout.apple:
             return apple.inputs(name, state)
         if name == "text_encoder":
@@ -93,6 +94,17 @@ class QualityChain:
         """The quantity measured and handed on: the output itself, or (Apple layout) what the Swift pipeline
         makes of it (the hidden states, the scheduler's x0, the image)."""
         return apple.observed(name, out, ins) if self.layout is CoreMLLayout.apple else out
+
+    def empty_prompt_state(self, pipe, text_encoder) -> dict:
+        """The reference chain's state with the empty prompt's hidden states (same noise): the UNet's input
+        for the conditioning check. ``text_encoder``: the fp32 module of the layout's text encoder."""
+        import torch
+
+        state = {"input_ids": pipe.tokenize([""] * self.batch), "noise": self.ref["noise"]}
+        ins = self.inputs("text_encoder", state)
+        with torch.no_grad():
+            state["hidden"] = self.observed("text_encoder", text_encoder(*ins), ins).float()
+        return state
 
     def store(self, name: str, which: str, out) -> None:
         getattr(self, which)[_STATE_KEY[name]] = out.float()

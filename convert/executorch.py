@@ -505,7 +505,7 @@ def export_executorch(cfg: ConvertConfig) -> dict:
 def _export(cfg: ConvertConfig) -> dict:
 
     from ..components import COMPONENTS
-    from ..parity import check_all, compare
+    from ..parity import check_all, check_conditioning, compare
     from ..quantize.onnx import CALIBRATION_PROMPTS
 
     require_executorch_export()
@@ -568,6 +568,7 @@ def _export(cfg: ConvertConfig) -> dict:
         progs = etrt.load_programs(tmp, names, ref.facts)
         rows = [compare(name, ref.output(name), progs[name](*[x.numpy() for x in (
             _unet_inputs(ref.components[name][0]) if name == "unet" else ref.components[name][0])])) for name in names]
+        cond = ref.conditioning(lambda x, unet=progs["unet"]: unet(*[t.numpy() for t in _unet_inputs(x)]))
         calls = etrt.program_calls({n: progs[n] for n in ONE_STEP})
         rows.append(compare("end_to_end", ref.image, sample(calls, ref.ids, ref.noise, ref.facts.scaling_factor, 1)))
         del progs, calls
@@ -575,13 +576,14 @@ def _export(cfg: ConvertConfig) -> dict:
                  for n in names}
         gates["end_to_end"] = cfg.min_psnr if cfg.min_psnr is not None else min(gates.values())
         check_all(rows, gates, fix="use --precision fp32, no --quantize, or lower the gate explicitly with --min-psnr")
+        check_conditioning(cond)
         manifest = make_manifest(
             etrt.KIND, cfg,
             source={"model": str(src), "content_sha256": source_manifest.get("content_sha256") or sha256_tree(src)},
             executorch=block,
             quantize={"scheme": scheme, "engine": "pt2e-xnnpack" if scheme else None, "components": quantized,
                       "calibration_prompts": len(prompts) if record and record.calibrated else 0},
-            gates=gates, parity=[p.as_dict() for p in rows],
+            gates=gates, parity=[p.as_dict() for p in rows], conditioning=cond.as_dict(),
             sizes={n: (tmp / n / etrt.PROGRAM_FILE).stat().st_size for n in names},
             seconds={**timings, "total": round(time.perf_counter() - t0, 2)},
         )

@@ -43,7 +43,7 @@ from ..artifacts import (
 )
 from ..copying import check_links
 from ..errors import MissingDependencyError, ModelError
-from ..parity import check_all, compare
+from ..parity import check_all, check_conditioning, compare
 from ..quantize.onnx import apply_scheme, default_gate
 from ..quantize.schemes import QuantEngine, get_scheme
 from ..runtime import onnx_io
@@ -419,20 +419,23 @@ def export_onnx(cfg: ConvertConfig) -> dict:
                  for n in names}
         gates["end_to_end"] = cfg.min_psnr if cfg.min_psnr is not None else default_gate(cfg.options.quantize if quantized else None)
         rows = []
-        log.info(f"parity vs PyTorch: {', '.join(names)}, end to end")
+        log.info(f"parity vs PyTorch: {', '.join(names)}, end to end, conditioning")
         for name in names:
             sess = onnx_io.session(tmp / name / onnx_io.MODEL_FILE)
             rows.append(compare(name, ref.output(name), sess.run(None, ref.feed(name))[0]))
+            if name == "unet":
+                cond = ref.conditioning(lambda x, s=sess: s.run(None, ref.feed("unet", x))[0])
             del sess
         rows.append(compare("end_to_end", ref.image, run_one_step(tmp, ref.ids, ref.noise, ref.facts)))
         check_all(rows, gates)
+        check_conditioning(cond)
         manifest = make_manifest(
             KIND, cfg,
             source={"model": str(src), "content_sha256": source_manifest.get("content_sha256") or sha256_tree(src)},
             onnx=block, optimize=optimized,
             quantize={"scheme": cfg.options.quantize.value if cfg.options.quantize else None, "engine": cfg.options.engine.value, "components": quantized,
                       "calibration_prompts": len(prompts) if cfg.options.quantize and get_scheme("onnx", cfg.options.quantize).calibrated else 0},
-            gates=gates, parity=[p.as_dict() for p in rows],
+            gates=gates, parity=[p.as_dict() for p in rows], conditioning=cond.as_dict(),
             sizes={n: onnx_io.file_sizes(tmp / n) for n in names}, seconds={**timings, "total": round(time.perf_counter() - t0, 2)},
             **inherited_prompts(src),  # `quantize` of this export calibrates on the model's own prompts
         )

@@ -32,7 +32,7 @@ from ..artifacts import (
     sha256_tree,
     write_manifest,
 )
-from ..parity import DEFAULT_MIN_PSNR, check_all, compare
+from ..parity import DEFAULT_MIN_PSNR, check_all, check_conditioning, compare
 from ..quantize import openvino as oq
 from ..quantize.calibration import Calibration
 from ..quantize.schemes import get_scheme
@@ -124,6 +124,7 @@ def export_openvino(cfg: ConvertConfig) -> dict:
         sessions = ovrt.compile_components(tmp, names, precision)
         ran = {name: sessions[name].precision for name in names}
         rows = [compare(name, ref.output(name), sessions[name].run(None, ref.feed(name))[0]) for name in names]
+        cond = ref.conditioning(lambda x, s=sessions["unet"]: s.run(None, ref.feed("unet", x))[0])
         calls = session_calls({n: sessions[n] for n in ONE_STEP})
         rows.append(compare("end_to_end", ref.image, sample(calls, ref.ids, ref.noise, ref.facts.scaling_factor, 1)))
         del sessions, calls
@@ -131,6 +132,7 @@ def export_openvino(cfg: ConvertConfig) -> dict:
                  for n in names}
         gates["end_to_end"] = cfg.min_psnr if cfg.min_psnr is not None else min(gates.values())
         check_all(rows, gates, fix="use --precision f32, a lighter --quantize, or lower the gate explicitly with --min-psnr")
+        check_conditioning(cond)
         manifest = make_manifest(
             ovrt.KIND, cfg,
             source={"model": str(src), "content_sha256": source_manifest.get("content_sha256") or sha256_tree(src)},
@@ -138,7 +140,7 @@ def export_openvino(cfg: ConvertConfig) -> dict:
             quantize={"scheme": scheme, "engine": "nncf" if scheme else None, "components": quantized,
                       "calibration_prompts": len(prompts) if record and record.calibrated else 0,
                       "params": dataclasses.asdict(params) if params else None},
-            gates=gates, parity=[p.as_dict() for p in rows],
+            gates=gates, parity=[p.as_dict() for p in rows], conditioning=cond.as_dict(),
             sizes={n: sum(p.stat().st_size for p in (tmp / n).iterdir() if p.is_file()) for n in names},
             seconds={**timings, "total": round(time.perf_counter() - t0, 2)},
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..artifacts import check_output
 from ..errors import ModelError
+from ..parity import Conditioning, conditioning
 from ..pipeline import load_pipeline
 from ..runtime.base import ExportFacts
 from ..validators import prompt_file
@@ -21,7 +22,8 @@ from ..validators import prompt_file
 class Reference:
     """``components``: name → (example inputs as torch tensors, fp32 output as numpy), for the names
     exported; ``ids``/``noise``/``image``: the end-to-end one-step image (numpy) for the first example
-    prompt and seed 0; ``facts``: what the runtime will compute with."""
+    prompt and seed 0; ``facts``: what the runtime will compute with; ``empty``: the UNet's inputs and
+    output for the empty prompt, same sample (the conditioning check)."""
 
     components: dict[str, tuple[tuple, object]]
     input_names: dict[str, tuple[str, ...]]
@@ -29,10 +31,19 @@ class Reference:
     noise: object
     image: object
     facts: ExportFacts
+    empty: dict[str, tuple[tuple, object]] = dataclasses.field(default_factory=dict)
 
-    def feed(self, name: str) -> dict:
-        """Component ``name``'s example inputs as an ONNX-style feed (input name → numpy array)."""
-        return {k: x.numpy() for k, x in zip(self.input_names[name], self.components[name][0])}
+    def feed(self, name: str, inputs: tuple | None = None) -> dict:
+        """Component ``name``'s example inputs (or ``inputs``) as an ONNX-style feed (input name → numpy)."""
+        inputs = self.components[name][0] if inputs is None else inputs
+        return {k: x.numpy() for k, x in zip(self.input_names[name], inputs)}
+
+    def conditioning(self, run) -> Conditioning:
+        """The conditioning figures of an export's UNet: ``run(inputs)`` runs it on a tuple of example inputs
+        (torch tensors, as ``components["unet"][0]``) and returns its output; it is run on the example prompt
+        and on the empty prompt with the same sample, and compared with PyTorch's two outputs."""
+        (inputs, out), (e_inputs, e_out) = self.components["unet"], self.empty["unet"]
+        return conditioning(out, e_out, run(inputs), run(e_inputs))
 
     def output(self, name: str):
         return self.components[name][1]
@@ -67,15 +78,18 @@ def compute(pipe, sizes, names: list[str], spec_for, fixed_size: bool = False) -
     from ..components import EXAMPLE_PROMPTS
     from ..generator import OneStepGenerator, make_noise
 
-    comps, input_names = {}, {}
+    comps, input_names, empty = {}, {}, {}
     with torch.no_grad():
         for name in names:
             spec = spec_for(name)
             inputs = spec.example_inputs(pipe, sizes)
             comps[name] = (inputs, spec.module(pipe)(*inputs).numpy())
             input_names[name] = tuple(t.name for t in spec.inputs)
+            if name == "unet":  # the conditioning check: the same sample with the empty prompt's embedding
+                e_inputs = spec.example_inputs(pipe, sizes, prompts=[""])
+                empty[name] = (e_inputs, spec.module(pipe)(*e_inputs).numpy())
         ids = pipe.tokenize(EXAMPLE_PROMPTS[:1])
         noise = make_noise([0], (sizes.latent_channels, sizes.latent_height, sizes.latent_width))
         image = OneStepGenerator.from_pipeline(pipe)(ids, noise)
     return Reference(comps, input_names, ids.numpy(), noise.numpy(), image.numpy(),
-                     ExportFacts.of(pipe, sizes, names, fixed_size))
+                     ExportFacts.of(pipe, sizes, names, fixed_size), empty)

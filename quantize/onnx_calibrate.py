@@ -1,5 +1,6 @@
-"""int8-static calibration, run as its own process (``python -m instaflow_edge.quantize.onnx_calibrate
-JOB_JSON COMPONENT MODEL CACHE``), started by ``Calibration.ranges_in_subprocess``.
+"""Calibration of a static scheme, run as its own process (``python -m instaflow_edge.quantize.onnx_calibrate
+JOB_JSON COMPONENT MODEL CACHE [--every-tensor]``), started by ``Calibration.ranges_in_subprocess``:
+int8-static's Conv/MatMul/Gemm tensors, or every tensor (the QNN schemes).
 
 Why a process of its own: the calibrator holds an augmented copy of the model and a session that
 outputs every calibrated tensor; in the quantizer's process that adds up to > 14 GiB at SD1.5 scale.
@@ -18,7 +19,7 @@ from ..runtime import onnx_io
 from .calibration import Calibration
 
 
-def calibrate(calibration, component: str, model: Path, cache: Path) -> None:
+def calibrate(calibration, component: str, model: Path, cache: Path, every_tensor: bool = False) -> None:
     from onnxruntime.quantization.calibrate import (
         CalibrationDataReader,
         MinMaxCalibrater,
@@ -27,8 +28,11 @@ def calibrate(calibration, component: str, model: Path, cache: Path) -> None:
 
     from .onnx import STATIC_OP_TYPES, activation_matmuls
 
+    import onnx
+
     onnx_io.check_model_file(model)
-    feeds = calibration.feeds(component)
+    inputs = {i.name for i in onnx.load(str(model), load_external_data=False).graph.input}
+    feeds = [{k: v for k, v in f.items() if k in inputs} for f in calibration.feeds(component)]
     skip = set(activation_matmuls(model))
 
     class Reader(CalibrationDataReader):
@@ -41,6 +45,8 @@ def calibrate(calibration, component: str, model: Path, cache: Path) -> None:
     class Calibrater(MinMaxCalibrater):
         def select_tensors_to_calibrate(self, m):
             tensors, infos = super().select_tensors_to_calibrate(m)
+            if every_tensor:
+                return tensors, infos
             keep = set()
             for node in m.graph.node:
                 if node.op_type in STATIC_OP_TYPES and node.name not in skip:
@@ -50,7 +56,7 @@ def calibrate(calibration, component: str, model: Path, cache: Path) -> None:
 
     big = (model.parent / onnx_io.EXTERNAL_DATA).exists()
     with tempfile.TemporaryDirectory(prefix="instaflow-calib-") as tmp:
-        cal = Calibrater(str(model), STATIC_OP_TYPES, str(Path(tmp) / "augmented.onnx"),
+        cal = Calibrater(str(model), None if every_tensor else STATIC_OP_TYPES, str(Path(tmp) / "augmented.onnx"),
                          use_external_data_format=big)
         cal.augment_graph()
         cal.create_inference_session()
@@ -63,11 +69,12 @@ def calibrate(calibration, component: str, model: Path, cache: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    job, component, model, cache = argv
+    every = "--every-tensor" in argv
+    job, component, model, cache = [a for a in argv if a != "--every-tensor"]
     import os
 
     os.chdir(Path(cache).parent)  # onnxruntime's tools drop temp files into the CWD
-    calibrate(Calibration.from_job(Path(job)), component, Path(model), Path(cache))
+    calibrate(Calibration.from_job(Path(job)), component, Path(model), Path(cache), every)
     return 0
 
 

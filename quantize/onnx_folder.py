@@ -77,13 +77,31 @@ def _refuse_other_formats(src: Path) -> None:
                      "(the other formats are quantized when converted)", f"run {how}")
 
 
+def folder_conditioning(ref: Path, out: Path, facts):
+    """The conditioning check of the UNet in export folder ``out`` against the one in ``ref`` (its fp32
+    source): both run on the same sample with the embeddings of an example prompt and of the empty prompt
+    (from ``ref``'s text encoder)."""
+    from ..components import EXAMPLE_PROMPTS
+    from ..generator import make_noise
+    from ..parity import conditioning
+    from ..runtime.sampler import unet_feed
+
+    ids = tokenize(ref, [EXAMPLE_PROMPTS[0], ""])
+    te = onnx_io.session(ref / "text_encoder" / onnx_io.MODEL_FILE)
+    hidden = [te.run(None, {"input_ids": ids[i: i + 1]})[0] for i in range(2)]
+    noise = make_noise([0], facts.latent_shape).numpy()
+    r, o = (onnx_io.session(f / "unet" / onnx_io.MODEL_FILE) for f in (ref, out))
+    (rt, re), (ot, oe) = ([s.run(None, unet_feed(s, noise, h))[0] for h in hidden] for s in (r, o))
+    return conditioning(rt, re, ot, oe)
+
+
 def quantize(cfg: QuantizeConfig) -> dict:
     """Quantize ``cfg.source`` into ``cfg.output``; returns the manifest."""
     import numpy as np
 
     from ..components import EXAMPLE_PROMPTS
     from ..generator import make_noise
-    from ..parity import check_all, compare
+    from ..parity import check_all, check_conditioning, compare
     from .onnx import CALIBRATION_PROMPTS, apply_scheme, default_gate
 
     check_overlap(cfg.output, (cfg.source, cfg.calibration_prompts))  # --force never replaces an input
@@ -125,12 +143,13 @@ def quantize(cfg: QuantizeConfig) -> dict:
         rows.append(compare("end_to_end", run_one_step(src, ids, noise, facts), run_one_step(tmp, ids, noise, facts)))
         gates = {p.component: gate for p in rows}
         check_all(rows, gates)
+        cond = check_conditioning(folder_conditioning(src, tmp, facts)) if "unet" in facts.components else None
         manifest = make_manifest(
             onnx_kind, cfg, source={"model": str(src), "content_sha256": source_manifest.get("content_sha256")},
             onnx=source_manifest_block, quantize={"scheme": cfg.scheme.value, "engine": "ort", "components": names,
                                  "reference": "the fp32 ONNX source folder",
                                  "calibration_prompts": len(prompts) if get_scheme("onnx", cfg.scheme).calibrated else 0},
-            gates=gates, parity=[p.as_dict() for p in rows],
+            gates=gates, parity=[p.as_dict() for p in rows], conditioning=cond.as_dict() if cond else None,
             sizes={n: onnx_io.file_sizes(tmp / n) for n in facts.components},
             upstream=source_manifest.get("config"), **inherited_prompts(src),
         )

@@ -43,6 +43,13 @@ class EtScheme(str, enum.Enum):
     int8 = "int8"
 
 
+class QnnScheme(str, enum.Enum):
+    """``convert --target qnn --quantize``: QDQ for Qualcomm's HTP (``quantize/qnn.py``)."""
+
+    w8a16 = "w8a16"
+    w8a8 = "w8a8"
+
+
 class QuantEngine(str, enum.Enum):
     """``convert --engine``: onnxruntime's quantizer, or Intel Neural Compressor (int8-static only)."""
 
@@ -95,9 +102,10 @@ def listing(cls: type[enum.Enum], sep: str = " | ") -> str:
 
 # the modules that register each backend's schemes
 BACKEND_MODULES = {"onnx": "instaflow_edge.quantize.onnx", "openvino": "instaflow_edge.quantize.openvino",
-                   "coreml": "instaflow_edge.quantize.coreml", "executorch": "instaflow_edge.quantize.executorch"}
+                   "coreml": "instaflow_edge.quantize.coreml", "executorch": "instaflow_edge.quantize.executorch",
+                   "qnn": "instaflow_edge.quantize.qnn"}
 CHOICES: dict[str, type[enum.Enum]] = {"onnx": OnnxScheme, "openvino": OvScheme, "coreml": CoreMLCompression,
-                                       "executorch": EtScheme}
+                                       "executorch": EtScheme, "qnn": QnnScheme}
 
 
 @dataclasses.dataclass(frozen=True)

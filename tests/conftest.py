@@ -64,6 +64,18 @@ def tiny_executorch(tmp_path_factory, tiny_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qnn(tmp_path_factory, tiny_dir) -> Path:
+    """The session's QNN export of tiny (W8A16, compiled for HTP v73 and v79), shared read-only by the
+    format contracts and tests/test_qnn.py."""
+    pytest.importorskip("onnxruntime_qnn", reason="the QNN provider's host wheel (x86-64 Linux, Windows) is not installed")
+    from instaflow_edge.convert import ConvertConfig, export
+
+    out = tmp_path_factory.mktemp("shared-qnn") / "qnn"
+    export(ConvertConfig.of("qnn", model=str(tiny_dir), output=str(out), htp_arch=["73", "79"]))
+    return out
+
+
+@pytest.fixture(scope="session")
 def coreml_run(tmp_path_factory, tiny_dir):
     """The session's Core ML export through the CLI with the defaults (Apple layout, fp16) plus
     split-einsum and two sizes: ``(folder, CLI output, {component: module as traced})``. The traced modules

@@ -63,3 +63,30 @@ def test_the_demo_student_runs_in_executorch(demo_quick, tmp_path):
                                     seed=1, backend=backend), progress=False)
         images[backend] = np.asarray(Image.open(tmp_path / backend / g["images"][0]["file"])).astype(int)
     assert np.abs(images["executorch"] - images["torch"]).max() <= 1
+
+
+def test_the_demo_student_compiles_whole_for_the_htp(demo_quick, tmp_path):
+    """The trained digits student's W8A16 QNN export: compiled for two HTP architectures with every compute
+    node on the HTP, its QDQ graphs within their gates, its text response ≥ 0.9 of PyTorch's, and
+    digits-FID (QDQ on the CPU provider) within 10% of the fp32 student's on the same prompts and seeds."""
+    pytest.importorskip("onnxruntime_qnn", reason="the QNN provider's host wheel (x86-64 Linux, Windows) is not installed")
+    from instaflow_edge.convert import ConvertConfig, export
+    from instaflow_edge.convert.qnn import qnn_session
+    from instaflow_edge.digits.evaluate import EvalConfig, evaluate
+    from instaflow_edge.runtime.qnn import context_model
+
+    out, r = demo_quick
+    assert r.exit_code == 0, r.output
+    student = out / "instaflow"
+    m = export(ConvertConfig.of("qnn", model=str(student), output=str(tmp_path / "qnn"), htp_arch=["73", "79"]))
+    assert all(row["psnr"] >= m["gates"][row["component"]] for row in m["parity"])
+    assert m["conditioning"]["ratio"] >= 0.9
+    for arch, comps in m["htp"]["archs"].items():
+        for name, row in comps.items():
+            assert row["all_compute_on_htp"], (arch, name, row["on_cpu"])
+            assert row["htp_emulated"]["psnr"] >= m["gates"][name], (arch, name, row["htp_emulated"])
+            qnn_session(context_model(tmp_path / "qnn", arch, name), arch)  # loads back
+    scores = {b: evaluate(EvalConfig(model=str(model), num_images=500, backend=b), progress=False)["generated"]
+              for b, model in (("torch", student), ("qnn", tmp_path / "qnn"))}
+    assert scores["qnn"]["fid"] <= 1.1 * scores["torch"]["fid"], scores
+    assert scores["qnn"]["accuracy"] >= scores["torch"]["accuracy"] - 0.05, scores

@@ -169,8 +169,9 @@ def run(target: str, model: str, output: str, shared: dict, own: dict) -> None:
         from ..convert.coreml_check import format_report
 
         typer.echo(format_report(manifest["report"], manifest["gate"]["min_psnr"]), err=True)
+        typer.echo(format_table([], None, manifest["conditioning"]).splitlines()[-1], err=True)
         return
-    typer.echo(format_table(manifest["parity"], manifest["gates"]))
+    typer.echo(format_table(manifest["parity"], manifest["gates"], manifest.get("conditioning")))
     note = getattr(cls, "after", None)  # what to do with the output, where the target says (web: serve it)
     if note:
         typer.echo(note.format(output=output), err=True)

@@ -32,5 +32,5 @@ def quantize_command(
         if e.rows:  # the whole table, then the one-line error naming every miss
             typer.echo(format_table(e.rows, e.gates))
         raise
-    typer.echo(format_table(manifest["parity"], manifest["gates"]))
+    typer.echo(format_table(manifest["parity"], manifest["gates"], manifest.get("conditioning")))
     typer.echo(f"wrote {output} ({cfg.scheme.value}: {', '.join(manifest['quantize']['components'])})")

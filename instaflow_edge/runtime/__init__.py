@@ -37,6 +37,7 @@ BUILTIN: dict[str, tuple[str, str, bool, str]] = {
     "coreml": ("coreml", "instaflow_edge.runtime.coreml", True, "instaflow_edge.convert.config:CoreMLOptions"),
     "web": ("web-site", "instaflow_edge.runtime.web", False, "instaflow_edge.convert.config:WebOptions"),  # a browser runs it
     "executorch": ("executorch-export", "instaflow_edge.runtime.executorch", True, "instaflow_edge.convert.executorch:ExecuTorchOptions"),
+    "qnn": ("qnn-export", "instaflow_edge.runtime.qnn", True, "instaflow_edge.convert.qnn:QnnOptions"),
 }
 _REGISTERED: dict[str, RuntimeFormat] = {}
 ENTRY_POINTS = "instaflow_edge.formats"  # the entry-point group of plug-in formats

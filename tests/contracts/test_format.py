@@ -81,9 +81,10 @@ def _perturb_executorch(folder: Path) -> None:
 
 
 # how to plant a broken export of each format (its UNet weights perturbed, everything else as shipped)
-PERTURB = {"onnx": _perturb_onnx, "openvino": _perturb_openvino, "executorch": _perturb_executorch}
+PERTURB = {"onnx": _perturb_onnx, "openvino": _perturb_openvino, "executorch": _perturb_executorch,
+           "qnn": _perturb_onnx}  # the QDQ UNet's largest weight (uint8), as the CPU provider runs it
 # session fixtures that already hold a default-enough export of a format (saves converting twice)
-REUSE = {"coreml": "coreml_run", "executorch": "tiny_executorch"}
+REUSE = {"coreml": "coreml_run", "executorch": "tiny_executorch", "qnn": "tiny_qnn"}
 
 
 def _runnable_here(name: str) -> bool:
@@ -153,6 +154,15 @@ def test_an_unknown_folder_lists_the_formats(tmp_path):
     assert all(runtime.manifest_kind(n) in e.value.message for n in runtime.names())
     with pytest.raises(InputError, match="choose one of"):
         runtime.get("tflite")
+
+
+@pytest.mark.parametrize("name", _runnable())
+def test_the_export_passed_the_conditioning_check(name, exports):
+    """Every export's manifest carries its UNet's conditioning figures (the text response against
+    PyTorch's, tests/test_conditioning.py), and they clear the gate."""
+    m = json.loads((exports(name) / "manifest.json").read_text())
+    c = m["conditioning"]
+    assert c["gate"] == 0.9 and c["ratio"] >= c["gate"] and c["reference_std"] > 0, c
 
 
 @pytest.mark.parametrize("name", _runnable())

@@ -15,7 +15,7 @@ import pytest
 
 from instaflow_edge.quantize.schemes import CHOICES, all_schemes
 
-BACKENDS = ("onnx", "openvino", "executorch")
+BACKENDS = ("onnx", "openvino", "executorch", "qnn")
 
 
 def _records():
@@ -69,6 +69,12 @@ def _apply(record, tiny_dir, onnx_fp32, out):
 
         m = export(ConvertConfig.of("executorch", model=str(tiny_dir), output=str(out), quantize=record.name))
         return m, out / "unet" / "model.pte", _executorch_signature(m)
+    if record.backend == "qnn":
+        pytest.importorskip("onnxruntime_qnn")
+        from instaflow_edge.convert import ConvertConfig, export
+
+        m = export(ConvertConfig.of("qnn", model=str(tiny_dir), output=str(out), quantize=record.name, no_compile=True))
+        return m, out / "unet" / "model.onnx", _onnx_signature
     if record.backend == "onnx":
         from instaflow_edge.quantize.onnx_folder import QuantizeConfig, quantize
 
