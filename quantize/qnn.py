@@ -16,10 +16,9 @@ int8-static's does.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import logging
+import shutil
 from pathlib import Path
 
 from ..runtime import onnx_io
@@ -56,29 +55,21 @@ def prepare(src: Path, dst: Path) -> dict:
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fused = dst.with_name("fused.onnx")
-    with onnx_io.scratch_cwd(), _quiet():
-        first = fused if qnn_preprocess_model(str(src), str(fused)) else src
-        quant_pre_process(str(first), str(dst), skip_symbolic_shape=True)
-    fused.unlink(missing_ok=True)
-    model = onnx.load(str(dst))
+    work = dst.parent / ".prepare"
+    work.mkdir(exist_ok=True)
+    big = (src.parent / onnx_io.EXTERNAL_DATA).exists()  # > 2 GB: every step keeps its weights outside
+    external = {"save_as_external_data": big, "all_tensors_to_one_file": True, "external_data_location": "weights.data"}
+    with onnx_io.scratch_cwd():
+        fused = work / "fused.onnx"
+        first = fused if qnn_preprocess_model(str(src), str(fused), **external) else src
+        quant_pre_process(str(first), str(work / "folded.onnx"), skip_symbolic_shape=True,
+                          **{**external, "external_data_location": "folded.data"})
+    model = onnx.load(str(work / "folded.onnx"))
     done = {"causal_mask": finite_masks(model), "groupnorm_affine": groupnorm_affine_to_conv(model)}
     onnx_io.save(model, dst)
+    del model
+    shutil.rmtree(work)
     return done
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ONNX Runtime's quantization tools warn through the root logger ("please run pre-processing", the
-    opset bump to 21): said once in our docs, silenced here, the level restored after."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
 
 
 def finite_masks(model) -> int:
@@ -153,7 +144,7 @@ def _qdq(src: Path, dst: Path, component: str, calibration: Calibration, types: 
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
     calibration = dataclasses.replace(calibration, folder=calibration.folder.resolve())
-    with onnx_io.scratch_cwd() as tmp, _quiet():
+    with onnx_io.scratch_cwd() as tmp:
         cache = tmp / "ranges.json"
         calibration.ranges_in_subprocess(component, src, cache, every_tensor=True)
         qc = get_qnn_qdq_config(str(src), None, activation_type=getattr(QuantType, types.activations),
