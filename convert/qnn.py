@@ -27,7 +27,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -135,28 +134,40 @@ def qnn_session(path: Path, arch: str, context_out: Path | None = None):
 
 def compile_in_subprocess(qdq: Path, arch: str, out: Path) -> dict:
     """Compile ``qdq`` for ``arch`` into ``out`` (an EP-context model) in a fresh process; returns its
-    seconds and peak RSS. A failed compile is a ModelError with the compiler's last line."""
+    seconds and the process's peak RSS. A failed compile is a ModelError with the compiler's last line."""
     import tempfile
 
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "instaflow_edge.convert.qnn", str(qdq), arch, str(out)]
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            stdout, _ = proc.communicate()
         except BaseException:  # Ctrl-C: the compiler goes with us
             proc.kill()
             proc.wait()
             raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         stderr = err.read()
     if proc.returncode != 0 or not out.is_file():
         lines = [x for x in stderr.strip().splitlines() if x.strip()] or ["no output"]
         raise ModelError(f"the QNN HTP compiler failed on {qdq.parent.name} for v{arch}: {lines[-1][:300]}",
                          "rerun with --no-compile to keep the QDQ graphs, or report the graph")
-    return {"seconds": round(time.perf_counter() - t, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    report = json.loads(stdout.strip().splitlines()[-1])
+    return {"seconds": round(time.perf_counter() - t, 2), "peak_rss_mib": report.get("peak_rss_mib")}
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's own peak RSS (VmHWM: of its memory image since exec; getrusage's figure would
+    include the parent's size at fork), or None where /proc is not."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def placement(qdq: Path, ctx: Path) -> dict:
@@ -293,7 +304,7 @@ def _compile_main(argv: list[str]) -> int:
     """``python -m instaflow_edge.convert.qnn QDQ ARCH OUT``: compile one graph (the child process)."""
     qdq, arch, out = argv
     qnn_session(Path(qdq), arch, Path(out))
-    print(json.dumps({"compiled": out}))
+    print(json.dumps({"compiled": out, "peak_rss_mib": _peak_rss_mib()}))
     return 0
 
 

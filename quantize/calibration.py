@@ -105,8 +105,16 @@ class Calibration:
             err.seek(0)
             stderr = err.read()
         if proc.returncode != 0 or not cache.is_file():
-            tail = stderr.strip().splitlines()[-1:] or ["no output"]
-            raise ModelError(f"calibration of {component} failed: {tail[0][:300]}",
+            if proc.returncode < 0:  # a signal: SIGKILL is the kernel's out-of-memory killer, as a rule
+                import signal
+
+                name = signal.Signals(-proc.returncode).name
+                raise ModelError(f"calibration of {component} was killed by {name}"
+                                 + (" (out of memory, most likely)" if name == "SIGKILL" else ""),
+                                 "give it more memory, or pass a smaller --calibration-prompts file")
+            lines = [x for x in stderr.strip().splitlines() if x.strip()] or ["no output"]
+            errors = [x for x in lines if "Error" in x or x.startswith("error")]  # not onnxruntime's warnings
+            raise ModelError(f"calibration of {component} failed: {(errors or lines)[-1][:300]}",
                              "rerun with --debug; a smaller --calibration-prompts file needs less memory")
 
     @classmethod

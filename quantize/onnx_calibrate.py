@@ -54,6 +54,22 @@ def calibrate(calibration, component: str, model: Path, cache: Path, every_tenso
                     keep.update(node.output)
             return tensors & keep, infos
 
+        def create_inference_session(self):
+            """As onnxruntime's, with the memory of a calibration run only: the graph's weights are dropped
+            from the Python-side model once the augmented copy is saved (nothing reads them after), and the
+            session neither prepacks weights (a second copy) nor keeps an arena (SD1.5's UNet with every
+            tensor calibrated went over 22 GiB without these)."""
+            import onnxruntime as ort
+
+            for t in self.model.graph.initializer:
+                t.ClearField("raw_data")
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            so.add_session_config_entry("session.disable_prepacking", "1")
+            so.enable_cpu_mem_arena = False
+            so.log_severity_level = 3
+            self.infer_session = ort.InferenceSession(self.augmented_model_path, sess_options=so, providers=self.execution_providers)
+
     big = (model.parent / onnx_io.EXTERNAL_DATA).exists()
     with tempfile.TemporaryDirectory(prefix="instaflow-calib-") as tmp:
         cal = Calibrater(str(model), None if every_tensor else STATIC_OP_TYPES, str(Path(tmp) / "augmented.onnx"),
