@@ -28,6 +28,7 @@ from ..errors import InputError, ModelError
 from .. import runtime
 from ..runtime import onnx_io
 from ..runtime.onnx import KIND as onnx_kind
+from ..runtime.sampler import unet_feed
 from ..runtime.onnx import (
     export_facts,
     open_component,
@@ -84,7 +85,6 @@ def folder_conditioning(ref: Path, out: Path, facts):
     from ..components import EXAMPLE_PROMPTS
     from ..generator import make_noise
     from ..parity import conditioning
-    from ..runtime.sampler import unet_feed
 
     ids = tokenize(ref, [EXAMPLE_PROMPTS[0], ""])
     te = onnx_io.session(ref / "text_encoder" / onnx_io.MODEL_FILE)
