@@ -28,13 +28,13 @@ import gc
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import ClassVar
 
 from ..artifacts import atomic_dir, inherited_prompts, make_manifest, read_manifest, sha256_tree, write_manifest
+from ..child import failure, run_child
 from ..errors import InputError, MissingDependencyError, ModelError
 from ..quantize import qnn as qq
 from ..quantize.calibration import Calibration
@@ -135,26 +135,14 @@ def qnn_session(path: Path, arch: str, context_out: Path | None = None):
 def compile_in_subprocess(qdq: Path, arch: str, out: Path) -> dict:
     """Compile ``qdq`` for ``arch`` into ``out`` (an EP-context model) in a fresh process; returns its
     seconds and the process's peak RSS. A failed compile is a ModelError with the compiler's last line."""
-    import tempfile
-
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "instaflow_edge.convert.qnn", str(qdq), arch, str(out)]
     t = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            stdout, _ = proc.communicate()
-        except BaseException:  # Ctrl-C: the compiler goes with us
-            proc.kill()
-            proc.wait()
-            raise
-        err.seek(0)
-        stderr = err.read()
-    if proc.returncode != 0 or not out.is_file():
-        lines = [x for x in stderr.strip().splitlines() if x.strip()] or ["no output"]
-        raise ModelError(f"the QNN HTP compiler failed on {qdq.parent.name} for v{arch}: {lines[-1][:300]}",
+    code, stdout, stderr = run_child(cmd)
+    if code != 0 or not out.is_file():
+        raise ModelError(f"the QNN HTP compiler failed on {qdq.parent.name} for v{arch}: {failure(code, stderr)}",
                          "rerun with --no-compile to keep the QDQ graphs, or report the graph")
-    report = json.loads(stdout.strip().splitlines()[-1])
+    report = json.loads(stdout[-1])
     return {"seconds": round(time.perf_counter() - t, 2), "peak_rss_mib": report.get("peak_rss_mib")}
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from ..child import failure, run_child
 from ..errors import InputError, ModelError
 from ..runtime import onnx_io
 from ..runtime.onnx import export_facts, tokenize
@@ -81,8 +81,6 @@ class Calibration:
         fresh Python process and written to ``cache`` (its calibration-cache JSON): of the tensors around
         int8-static's Conv/MatMul/Gemm nodes, or of ``every_tensor`` (a graph quantized whole, as for the
         HTP). The child reports each input done as a ``calibrated i/n`` line (a progress bar here)."""
-        import tempfile
-
         from tqdm import tqdm
 
         job = cache.with_suffix(".job.json")
@@ -90,31 +88,11 @@ class Calibration:
                                    "unet_timesteps": list(self.unet_timesteps)}))
         cmd = [sys.executable, "-m", "instaflow_edge.quantize.onnx_calibrate", str(job), component, str(model), str(cache)]
         cmd += ["--every-tensor"] if every_tensor else []
-        with tempfile.TemporaryFile("w+") as err, tqdm(total=len(self.prompts), desc=f"calibrating {component}", unit="input",
-                                                        disable=None, leave=False, dynamic_ncols=True) as bar:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-            try:
-                for line in proc.stdout:
-                    if line.startswith("calibrated "):
-                        bar.update(1)
-                proc.wait()
-            except BaseException:  # Ctrl-C: the child goes with us
-                proc.kill()
-                proc.wait()
-                raise
-            err.seek(0)
-            stderr = err.read()
-        if proc.returncode != 0 or not cache.is_file():
-            if proc.returncode < 0:  # a signal: SIGKILL is the kernel's out-of-memory killer, as a rule
-                import signal
-
-                name = signal.Signals(-proc.returncode).name
-                raise ModelError(f"calibration of {component} was killed by {name}"
-                                 + (" (out of memory, most likely)" if name == "SIGKILL" else ""),
-                                 "give it more memory, or pass a smaller --calibration-prompts file")
-            lines = [x for x in stderr.strip().splitlines() if x.strip()] or ["no output"]
-            errors = [x for x in lines if "Error" in x or x.startswith("error")]  # not onnxruntime's warnings
-            raise ModelError(f"calibration of {component} failed: {(errors or lines)[-1][:300]}",
+        with tqdm(total=len(self.prompts), desc=f"calibrating {component}", unit="input", disable=None, leave=False,
+                  dynamic_ncols=True) as bar:
+            code, _, stderr = run_child(cmd, lambda line: bar.update(1) if line.startswith("calibrated ") else None)
+        if code != 0 or not cache.is_file():
+            raise ModelError(f"calibration of {component} failed: {failure(code, stderr)}",
                              "rerun with --debug; a smaller --calibration-prompts file needs less memory")
 
     @classmethod

@@ -2,7 +2,7 @@
 
 Floors only look down::
 
-    ground   errors artifacts copying options progress envinfo flow tokenizer validators threads
+    ground   errors artifacts copying options progress envinfo flow tokenizer validators threads child
     model    pipeline generator data presets components parity merge
     runtime  runtime/*  generate
     stages   quantize/*  →  convert/*   (convert may import quantize, never the reverse)
@@ -30,7 +30,7 @@ HEAVY_THIRD_PARTY = {"torch", "numpy", "scipy", "sklearn", "diffusers", "transfo
                      "executorch", "torchao"}
 
 # (floor, group): an import may go to a lower floor, or within its own group
-_GROUND = ("errors", "artifacts", "copying", "options", "progress", "envinfo", "flow", "tokenizer", "validators", "threads")
+_GROUND = ("errors", "artifacts", "copying", "options", "progress", "envinfo", "flow", "tokenizer", "validators", "threads", "child")
 _MODEL = ("pipeline", "model_files", "hub", "generator", "data", "presets", "components", "parity", "merge")
 
 
